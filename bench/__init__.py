@@ -1,0 +1,1 @@
+"""Benchmarks for atlasburn-proxy (see bench/README.md)."""

@@ -1,0 +1,131 @@
+"""Anthropic's Messages API wire format (``/v1/messages``, JSON and SSE).
+
+Input tokens are ``input_tokens + cache_creation_input_tokens + cache_read_input_tokens``. In a
+stream, ``message_start`` carries the input side and a first output count; each ``message_delta``
+carries the usage so far (cumulative, never to be summed), so the last value of each field wins.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+from .base import (
+    JSONMeter,
+    Meter,
+    Metered,
+    RequestMeta,
+    SSEMeter,
+    Usage,
+    as_int,
+    loads,
+    operation_path,
+    without_keys,
+)
+
+TRANSPORT_FIELDS = frozenset({"stream", "metadata", "service_tier"})
+
+_USAGE_FIELDS = (
+    "input_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "output_tokens",
+)
+
+
+def _usage(fields: dict[str, int]) -> Usage:
+    created = fields.get("cache_creation_input_tokens", 0)
+    read = fields.get("cache_read_input_tokens", 0)
+    return Usage(
+        input_tokens=fields.get("input_tokens", 0) + created + read,
+        output_tokens=fields.get("output_tokens", 0),
+        cached_input_tokens=read,
+        cache_write_tokens=created,
+    )
+
+
+def _merge(fields: dict[str, int], usage: Any) -> bool:
+    """Take the fields ``usage`` reports (a later report replaces an earlier one)."""
+    if not isinstance(usage, dict):
+        return False
+    for name in _USAGE_FIELDS:
+        value = usage.get(name)
+        if value is not None:
+            fields[name] = as_int(value)
+    return True
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _read_body(body: Any) -> Metered:
+    if not isinstance(body, dict):
+        return Metered(None, None)
+    fields: dict[str, int] = {}
+    seen = _merge(fields, body.get("usage"))
+    return Metered(_usage(fields) if seen else None, _str_or_none(body.get("model")))
+
+
+class MessagesStreamMeter(SSEMeter):
+    __slots__ = ("fields", "seen", "model")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fields: dict[str, int] = {}
+        self.seen = False
+        self.model: str | None = None
+
+    def on_event(self, event: bytes, data: bytes) -> None:
+        if event == b"message_start":
+            obj = loads(data)
+            message = obj.get("message") if isinstance(obj, dict) else None
+            if isinstance(message, dict):
+                self.model = _str_or_none(message.get("model"))
+                self.seen |= _merge(self.fields, message.get("usage"))
+        elif event == b"message_delta":
+            obj = loads(data)
+            if isinstance(obj, dict):
+                self.seen |= _merge(self.fields, obj.get("usage"))
+
+    def summary(self) -> Metered:
+        return Metered(_usage(self.fields) if self.seen else None, self.model)
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+class AnthropicAdapter:
+    kind: ClassVar[str] = "anthropic"
+
+    def endpoint(self, path: str) -> str:
+        return operation_path(path)
+
+    def describe(self, path: str, body: Any) -> RequestMeta:
+        endpoint = operation_path(path)
+        if isinstance(body, dict):
+            return RequestMeta(
+                endpoint=endpoint,
+                model=_str_or_none(body.get("model")),
+                stream=body.get("stream") is True,
+                canonical=without_keys(body, TRANSPORT_FIELDS),
+            )
+        return RequestMeta(endpoint=endpoint, model=None, stream=False, canonical=body)
+
+    def meter(self, meta: RequestMeta, content_type: str) -> Meter:
+        if content_type.startswith("text/event-stream"):
+            return MessagesStreamMeter()
+        return JSONMeter(_read_body)
+
+    def error_body(self, status: int, message: str, code: str) -> bytes:
+        error_type = _ERROR_TYPES.get(status, "api_error")
+        return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})

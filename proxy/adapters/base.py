@@ -1,0 +1,197 @@
+"""The adapter interface: what the relay needs to know about one provider's wire format.
+
+Adapters are sans-IO. ``relay.py`` owns sockets, streaming, timeouts and recording; an adapter is a
+set of pure functions over bytes and dicts:
+
+- ``endpoint(path)``: the operation a request path names, without version prefix or ids
+  (``/v1/chat/completions`` -> ``/chat/completions``);
+- ``describe(path, body)``: the request's ``RequestMeta`` (endpoint, model, stream flag, and the
+  canonical body the fingerprint is computed from);
+- ``meter(meta, content_type)``: a fresh ``Meter`` that is fed the (decoded) response body chunk by
+  chunk as it passes and then says what usage it saw;
+- ``error_body(status, message, code)``: an error in the provider's own JSON shape, so an SDK raises
+  the exception it would raise for the provider itself; ``code`` is the daemon's short reason
+  (``upstream_timeout``, ``body_too_large``, ...).
+
+``Usage`` counts follow the event schema: ``input_tokens`` includes cached and cache-write tokens,
+``output_tokens`` includes reasoning tokens; the breakdowns are kept for pricing.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol
+
+import orjson
+
+from ..sse import SSEParser
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    # The price the provider itself reported for this request (OpenRouter's ``usage.cost``).
+    cost_usd: float | None = None
+
+
+class UsageSource(StrEnum):
+    """How an event's token numbers were obtained (kept in the local store only)."""
+
+    REPORTED = "reported"  # the provider reported usage in the response the client asked for
+    REQUESTED = "requested"  # the daemon asked for stream usage the client did not ask for
+    PARTIAL = "partial"  # the response was cut (client gone, upstream cut) before usage arrived
+    MISSING = "missing"  # the response ended normally but carried no usage
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMeta:
+    endpoint: str
+    model: str | None
+    stream: bool
+    # The request body without transport-only fields, as parsed JSON; None when the body is not
+    # JSON (the fingerprint then covers the raw bytes).
+    canonical: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Metered:
+    usage: Usage | None
+    model: str | None  # the model the response names, if the meter saw one
+
+
+class Meter(Protocol):
+    def feed(self, chunk: bytes) -> None: ...
+
+    def result(self) -> Metered: ...
+
+
+class Adapter(Protocol):
+    kind: ClassVar[str]
+
+    def endpoint(self, path: str) -> str: ...
+
+    def describe(self, path: str, body: Any) -> RequestMeta: ...
+
+    def meter(self, meta: RequestMeta, content_type: str) -> Meter: ...
+
+    def error_body(self, status: int, message: str, code: str) -> bytes: ...
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+_VERSION = re.compile(r"^(v\d+[a-z0-9]*|\d{4}-\d{2}-\d{2})$")
+_WORD = re.compile(r"^[a-z_.]+$")
+
+
+def operation_path(path: str) -> str:
+    """The operation a path names: version segments and id-like segments removed.
+
+    ``/v1/chat/completions`` -> ``/chat/completions``; ``/v1/responses/resp_123/cancel`` ->
+    ``/responses/cancel``; a segment ``name:method`` keeps only ``:method``, glued to the segment
+    before it (``/v1beta/models/gemini-2.0-flash:generateContent`` -> ``/models:generateContent``).
+    """
+    out: list[str] = []
+    for seg in path.split("/"):
+        if not seg or _VERSION.match(seg):
+            continue
+        name, colon, method = seg.partition(":")
+        if _WORD.match(name):
+            out.append(name)
+        if colon:
+            if out:
+                out[-1] += ":" + method
+            else:
+                out.append(":" + method)
+    return "/" + "/".join(out)
+
+
+def without_keys(body: Any, drop: frozenset[str]) -> Any:
+    """``body`` with the top-level keys in ``drop`` removed (bodies that are not objects as-is)."""
+    if isinstance(body, dict) and not drop.isdisjoint(body):
+        return {k: v for k, v in body.items() if k not in drop}
+    return body
+
+
+def as_int(value: Any) -> int:
+    """A token count from a usage object; anything that is not a non-negative int counts 0."""
+    return value if type(value) is int and value > 0 else 0
+
+
+def loads(data: bytes) -> Any:
+    """Parse JSON, or None when it is not JSON (a meter never raises on a provider's bytes)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+class JSONMeter:
+    """Buffers a JSON response body (up to ``limit`` bytes) and reads usage from it at the end.
+
+    ``read`` maps the parsed body (any JSON value but null) to ``Metered``; it is the only
+    provider-specific part.
+    """
+
+    __slots__ = ("_chunks", "_size", "_limit", "_read")
+
+    def __init__(self, read: Any, limit: int = 16 * 1024 * 1024) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self._read = read
+
+    def feed(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size <= self._limit:
+            self._chunks.append(chunk)
+
+    def result(self) -> Metered:
+        if not self._chunks or self._size > self._limit:
+            return Metered(None, None)
+        body = loads(b"".join(self._chunks))
+        if body is None:
+            return Metered(None, None)
+        result: Metered = self._read(body)
+        return result
+
+
+class SSEMeter(ABC):
+    """Parses a Server-Sent Events body and hands each complete event to ``on_event``."""
+
+    __slots__ = ("_parser",)
+
+    def __init__(self) -> None:
+        self._parser = SSEParser()
+
+    def feed(self, chunk: bytes) -> None:
+        for event, data in self._parser.feed(chunk):
+            self.on_event(event, data)
+
+    def result(self) -> Metered:
+        for event, data in self._parser.end():
+            self.on_event(event, data)
+        return self.summary()
+
+    @abstractmethod
+    def on_event(self, event: bytes, data: bytes) -> None:
+        """One complete event: its ``event:`` name (b"" when absent) and its joined ``data:``."""
+
+    @abstractmethod
+    def summary(self) -> Metered:
+        """What the events seen so far say."""
+
+
+def usage_field(obj: Any, *keys: str) -> int:
+    """``obj[k1][k2]...`` as a token count; 0 where any level is missing or not a count."""
+    for key in keys:
+        if not isinstance(obj, dict):
+            return 0
+        obj = obj.get(key)
+    return as_int(obj)

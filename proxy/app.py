@@ -1,0 +1,109 @@
+"""Builds the aiohttp application and runs it: the shared resources and their lifetimes.
+
+``make_app`` wires the routes and owns the upstream ``ClientSession`` (one per daemon, opened on
+startup, closed on cleanup). ``Daemon`` binds the listener and stops it gracefully; the CLI and the
+tests both run the daemon through it, so tests exercise the real server settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from . import __version__
+from .config import Config
+from .events import Recorder, log_event
+from .relay import Relay
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", Config)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+RELAY = web.AppKey("relay", Relay)
+
+
+def make_session(config: Config) -> aiohttp.ClientSession:
+    """The upstream client: no decompression (bodies are relayed as sent), no cookies kept
+    between clients, no environment proxies or .netrc credentials, timeouts that bound connecting
+    and silence but never a long stream's total time."""
+    up = config.upstream
+    connector = aiohttp.TCPConnector(
+        limit=up.max_connections,
+        limit_per_host=0,
+        ttl_dns_cache=60,
+        keepalive_timeout=30,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=up.connect_timeout_seconds,
+            sock_read=up.read_timeout_seconds,
+        ),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        raise_for_status=False,
+    )
+
+
+def make_app(config: Config, record: Recorder | None = None) -> web.Application:
+    app = web.Application(client_max_size=config.server.max_body_bytes)
+    app[CONFIG] = config
+
+    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+        session = make_session(config)
+        app[SESSION] = session
+        app[RELAY] = Relay(config, session, record or log_event)
+        yield
+        await session.close()
+
+    app.cleanup_ctx.append(upstream_session)
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        return await request.app[RELAY].handle(request)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_route("*", "/{tail:.*}", relay)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+class Daemon:
+    """One running daemon: ``start`` binds and serves, ``stop`` drains and closes."""
+
+    def __init__(self, config: Config, record: Recorder | None = None) -> None:
+        self.config = config
+        self.app = make_app(config, record)
+        self.runner = web.AppRunner(
+            self.app,
+            handle_signals=False,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=config.server.shutdown_grace_seconds,
+        )
+        self.port = 0
+
+    async def start(self) -> None:
+        listen = self.config.server.listen
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, listen.host, listen.port, backlog=1024)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+        log.info("listening on %s:%d", listen.host, self.port)
+
+    @property
+    def url(self) -> str:
+        host = self.config.server.listen.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish within the grace period, then close."""
+        await self.runner.cleanup()

@@ -1,0 +1,136 @@
+"""Command line: ``atlasburn-proxy run | check-config`` (also ``python -m proxy``).
+
+Exit codes: 0 clean stop, 1 runtime failure (e.g. the address is taken), 2 bad configuration
+(the systemd unit does not restart on 2: restarting cannot fix a config file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from . import __version__
+from .config import Config, load_config
+from .errors import ConfigError
+
+log = logging.getLogger("proxy")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atlasburn-proxy",
+        description="Local forwarding proxy for LLM API traffic: meters spend, stops runaways.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
+    run.add_argument("--listen", metavar="HOST:PORT", help="override server.listen")
+
+    check = sub.add_parser("check-config", help="validate a config file and print every error")
+    check.add_argument("file", metavar="FILE")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.file)
+    return run(args.config, args.listen)
+
+
+def check_config(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{path}: {len(exc.problems)} error(s)", file=sys.stderr)
+        return EXIT_CONFIG
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{path}: ok ({len(config.providers)} providers: {', '.join(config.providers)})")
+    return EXIT_OK
+
+
+def run(config_path: str | None, listen: str | None) -> int:
+    try:
+        config = load_config(config_path, listen=listen)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.logging.level)
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
+    return _run_loop(serve(config))
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's access log formats a line per request; it is off (access_log=None) and stays quiet.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        log.info("uvloop not available; using the default asyncio event loop")
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main)
+
+
+async def serve(config: Config) -> int:
+    from .app import Daemon  # imported here so check-config stays light
+
+    daemon = Daemon(config)
+    try:
+        await daemon.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", config.server.listen, exc.strerror or exc)
+        await daemon.stop()
+        return EXIT_FAILURE
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            # A second signal while draining: the operator wants out now.
+            log.warning("second %s: exiting without waiting", signal.Signals(signum).name)
+            os._exit(EXIT_FAILURE)
+        log.info(
+            "%s: stopping (grace %.0fs)",
+            signal.Signals(signum).name,
+            config.server.shutdown_grace_seconds,
+        )
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    log.info("atlasburn-proxy %s ready on %s", __version__, daemon.url)
+    await stop.wait()
+    await daemon.stop()
+    log.info("stopped")
+    return EXIT_OK

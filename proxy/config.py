@@ -1,0 +1,512 @@
+"""Configuration: TOML in, frozen dataclasses out.
+
+``load_config`` reads the file (or nothing: the embedded defaults), expands ``${VAR}`` references
+from the environment, checks every key and value, and either returns a ``Config`` or raises one
+``ConfigError`` that lists every problem, each starting with its dotted key. Nothing else in the
+daemon validates configuration; everything downstream may trust these objects.
+
+Provider tables merge over the embedded ones by name: ``[providers.openai] base_url = ...`` changes
+only the OpenAI upstream, a new name adds a provider, and ``enabled = false`` removes one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from yarl import URL
+
+from .adapters import ADAPTERS
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+DEFAULT_LISTEN = "127.0.0.1:8787"
+
+# Route prefixes the daemon serves itself; a provider may not shadow them.
+RESERVED_PROVIDER_NAMES = frozenset({"api", "healthz", "readyz", "metrics", "v1"})
+_PROVIDER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_ORG_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_ENV_REF = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+DEFAULT_PROVIDERS: dict[str, tuple[str, str]] = {
+    "openai": ("openai", "https://api.openai.com"),
+    "anthropic": ("anthropic", "https://api.anthropic.com"),
+    "gemini": ("gemini", "https://generativelanguage.googleapis.com"),
+}
+
+
+class Secret:
+    """A string that never shows itself in ``repr``/``str`` (and so never in a log line)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('****')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 8787))
+    max_body_bytes: int = 32 * 1024 * 1024
+    shutdown_grace_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    connect_timeout_seconds: float = 10.0
+    read_timeout_seconds: float = 600.0
+    max_connections: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    path: Path = field(default_factory=lambda: default_state_dir() / "atlasburn-proxy.sqlite3")
+
+
+@dataclass(frozen=True, slots=True)
+class AtlasBurnConfig:
+    api_base: str = ""
+    api_key: Secret = field(default_factory=lambda: Secret(""))
+    org_id: str = "org_local"
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    flush_interval_ms: int = 1000
+    batch_max_events: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class LoopDetectorConfig:
+    enabled: bool = True
+    threshold: int = 4
+    window_seconds: float = 60.0
+    ttl_seconds: float = 7200.0
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailsConfig:
+    dumb_loop_detector: LoopDetectorConfig = field(default_factory=LoopDetectorConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    kind: str
+    base_url: URL
+
+
+def _default_providers() -> dict[str, ProviderConfig]:
+    return {
+        name: ProviderConfig(name, kind, URL(base))
+        for name, (kind, base) in DEFAULT_PROVIDERS.items()
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    atlasburn: AtlasBurnConfig = field(default_factory=AtlasBurnConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig)
+    providers: Mapping[str, ProviderConfig] = field(default_factory=_default_providers)
+    # Non-fatal remarks found while loading (e.g. an unset environment variable), for the log.
+    warnings: tuple[str, ...] = ()
+
+
+def default_state_dir() -> Path:
+    """``$STATE_DIRECTORY`` (systemd's StateDirectory=), else ``~/.local/state/atlasburn-proxy``."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state)
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return base / "atlasburn-proxy"
+
+
+# --------------------------------------------------------------------------- value parsers
+# Each takes the raw value and returns the parsed one or raises ValueError with a message that
+# completes "<key>: ...".
+
+
+def parse_listen(value: str) -> Listen:
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(
+            f"expected HOST:PORT (e.g. '127.0.0.1:8787' or '[::1]:8787'), got {value!r}"
+        )
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"unbalanced brackets in {value!r}")
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"put an IPv6 address in brackets, e.g. '[::1]:8787', got {value!r}")
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, got {port_s!r}")
+    return Listen(host, int(port_s))
+
+
+def parse_http_url(value: str) -> URL:
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    if url.user is not None or url.password is not None:
+        raise ValueError(
+            "credentials do not belong in the URL; providers' keys come from the client"
+        )
+    if url.query_string or url.fragment:
+        raise ValueError(f"a base URL has no query or fragment, got {value!r}")
+    return url.with_path(url.path.rstrip("/"))
+
+
+def _expand_env(value: str, key: str, env: Mapping[str, str], warnings: list[str]) -> str:
+    def substitute(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name is None:
+            return "$"
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        warnings.append(f"{key}: environment variable {name} is not set; using an empty value")
+        return ""
+
+    return _ENV_REF.sub(substitute, value)
+
+
+# --------------------------------------------------------------------------- the table reader
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+class _Table:
+    """Reads one TOML table, recording each problem under its dotted key instead of stopping."""
+
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        path: str,
+        problems: list[str],
+        env: Mapping[str, str],
+        warnings: list[str],
+    ) -> None:
+        self._data = data
+        self._path = path
+        self._problems = problems
+        self._env = env
+        self._warnings = warnings
+        self._seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def problem(self, name: str, message: str) -> None:
+        self._problems.append(f"{self.key(name)}: {message}")
+
+    def has(self, name: str) -> bool:
+        return name in self._data
+
+    def get(
+        self,
+        name: str,
+        kind: type[T],
+        default: T,
+        check: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """The value of ``name`` as ``kind``; ``check`` may convert it or raise ValueError."""
+        self._seen.add(name)
+        if name not in self._data:
+            return default
+        value = self._data[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            self.problem(name, f"expected {_TYPE_NAMES[kind]}, got {_describe(value)}")
+            return default
+        if isinstance(value, str):
+            value = _expand_env(value, self.key(name), self._env, self._warnings)
+        if check is None:
+            return value
+        try:
+            return check(value)
+        except ValueError as exc:
+            self.problem(name, str(exc))
+            return default
+
+    def table(self, name: str) -> _Table:
+        self._seen.add(name)
+        value = self._data.get(name, {})
+        if not isinstance(value, dict):
+            self.problem(name, f"expected a table, got {_describe(value)}")
+            value = {}
+        return _Table(value, self.key(name), self._problems, self._env, self._warnings)
+
+    def tables(self) -> dict[str, _Table]:
+        """Every sub-table of this table, by name (for ``[providers.<name>]``)."""
+        out: dict[str, _Table] = {}
+        for name in self._data:
+            out[name] = self.table(name)
+        return out
+
+    def done(self) -> None:
+        for name in self._data:
+            if name not in self._seen:
+                self.problem(name, "unknown key")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _at_least(minimum: float, what: str = "") -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}{what}, got {value}")
+        return value
+
+    return check
+
+
+def _between(low: float, high: float) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
+        return value.lower()
+
+    return check
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _server(t: _Table) -> ServerConfig:
+    d = ServerConfig()
+    cfg = ServerConfig(
+        listen=t.get("listen", str, d.listen, parse_listen),
+        max_body_bytes=t.get("max_body_bytes", int, d.max_body_bytes, _at_least(1, " bytes")),
+        shutdown_grace_seconds=t.get(
+            "shutdown_grace_seconds", float, d.shutdown_grace_seconds, _between(0, 3600)
+        ),
+    )
+    t.done()
+    return cfg
+
+
+def _upstream(t: _Table) -> UpstreamConfig:
+    d = UpstreamConfig()
+    cfg = UpstreamConfig(
+        connect_timeout_seconds=t.get(
+            "connect_timeout_seconds", float, d.connect_timeout_seconds, _between(0.001, 600)
+        ),
+        read_timeout_seconds=t.get(
+            "read_timeout_seconds", float, d.read_timeout_seconds, _between(0.001, 86400)
+        ),
+        max_connections=t.get("max_connections", int, d.max_connections, _between(1, 100_000)),
+    )
+    t.done()
+    return cfg
+
+
+def _logging(t: _Table) -> LoggingConfig:
+    cfg = LoggingConfig(level=t.get("level", str, "info", _one_of(LOG_LEVELS)))
+    t.done()
+    return cfg
+
+
+def _storage(t: _Table) -> StorageConfig:
+    d = StorageConfig()
+    raw = t.get("path", str, "")
+    t.done()
+    return StorageConfig(path=Path(raw).expanduser()) if raw else d
+
+
+def _atlasburn(t: _Table) -> AtlasBurnConfig:
+    def api_base(value: str) -> str:
+        return str(parse_http_url(value)) if value else ""
+
+    def api_key(value: str) -> Secret:
+        if value and not value.startswith("abn_"):
+            raise ValueError("an AtlasBurn API key starts with 'abn_'")
+        return Secret(value)
+
+    def org_id(value: str) -> str:
+        if not _ORG_ID.match(value):
+            raise ValueError(
+                f"must be 1-128 characters of letters, digits and _ . : -, got {value!r}"
+            )
+        return value
+
+    d = AtlasBurnConfig()
+    cfg = AtlasBurnConfig(
+        api_base=t.get("api_base", str, "", api_base),
+        api_key=t.get("api_key", str, d.api_key, api_key),
+        org_id=t.get("org_id", str, d.org_id, org_id),
+    )
+    if cfg.api_base and not cfg.api_key:
+        t.problem("api_key", "required when atlasburn.api_base is set (an 'abn_...' key)")
+    t.done()
+    return cfg
+
+
+def _telemetry(t: _Table) -> TelemetryConfig:
+    d = TelemetryConfig()
+    cfg = TelemetryConfig(
+        flush_interval_ms=t.get(
+            "flush_interval_ms", int, d.flush_interval_ms, _between(10, 3_600_000)
+        ),
+        batch_max_events=t.get("batch_max_events", int, d.batch_max_events, _between(1, 10_000)),
+    )
+    t.done()
+    return cfg
+
+
+def _guardrails(t: _Table) -> GuardrailsConfig:
+    ld = t.table("dumb_loop_detector")
+    d = LoopDetectorConfig()
+    loop = LoopDetectorConfig(
+        enabled=ld.get("enabled", bool, d.enabled),
+        threshold=ld.get("threshold", int, d.threshold, _between(2, 1_000_000)),
+        window_seconds=ld.get("window_seconds", float, d.window_seconds, _between(1, 86400)),
+        ttl_seconds=ld.get("ttl_seconds", float, d.ttl_seconds, _between(1, 30 * 86400)),
+    )
+    ld.done()
+    t.done()
+    return GuardrailsConfig(dumb_loop_detector=loop)
+
+
+def _known_kind(value: str) -> str:
+    if value not in ADAPTERS:
+        raise ValueError(f"unknown kind {value!r}; known kinds: {', '.join(ADAPTERS)}")
+    return value
+
+
+def _providers(t: _Table) -> dict[str, ProviderConfig]:
+    providers = _default_providers()
+    for name, pt in t.tables().items():
+        known = providers.get(name)
+        if not _PROVIDER_NAME.match(name):
+            t.problem(name, "a provider name is lowercase letters, digits, '_' and '-'")
+        elif name in RESERVED_PROVIDER_NAMES:
+            t.problem(name, f"'{name}' is a route the daemon serves itself; pick another name")
+
+        enabled = pt.get("enabled", bool, True)
+        kind = pt.get("kind", str, known.kind if known else "", _known_kind)
+        base_url = pt.get("base_url", str, known.base_url if known else None, parse_http_url)
+        if enabled and known is None:
+            if not pt.has("kind"):
+                pt.problem("kind", f"required for a new provider; one of {', '.join(ADAPTERS)}")
+            if not pt.has("base_url"):
+                pt.problem("base_url", "required for a new provider")
+        pt.done()
+        if not enabled:
+            providers.pop(name, None)
+        elif kind and base_url is not None:
+            providers[name] = ProviderConfig(name, kind, base_url)
+    return providers
+
+
+def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """Build a ``Config`` from an already-parsed TOML document."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    root = _Table(data, "", problems, os.environ if env is None else env, warnings)
+    cfg = Config(
+        server=_server(root.table("server")),
+        upstream=_upstream(root.table("upstream")),
+        logging=_logging(root.table("logging")),
+        storage=_storage(root.table("storage")),
+        atlasburn=_atlasburn(root.table("atlasburn")),
+        telemetry=_telemetry(root.table("telemetry")),
+        guardrails=_guardrails(root.table("guardrails")),
+        providers=_providers(root.table("providers")),
+        warnings=tuple(warnings),
+    )
+    root.done()
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    listen: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Load ``path`` (or the embedded defaults when None), then apply a ``--listen`` override."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    if listen is not None:
+        server = dict(data.get("server", {})) if isinstance(data.get("server"), dict) else {}
+        server["listen"] = listen
+        data = {**data, "server": server}
+    return parse_config(data, env)

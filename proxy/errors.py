@@ -1,0 +1,33 @@
+"""The daemon's exception tree.
+
+    ProxyError                 base of everything the daemon raises on purpose
+    ├── ConfigError            the configuration is invalid; carries every problem, each prefixed
+    │                          with its dotted key (``providers.openai.base_url: ...``)
+    └── UpstreamError          the provider could not be reached or stopped answering
+        └── UpstreamTimeout    the provider did not connect or went silent for too long
+
+Foreign exceptions (aiohttp, OSError, asyncio timeouts) are translated into these at one boundary in
+``relay.py``; everything else in the daemon only ever sees this tree.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base class of the daemon's own errors."""
+
+
+class ConfigError(ProxyError):
+    """Invalid configuration. ``problems`` lists every error found, each starting with its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class UpstreamError(ProxyError):
+    """The upstream provider could not be reached (answered as 502)."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream provider timed out connecting or between reads (answered as 504)."""

@@ -1,0 +1,39 @@
+"""Request fingerprints: what the loop detector counts.
+
+A fingerprint is ``sha256:`` + the hex SHA-256 of the canonical JSON (keys sorted at every level, no
+whitespace, UTF-8) of ``{"kind", "endpoint", "body"}``, where ``body`` is the request body without
+its transport-only fields (the adapter decides which those are). Key order and whitespace never
+change it; any change in model, messages, tools or sampling parameters does.
+
+A body that is not JSON is fingerprinted from its raw bytes: the hash of the canonical JSON of
+``{"kind", "endpoint"}``, a newline, and the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import orjson
+
+_SORTED = orjson.OPT_SORT_KEYS
+
+
+def canonical_json(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value, option=_SORTED)
+    except TypeError:
+        # orjson refuses integers beyond 64 bits; the standard library is slower but total.
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
+
+
+def fingerprint(kind: str, endpoint: str, canonical: Any, raw: bytes) -> str:
+    """The fingerprint of a request; ``canonical`` is None when the body is not JSON."""
+    if canonical is not None:
+        data = canonical_json({"body": canonical, "endpoint": endpoint, "kind": kind})
+    else:
+        data = canonical_json({"endpoint": endpoint, "kind": kind}) + b"\n" + raw
+    return "sha256:" + hashlib.sha256(data).hexdigest()

@@ -1,0 +1,44 @@
+"""Header filtering for both directions of the relay.
+
+Hop-by-hop headers (RFC 9110 §7.6.1) belong to one connection and are dropped both ways, together
+with every header the ``Connection`` header names. Towards the provider we also drop what the
+client's connection to us decided (``Host``, ``Content-Length``, ``Expect``) and our own
+``AtlasBurn-API-Key``, which must never leave the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect", "atlasburn-api-key"}
+RESPONSE_DROP = HOP_BY_HOP
+
+
+def filter_headers(
+    headers: Iterable[tuple[str, str]], connection: str | None, drop: frozenset[str]
+) -> CIMultiDict[str]:
+    """The end-to-end headers of ``headers``: without ``drop`` and without those ``connection``
+    (the value of the Connection header) names. Order and repeated headers are kept."""
+    if connection:
+        drop = drop | {token.strip().lower() for token in connection.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers:
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out

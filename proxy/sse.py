@@ -1,0 +1,56 @@
+"""An incremental Server-Sent Events parser (sans-IO), per the WHATWG event-stream format.
+
+Bytes go in however the network split them (inside events, lines, or multi-byte characters);
+complete events come out as ``(event, data)`` byte pairs. Lines end in LF, CRLF or a lone CR;
+``data:`` lines of one event are joined with LF; comments and ``id:``/``retry:`` fields are ignored
+because nothing here needs them; an event the stream ends without terminating is never returned,
+as the spec says. Only the bytes of the current unfinished line or event are held.
+"""
+
+from __future__ import annotations
+
+Event = tuple[bytes, bytes]
+
+
+class SSEParser:
+    __slots__ = ("_buf", "_event", "_data")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._event = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        buf = self._buf + chunk if self._buf else chunk
+        if b"\r" in buf:
+            # A CR at the very end may be the first half of a CRLF: wait for the next byte.
+            held = b"\r" if buf.endswith(b"\r") else b""
+            if held:
+                buf = buf[:-1]
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        else:
+            held = b""
+        lines = buf.split(b"\n")
+        self._buf = lines.pop() + held
+        events: list[Event] = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append((self._event, b"\n".join(self._data)))
+                self._event = b""
+                self._data = []
+                continue
+            name, colon, value = line.partition(b":")
+            if not name:
+                continue  # a comment line
+            if value[:1] == b" ":
+                value = value[1:]
+            if name == b"data":
+                self._data.append(value)
+            elif name == b"event":
+                self._event = value
+        return events
+
+    def end(self) -> list[Event]:
+        """End of stream: a CR held back as a possible half of CRLF was a line end after all."""
+        return self.feed(b"\n") if self._buf.endswith(b"\r") else []

@@ -1,0 +1,149 @@
+"""The OpenAI adapter on recorded wire shapes: exact usage, however the stream is split."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.adapters import ADAPTERS
+from proxy.adapters.base import Metered, Usage
+
+from ..fakes.provider import fixture
+
+adapter = ADAPTERS["openai"]
+
+CHAT_USAGE = Usage(input_tokens=1536, output_tokens=7, cached_input_tokens=1024)
+RESPONSES_USAGE = Usage(
+    input_tokens=2048, output_tokens=300, cached_input_tokens=512, reasoning_tokens=128
+)
+
+CASES = [
+    # (fixture, request path, content type, expected usage, expected response model)
+    (
+        "chat_completion.json",
+        "/v1/chat/completions",
+        "application/json",
+        CHAT_USAGE,
+        "gpt-4o-mini-2024-07-18",
+    ),
+    (
+        "chat_completion_stream.sse",
+        "/v1/chat/completions",
+        "text/event-stream",
+        None,
+        "gpt-4o-mini-2024-07-18",
+    ),
+    (
+        "chat_completion_stream_usage.sse",
+        "/v1/chat/completions",
+        "text/event-stream",
+        CHAT_USAGE,
+        "gpt-4o-mini-2024-07-18",
+    ),
+    (
+        "completion.json",
+        "/v1/completions",
+        "application/json",
+        Usage(input_tokens=6, output_tokens=8),
+        "gpt-3.5-turbo-instruct:20230824-v2",
+    ),
+    (
+        "completion_stream_usage.sse",
+        "/v1/completions",
+        "text/event-stream",
+        Usage(input_tokens=6, output_tokens=8),
+        "gpt-3.5-turbo-instruct:20230824-v2",
+    ),
+    (
+        "embeddings.json",
+        "/v1/embeddings",
+        "application/json",
+        Usage(input_tokens=5),
+        "text-embedding-3-small",
+    ),
+    (
+        "response.json",
+        "/v1/responses",
+        "application/json",
+        RESPONSES_USAGE,
+        "gpt-4.1-mini-2025-04-14",
+    ),
+    (
+        "response_stream.sse",
+        "/v1/responses",
+        "text/event-stream; charset=utf-8",
+        RESPONSES_USAGE,
+        "gpt-4.1-mini-2025-04-14",
+    ),
+    ("error_401.json", "/v1/chat/completions", "application/json", None, None),
+]
+
+
+def meter(name: str, path: str, content_type: str, cuts: list[int]) -> Metered:
+    data = fixture("openai", name)
+    m = adapter.meter(adapter.describe(path, None), content_type)
+    start = 0
+    for cut in sorted({c % (len(data) + 1) for c in cuts}) + [len(data)]:
+        m.feed(data[start:cut])
+        start = cut
+    return m.result()
+
+
+@pytest.mark.parametrize(("name", "path", "ctype", "usage", "model"), CASES)
+def test_usage_from_fixture(
+    name: str, path: str, ctype: str, usage: Usage | None, model: str | None
+) -> None:
+    assert meter(name, path, ctype, []) == Metered(usage, model)
+
+
+@given(st.sampled_from(CASES), st.lists(st.integers(min_value=0, max_value=10_000), max_size=30))
+def test_usage_is_the_same_however_split(
+    case: tuple[str, str, str, Usage | None, str | None], cuts: list[int]
+) -> None:
+    name, path, ctype, usage, model = case
+    assert meter(name, path, ctype, cuts) == Metered(usage, model)
+
+
+def test_openrouter_reported_cost() -> None:
+    m = adapter.meter(adapter.describe("/api/v1/chat/completions", None), "application/json")
+    m.feed(
+        b'{"model":"openai/gpt-4o","usage":{"prompt_tokens":10,"completion_tokens":2,'
+        b'"total_tokens":12,"cost":0.00031}}'
+    )
+    assert m.result() == Metered(
+        Usage(input_tokens=10, output_tokens=2, cost_usd=0.00031), "openai/gpt-4o"
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "endpoint"),
+    [
+        ("/v1/chat/completions", "/chat/completions"),
+        ("/v1/completions", "/completions"),
+        ("/v1/embeddings", "/embeddings"),
+        ("/v1/responses", "/responses"),
+        ("/v1/responses/resp_0b8e4d02e3c5/cancel", "/responses/cancel"),
+        ("/v1/models/gpt-4o-mini", "/models"),
+        ("/openai/v1/chat/completions", "/openai/chat/completions"),
+        ("/v1/fine_tuning/jobs/ftjob-abc123/events", "/fine_tuning/jobs/events"),
+        ("/", "/"),
+    ],
+)
+def test_endpoint(path: str, endpoint: str) -> None:
+    assert adapter.endpoint(path) == endpoint
+
+
+def test_describe() -> None:
+    body = {
+        "model": "gpt-4o-mini",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "user": "u1",
+        "messages": [],
+    }
+    meta = adapter.describe("/v1/chat/completions", body)
+    assert (meta.endpoint, meta.model, meta.stream) == ("/chat/completions", "gpt-4o-mini", True)
+    assert meta.canonical == {"model": "gpt-4o-mini", "messages": []}
+    assert adapter.describe("/v1/chat/completions", [1, 2]).canonical == [1, 2]
+    assert adapter.describe("/v1/chat/completions", {"model": 5}).model is None

@@ -1,0 +1,1 @@
+"""Real aiohttp servers on loopback that stand in for the providers in tests."""

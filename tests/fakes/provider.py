@@ -1,0 +1,209 @@
+"""A fake LLM provider: replays recorded wire fixtures (JSON and SSE) and injects faults.
+
+Requests choose a fixture by path and body (``"stream": true`` picks the SSE recording; for chat and
+completions ``stream_options.include_usage`` picks the recording with the usage chunk). Test-only
+request headers inject faults:
+
+- ``x-fake-status: N`` answer N with the recorded error body;
+- ``x-fake-fault``: ``hang`` (never answer), ``stall`` (send the first event, then go silent),
+  ``cut`` (send half the events, then drop the connection), ``gzip`` / ``gzip-chunked`` /
+  ``deflate`` (compress the body, with Content-Length / chunked), ``redirect`` (302 elsewhere),
+  ``echo-headers`` (answer the request headers as JSON), ``hop-response`` (answer with hop-by-hop
+  headers);
+- ``x-fake-delay-ms: N`` wait N ms between SSE events.
+
+Every request is kept in ``requests``; ``stream_ends`` records, per stream, when it ended and
+whether the peer went away (``"disconnected"``) or it was sent in full (``"done"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+
+
+def fixture(provider: str, name: str) -> bytes:
+    return (FIXTURES / provider / name).read_bytes()
+
+
+def sse_events(raw: bytes) -> list[bytes]:
+    """The events of an SSE recording, each with its terminating blank line."""
+    return [part + b"\n\n" for part in raw.split(b"\n\n") if part.strip()]
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class StreamEnd:
+    at: float
+    how: str
+
+
+@dataclass
+class FakeOpenAI:
+    requests: list[Seen] = field(default_factory=list)
+    stream_ends: list[StreamEnd] = field(default_factory=list)
+    connections: int = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    def pick(self, path: str, body: Any) -> tuple[str, bool]:
+        """(fixture name, is SSE) for a request."""
+        stream = isinstance(body, dict) and body.get("stream") is True
+        usage = (
+            isinstance(body, dict)
+            and isinstance(body.get("stream_options"), dict)
+            and body["stream_options"].get("include_usage") is True
+        )
+        if path.endswith("/chat/completions"):
+            if stream:
+                return (
+                    "chat_completion_stream_usage.sse" if usage else "chat_completion_stream.sse"
+                ), True
+            return "chat_completion.json", False
+        if path.endswith("/completions"):
+            return ("completion_stream_usage.sse", True) if stream else ("completion.json", False)
+        if path.endswith("/embeddings"):
+            return "embeddings.json", False
+        if path.endswith("/responses"):
+            return ("response_stream.sse", True) if stream else ("response.json", False)
+        if path.endswith("/models"):
+            return "models.json", False
+        return "error_401.json", False
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        self.requests.append(
+            Seen(
+                request.method,
+                request.rel_url.raw_path,
+                request.rel_url.raw_query_string,
+                list(request.headers.items()),
+                raw,
+            )
+        )
+        fault = request.headers.get("x-fake-fault", "")
+        if fault == "hang":
+            await asyncio.sleep(3600)
+        if fault == "redirect":
+            raise web.HTTPFound("http://127.0.0.2:9/stolen")
+        if fault == "hop-response":
+            return web.json_response(
+                {"ok": True},
+                headers={
+                    "Connection": "X-Bar",
+                    "X-Bar": "per-hop",
+                    "Keep-Alive": "timeout=5",
+                    "Proxy-Authenticate": "Basic",
+                    "X-End": "end-to-end",
+                },
+            )
+        if fault == "echo-headers":
+            return web.json_response(
+                {"headers": list(request.headers.items())}, headers={"X-Upstream": "yes"}
+            )
+        if "x-fake-status" in request.headers:
+            return web.Response(
+                status=int(request.headers["x-fake-status"]),
+                body=fixture("openai", "error_401.json"),
+                content_type="application/json",
+            )
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        name, is_sse = self.pick(request.path, body)
+        data = fixture("openai", name)
+        if not is_sse:
+            return await self.json_answer(request, data, fault)
+        return await self.stream(
+            request,
+            sse_events(data),
+            fault,
+            float(request.headers.get("x-fake-delay-ms", "0")) / 1000,
+        )
+
+    async def json_answer(
+        self, request: web.Request, data: bytes, fault: str
+    ) -> web.StreamResponse:
+        headers = {
+            "Content-Type": "application/json",
+            "x-request-id": "req_fake_123",
+            "openai-processing-ms": "42",
+        }
+        if fault in ("gzip", "gzip-chunked"):
+            data = gzip.compress(data)
+            headers["Content-Encoding"] = "gzip"
+        elif fault == "deflate":
+            data = zlib.compress(data)
+            headers["Content-Encoding"] = "deflate"
+        if fault != "gzip-chunked":
+            return web.Response(body=data, headers=headers)
+        resp = web.StreamResponse(headers=headers)
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        half = len(data) // 2
+        await resp.write(data[:half])
+        await resp.write(data[half:])
+        await resp.write_eof()
+        return resp
+
+    async def stream(
+        self, request: web.Request, events: list[bytes], fault: str, delay: float
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "x-request-id": "req_fake_stream",
+            }
+        )
+        await resp.prepare(request)
+        how = "done"
+        try:
+            for i, event in enumerate(events):
+                if fault == "cut" and i == len(events) // 2:
+                    assert request.transport is not None
+                    request.transport.close()
+                    how = "cut"
+                    return resp
+                await resp.write(event)
+                if fault == "stall" and i == 0:
+                    await asyncio.sleep(3600)
+                if delay:
+                    await asyncio.sleep(delay)
+            await resp.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            how = "disconnected"
+            raise
+        finally:
+            self.stream_ends.append(StreamEnd(time.monotonic(), how))
+        return resp

@@ -1,0 +1,25 @@
+"""Start an aiohttp application on an ephemeral loopback port."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+class Running:
+    def __init__(self, runner: web.AppRunner) -> None:
+        self.runner = runner
+        self.port = runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start(app: web.Application, *, shutdown_timeout: float = 0.5) -> Running:
+    runner = web.AppRunner(
+        app, access_log=None, handler_cancellation=True, shutdown_timeout=shutdown_timeout
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return Running(runner)

@@ -1,0 +1,149 @@
+"""The daemon as a real process: check-config, exit codes, readiness, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .fakes.provider import FakeOpenAI, fixture, sse_events
+
+ROOT = Path(__file__).parent.parent
+EXAMPLE = ROOT / "config.example.toml"
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+        env={**os.environ, "ATLASBURN_API_KEY": ""},
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+class Process:
+    def __init__(self, proc: asyncio.subprocess.Process, url: str) -> None:
+        self.proc = proc
+        self.url = url
+        self.log: list[str] = []
+
+
+async def spawn(*args: str) -> Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    lines = []
+    while True:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 15)).decode()
+        lines.append(line)
+        if not line:
+            raise AssertionError("daemon exited before ready: " + "".join(lines))
+        if m := re.search(r"ready on (http://\S+)", line):
+            p = Process(proc, m.group(1))
+            p.log = lines
+            return p
+
+
+def test_check_config_ok() -> None:
+    code, out, err = run_cli("check-config", str(EXAMPLE))
+    assert code == 0, err
+    assert out == f"{EXAMPLE}: ok (3 providers: openai, anthropic, gemini)\n"
+
+
+def test_check_config_lists_every_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nlisten = "nope"\n[providers.openai]\nbase_url = "ftp://x"\n')
+    code, out, err = run_cli("check-config", str(bad))
+    assert code == 2
+    assert err.splitlines() == [
+        "server.listen: expected HOST:PORT (e.g. '127.0.0.1:8787' or '[::1]:8787'), got 'nope'",
+        "providers.openai.base_url: expected an http(s) URL, got 'ftp://x'",
+        f"{bad}: 2 error(s)",
+    ]
+
+
+def test_run_exits_2_on_bad_config_before_binding(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nmax_body_bytes = -1\n")
+    code, _, err = run_cli("run", "--config", str(bad))
+    assert code == 2
+    assert err == "config error: server.max_body_bytes: must be at least 1 bytes, got -1\n"
+
+
+async def test_run_exits_1_when_the_port_is_taken() -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    try:
+        code, _, err = await asyncio.to_thread(run_cli, "run", "--listen", f"127.0.0.1:{port}")
+    finally:
+        sock.close()
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in err
+
+
+async def test_embedded_defaults_serve_and_stop_on_sigterm() -> None:
+    p = await spawn("--listen", "127.0.0.1:0")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/healthz") as r:
+            assert r.status == 200
+            assert (await r.json())["status"] == "ok"
+    p.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(p.proc.wait(), 10) == 0
+
+
+async def test_sigterm_lets_an_inflight_stream_finish(
+    fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    fake_url = fake_openai.url  # type: ignore[attr-defined]
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[server]\nshutdown_grace_seconds = 10\n[providers.openai]\nbase_url = "{fake_url}"\n'
+    )
+    p = await spawn("--config", str(config), "--listen", "127.0.0.1:0")
+    expected = b"".join(sse_events(fixture("openai", "chat_completion_stream.sse")))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            p.url + "/v1/chat/completions",
+            headers={"x-fake-delay-ms": "150"},
+            json={"model": "gpt-4o-mini", "messages": [], "stream": True},
+        ) as r:
+            first = await r.content.readuntil(b"\n\n")
+            p.proc.send_signal(signal.SIGTERM)
+            rest = await r.read()
+    assert first + rest == expected
+    assert await asyncio.wait_for(p.proc.wait(), 10) == 0
+    # New connections are refused once it has stopped.
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as s:
+            await s.get(p.url + "/healthz")
+
+
+async def test_sigint_also_stops_cleanly() -> None:
+    p = await spawn("--listen", "127.0.0.1:0")
+    p.proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(p.proc.wait(), 10) == 0
+    assert p.proc.stderr is not None
+    rest = (await p.proc.stderr.read()).decode()
+    assert "SIGINT: stopping" in rest and "stopped" in rest

@@ -1,0 +1,229 @@
+"""Config: defaults, the example file, interpolation, and one exact error per bad key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from yarl import URL
+
+from proxy.config import Config, Listen, Secret, load_config, parse_config, parse_listen
+from proxy.errors import ConfigError
+
+EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
+
+
+def problems(data: dict[str, object], env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, env or {})
+    return info.value.problems
+
+
+def test_embedded_defaults() -> None:
+    cfg = load_config(None, env={})
+    assert cfg.server.listen == Listen("127.0.0.1", 8787)
+    assert cfg.server.max_body_bytes == 33554432
+    assert cfg.atlasburn.api_base == "" and not cfg.atlasburn.api_key
+    assert cfg.atlasburn.org_id == "org_local"
+    assert cfg.telemetry.flush_interval_ms == 1000 and cfg.telemetry.batch_max_events == 500
+    loop = cfg.guardrails.dumb_loop_detector
+    assert (loop.enabled, loop.threshold, loop.window_seconds, loop.ttl_seconds) == (
+        True,
+        4,
+        60.0,
+        7200.0,
+    )
+    assert {n: (p.kind, str(p.base_url)) for n, p in cfg.providers.items()} == {
+        "openai": ("openai", "https://api.openai.com"),
+        "anthropic": ("anthropic", "https://api.anthropic.com"),
+        "gemini": ("gemini", "https://generativelanguage.googleapis.com"),
+    }
+
+
+def test_example_file_documents_exactly_the_defaults() -> None:
+    """config.example.toml loads, and every value in it is the default."""
+    example = load_config(EXAMPLE, env={})
+    defaults = Config()
+    for section in ("server", "upstream", "logging", "atlasburn", "telemetry", "guardrails"):
+        assert getattr(example, section) == getattr(defaults, section), section
+    assert example.providers == defaults.providers
+    assert example.storage == defaults.storage
+
+
+def test_example_file_names_every_key() -> None:
+    """Every key the loader knows appears in the example (a key missing there is undocumented)."""
+    doc = tomllib.loads(EXAMPLE.read_text())
+    cfg = Config()
+    for section in ("server", "upstream", "logging", "storage", "atlasburn", "telemetry"):
+        assert set(doc[section]) == set(type(getattr(cfg, section)).__slots__), section
+    assert set(doc["guardrails"]["dumb_loop_detector"]) == {
+        "enabled",
+        "threshold",
+        "window_seconds",
+        "ttl_seconds",
+    }
+    assert set(doc["providers"]["openai"]) == {"kind", "base_url", "enabled"}
+
+
+def test_errors_name_the_dotted_key_and_all_are_reported() -> None:
+    got = problems(
+        {
+            "server": {"listen": "8787", "max_body_bytes": "big", "bogus": 1},
+            "upstream": {"read_timeout_seconds": 0},
+            "logging": {"level": "loud"},
+            "atlasburn": {"api_base": "api.atlasburn.com", "api_key": "sk-123"},
+            "guardrails": {"dumb_loop_detector": {"threshold": 1, "enabled": "yes"}},
+            "providers": {
+                "openai": {"base_url": "api.openai.com"},
+                "mistral": {"base_url": "https://api.mistral.ai"},
+                "local": {"kind": "llama", "base_url": "http://127.0.0.1:11434"},
+            },
+            "extra": {},
+        }
+    )
+    assert got == [
+        "server.listen: expected HOST:PORT (e.g. '127.0.0.1:8787' or '[::1]:8787'), got '8787'",
+        "server.max_body_bytes: expected an integer, got str 'big'",
+        "server.bogus: unknown key",
+        "upstream.read_timeout_seconds: must be between 0.001 and 86400, got 0.0",
+        "logging.level: must be one of debug, info, warning, error; got 'loud'",
+        "atlasburn.api_base: expected an http(s) URL, got 'api.atlasburn.com'",
+        "atlasburn.api_key: an AtlasBurn API key starts with 'abn_'",
+        "guardrails.dumb_loop_detector.enabled: expected true or false, got str 'yes'",
+        "guardrails.dumb_loop_detector.threshold: must be between 2 and 1000000, got 1",
+        "providers.openai.base_url: expected an http(s) URL, got 'api.openai.com'",
+        "providers.mistral.kind: required for a new provider; one of openai, anthropic, gemini",
+        "providers.local.kind: unknown kind 'llama'; known kinds: openai, anthropic, gemini",
+        "extra: unknown key",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"server": {"max_body_bytes": True}},
+            "server.max_body_bytes: expected an integer, got boolean true",
+        ),
+        ({"server": "x"}, "server: expected a table, got str 'x'"),
+        ({"server": {"listen": "[::1:80"}}, "server.listen: unbalanced brackets in '[::1:80'"),
+        (
+            {"server": {"listen": "::1:80"}},
+            "server.listen: put an IPv6 address in brackets, e.g. '[::1]:8787', got '::1:80'",
+        ),
+        (
+            {"server": {"listen": "127.0.0.1:99999"}},
+            "server.listen: port must be a number from 0 to 65535, got '99999'",
+        ),
+        (
+            {"providers": {"api": {"kind": "openai", "base_url": "http://x"}}},
+            "providers.api: 'api' is a route the daemon serves itself; pick another name",
+        ),
+        (
+            {"providers": {"My Host": {"kind": "openai", "base_url": "http://x"}}},
+            "providers.My Host: a provider name is lowercase letters, digits, '_' and '-'",
+        ),
+        (
+            {"providers": {"x": {"kind": "openai", "base_url": "https://u:p@h"}}},
+            "providers.x.base_url: credentials do not belong in the URL; providers' keys come "
+            "from the client",
+        ),
+        (
+            {"providers": {"x": {"kind": "openai", "base_url": "https://h/v1?key=1"}}},
+            "providers.x.base_url: a base URL has no query or fragment, got 'https://h/v1?key=1'",
+        ),
+        (
+            {"providers": {"x": {"kind": "openai"}}},
+            "providers.x.base_url: required for a new provider",
+        ),
+        (
+            {"atlasburn": {"api_base": "https://api.atlasburn.com"}},
+            "atlasburn.api_key: required when atlasburn.api_base is set (an 'abn_...' key)",
+        ),
+        (
+            {"atlasburn": {"org_id": "has space"}},
+            "atlasburn.org_id: must be 1-128 characters of letters, digits and _ . : -, "
+            "got 'has space'",
+        ),
+    ],
+)
+def test_single_errors(data: dict[str, object], expected: str) -> None:
+    assert problems(data) == [expected]
+
+
+def test_providers_merge_add_and_disable() -> None:
+    cfg = parse_config(
+        {
+            "providers": {
+                "openai": {"base_url": "https://gateway.example/openai/"},
+                "gemini": {"enabled": False},
+                "groq": {"kind": "openai", "base_url": "https://api.groq.com"},
+            }
+        },
+        {},
+    )
+    assert list(cfg.providers) == ["openai", "anthropic", "groq"]
+    assert cfg.providers["openai"].base_url == URL("https://gateway.example/openai")
+    assert cfg.providers["openai"].kind == "openai"
+    assert cfg.providers["groq"].kind == "openai"
+
+
+def test_env_interpolation() -> None:
+    env = {"ABN_KEY": "abn_test_123", "PORT": "9000"}
+    cfg = parse_config(
+        {
+            "server": {"listen": "127.0.0.1:${PORT}"},
+            "atlasburn": {
+                "api_base": "${API_BASE:-https://api.atlasburn.example}",
+                "api_key": "${ABN_KEY}",
+            },
+            "storage": {"path": "/var/lib/a$$b/${MISSING:-spool}.db"},
+        },
+        env,
+    )
+    assert cfg.server.listen.port == 9000
+    assert cfg.atlasburn.api_base == "https://api.atlasburn.example"
+    assert cfg.atlasburn.api_key.reveal() == "abn_test_123"
+    assert cfg.storage.path == Path("/var/lib/a$b/spool.db")
+
+
+def test_unset_variable_is_empty_with_a_warning() -> None:
+    cfg = parse_config({"atlasburn": {"api_key": "${NOT_SET_ANYWHERE}"}}, {})
+    assert not cfg.atlasburn.api_key
+    assert cfg.warnings == (
+        "atlasburn.api_key: environment variable NOT_SET_ANYWHERE is not set; using an empty value",
+    )
+
+
+def test_secret_never_shows() -> None:
+    cfg = parse_config({"atlasburn": {"api_key": "abn_test_secretvalue"}}, {})
+    assert "abn_test_secretvalue" not in repr(cfg)
+    assert "abn_test_secretvalue" not in str(Secret("abn_test_secretvalue"))
+
+
+def test_listen_override_and_ipv6() -> None:
+    cfg = load_config(EXAMPLE, listen="[::1]:0", env={})
+    assert cfg.server.listen == Listen("::1", 0)
+    assert str(cfg.server.listen) == "[::1]:0"
+    assert parse_listen("0.0.0.0:8787") == Listen("0.0.0.0", 8787)
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nlisten = 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert info.value.problems[0].startswith(f"{bad}: not valid TOML: ")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "missing.toml")
+    assert info.value.problems == [
+        f"{tmp_path / 'missing.toml'}: cannot read: No such file or directory"
+    ]
+
+
+def test_state_dir_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path))
+    assert Config().storage.path == tmp_path / "atlasburn-proxy.sqlite3"
+    cfg = parse_config({"storage": {"path": "~/spool.db"}}, {})
+    assert cfg.storage.path == Path.home() / "spool.db"

@@ -1,0 +1,150 @@
+"""Fingerprints: invariant under key order and whitespace, sensitive to every semantic field."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.adapters import ADAPTERS
+from proxy.fingerprint import fingerprint
+
+openai = ADAPTERS["openai"]
+
+
+def fp_of_bytes(raw: bytes, path: str = "/v1/chat/completions", kind: str = "openai") -> str:
+    adapter = ADAPTERS[kind]
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    meta = adapter.describe(path, body)
+    return fingerprint(kind, meta.endpoint, meta.canonical if body is not None else None, raw)
+
+
+def test_known_value() -> None:
+    """The definition, computed by hand: sha256 of the sorted compact JSON."""
+    raw = (
+        b'{"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+    )
+    canonical = (
+        b'{"body":{"messages":[{"content":"hi","role":"user"}],"model":"gpt-4o-mini"},'
+        b'"endpoint":"/chat/completions","kind":"openai"}'
+    )
+    assert fp_of_bytes(raw) == "sha256:" + hashlib.sha256(canonical).hexdigest()
+
+
+def test_not_json_uses_raw_bytes() -> None:
+    raw = b"\x00not json{"
+    expected = hashlib.sha256(b'{"endpoint":"/chat/completions","kind":"openai"}\n' + raw)
+    assert fp_of_bytes(raw) == "sha256:" + expected.hexdigest()
+    assert fp_of_bytes(raw + b"x") != fp_of_bytes(raw)
+
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.text(max_size=8)
+    | st.floats(allow_nan=False, allow_infinity=False)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+bodies = st.fixed_dictionaries(
+    {
+        "model": st.sampled_from(["gpt-4o-mini", "gpt-4.1", "o3"]),
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["user", "system"]), "content": st.text(max_size=20)}
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+    },
+    optional={
+        "temperature": st.floats(0, 2),
+        "tools": st.lists(json_values, max_size=2),
+        "top_p": st.floats(0, 1),
+        "max_tokens": st.integers(1, 10_000),
+        "extra": json_values,
+    },
+)
+
+
+def shuffled_dumps(value: Any, rnd: Any, indent: int | None) -> str:
+    def shuffle(v: Any) -> Any:
+        if isinstance(v, dict):
+            items = list(v.items())
+            rnd.shuffle(items)
+            return {k: shuffle(x) for k, x in items}
+        if isinstance(v, list):
+            return [shuffle(x) for x in v]
+        return v
+
+    return json.dumps(shuffle(value), indent=indent, ensure_ascii=rnd.random() < 0.5)
+
+
+@given(bodies, st.randoms(), st.sampled_from([None, 1, 4]))
+def test_key_order_and_whitespace_do_not_matter(
+    body: dict[str, Any], rnd: Any, indent: int | None
+) -> None:
+    compact = json.dumps(body, separators=(",", ":")).encode()
+    assert fp_of_bytes(shuffled_dumps(body, rnd, indent).encode()) == fp_of_bytes(compact)
+
+
+@given(
+    bodies, st.sampled_from(["stream", "stream_options", "user", "metadata", "store"]), json_values
+)
+def test_transport_fields_do_not_matter(body: dict[str, Any], field: str, value: Any) -> None:
+    with_field = {**body, field: value}
+    assert fp_of_bytes(json.dumps(with_field).encode()) == fp_of_bytes(json.dumps(body).encode())
+
+
+@given(
+    bodies,
+    st.sampled_from(
+        [
+            "model",
+            "messages",
+            "tools",
+            "temperature",
+            "top_p",
+            "max_tokens",
+            "seed",
+            "response_format",
+            "n",
+        ]
+    ),
+    json_values,
+)
+def test_every_semantic_field_matters(body: dict[str, Any], field: str, value: Any) -> None:
+    changed = {**body, field: value}
+    if changed == body:  # hypothesis may draw the value the body already has
+        return
+    assert fp_of_bytes(json.dumps(changed).encode()) != fp_of_bytes(json.dumps(body).encode())
+
+
+def test_endpoint_and_kind_matter() -> None:
+    raw = b'{"model":"m","input":"x"}'
+    assert fp_of_bytes(raw, "/v1/embeddings") != fp_of_bytes(raw, "/v1/responses")
+    assert fp_of_bytes(raw, "/v1/messages", "anthropic") != fp_of_bytes(raw, "/v1/messages")
+
+
+def test_gemini_model_in_path_matters() -> None:
+    raw = b'{"contents":[{"parts":[{"text":"hi"}]}]}'
+    a = fp_of_bytes(raw, "/v1beta/models/gemini-2.5-flash:generateContent", "gemini")
+    b = fp_of_bytes(raw, "/v1beta/models/gemini-2.5-pro:generateContent", "gemini")
+    assert a != b
+
+
+def test_huge_integers_still_fingerprint() -> None:
+    a = fp_of_bytes(b'{"model":"m","seed":123456789012345678901234567890}')
+    assert a.startswith("sha256:") and len(a) == 71

@@ -1,0 +1,187 @@
+"""The real ``openai`` SDK through the daemon gets exactly what it gets from the provider."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+
+from proxy.adapters.base import UsageSource
+
+from .conftest import RunningDaemon
+from .fakes.provider import FakeOpenAI
+
+MESSAGES = [{"role": "user", "content": "Say hello"}]
+
+
+def client(base: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=base + "/v1", api_key="sk-test-not-a-real-key", max_retries=0
+    )
+
+
+async def both(fake: FakeOpenAI, daemon: RunningDaemon, call: Any) -> tuple[Any, Any]:
+    """(direct result, result through the daemon) of ``call(client)``."""
+    async with client(fake.url) as direct_client, client(daemon.url) as via_client:  # type: ignore[attr-defined]
+        direct = await call(direct_client)
+        via = await call(via_client)
+    return direct, via
+
+
+async def collect(stream: Any) -> list[dict[str, Any]]:
+    return [chunk.model_dump() async for chunk in stream]
+
+
+def assert_same_upstream_request(fake: FakeOpenAI) -> None:
+    direct, via = fake.requests[-2], fake.requests[-1]
+    assert via.method == direct.method
+    assert via.path == direct.path
+    assert via.body == direct.body
+    dropped = {"host", "content-length", "connection"}  # per-connection, set by each hop
+    assert [(k.lower(), v) for k, v in via.headers if k.lower() not in dropped] == [
+        (k.lower(), v) for k, v in direct.headers if k.lower() not in dropped
+    ]
+
+
+async def test_chat_completion(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None:
+    direct, via = await both(
+        fake_openai,
+        daemon,
+        lambda c: c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES),
+    )
+    assert via.model_dump() == direct.model_dump()
+    assert via.choices[0].message.content == direct.choices[0].message.content != ""
+    assert_same_upstream_request(fake_openai)
+    [event] = daemon.events
+    assert (event.provider, event.model, event.endpoint, event.status, event.stream) == (
+        "openai",
+        "gpt-4o-mini",
+        "/chat/completions",
+        200,
+        False,
+    )
+    assert (event.tokens_in, event.tokens_out) == (1536, 7)
+    assert event.usage_source is UsageSource.REPORTED
+    assert event.fingerprint.startswith("sha256:") and len(event.fingerprint) == 71
+
+
+async def test_chat_completion_stream(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None:
+    async def call(c: openai.AsyncOpenAI) -> list[dict[str, Any]]:
+        return await collect(
+            await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+        )
+
+    direct, via = await both(fake_openai, daemon, call)
+    assert via == direct
+    assert len(via) == 6
+    assert_same_upstream_request(fake_openai)
+    [event] = daemon.events
+    assert event.stream is True
+    # The client did not ask for usage and (until stream-usage injection) none arrived.
+    assert (event.tokens_in, event.tokens_out, event.usage_source) == (0, 0, UsageSource.MISSING)
+
+
+async def test_chat_completion_stream_with_usage(
+    fake_openai: FakeOpenAI, daemon: RunningDaemon
+) -> None:
+    async def call(c: openai.AsyncOpenAI) -> list[dict[str, Any]]:
+        return await collect(
+            await c.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=MESSAGES,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+
+    direct, via = await both(fake_openai, daemon, call)
+    assert via == direct
+    assert via[-1]["choices"] == [] and via[-1]["usage"]["prompt_tokens"] == 1536
+    [event] = daemon.events
+    assert (event.tokens_in, event.tokens_out, event.usage_source) == (
+        1536,
+        7,
+        UsageSource.REPORTED,
+    )
+
+
+async def test_embeddings(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None:
+    direct, via = await both(
+        fake_openai,
+        daemon,
+        lambda c: c.embeddings.create(model="text-embedding-3-small", input="hello world"),
+    )
+    assert via.model_dump() == direct.model_dump()
+    assert len(via.data[0].embedding) == 8
+    [event] = daemon.events
+    assert (event.endpoint, event.tokens_in, event.tokens_out) == ("/embeddings", 5, 0)
+
+
+async def test_responses(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None:
+    direct, via = await both(
+        fake_openai, daemon, lambda c: c.responses.create(model="gpt-4.1-mini", input="Hi")
+    )
+    assert via.model_dump() == direct.model_dump()
+    assert via.output_text == direct.output_text != ""
+    [event] = daemon.events
+    assert (event.endpoint, event.model, event.tokens_in, event.tokens_out) == (
+        "/responses",
+        "gpt-4.1-mini",
+        2048,
+        300,
+    )
+
+
+async def test_responses_stream(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None:
+    async def call(c: openai.AsyncOpenAI) -> list[dict[str, Any]]:
+        return await collect(
+            await c.responses.create(model="gpt-4.1-mini", input="Hi", stream=True)
+        )
+
+    direct, via = await both(fake_openai, daemon, call)
+    assert via == direct
+    assert [e["type"] for e in via][0] == "response.created"
+    assert via[-1]["type"] == "response.completed"
+    [event] = daemon.events
+    assert (event.stream, event.tokens_in, event.tokens_out, event.usage_source) == (
+        True,
+        2048,
+        300,
+        UsageSource.REPORTED,
+    )
+
+
+async def test_legacy_completion_and_models(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None:
+    direct, via = await both(
+        fake_openai,
+        daemon,
+        lambda c: c.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi"),
+    )
+    assert via.model_dump() == direct.model_dump()
+    async with client(daemon.url) as c:
+        models = [m.id async for m in c.models.list()]
+    assert models == ["gpt-4o-mini", "text-embedding-3-small"]
+    assert [(e.endpoint, e.tokens_in, e.tokens_out) for e in daemon.events] == [
+        ("/completions", 6, 8),
+        ("/models", 0, 0),
+    ]
+
+
+async def test_provider_error_reaches_the_sdk_unchanged(
+    fake_openai: FakeOpenAI, daemon: RunningDaemon
+) -> None:
+    errors = []
+    for base in (fake_openai.url, daemon.url):  # type: ignore[attr-defined]
+        async with client(base) as c:
+            with pytest.raises(openai.AuthenticationError) as info:
+                await c.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=MESSAGES,
+                    extra_headers={"x-fake-status": "401"},
+                )
+        errors.append((info.value.status_code, info.value.body, info.value.code))
+    assert errors[0] == errors[1]
+    assert errors[1][2] == "invalid_api_key"
+    [event] = daemon.events
+    assert (event.status, event.tokens_in, event.usage_source) == (401, 0, UsageSource.MISSING)

@@ -1,0 +1,70 @@
+"""The SSE parser: the same events however the byte stream is split."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.sse import SSEParser
+
+from .fakes.provider import fixture
+
+
+def parse_in_pieces(data: bytes, cuts: list[int]) -> list[tuple[bytes, bytes]]:
+    parser = SSEParser()
+    events: list[tuple[bytes, bytes]] = []
+    start = 0
+    for cut in sorted(set(cuts)) + [len(data)]:
+        events += parser.feed(data[start:cut])
+        start = cut
+    return events + parser.end()
+
+
+def test_fields_comments_and_multiline_data() -> None:
+    data = (
+        b": keep-alive comment\n"
+        b"event: message_start\n"
+        b"id: 7\n"
+        b"retry: 100\n"
+        b'data: {"a":\n'
+        b"data:1}\n"
+        b"\n"
+        b"data: second\n\n"
+        b"event: lonely\n\n"  # an event with no data is not dispatched
+        b"data: unterminated"
+    )
+    assert parse_in_pieces(data, []) == [
+        (b"message_start", b'{"a":\n1}'),
+        (b"", b"second"),
+    ]
+
+
+def test_crlf_and_lone_cr_line_endings() -> None:
+    lf = b"event: a\ndata: 1\n\ndata: 2\n\n"
+    assert parse_in_pieces(lf.replace(b"\n", b"\r\n"), []) == parse_in_pieces(lf, [])
+    assert parse_in_pieces(lf.replace(b"\n", b"\r"), []) == parse_in_pieces(lf, [])
+    assert parse_in_pieces(lf, []) == [(b"a", b"1"), (b"", b"2")]
+
+
+RECORDED = [
+    fixture("openai", "chat_completion_stream_usage.sse"),
+    fixture("openai", "response_stream.sse"),
+    "event: x\ndata: ünïcödé — 日本語 🎉\n\n".encode(),
+]
+
+
+@given(
+    st.sampled_from(RECORDED),
+    st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    st.lists(st.integers(min_value=0, max_value=7000), max_size=40),
+)
+def test_split_anywhere_same_events(data: bytes, newline: bytes, cuts: list[int]) -> None:
+    """Cuts inside events, inside CRLF pairs and inside multi-byte characters change nothing."""
+    data = data.replace(b"\n", newline)
+    cuts = [c % (len(data) + 1) for c in cuts]
+    assert parse_in_pieces(data, cuts) == parse_in_pieces(data, [])
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=0, max_value=300), max_size=10))
+def test_arbitrary_bytes_never_raise(data: bytes, cuts: list[int]) -> None:
+    assert parse_in_pieces(data, cuts) == parse_in_pieces(data, [])
