@@ -66,8 +66,11 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
     async def relay(request: web.Request) -> web.StreamResponse:
         return await request.app[RELAY].handle(request)
 
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        return await request.app[RELAY].expect(request)
+
     app.router.add_get("/healthz", healthz)
-    app.router.add_route("*", "/{tail:.*}", relay)
+    app.router.add_route("*", "/{tail:.*}", relay, expect_handler=expect)
     return app
 
 

@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import hdrs, web
 
 from .adapters import ADAPTERS
-from .adapters.base import Meter, Metered, Usage, UsageSource, loads
+from .adapters.base import Meter, Metered, RequestMeta, Usage, UsageSource, loads
 from .config import Config
 from .errors import UpstreamError, UpstreamTimeout
 from .events import Event, Recorder, iso_ms
@@ -45,6 +45,7 @@ SKIP_AUTO_HEADERS = frozenset(
 )
 
 _NO_USAGE = Metered(None, None)
+CLIENT_CLOSED = 499
 
 
 class BodyTooLarge(Exception):
@@ -88,7 +89,7 @@ class Relay:
         canonical = meta.canonical if parsed is not None else None
         fp = fingerprint(upstream.kind, meta.endpoint, canonical, body)
 
-        status = 0
+        status = 0  # the status the client got; 0 until an answer is under way
         metered = _NO_USAGE
         complete = False
         meter: Meter | None = None
@@ -103,7 +104,6 @@ class Relay:
                 status = 502
                 return _error(route, 502, "upstream_unreachable", str(exc))
 
-            status = up.status
             content_type = up.headers.get(hdrs.CONTENT_TYPE, "")
             meter = adapter.meter(meta, content_type)
             tap = _tap(meter, up.headers.get(hdrs.CONTENT_ENCODING))
@@ -125,12 +125,14 @@ class Relay:
                 tap(data)
                 whole = web.Response(status=up.status, reason=up.reason, headers=headers)
                 whole.body = data
+                status = up.status
                 await whole.prepare(request)
                 await whole.write_eof()
                 complete = True
                 return whole
 
             response = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+            status = up.status
             await response.prepare(request)
             read = up.content.readany
             while True:
@@ -154,21 +156,34 @@ class Relay:
                     metered = meter.result()
                 except Exception:  # a meter bug must not cost the request its event
                     log.exception("usage meter failed for %s %s", upstream.name, meta.endpoint)
-            if status:
-                self.record(
-                    _event(
-                        started,
-                        t0,
-                        route,
-                        meta.model,
-                        meta.endpoint,
-                        meta.stream,
-                        status,
-                        metered,
-                        complete,
-                        fp,
-                    )
-                )
+            # A client that left before any answer still cost a request upstream: 499, as nginx
+            # logs it.
+            self.record(
+                _event(started, t0, route, meta, status or CLIENT_CLOSED, metered, complete, fp)
+            )
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue``: refuse an announced oversized body before the client sends
+        it (curl asks this way for any body over 1 MiB), else let the client go on."""
+        length = request.content_length
+        if length is not None and length > self.max_body:
+            try:
+                route = self.router.resolve(request.rel_url.raw_path)
+            except BadPath:
+                route = None
+            message = f"request body over {self.max_body} bytes"
+            if route is None:
+                resp = _plain_error(413, "body_too_large", message)
+            else:
+                resp = _error(route, 413, "body_too_large", message)
+            resp.force_close()
+            return resp
+        if request.version == aiohttp.HttpVersion11:
+            if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+                raise web.HTTPExpectationFailed(text="only 'Expect: 100-continue' is supported")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
 
     async def _send(
         self, request: web.Request, route: Route, body: bytes
@@ -273,9 +288,7 @@ def _event(
     started: float,
     t0: float,
     route: Route,
-    model: str | None,
-    endpoint: str,
-    stream: bool,
+    meta: RequestMeta,
     status: int,
     metered: Metered,
     complete: bool,
@@ -290,15 +303,15 @@ def _event(
     return Event(
         ts=iso_ms(started),
         provider=route.upstream.name,
-        model=model or metered.model or "",
-        endpoint=endpoint,
+        model=meta.model or metered.model or "",
+        endpoint=meta.endpoint,
         status=status,
         tokens_in=usage.input_tokens,
         tokens_out=usage.output_tokens,
         cost_usd=0.0,
         latency_ms=round((time.perf_counter() - t0) * 1000),
         fingerprint=fp,
-        stream=stream,
+        stream=meta.stream,
         usage_source=source,
         priced=False,
     )

@@ -390,3 +390,50 @@ async def test_client_disconnect_closes_upstream_within_a_second(
         await asyncio.sleep(0.01)
     [event] = daemon.events
     assert (event.stream, event.usage_source) == (True, UsageSource.PARTIAL)
+
+
+async def test_client_gone_before_the_answer_is_recorded_as_499(
+    fake_openai: FakeOpenAI, daemon: RunningDaemon
+) -> None:
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(asyncio.TimeoutError):
+            await s.post(
+                f"{daemon.url}/v1/chat/completions",
+                json=CHAT,
+                headers={"x-fake-fault": "hang"},
+                timeout=aiohttp.ClientTimeout(total=0.3),
+            )
+    for _ in range(100):
+        if daemon.events:
+            break
+        await asyncio.sleep(0.01)
+    [event] = daemon.events
+    assert (event.status, event.tokens_in, event.usage_source) == (499, 0, UsageSource.PARTIAL)
+    assert len(fake_openai.requests) == 1
+
+
+async def test_expect_100_continue(fake_openai: FakeOpenAI, start_daemon: StartDaemon) -> None:
+    """An announced oversized body is refused before it is sent; a fitting one is invited."""
+    d = await start_daemon(server={"max_body_bytes": 1000})
+    reader, writer = await asyncio.open_connection("127.0.0.1", d.daemon.port)
+    writer.write(
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 413 ")
+    writer.close()
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", d.daemon.port)
+    body = b'{"model":"m","input":"hi"}'
+    writer.write(
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        b"Expect: 100-continue\r\n\r\n" % len(body)
+    )
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    writer.write(body)
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"HTTP/1.1 200")
+    writer.close()
+    assert [r.body for r in fake_openai.requests] == [body]
