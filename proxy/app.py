@@ -16,6 +16,7 @@ from aiohttp import web
 from . import __version__
 from .config import Config
 from .events import Recorder, log_event
+from .pricing import Pricer
 from .relay import Relay
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         session = make_session(config)
         app[SESSION] = session
-        app[RELAY] = Relay(config, session, record or log_event)
+        pricer = Pricer.from_config(config.providers, config.pricing)
+        app[RELAY] = Relay(config, session, record or log_event, pricer)
         yield
         await session.close()
 

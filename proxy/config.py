@@ -133,6 +133,10 @@ class ProviderConfig:
     name: str
     kind: str
     base_url: URL
+    # Ask for usage in OpenAI chat/completion streams that do not ask for it (and hide it again).
+    inject_stream_usage: bool = True
+    # The genai-prices provider whose prices apply; "" = by base URL, then by kind; "none" = off.
+    price_as: str = ""
 
 
 def _default_providers() -> dict[str, ProviderConfig]:
@@ -140,6 +144,19 @@ def _default_providers() -> dict[str, ProviderConfig]:
         name: ProviderConfig(name, kind, URL(base))
         for name, (kind, base) in DEFAULT_PROVIDERS.items()
     }
+
+
+@dataclass(frozen=True, slots=True)
+class PriceOverride:
+    """``[pricing."<model>"]``: USD per million tokens for a model (on any provider, or one)."""
+
+    model: str
+    input: float
+    output: float
+    cached_input: float
+    cache_write: float
+    cache_write_1h: float
+    provider: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +169,7 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig)
     providers: Mapping[str, ProviderConfig] = field(default_factory=_default_providers)
+    pricing: Mapping[str, PriceOverride] = field(default_factory=dict)
     # Non-fatal remarks found while loading (e.g. an unset environment variable), for the log.
     warnings: tuple[str, ...] = ()
 
@@ -454,6 +472,8 @@ def _providers(t: _Table) -> dict[str, ProviderConfig]:
         enabled = pt.get("enabled", bool, True)
         kind = pt.get("kind", str, known.kind if known else "", _known_kind)
         base_url = pt.get("base_url", str, known.base_url if known else None, parse_http_url)
+        inject = pt.get("inject_stream_usage", bool, True)
+        price_as = pt.get("price_as", str, "", _price_as)
         if enabled and known is None:
             if not pt.has("kind"):
                 pt.problem("kind", f"required for a new provider; one of {', '.join(ADAPTERS)}")
@@ -463,8 +483,39 @@ def _providers(t: _Table) -> dict[str, ProviderConfig]:
         if not enabled:
             providers.pop(name, None)
         elif kind and base_url is not None:
-            providers[name] = ProviderConfig(name, kind, base_url)
+            providers[name] = ProviderConfig(name, kind, base_url, inject, price_as)
     return providers
+
+
+def _price_as(value: str) -> str:
+    if value and not re.match(r"^[a-z0-9][a-z0-9_.-]*$", value):
+        raise ValueError(
+            f"expected a genai-prices provider id (e.g. 'openai') or 'none', got {value!r}"
+        )
+    return value
+
+
+def _pricing(t: _Table, providers: Mapping[str, ProviderConfig]) -> dict[str, PriceOverride]:
+    out: dict[str, PriceOverride] = {}
+    rate = _between(0, 1_000_000)
+    for model, mt in t.tables().items():
+        if not model:
+            t.problem(model, "a model name is not empty")
+        inp = mt.get("input", float, None, rate)
+        out_rate = mt.get("output", float, None, rate)
+        cached = mt.get("cached_input", float, inp, rate)
+        write = mt.get("cache_write", float, inp, rate)
+        write_1h = mt.get("cache_write_1h", float, write, rate)
+        provider = mt.get("provider", str, "")
+        for key, value in (("input", inp), ("output", out_rate)):
+            if value is None and not mt.has(key):
+                mt.problem(key, "required: USD per million tokens")
+        if provider and provider not in providers:
+            mt.problem("provider", f"no provider {provider!r} is configured")
+        mt.done()
+        if inp is not None and out_rate is not None:
+            out[model] = PriceOverride(model, inp, out_rate, cached, write, write_1h, provider)
+    return out
 
 
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
@@ -472,15 +523,25 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     problems: list[str] = []
     warnings: list[str] = []
     root = _Table(data, "", problems, os.environ if env is None else env, warnings)
+    server = _server(root.table("server"))
+    upstream = _upstream(root.table("upstream"))
+    logging_ = _logging(root.table("logging"))
+    storage = _storage(root.table("storage"))
+    atlasburn = _atlasburn(root.table("atlasburn"))
+    telemetry = _telemetry(root.table("telemetry"))
+    guardrails = _guardrails(root.table("guardrails"))
+    providers = _providers(root.table("providers"))
+    pricing = _pricing(root.table("pricing"), providers)
     cfg = Config(
-        server=_server(root.table("server")),
-        upstream=_upstream(root.table("upstream")),
-        logging=_logging(root.table("logging")),
-        storage=_storage(root.table("storage")),
-        atlasburn=_atlasburn(root.table("atlasburn")),
-        telemetry=_telemetry(root.table("telemetry")),
-        guardrails=_guardrails(root.table("guardrails")),
-        providers=_providers(root.table("providers")),
+        server=server,
+        upstream=upstream,
+        logging=logging_,
+        storage=storage,
+        atlasburn=atlasburn,
+        telemetry=telemetry,
+        guardrails=guardrails,
+        providers=providers,
+        pricing=pricing,
         warnings=tuple(warnings),
     )
     root.done()

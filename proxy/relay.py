@@ -5,6 +5,12 @@ same bytes, chunk by chunk as they arrive (every write awaited, so a slow reader
 read instead of filling memory). The client session never decompresses, so a compressed body keeps
 its ``Content-Encoding`` and ``Content-Length``; the meter reads a decoded copy on the side.
 
+Stream usage: where a stream reports usage only when asked (OpenAI chat and completions), the
+daemon asks for it and filters it back out of what the client sees. That request goes out with
+``Accept-Encoding: identity`` (a server may always answer uncompressed) so that the filter works
+on plain bytes. A provider that rejects the option (400/422 naming ``stream_options``) gets the
+request again exactly as the client sent it, and is not asked again until restart.
+
 Exactly one event is recorded per relayed request, after the last byte was sent (or the exchange
 ended early), from the ``finally`` of ``Relay.handle``; nothing here waits for the disk.
 
@@ -15,22 +21,23 @@ seen as partial usage.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-import zlib
-from collections.abc import Callable
 
 import aiohttp
+import orjson
 from aiohttp import hdrs, web
+from multidict import CIMultiDict
 
 from .adapters import ADAPTERS
-from .adapters.base import Meter, Metered, RequestMeta, Usage, UsageSource, loads
+from .adapters.base import Meter, Metered, RequestMeta, StreamFilter, UsageSource, loads
 from .config import Config
+from .encoding import tap
 from .errors import UpstreamError, UpstreamTimeout
 from .events import Event, Recorder, iso_ms
 from .fingerprint import fingerprint
 from .headers import REQUEST_DROP, RESPONSE_DROP, filter_headers
+from .pricing import Pricer
 from .routes import BadPath, Route, Router
 
 log = logging.getLogger(__name__)
@@ -45,21 +52,44 @@ SKIP_AUTO_HEADERS = frozenset(
 )
 
 _NO_USAGE = Metered(None, None)
-CLIENT_CLOSED = 499
+CLIENT_CLOSED = 499  # nginx's status for a client that left before the answer
+_UPSTREAM_ERRORS = (TimeoutError, aiohttp.ClientError, OSError)
 
 
 class BodyTooLarge(Exception):
     pass
 
 
+class _Exchange:
+    """What one request has reached so far, for the event recorded when it ends."""
+
+    __slots__ = ("status", "complete", "meter", "up", "asked_usage")
+
+    def __init__(self) -> None:
+        self.status = 0  # the status the client got; 0 until an answer is under way
+        self.complete = False  # the client got the whole answer
+        self.meter: Meter | None = None
+        self.up: aiohttp.ClientResponse | None = None
+        self.asked_usage = False  # the daemon asked for stream usage the client did not
+
+
 class Relay:
     """Relays requests to the configured upstreams and records one event for each."""
 
-    def __init__(self, config: Config, session: aiohttp.ClientSession, record: Recorder) -> None:
+    def __init__(
+        self,
+        config: Config,
+        session: aiohttp.ClientSession,
+        record: Recorder,
+        pricer: Pricer,
+    ) -> None:
         self.router = Router(config.providers)
         self.session = session
         self.record = record
+        self.pricer = pricer
         self.max_body = config.server.max_body_bytes
+        # Providers that refused an injected stream_options: never asked again.
+        self.refuses_stream_usage: set[str] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.time()
@@ -71,12 +101,8 @@ class Relay:
             return _plain_error(400, "bad_path", "the request path has '.' or '..' segments")
         if route is None:
             return _plain_error(
-                404,
-                "no_route",
-                f"no provider serves {rel.path!r}; use /<provider>/... or /v1/...",
+                404, "no_route", f"no provider serves {rel.path!r}; use /<provider>/... or /v1/..."
             )
-        upstream = route.upstream
-        adapter = upstream.adapter
         try:
             body = await _read_body(request, self.max_body)
         except BodyTooLarge:
@@ -84,83 +110,130 @@ class Relay:
             resp.force_close()  # the rest of the body is not read
             return resp
 
+        upstream = route.upstream
         parsed = loads(body) if body else None
-        meta = adapter.describe(route.path, parsed)
+        meta = upstream.adapter.describe(route.path, parsed)
         canonical = meta.canonical if parsed is not None else None
         fp = fingerprint(upstream.kind, meta.endpoint, canonical, body)
 
-        status = 0  # the status the client got; 0 until an answer is under way
-        metered = _NO_USAGE
-        complete = False
-        meter: Meter | None = None
-        up: aiohttp.ClientResponse | None = None
+        ex = _Exchange()
         try:
-            try:
-                up = await self._send(request, route, body)
-            except UpstreamTimeout as exc:
-                status = 504
-                return _error(route, 504, "upstream_timeout", str(exc))
-            except UpstreamError as exc:
-                status = 502
-                return _error(route, 502, "upstream_unreachable", str(exc))
-
-            content_type = up.headers.get(hdrs.CONTENT_TYPE, "")
-            meter = adapter.meter(meta, content_type)
-            tap = _tap(meter, up.headers.get(hdrs.CONTENT_ENCODING))
-            headers = filter_headers(
-                up.headers.items(), up.headers.get(hdrs.CONNECTION), RESPONSE_DROP
-            )
-            length = up.content_length
-            if (
-                length is not None
-                and length <= BUFFER_LIMIT
-                and request.method != hdrs.METH_HEAD
-                and not content_type.startswith("text/event-stream")
-            ):
-                try:
-                    data = await up.read()
-                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                    status = 504 if isinstance(exc, asyncio.TimeoutError) else 502
-                    return _error(route, status, "upstream_cut", _describe(exc, upstream.name))
-                tap(data)
-                whole = web.Response(status=up.status, reason=up.reason, headers=headers)
-                whole.body = data
-                status = up.status
-                await whole.prepare(request)
-                await whole.write_eof()
-                complete = True
-                return whole
-
-            response = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
-            status = up.status
-            await response.prepare(request)
-            read = up.content.readany
-            while True:
-                try:
-                    chunk = await read()
-                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                    _abort_client(request, upstream.name, exc)
-                    return response
-                if not chunk:
-                    break
-                tap(chunk)
-                await response.write(chunk)  # a client that went away raises here
-            await response.write_eof()
-            complete = True
-            return response
+            return await self._exchange(request, route, meta, body, parsed, ex)
         finally:
-            if up is not None and not complete:
-                up.close()  # never return a half-read connection to the pool
-            if meter is not None:
+            if ex.up is not None and not ex.complete:
+                ex.up.close()  # never return a half-read connection to the pool
+            metered = _NO_USAGE
+            if ex.meter is not None:
                 try:
-                    metered = meter.result()
+                    metered = ex.meter.result()
                 except Exception:  # a meter bug must not cost the request its event
                     log.exception("usage meter failed for %s %s", upstream.name, meta.endpoint)
-            # A client that left before any answer still cost a request upstream: 499, as nginx
-            # logs it.
-            self.record(
-                _event(started, t0, route, meta, status or CLIENT_CLOSED, metered, complete, fp)
-            )
+            self.record(self._event(started, t0, route, meta, ex, metered, fp))
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        route: Route,
+        meta: RequestMeta,
+        body: bytes,
+        parsed: object,
+        ex: _Exchange,
+    ) -> web.StreamResponse:
+        upstream = route.upstream
+        adapter = upstream.adapter
+        sent = body
+        if upstream.inject_stream_usage and upstream.name not in self.refuses_stream_usage:
+            asking = adapter.with_stream_usage(meta, parsed)
+            if asking is not None:
+                sent = orjson.dumps(asking)
+                ex.asked_usage = True
+        try:
+            up = ex.up = await self._send(request, route, sent, ex.asked_usage)
+            if ex.asked_usage and up.status in (400, 422):
+                error = await up.read()
+                if b"stream_options" not in error:
+                    return await self._answer_whole(request, route, meta, ex, error)
+                log.warning(
+                    "provider %s refused stream_options (HTTP %d); it is not asked for stream "
+                    "usage again: its chat streams are recorded without usage unless the "
+                    "client asks",
+                    upstream.name,
+                    up.status,
+                )
+                self.refuses_stream_usage.add(upstream.name)
+                ex.asked_usage = False
+                up.release()
+                up = ex.up = await self._send(request, route, body, False)
+        except UpstreamTimeout as exc:
+            ex.status = 504
+            return _error(route, 504, "upstream_timeout", str(exc))
+        except UpstreamError as exc:
+            ex.status = 502
+            return _error(route, 502, "upstream_unreachable", str(exc))
+
+        content_type = up.headers.get(hdrs.CONTENT_TYPE, "")
+        is_sse = content_type.startswith("text/event-stream")
+        length = up.content_length
+        if length is not None and length <= BUFFER_LIMIT and not is_sse:
+            if request.method != hdrs.METH_HEAD:
+                try:
+                    data = await up.read()
+                except _UPSTREAM_ERRORS as exc:
+                    ex.status = 504 if isinstance(exc, TimeoutError) else 502
+                    return _error(route, ex.status, "upstream_cut", _describe(exc, upstream.name))
+                return await self._answer_whole(request, route, meta, ex, data)
+
+        ex.meter = adapter.meter(meta, content_type)
+        feed = tap(ex.meter, up.headers.get(hdrs.CONTENT_ENCODING))
+        hide: StreamFilter | None = None
+        if ex.asked_usage and is_sse and up.status == 200:
+            hide = adapter.hide_stream_usage()
+        response = web.StreamResponse(
+            status=up.status, reason=up.reason, headers=_response_headers(up)
+        )
+        ex.status = up.status
+        await response.prepare(request)
+        read = up.content.readany
+        while True:
+            try:
+                chunk = await read()
+            except _UPSTREAM_ERRORS as exc:
+                _abort_client(request, upstream.name, exc)
+                return response
+            if not chunk:
+                break
+            feed(chunk)
+            if hide is not None:
+                chunk = hide.feed(chunk)
+                if not chunk:
+                    continue
+            await response.write(chunk)  # a client that went away raises here
+        if hide is not None and (rest := hide.end()):
+            await response.write(rest)
+        await response.write_eof()
+        ex.complete = True
+        return response
+
+    async def _answer_whole(
+        self,
+        request: web.Request,
+        route: Route,
+        meta: RequestMeta,
+        ex: _Exchange,
+        data: bytes,
+    ) -> web.StreamResponse:
+        """Send a body that was read whole, in one write."""
+        up = ex.up
+        assert up is not None
+        ex.meter = route.upstream.adapter.meter(meta, up.headers.get(hdrs.CONTENT_TYPE, ""))
+        tap(ex.meter, up.headers.get(hdrs.CONTENT_ENCODING))(data)
+        whole = web.Response(status=up.status, reason=up.reason, headers=_response_headers(up))
+        whole.body = data
+        ex.status = up.status
+        await whole.prepare(request)
+        await whole.write_eof()
+        ex.complete = True
+        return whole
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """``Expect: 100-continue``: refuse an announced oversized body before the client sends
@@ -186,13 +259,16 @@ class Relay:
         return None
 
     async def _send(
-        self, request: web.Request, route: Route, body: bytes
+        self, request: web.Request, route: Route, body: bytes, plain: bool
     ) -> aiohttp.ClientResponse:
-        """Send the request upstream; transport failures become UpstreamError/UpstreamTimeout."""
+        """Send the request upstream; transport failures become UpstreamError/UpstreamTimeout.
+        ``plain`` asks for an uncompressed answer (the daemon must rewrite it)."""
         upstream = route.upstream
         headers = filter_headers(
             request.headers.items(), request.headers.get(hdrs.CONNECTION), REQUEST_DROP
         )
+        if plain:
+            headers[hdrs.ACCEPT_ENCODING] = "identity"
         try:
             return await self.session.request(
                 request.method,
@@ -206,6 +282,44 @@ class Relay:
             raise UpstreamTimeout(_describe(exc, upstream.name)) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(_describe(exc, upstream.name)) from None
+
+    def _event(
+        self,
+        started: float,
+        t0: float,
+        route: Route,
+        meta: RequestMeta,
+        ex: _Exchange,
+        metered: Metered,
+        fp: str,
+    ) -> Event:
+        usage = metered.usage
+        model = meta.model or metered.model or ""
+        if usage is None:
+            source = UsageSource.MISSING if ex.complete else UsageSource.PARTIAL
+            tokens_in = tokens_out = 0
+            cost, priced = 0.0, False
+        else:
+            source = UsageSource.REQUESTED if ex.asked_usage else UsageSource.REPORTED
+            tokens_in, tokens_out = usage.input_tokens, usage.output_tokens
+            # The response names the exact model that served (a dated snapshot): price that.
+            price = self.pricer.price(route.upstream.name, metered.model or model, usage)
+            cost, priced = price.cost_usd, price.priced
+        return Event(
+            ts=iso_ms(started),
+            provider=route.upstream.name,
+            model=model,
+            endpoint=meta.endpoint,
+            status=ex.status or CLIENT_CLOSED,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            cost_usd=cost,
+            latency_ms=round((time.perf_counter() - t0) * 1000),
+            fingerprint=fp,
+            stream=meta.stream,
+            usage_source=source,
+            priced=priced,
+        )
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -227,94 +341,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _tap(meter: Meter, encoding: str | None) -> Callable[[bytes], None]:
-    """A function that feeds the meter a decoded copy of each body chunk and never raises."""
-    broken = False
-    decode: Callable[[bytes], bytes] | None = None
-    try:
-        decode = _decoder(encoding)
-    except ValueError as exc:
-        log.warning("cannot meter a response body: %s", exc)
-        broken = True
-
-    def tap(chunk: bytes) -> None:
-        nonlocal broken
-        if broken:
-            return
-        try:
-            meter.feed(decode(chunk) if decode is not None else chunk)
-        except Exception:
-            broken = True
-            log.warning("cannot meter a response body (encoding %r)", encoding, exc_info=True)
-
-    return tap
-
-
-def _decoder(encoding: str | None) -> Callable[[bytes], bytes] | None:
-    enc = (encoding or "").strip().lower()
-    if not enc or enc == "identity":
-        return None
-    if enc in ("gzip", "x-gzip"):
-        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress
-    if enc == "deflate":
-        return _Inflate().decompress
-    try:
-        import brotli  # type: ignore[import-not-found]  # optional, as in aiohttp
-    except ImportError:
-        brotli = None
-    if enc == "br" and brotli is not None:
-        return brotli.Decompressor().process  # type: ignore[no-any-return]
-    raise ValueError(f"unsupported content-encoding {enc!r}")
-
-
-class _Inflate:
-    """``deflate`` is zlib-wrapped per the RFC, but some servers send raw deflate: accept both."""
-
-    def __init__(self) -> None:
-        self._obj = zlib.decompressobj()
-        self._started = False
-
-    def decompress(self, data: bytes) -> bytes:
-        if not self._started:
-            self._started = True
-            try:
-                return self._obj.decompress(data)
-            except zlib.error:
-                self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
-        return self._obj.decompress(data)
-
-
-def _event(
-    started: float,
-    t0: float,
-    route: Route,
-    meta: RequestMeta,
-    status: int,
-    metered: Metered,
-    complete: bool,
-    fp: str,
-) -> Event:
-    usage = metered.usage
-    if usage is not None:
-        source = UsageSource.REPORTED
-    else:
-        usage = Usage()
-        source = UsageSource.MISSING if complete else UsageSource.PARTIAL
-    return Event(
-        ts=iso_ms(started),
-        provider=route.upstream.name,
-        model=meta.model or metered.model or "",
-        endpoint=meta.endpoint,
-        status=status,
-        tokens_in=usage.input_tokens,
-        tokens_out=usage.output_tokens,
-        cost_usd=0.0,
-        latency_ms=round((time.perf_counter() - t0) * 1000),
-        fingerprint=fp,
-        stream=meta.stream,
-        usage_source=source,
-        priced=False,
-    )
+def _response_headers(up: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    return filter_headers(up.headers.items(), up.headers.get(hdrs.CONNECTION), RESPONSE_DROP)
 
 
 def _abort_client(request: web.Request, provider: str, exc: BaseException) -> None:
@@ -329,7 +357,7 @@ def _abort_client(request: web.Request, provider: str, exc: BaseException) -> No
 
 def _describe(exc: BaseException, provider: str) -> str:
     """A message for a transport failure that names no URL (a query may carry a key)."""
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, TimeoutError):
         return f"upstream {provider} timed out"
     if isinstance(exc, aiohttp.ClientConnectorError):
         reason = exc.os_error.strerror or type(exc.os_error).__name__

@@ -26,6 +26,7 @@ class Upstream:
     adapter: Adapter
     origin: str  # "https://api.openai.com"
     base_path: str  # "" or e.g. "/api" for a base URL with a path
+    inject_stream_usage: bool = True
 
     def url(self, path: str, query: str) -> URL:
         """The upstream URL for ``path`` (already percent-encoded, starting with "/")."""
@@ -51,7 +52,12 @@ class Router:
         for name, p in providers.items():
             origin = str(p.base_url.origin())
             self._upstreams[name] = Upstream(
-                name, p.kind, ADAPTERS[p.kind], origin, p.base_url.raw_path.rstrip("/")
+                name,
+                p.kind,
+                ADAPTERS[p.kind],
+                origin,
+                p.base_url.raw_path.rstrip("/"),
+                p.inject_stream_usage,
             )
         self._openai = self._upstreams.get("openai")
         self._anthropic = self._upstreams.get("anthropic")

@@ -67,6 +67,8 @@ async def test_chat_completion(fake_openai: FakeOpenAI, daemon: RunningDaemon) -
 
 
 async def test_chat_completion_stream(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None:
+    """The daemon asks for usage the client did not ask for, and the client never sees it."""
+
     async def call(c: openai.AsyncOpenAI) -> list[dict[str, Any]]:
         return await collect(
             await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
@@ -74,12 +76,17 @@ async def test_chat_completion_stream(fake_openai: FakeOpenAI, daemon: RunningDa
 
     direct, via = await both(fake_openai, daemon, call)
     assert via == direct
-    assert len(via) == 6
-    assert_same_upstream_request(fake_openai)
+    assert len(via) == 6 and all("usage" not in c or c["usage"] is None for c in via)
+    sent_direct, sent_via = fake_openai.requests[-2], fake_openai.requests[-1]
+    assert sent_via.json() == {**sent_direct.json(), "stream_options": {"include_usage": True}}
+    assert sent_via.header("accept-encoding") == "identity"
     [event] = daemon.events
     assert event.stream is True
-    # The client did not ask for usage and (until stream-usage injection) none arrived.
-    assert (event.tokens_in, event.tokens_out, event.usage_source) == (0, 0, UsageSource.MISSING)
+    assert (event.tokens_in, event.tokens_out, event.usage_source) == (
+        1536,
+        7,
+        UsageSource.REQUESTED,
+    )
 
 
 async def test_chat_completion_stream_with_usage(
@@ -98,6 +105,7 @@ async def test_chat_completion_stream_with_usage(
     direct, via = await both(fake_openai, daemon, call)
     assert via == direct
     assert via[-1]["choices"] == [] and via[-1]["usage"]["prompt_tokens"] == 1536
+    assert_same_upstream_request(fake_openai)
     [event] = daemon.events
     assert (event.tokens_in, event.tokens_out, event.usage_source) == (
         1536,

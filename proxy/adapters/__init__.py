@@ -7,6 +7,7 @@ routing pick it up from this table.
 from __future__ import annotations
 
 from .anthropic import AnthropicAdapter
+from .azure import AzureOpenAIAdapter
 from .base import Adapter
 from .gemini import GeminiAdapter
 from .openai import OpenAIAdapter
@@ -15,6 +16,7 @@ ADAPTERS: dict[str, Adapter] = {
     OpenAIAdapter.kind: OpenAIAdapter(),
     AnthropicAdapter.kind: AnthropicAdapter(),
     GeminiAdapter.kind: GeminiAdapter(),
+    AzureOpenAIAdapter.kind: AzureOpenAIAdapter(),
 }
 
 __all__ = ["ADAPTERS", "Adapter"]

@@ -1,8 +1,14 @@
 """Anthropic's Messages API wire format (``/v1/messages``, JSON and SSE).
 
-Input tokens are ``input_tokens + cache_creation_input_tokens + cache_read_input_tokens``. In a
-stream, ``message_start`` carries the input side and a first output count; each ``message_delta``
-carries the usage so far (cumulative, never to be summed), so the last value of each field wins.
+Input tokens are ``input_tokens + cache_creation_input_tokens + cache_read_input_tokens``, each
+priced at its own rate (cache writes kept for an hour, ``cache_creation.ephemeral_1h_input_tokens``,
+at theirs). In a stream, ``message_start`` carries the input side and a first output count; each
+``message_delta`` carries the usage so far (cumulative, never to be summed), so the last value of
+each field wins.
+
+``/v1/messages/count_tokens`` is free: its answer (``{"input_tokens": N}``) counts tokens that were
+not consumed, so its event records 0 tokens and costs 0 (it is still a request, and still counts
+for the loop detector).
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from .base import (
     RequestMeta,
     SSEMeter,
     Usage,
+    UsageInStream,
     as_int,
     loads,
     operation_path,
+    str_or_none,
     without_keys,
 )
 
@@ -42,6 +50,7 @@ def _usage(fields: dict[str, int]) -> Usage:
         output_tokens=fields.get("output_tokens", 0),
         cached_input_tokens=read,
         cache_write_tokens=created,
+        cache_write_1h_tokens=fields.get("ephemeral_1h_input_tokens", 0),
     )
 
 
@@ -53,11 +62,10 @@ def _merge(fields: dict[str, int], usage: Any) -> bool:
         value = usage.get(name)
         if value is not None:
             fields[name] = as_int(value)
+    creation = usage.get("cache_creation")
+    if isinstance(creation, dict) and creation.get("ephemeral_1h_input_tokens") is not None:
+        fields["ephemeral_1h_input_tokens"] = as_int(creation["ephemeral_1h_input_tokens"])
     return True
-
-
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 def _read_body(body: Any) -> Metered:
@@ -65,7 +73,13 @@ def _read_body(body: Any) -> Metered:
         return Metered(None, None)
     fields: dict[str, int] = {}
     seen = _merge(fields, body.get("usage"))
-    return Metered(_usage(fields) if seen else None, _str_or_none(body.get("model")))
+    return Metered(_usage(fields) if seen else None, str_or_none(body.get("model")))
+
+
+def _read_count_tokens(body: Any) -> Metered:
+    if isinstance(body, dict) and "input_tokens" in body:
+        return Metered(Usage(), None)  # free: nothing was consumed
+    return Metered(None, None)
 
 
 class MessagesStreamMeter(SSEMeter):
@@ -82,7 +96,7 @@ class MessagesStreamMeter(SSEMeter):
             obj = loads(data)
             message = obj.get("message") if isinstance(obj, dict) else None
             if isinstance(message, dict):
-                self.model = _str_or_none(message.get("model"))
+                self.model = str_or_none(message.get("model"))
                 self.seen |= _merge(self.fields, message.get("usage"))
         elif event == b"message_delta":
             obj = loads(data)
@@ -104,7 +118,7 @@ _ERROR_TYPES = {
 }
 
 
-class AnthropicAdapter:
+class AnthropicAdapter(UsageInStream):
     kind: ClassVar[str] = "anthropic"
 
     def endpoint(self, path: str) -> str:
@@ -115,7 +129,7 @@ class AnthropicAdapter:
         if isinstance(body, dict):
             return RequestMeta(
                 endpoint=endpoint,
-                model=_str_or_none(body.get("model")),
+                model=str_or_none(body.get("model")),
                 stream=body.get("stream") is True,
                 canonical=without_keys(body, TRANSPORT_FIELDS),
             )
@@ -124,6 +138,8 @@ class AnthropicAdapter:
     def meter(self, meta: RequestMeta, content_type: str) -> Meter:
         if content_type.startswith("text/event-stream"):
             return MessagesStreamMeter()
+        if meta.endpoint == "/messages/count_tokens":
+            return JSONMeter(_read_count_tokens)
         return JSONMeter(_read_body)
 
     def error_body(self, status: int, message: str, code: str) -> bytes:

@@ -7,6 +7,9 @@ set of pure functions over bytes and dicts:
   (``/v1/chat/completions`` -> ``/chat/completions``);
 - ``describe(path, body)``: the request's ``RequestMeta`` (endpoint, model, stream flag, and the
   canonical body the fingerprint is computed from);
+- ``with_stream_usage(meta, body)``: where a stream reports usage only when asked, the body that
+  asks for it (else None), and ``hide_stream_usage()``, the filter that takes what was asked for
+  back out of the client's stream;
 - ``meter(meta, content_type)``: a fresh ``Meter`` that is fed the (decoded) response body chunk by
   chunk as it passes and then says what usage it saw;
 - ``error_body(status, message, code)``: an error in the provider's own JSON shape, so an SDK raises
@@ -36,9 +39,12 @@ class Usage:
     output_tokens: int = 0
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0  # of cache_write_tokens, those kept for an hour (Anthropic)
     reasoning_tokens: int = 0
     # The price the provider itself reported for this request (OpenRouter's ``usage.cost``).
     cost_usd: float | None = None
+    # The service tier the provider says served the request (priced differently: flex, priority).
+    service_tier: str | None = None
 
 
 class UsageSource(StrEnum):
@@ -72,6 +78,14 @@ class Meter(Protocol):
     def result(self) -> Metered: ...
 
 
+class StreamFilter(Protocol):
+    """Rewrites a response body on its way to the client: bytes in, bytes out, as they pass."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+
 class Adapter(Protocol):
     kind: ClassVar[str]
 
@@ -79,9 +93,23 @@ class Adapter(Protocol):
 
     def describe(self, path: str, body: Any) -> RequestMeta: ...
 
+    def with_stream_usage(self, meta: RequestMeta, body: Any) -> Any | None: ...
+
+    def hide_stream_usage(self) -> StreamFilter: ...
+
     def meter(self, meta: RequestMeta, content_type: str) -> Meter: ...
 
     def error_body(self, status: int, message: str, code: str) -> bytes: ...
+
+
+class UsageInStream:
+    """For wire formats whose streams always carry usage: nothing to ask for, nothing to hide."""
+
+    def with_stream_usage(self, meta: RequestMeta, body: Any) -> Any | None:
+        return None
+
+    def hide_stream_usage(self) -> StreamFilter:
+        raise NotImplementedError("this wire format never asks for stream usage")
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -186,6 +214,10 @@ class SSEMeter(ABC):
     @abstractmethod
     def summary(self) -> Metered:
         """What the events seen so far say."""
+
+
+def str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def usage_field(obj: Any, *keys: str) -> int:

@@ -20,6 +20,7 @@ from .base import (
     RequestMeta,
     SSEMeter,
     Usage,
+    UsageInStream,
     loads,
     operation_path,
     usage_field,
@@ -98,7 +99,7 @@ _STATUS = {
 }
 
 
-class GeminiAdapter:
+class GeminiAdapter(UsageInStream):
     kind: ClassVar[str] = "gemini"
 
     def endpoint(self, path: str) -> str:

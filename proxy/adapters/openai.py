@@ -3,13 +3,21 @@ other path relayed as-is. Also the format of every OpenAI-compatible host (``kin
 
 Usage lives in ``usage``: ``prompt_tokens``/``completion_tokens`` (chat, completions, embeddings) or
 ``input_tokens``/``output_tokens`` (Responses API), with cached input and reasoning output in the
-``*_details`` objects. A chat or completion stream carries usage only in a final chunk when the
-request asked for ``stream_options.include_usage``; a Responses stream carries it in its terminal
-``response.completed`` / ``response.incomplete`` / ``response.failed`` event.
+``*_details`` objects (DeepSeek also says ``prompt_cache_hit_tokens``; Groq's older streams put
+usage in ``x_groq.usage``; OpenRouter adds its own price as ``usage.cost``). The response's
+``service_tier`` says which price list applies (flex and priority are priced differently).
+
+A chat or completion stream carries usage only when the request asked for
+``stream_options.include_usage``: then every chunk has ``"usage":null`` and one extra chunk with
+``"choices":[]`` carries the usage. When the client did not ask, the daemon asks for it
+(``with_stream_usage``) and ``UsageChunkFilter`` takes both traces out of what the client sees. A
+Responses stream carries usage in its terminal ``response.completed`` / ``response.incomplete`` /
+``response.failed`` event, so nothing is asked for there.
 """
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -21,10 +29,12 @@ from .base import (
     Metered,
     RequestMeta,
     SSEMeter,
+    StreamFilter,
     Usage,
     as_int,
     loads,
     operation_path,
+    str_or_none,
     usage_field,
     without_keys,
 )
@@ -45,10 +55,13 @@ TRANSPORT_FIELDS = frozenset(
     }
 )
 
+# Streams that report usage only when asked to.
+USAGE_ON_REQUEST = frozenset({"/chat/completions", "/completions"})
+
 _RESPONSES_TERMINAL = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
 
 
-def read_usage(usage: Any) -> Usage | None:
+def read_usage(usage: Any, service_tier: Any = None) -> Usage | None:
     """A ``Usage`` from either usage dialect, or None when ``usage`` is not a usage object."""
     if not isinstance(usage, dict):
         return None
@@ -56,6 +69,7 @@ def read_usage(usage: Any) -> Usage | None:
     reported_cost = None
     if isinstance(cost, int | float) and not isinstance(cost, bool) and cost >= 0:
         reported_cost = float(cost)
+    tier = str_or_none(service_tier)
     if "input_tokens" in usage:
         return Usage(
             input_tokens=as_int(usage.get("input_tokens")),
@@ -63,26 +77,35 @@ def read_usage(usage: Any) -> Usage | None:
             cached_input_tokens=usage_field(usage, "input_tokens_details", "cached_tokens"),
             reasoning_tokens=usage_field(usage, "output_tokens_details", "reasoning_tokens"),
             cost_usd=reported_cost,
+            service_tier=tier,
         )
     if "prompt_tokens" in usage:
+        cached = usage_field(usage, "prompt_tokens_details", "cached_tokens")
         return Usage(
             input_tokens=as_int(usage.get("prompt_tokens")),
             output_tokens=as_int(usage.get("completion_tokens")),
-            cached_input_tokens=usage_field(usage, "prompt_tokens_details", "cached_tokens"),
+            cached_input_tokens=cached or as_int(usage.get("prompt_cache_hit_tokens")),
             reasoning_tokens=usage_field(usage, "completion_tokens_details", "reasoning_tokens"),
             cost_usd=reported_cost,
+            service_tier=tier,
         )
     return None
-
-
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 def _read_body(body: Any) -> Metered:
     if not isinstance(body, dict):
         return Metered(None, None)
-    return Metered(read_usage(body.get("usage")), _str_or_none(body.get("model")))
+    return Metered(
+        read_usage(body.get("usage"), body.get("service_tier")), str_or_none(body.get("model"))
+    )
+
+
+def _chunk_usage(obj: dict[str, Any]) -> Usage | None:
+    usage = obj.get("usage")
+    if usage is None:
+        groq = obj.get("x_groq")
+        usage = groq.get("usage") if isinstance(groq, dict) else None
+    return read_usage(usage, obj.get("service_tier"))
 
 
 class ChatStreamMeter(SSEMeter):
@@ -104,9 +127,9 @@ class ChatStreamMeter(SSEMeter):
         if not isinstance(obj, dict):
             return
         if want_model:
-            self.model = _str_or_none(obj.get("model"))
+            self.model = str_or_none(obj.get("model"))
         if has_usage:
-            usage = read_usage(obj.get("usage"))
+            usage = _chunk_usage(obj)
             if usage is not None:
                 self.usage = usage
 
@@ -136,13 +159,59 @@ class ResponsesStreamMeter(SSEMeter):
         response = obj.get("response") if isinstance(obj, dict) else None
         if not isinstance(response, dict):
             return
-        self.model = _str_or_none(response.get("model")) or self.model
-        usage = read_usage(response.get("usage"))
+        self.model = str_or_none(response.get("model")) or self.model
+        usage = read_usage(response.get("usage"), response.get("service_tier"))
         if usage is not None:
             self.usage = usage
 
     def summary(self) -> Metered:
         return Metered(self.usage, self.model)
+
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n")
+# "usage":null as a member: first (with the comma after it), later (with the comma before it), or
+# alone. JSON escapes quotes inside strings, so these bytes cannot occur inside a string value.
+_USAGE_NULL = re.compile(
+    rb'\s*"usage"\s*:\s*null\s*,|,\s*"usage"\s*:\s*null|(?<=\{)\s*"usage"\s*:\s*null\s*(?=\})'
+)
+
+
+class UsageChunkFilter:
+    """Takes the usage the daemon asked for out of a chat/completion stream, so the client gets
+    the stream it asked for: the usage-only chunk is dropped and ``"usage":null`` removed from
+    every other chunk. Works on whole events (a partial event is held until its blank line, and
+    flushed as-is if the stream ends inside it); everything else passes byte for byte."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        buf = self._buf + chunk if self._buf else chunk
+        out: list[bytes] = []
+        start = 0
+        for m in _EVENT_END.finditer(buf):
+            out.append(_without_usage(buf[start : m.end()]))
+            start = m.end()
+        self._buf = buf[start:]
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        rest, self._buf = self._buf, b""
+        return rest
+
+
+def _without_usage(event: bytes) -> bytes:
+    if b'"usage"' not in event:
+        return event
+    if b'"usage":null' not in event:
+        for line in event.splitlines():
+            if line.startswith(b"data:"):
+                obj = loads(line[5:])
+                if isinstance(obj, dict) and obj.get("choices") == [] and obj.get("usage"):
+                    return b""  # the usage-only chunk
+    return _USAGE_NULL.sub(b"", event)
 
 
 _ERROR_TYPES = {
@@ -162,15 +231,30 @@ class OpenAIAdapter:
         return _endpoint(path)
 
     def describe(self, path: str, body: Any) -> RequestMeta:
-        endpoint = _endpoint(path)
+        endpoint = self.endpoint(path)
         if isinstance(body, dict):
             return RequestMeta(
                 endpoint=endpoint,
-                model=_str_or_none(body.get("model")),
+                model=str_or_none(body.get("model")),
                 stream=body.get("stream") is True,
                 canonical=without_keys(body, TRANSPORT_FIELDS),
             )
         return RequestMeta(endpoint=endpoint, model=None, stream=False, canonical=body)
+
+    def with_stream_usage(self, meta: RequestMeta, body: Any) -> Any | None:
+        """The body asking for stream usage, or None where the stream reports it anyway (or the
+        client asked for it itself)."""
+        if not meta.stream or meta.endpoint not in USAGE_ON_REQUEST or not isinstance(body, dict):
+            return None
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return None
+        options = dict(options) if isinstance(options, dict) else {}
+        options["include_usage"] = True
+        return {**body, "stream_options": options}
+
+    def hide_stream_usage(self) -> StreamFilter:
+        return UsageChunkFilter()
 
     def meter(self, meta: RequestMeta, content_type: str) -> Meter:
         if content_type.startswith("text/event-stream"):

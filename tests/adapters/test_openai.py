@@ -13,9 +13,15 @@ from ..fakes.provider import fixture
 
 adapter = ADAPTERS["openai"]
 
-CHAT_USAGE = Usage(input_tokens=1536, output_tokens=7, cached_input_tokens=1024)
+CHAT_USAGE = Usage(
+    input_tokens=1536, output_tokens=7, cached_input_tokens=1024, service_tier="default"
+)
 RESPONSES_USAGE = Usage(
-    input_tokens=2048, output_tokens=300, cached_input_tokens=512, reasoning_tokens=128
+    input_tokens=2048,
+    output_tokens=300,
+    cached_input_tokens=512,
+    reasoning_tokens=128,
+    service_tier="default",
 )
 
 CASES = [
@@ -147,3 +153,39 @@ def test_describe() -> None:
     assert meta.canonical == {"model": "gpt-4o-mini", "messages": []}
     assert adapter.describe("/v1/chat/completions", [1, 2]).canonical == [1, 2]
     assert adapter.describe("/v1/chat/completions", {"model": 5}).model is None
+
+
+@given(
+    st.sampled_from(["chat_completion_stream", "completion_stream"]),
+    st.lists(st.integers(min_value=0, max_value=10_000), max_size=30),
+)
+def test_usage_filter_is_the_same_however_split(name: str, cuts: list[int]) -> None:
+    """The usage the daemon asked for comes out exactly, wherever the network split the stream."""
+    data = fixture("openai", f"{name}_usage.sse")
+    f = adapter.hide_stream_usage()
+    out = []
+    start = 0
+    for cut in sorted({c % (len(data) + 1) for c in cuts}) + [len(data)]:
+        out.append(f.feed(data[start:cut]))
+        start = cut
+    out.append(f.end())
+    assert b"".join(out) == fixture("openai", f"{name}.sse")
+
+
+def test_usage_filter_handles_spaced_json_and_crlf() -> None:
+    f = adapter.hide_stream_usage()
+    stream = (
+        b'data: {"id": "x", "usage": null, "choices": [{"delta": {}}]}\r\n\r\n'
+        b'data: {"usage" : null}\r\n\r\n'
+        b'data: {"id": "x", "choices": [], "usage": {"prompt_tokens": 3}}\r\n\r\n'
+        b": comment\r\n\r\n"
+        b"data: [DONE]\r\n\r\n"
+        b'data: {"cut'
+    )
+    assert f.feed(stream) + f.end() == (
+        b'data: {"id": "x", "choices": [{"delta": {}}]}\r\n\r\n'
+        b"data: {}\r\n\r\n"
+        b": comment\r\n\r\n"
+        b"data: [DONE]\r\n\r\n"
+        b'data: {"cut'
+    )

@@ -8,6 +8,7 @@ request headers inject faults:
 - ``x-fake-fault``: ``hang`` (never answer), ``stall`` (send the first event, then go silent),
   ``cut`` (send half the events, then drop the connection), ``gzip`` / ``gzip-chunked`` /
   ``deflate`` (compress the body, with Content-Length / chunked), ``redirect`` (302 elsewhere),
+  ``reject-stream-options`` (400 for a body with ``stream_options``),
   ``echo-headers`` (answer the request headers as JSON), ``hop-response`` (answer with hop-by-hop
   headers);
 - ``x-fake-delay-ms: N`` wait N ms between SSE events.
@@ -91,7 +92,9 @@ class FakeOpenAI:
                 ), True
             return "chat_completion.json", False
         if path.endswith("/completions"):
-            return ("completion_stream_usage.sse", True) if stream else ("completion.json", False)
+            if stream:
+                return ("completion_stream_usage.sse" if usage else "completion_stream.sse"), True
+            return "completion.json", False
         if path.endswith("/embeddings"):
             return "embeddings.json", False
         if path.endswith("/responses"):
@@ -141,6 +144,20 @@ class FakeOpenAI:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = None
+        if fault == "reject-stream-options" and isinstance(body, dict) and "stream_options" in body:
+            # What a host that does not know the option answers (e.g. older OpenAI-compatible
+            # servers).
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "Unrecognized request argument supplied: stream_options",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status=400,
+            )
         name, is_sse = self.pick(request.path, body)
         data = fixture("openai", name)
         if not is_sse:

@@ -1,0 +1,300 @@
+"""Prices: what a request's tokens cost, in USD.
+
+Rates come from ``[pricing]`` in the config (self-hosted and fine-tuned models, or corrections),
+else from the ``genai-prices`` data set (maintained by the pydantic team; prices for every major
+provider with cache-read / cache-write rates, long-context tiers, service tiers and dated changes).
+A ``calc_price`` call there costs ~170 µs, so each (provider, model, service tier) is resolved to
+plain integer rates once and cached; pricing a request is then a few integer multiplications.
+
+Rates are held as integer pico-dollars per million tokens, so the cost of a request is one exact
+integer sum divided once by 10**18: the float that reaches the event is the correctly rounded
+value of the exact cost, never an accumulation of float errors.
+
+Tiered prices follow the industry's "cliff" rule (as genai-prices does): when the request's total
+input tokens pass a tier's start, that tier's rates apply to all its tokens.
+
+A model with no known price costs 0, is marked unpriced, is counted, and is warned about once per
+(provider, model): never silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from .adapters.base import Usage
+from .config import PriceOverride, ProviderConfig
+
+log = logging.getLogger(__name__)
+
+PICO = 10**12  # rates are pico-USD per million tokens
+_COST_DIVISOR = 10**18  # tokens * pico-USD/MTok -> USD
+
+# genai-prices provider ids for a provider whose base URL matches none of its API patterns.
+KIND_CATALOG = {"openai": "openai", "anthropic": "anthropic", "gemini": "google", "azure": "azure"}
+
+# How long a resolved rate stays cached: prices with a time-of-day condition (off-peak discounts)
+# are re-resolved every minute, all others every hour (dated price changes land within the hour).
+_TTL_TIME_OF_DAY = 60.0
+_TTL = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class RateSet:
+    """Rates in integer pico-USD per million tokens."""
+
+    input: int
+    cached_input: int
+    cache_write: int
+    cache_write_1h: int
+    output: int
+    reasoning: int
+
+    def cost(self, usage: Usage) -> float:
+        cached = min(usage.cached_input_tokens, usage.input_tokens)
+        write = min(usage.cache_write_tokens, usage.input_tokens - cached)
+        write_1h = min(usage.cache_write_1h_tokens, write)
+        reasoning = min(usage.reasoning_tokens, usage.output_tokens)
+        total = (
+            (usage.input_tokens - cached - write) * self.input
+            + cached * self.cached_input
+            + (write - write_1h) * self.cache_write
+            + write_1h * self.cache_write_1h
+            + (usage.output_tokens - reasoning) * self.output
+            + reasoning * self.reasoning
+        )
+        return total / _COST_DIVISOR
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    base: RateSet
+    # (start, rates): these rates apply when the input tokens exceed ``start``; ascending.
+    tiers: tuple[tuple[int, RateSet], ...]
+    source: str  # where the rates came from, for ``atlasburn-proxy prices``
+    expires: float = float("inf")  # time.monotonic() after which to resolve again
+
+    def for_input(self, input_tokens: int) -> RateSet:
+        chosen = self.base
+        for start, rates in self.tiers:
+            if input_tokens > start:
+                chosen = rates
+        return chosen
+
+    def cost(self, usage: Usage) -> float:
+        return self.for_input(usage.input_tokens).cost(usage)
+
+
+def to_pico(usd_per_mtok: Decimal | float | int) -> int:
+    value = usd_per_mtok if isinstance(usd_per_mtok, Decimal) else Decimal(str(usd_per_mtok))
+    return int((value * PICO).to_integral_value())
+
+
+def rates_from_override(o: PriceOverride) -> Rates:
+    base = RateSet(
+        input=to_pico(o.input),
+        cached_input=to_pico(o.cached_input),
+        cache_write=to_pico(o.cache_write),
+        cache_write_1h=to_pico(o.cache_write_1h),
+        output=to_pico(o.output),
+        reasoning=to_pico(o.output),
+    )
+    return Rates(base, (), f'config [pricing."{o.model}"]')
+
+
+class Catalog:
+    """The genai-prices data set, imported once (it takes ~80 ms and ~15 MB)."""
+
+    def __init__(self) -> None:
+        import genai_prices
+        from genai_prices import data_snapshot
+
+        self.version = genai_prices.__version__
+        self._snapshot = data_snapshot.get_snapshot()
+
+    def provider(self, base_url: str, price_as: str, kind: str) -> Any | None:
+        """The catalog provider for one configured upstream, or None."""
+        snap = self._snapshot
+        for ref in ([(None, price_as, None)] if price_as else []) + [
+            (None, None, base_url),
+            (None, KIND_CATALOG.get(kind), None),
+        ]:
+            if ref[1] is None and ref[2] is None:
+                continue
+            try:
+                return snap.find_provider(*ref)
+            except LookupError:
+                continue
+        return None
+
+    def rates(self, provider: Any, model: str, service_tier: str | None) -> Rates | None:
+        from datetime import UTC, datetime
+
+        found = provider.find_model(model, all_providers=self._snapshot.providers)
+        if found is None:
+            return None
+        now = datetime.now(tz=UTC)
+        own = any(found is m for m in provider.models)
+        context = {"service_tier": service_tier} if service_tier and own else None
+        prices = found.get_prices(now, context)
+        if getattr(prices, "input_mtok", None) is None and prices.output_mtok is None:
+            return None  # priced per request, per image, ...: not by tokens
+        starts = sorted(
+            {tier.start for key in _PRICE_KEYS for tier in _tiers(getattr(prices, key, None))}
+        )
+
+        def at(threshold: int) -> RateSet:
+            def rate(key: str, fallback: int) -> int:
+                value = getattr(prices, key, None)
+                if value is None:
+                    return fallback
+                if _is_tiered(value):
+                    chosen = value.base
+                    for tier in value.tiers:
+                        if threshold > tier.start:
+                            chosen = tier.price
+                    value = chosen
+                return to_pico(value)
+
+            input_rate = rate("input_mtok", 0)
+            output_rate = rate("output_mtok", 0)
+            write = rate("cache_write_mtok", input_rate)
+            return RateSet(
+                input=input_rate,
+                cached_input=rate("cache_read_mtok", input_rate),
+                cache_write=write,
+                cache_write_1h=rate("cache_write_1h_mtok", write),
+                output=output_rate,
+                reasoning=rate("output_reasoning_mtok", output_rate),
+            )
+
+        tiers = tuple((start, at(start + 1)) for start in starts)
+        timed = _has_time_of_day(found)
+        source = f"genai-prices {self.version}: {provider.id}/{found.id}"
+        if context:
+            source += f" (service_tier {service_tier})"
+        expires = time.monotonic() + (_TTL_TIME_OF_DAY if timed else _TTL)
+        return Rates(at(0), tiers, source, expires)
+
+
+_PRICE_KEYS = (
+    "input_mtok",
+    "cache_read_mtok",
+    "cache_write_mtok",
+    "cache_write_1h_mtok",
+    "output_mtok",
+    "output_reasoning_mtok",
+)
+
+
+def _is_tiered(value: object) -> bool:
+    return hasattr(value, "tiers") and hasattr(value, "base")
+
+
+def _tiers(value: object) -> list[Any]:
+    return list(value.tiers) if _is_tiered(value) else []  # type: ignore[attr-defined]
+
+
+def _has_time_of_day(model: Any) -> bool:
+    prices = model.prices if isinstance(model.prices, list) else []
+    return any(type(p.constraint).__name__ == "TimeOfDateConstraint" for p in prices)
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    cost_usd: float
+    priced: bool
+
+
+UNPRICED = Price(0.0, False)
+
+
+class Pricer:
+    """Prices usage for (provider, model); rates cached per (provider, model, service tier)."""
+
+    def __init__(
+        self,
+        providers: Mapping[str, ProviderConfig],
+        overrides: Mapping[str, PriceOverride],
+        catalog: Catalog | None = None,
+    ) -> None:
+        self._providers = providers
+        self._overrides = overrides
+        self._catalog = catalog
+        self._catalog_providers: dict[str, Any] = {}
+        self._cache: dict[tuple[str, str, str | None], Rates | None] = {}
+        self._warned: set[tuple[str, str]] = set()
+        self.unpriced_total = 0
+        self.errors_total = 0
+
+    @classmethod
+    def from_config(
+        cls, providers: Mapping[str, ProviderConfig], overrides: Mapping[str, PriceOverride]
+    ) -> Pricer:
+        try:
+            catalog: Catalog | None = Catalog()
+        except Exception:  # the daemon still relays without the data set, and says so
+            log.exception("the genai-prices data set could not be loaded; only [pricing] applies")
+            catalog = None
+        return cls(providers, overrides, catalog)
+
+    def rates(self, provider: str, model: str, service_tier: str | None = None) -> Rates | None:
+        key = (provider, model, service_tier)
+        if key in self._cache:
+            rates = self._cache[key]
+            if rates is None or rates.expires >= time.monotonic():
+                return rates
+        rates = self._resolve(provider, model, service_tier)
+        if len(self._cache) > 10_000:  # model names come from clients: stay bounded
+            self._cache.clear()
+        self._cache[key] = rates
+        return rates
+
+    def price(self, provider: str, model: str, usage: Usage) -> Price:
+        """The cost of ``usage``; never raises (a pricing failure is logged and counted)."""
+        if usage.cost_usd is not None:  # the host reported its own price (OpenRouter)
+            return Price(usage.cost_usd, True)
+        try:
+            rates = self.rates(provider, model, usage.service_tier)
+            if rates is None:
+                self._unpriced(provider, model)
+                return UNPRICED
+            return Price(rates.cost(usage), True)
+        except Exception:
+            self.errors_total += 1
+            log.exception("pricing failed for %s model %r", provider, model)
+            return UNPRICED
+
+    def _unpriced(self, provider: str, model: str) -> None:
+        self.unpriced_total += 1
+        if (provider, model) not in self._warned and len(self._warned) < 10_000:
+            self._warned.add((provider, model))
+            log.warning(
+                "no price known for %s model %r: its events cost 0 and are marked unpriced; "
+                'add [pricing."%s"] to the config to price it',
+                provider,
+                model,
+                model,
+            )
+
+    def _resolve(self, provider: str, model: str, service_tier: str | None) -> Rates | None:
+        override = self._overrides.get(model)
+        if override is not None and override.provider in ("", provider):
+            return rates_from_override(override)
+        if not model or self._catalog is None:
+            return None
+        cfg = self._providers.get(provider)
+        if cfg is None or cfg.price_as == "none":
+            return None
+        if provider not in self._catalog_providers:
+            self._catalog_providers[provider] = self._catalog.provider(
+                str(cfg.base_url), cfg.price_as, cfg.kind
+            )
+        catalog_provider = self._catalog_providers[provider]
+        if catalog_provider is None:
+            return None
+        return self._catalog.rates(catalog_provider, model, service_tier)

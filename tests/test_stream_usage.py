@@ -1,0 +1,169 @@
+"""Stream usage: asked for where a stream reports it only on request, and hidden from the client."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+
+from proxy.adapters.base import UsageSource
+
+from .conftest import RunningDaemon, StartDaemon
+from .fakes.provider import FakeOpenAI, fixture
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+async def post_raw(url: str, body: dict[str, object], **headers: str) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.post(url, json=body, headers=headers) as r:
+            return r.status, await r.read()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "plain", "usage"),
+    [
+        (
+            "/v1/chat/completions",
+            {"model": "gpt-4o-mini", "messages": MESSAGES},
+            "chat_completion_stream.sse",
+            (1536, 7),
+        ),
+        (
+            "/v1/completions",
+            {"model": "gpt-3.5-turbo-instruct", "prompt": "hi"},
+            "completion_stream.sse",
+            (6, 8),
+        ),
+    ],
+)
+async def test_client_gets_byte_for_byte_the_stream_it_asked_for(
+    fake_openai: FakeOpenAI,
+    daemon: RunningDaemon,
+    path: str,
+    body: dict[str, object],
+    plain: str,
+    usage: tuple[int, int],
+) -> None:
+    status, got = await post_raw(daemon.url + path, {**body, "stream": True})
+    assert status == 200
+    assert got == fixture("openai", plain)
+    assert json.loads(fake_openai.requests[-1].body)["stream_options"] == {"include_usage": True}
+    [event] = daemon.events
+    assert (event.tokens_in, event.tokens_out, event.usage_source) == (
+        *usage,
+        UsageSource.REQUESTED,
+    )
+
+
+async def test_client_options_are_kept_and_include_usage_false_is_overridden(
+    fake_openai: FakeOpenAI, daemon: RunningDaemon
+) -> None:
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": MESSAGES,
+        "stream": True,
+        "stream_options": {"include_usage": False, "include_obfuscation": True},
+    }
+    status, got = await post_raw(daemon.url + "/v1/chat/completions", body)
+    assert (status, got) == (200, fixture("openai", "chat_completion_stream.sse"))
+    sent = json.loads(fake_openai.requests[-1].body)
+    assert sent["stream_options"] == {"include_usage": True, "include_obfuscation": True}
+    assert daemon.events[0].usage_source is UsageSource.REQUESTED
+
+
+async def test_client_that_asks_for_usage_gets_it_untouched(
+    fake_openai: FakeOpenAI, daemon: RunningDaemon
+) -> None:
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": MESSAGES,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    raw = json.dumps(body).encode()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            daemon.url + "/v1/chat/completions",
+            data=raw,
+            headers={"Content-Type": "application/json", "Accept-Encoding": "gzip"},
+        ) as r:
+            got = await r.read()
+    assert got == fixture("openai", "chat_completion_stream_usage.sse")
+    seen = fake_openai.requests[-1]
+    assert seen.body == raw  # not re-serialised
+    assert seen.header("accept-encoding") == "gzip"
+    assert daemon.events[0].usage_source is UsageSource.REPORTED
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/responses", {"model": "gpt-4.1-mini", "input": "hi", "stream": True}),
+        ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": MESSAGES}),
+        ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi", "stream": True}),
+    ],
+)
+async def test_nothing_injected_where_not_needed(
+    fake_openai: FakeOpenAI, daemon: RunningDaemon, path: str, body: dict[str, object]
+) -> None:
+    raw = json.dumps(body).encode()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            daemon.url + path, data=raw, headers={"Content-Type": "application/json"}
+        ) as r:
+            assert r.status == 200
+            await r.read()
+    assert fake_openai.requests[-1].body == raw
+    assert daemon.events[0].usage_source is UsageSource.REPORTED
+
+
+async def test_injection_can_be_switched_off(
+    fake_openai: FakeOpenAI, start_daemon: StartDaemon
+) -> None:
+    d = await start_daemon(providers={"openai": {"inject_stream_usage": False}})
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
+    status, got = await post_raw(d.url + "/v1/chat/completions", body)
+    assert (status, got) == (200, fixture("openai", "chat_completion_stream.sse"))
+    assert "stream_options" not in json.loads(fake_openai.requests[-1].body)
+    [event] = d.events
+    assert (event.tokens_in, event.usage_source) == (0, UsageSource.MISSING)
+
+
+async def test_provider_that_rejects_stream_options_gets_the_original_request(
+    fake_openai: FakeOpenAI, daemon: RunningDaemon
+) -> None:
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
+    raw = json.dumps(body).encode()
+    for _ in range(2):
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                daemon.url + "/v1/chat/completions",
+                data=raw,
+                headers={
+                    "Content-Type": "application/json",
+                    "x-fake-fault": "reject-stream-options",
+                },
+            ) as r:
+                assert r.status == 200
+                assert await r.read() == fixture("openai", "chat_completion_stream.sse")
+    # First request: asked, refused, sent again as the client sent it; second: not asked again.
+    bodies = [json.loads(seen.body) for seen in fake_openai.requests]
+    assert ["stream_options" in b for b in bodies] == [True, False, False]
+    assert fake_openai.requests[-1].body == raw
+    assert [e.status for e in daemon.events] == [200, 200]
+    assert [e.usage_source for e in daemon.events] == [UsageSource.MISSING] * 2
+
+
+async def test_other_400s_are_relayed_as_they_are(
+    fake_openai: FakeOpenAI, daemon: RunningDaemon
+) -> None:
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
+    status, got = await post_raw(
+        daemon.url + "/v1/chat/completions", body, **{"x-fake-status": "400"}
+    )
+    assert status == 400
+    assert got == fixture("openai", "error_401.json")
+    assert len(fake_openai.requests) == 1
+    assert daemon.events[0].status == 400
