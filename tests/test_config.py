@@ -93,7 +93,8 @@ def test_errors_name_the_dotted_key_and_all_are_reported() -> None:
         "guardrails.dumb_loop_detector.enabled: expected true or false, got str 'yes'",
         "guardrails.dumb_loop_detector.threshold: must be between 2 and 1000000, got 1",
         "providers.openai.base_url: expected an http(s) URL, got 'api.openai.com'",
-        "providers.mistral.kind: required for a new provider; one of openai, anthropic, gemini, azure",
+        "providers.mistral.kind: required for a new provider; "
+        "one of openai, anthropic, gemini, azure",
         "providers.local.kind: unknown kind 'llama'; known kinds: openai, anthropic, gemini, azure",
         "extra: unknown key",
     ]
