@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file and print every error")
     check.add_argument("file", metavar="FILE")
+
+    prices = sub.add_parser(
+        "prices", help="print the rates the daemon would use for models, and where they come from"
+    )
+    prices.add_argument("models", metavar="MODEL", nargs="+")
+    prices.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
+    prices.add_argument("--provider", metavar="NAME", help="only this configured provider")
+    prices.add_argument("--service-tier", metavar="TIER", help="e.g. flex or priority (OpenAI)")
     return parser
 
 
@@ -47,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "prices":
+        return show_prices(args.config, args.provider, args.service_tier, args.models)
     return run(args.config, args.listen)
 
 
@@ -62,6 +72,61 @@ def check_config(path: str) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: ok ({len(config.providers)} providers: {', '.join(config.providers)})")
     return EXIT_OK
+
+
+def show_prices(
+    config_path: str | None, provider: str | None, tier: str | None, models: list[str]
+) -> int:
+    """One line per (provider, model) with a price, in USD per million tokens; exit 1 when some
+    model has no price on any provider asked about."""
+    from .pricing import Pricer, usd_per_mtok
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    if provider is not None and provider not in config.providers:
+        print(f"no provider {provider!r} is configured", file=sys.stderr)
+        return EXIT_CONFIG
+    names = [provider] if provider else list(config.providers)
+    pricer = Pricer.from_config(config.providers, config.pricing)
+    header = ("provider", "model", "input", "cached", "write", "write-1h", "output", "source")
+    rows: list[tuple[str, ...]] = []
+    missing = []
+    for model in models:
+        found = False
+        for name in names:
+            rates = pricer.rates(name, model, tier)
+            if rates is None:
+                continue
+            found = True
+            for start, rate_set in ((0, rates.base), *rates.tiers):
+                r = rate_set
+                label = model if start == 0 else f"  > {start:,} input tokens"
+                rows.append(
+                    (name, label)
+                    + tuple(
+                        usd_per_mtok(v)
+                        for v in (
+                            r.input,
+                            r.cached_input,
+                            r.cache_write,
+                            r.cache_write_1h,
+                            r.output,
+                        )
+                    )
+                    + ((rates.source if start == 0 else ""),)
+                )
+        if not found:
+            missing.append(model)
+            rows.append(("-", model, "-", "-", "-", "-", "-", "no price known: cost 0, unpriced"))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    print("USD per million tokens")
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_FAILURE if missing else EXIT_OK
 
 
 def run(config_path: str | None, listen: str | None) -> int:

@@ -89,6 +89,12 @@ class Rates:
         return self.for_input(usage.input_tokens).cost(usage)
 
 
+def usd_per_mtok(pico: int) -> str:
+    """A rate for people: ``150000000000`` -> ``0.15``."""
+    value = (Decimal(pico) / PICO).normalize()
+    return f"{value:f}"
+
+
 def to_pico(usd_per_mtok: Decimal | float | int) -> int:
     value = usd_per_mtok if isinstance(usd_per_mtok, Decimal) else Decimal(str(usd_per_mtok))
     return int((value * PICO).to_integral_value())

@@ -300,7 +300,12 @@ class Relay:
             tokens_in = tokens_out = 0
             cost, priced = 0.0, False
         else:
-            source = UsageSource.REQUESTED if ex.asked_usage else UsageSource.REPORTED
+            if not metered.final:
+                source = UsageSource.PARTIAL  # a running count: what was seen, no more
+            elif ex.asked_usage:
+                source = UsageSource.REQUESTED
+            else:
+                source = UsageSource.REPORTED
             tokens_in, tokens_out = usage.input_tokens, usage.output_tokens
             # The response names the exact model that served (a dated snapshot): price that.
             price = self.pricer.price(route.upstream.name, metered.model or model, usage)

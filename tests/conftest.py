@@ -12,15 +12,31 @@ from proxy.app import Daemon
 from proxy.config import parse_config
 from proxy.events import Event
 
-from .fakes.provider import FakeOpenAI
+from .fakes.provider import FakeProvider
 from .fakes.server import start
 
 
+def assert_same_upstream_request(fake: FakeProvider) -> None:
+    """The last two requests the fake saw (direct, then through the daemon) are the same:
+    method, path, body, and every header but those each hop sets for itself."""
+    direct, via = fake.requests[-2], fake.requests[-1]
+    assert (via.method, via.path, via.query, via.body) == (
+        direct.method,
+        direct.path,
+        direct.query,
+        direct.body,
+    )
+    per_hop = {"host", "content-length", "connection"}
+    assert [(k.lower(), v) for k, v in via.headers if k.lower() not in per_hop] == [
+        (k.lower(), v) for k, v in direct.headers if k.lower() not in per_hop
+    ]
+
+
 @pytest.fixture
-async def fake_openai() -> AsyncIterator[FakeOpenAI]:
-    fake = FakeOpenAI()
+async def fake() -> AsyncIterator[FakeProvider]:
+    fake = FakeProvider()
     running = await start(fake.app())
-    fake.url = running.url  # type: ignore[attr-defined]
+    fake.url = running.url
     yield fake
     await running.stop()
 
@@ -49,12 +65,12 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def start_daemon(fake_openai: FakeOpenAI) -> AsyncIterator[StartDaemon]:
+async def start_daemon(fake: FakeProvider) -> AsyncIterator[StartDaemon]:
     """Start a daemon whose openai (and anthropic, gemini) upstreams point at the fake."""
     running: list[RunningDaemon] = []
 
     async def _start(**overrides: Any) -> RunningDaemon:
-        url = fake_openai.url  # type: ignore[attr-defined]
+        url = fake.url
         data = merge(
             {
                 "server": {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 2},

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from .fakes.provider import FakeOpenAI, fixture, sse_events
+from .fakes.provider import FakeProvider, fixture, sse_events
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "config.example.toml"
@@ -113,10 +113,8 @@ async def test_embedded_defaults_serve_and_stop_on_sigterm() -> None:
     assert await asyncio.wait_for(p.proc.wait(), 10) == 0
 
 
-async def test_sigterm_lets_an_inflight_stream_finish(
-    fake_openai: FakeOpenAI, tmp_path: Path
-) -> None:
-    fake_url = fake_openai.url  # type: ignore[attr-defined]
+async def test_sigterm_lets_an_inflight_stream_finish(fake: FakeProvider, tmp_path: Path) -> None:
+    fake_url = fake.url
     config = tmp_path / "c.toml"
     config.write_text(
         f'[server]\nshutdown_grace_seconds = 10\n[providers.openai]\nbase_url = "{fake_url}"\n'

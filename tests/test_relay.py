@@ -15,7 +15,7 @@ import pytest
 from proxy.adapters.base import UsageSource
 
 from .conftest import RunningDaemon, StartDaemon
-from .fakes.provider import FakeOpenAI, fixture, sse_events
+from .fakes.provider import FakeProvider, fixture, sse_events
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 CHAT_STREAM = {**CHAT, "stream": True}
@@ -39,19 +39,17 @@ def end_to_end(headers: dict[str, str]) -> dict[str, str]:
 
 @pytest.mark.parametrize("body", [CHAT, CHAT_STREAM], ids=["json", "sse"])
 async def test_bytes_and_headers_identical_to_direct(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon, body: dict[str, object]
+    fake: FakeProvider, daemon: RunningDaemon, body: dict[str, object]
 ) -> None:
     async with raw_session() as s:
-        direct = await fetch(s, f"{fake_openai.url}/v1/chat/completions", body)
+        direct = await fetch(s, f"{fake.url}/v1/chat/completions", body)
         via = await fetch(s, f"{daemon.url}/v1/chat/completions", body)
     assert via[0] == direct[0] == 200
     assert via[2] == direct[2]
     assert end_to_end(via[1]) == end_to_end(direct[1])
 
 
-async def test_stream_arrives_chunk_by_chunk(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon
-) -> None:
+async def test_stream_arrives_chunk_by_chunk(fake: FakeProvider, daemon: RunningDaemon) -> None:
     """With 400 ms between upstream events, the first event reaches the client long before the
     second is even sent: nothing is buffered."""
     events = sse_events(fixture("openai", "chat_completion_stream.sse"))
@@ -72,7 +70,7 @@ async def test_stream_arrives_chunk_by_chunk(
 
 
 async def test_hop_by_hop_request_headers_dropped(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon
+    fake: FakeProvider, daemon: RunningDaemon
 ) -> None:
     headers = {
         "Connection": "keep-alive, X-Foo",
@@ -88,7 +86,7 @@ async def test_hop_by_hop_request_headers_dropped(
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{daemon.url}/v1/chat/completions", json=CHAT, headers=headers) as r:
             assert r.status == 200
-    seen = {k.lower(): v for k, v in fake_openai.requests[-1].headers}
+    seen = {k.lower(): v for k, v in fake.requests[-1].headers}
     for name in (
         "x-foo",
         "keep-alive",
@@ -101,12 +99,10 @@ async def test_hop_by_hop_request_headers_dropped(
         assert name not in seen, name
     assert seen["x-keep"] == "end-to-end"
     assert seen["authorization"] == "Bearer sk-test-provider-key"
-    assert seen["host"] == f"127.0.0.1:{fake_openai.url.rsplit(':', 1)[1]}"  # type: ignore[attr-defined]
+    assert seen["host"] == f"127.0.0.1:{fake.url.rsplit(':', 1)[1]}"
 
 
-async def test_no_headers_added_to_the_request(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon
-) -> None:
+async def test_no_headers_added_to_the_request(fake: FakeProvider, daemon: RunningDaemon) -> None:
     """aiohttp would add Accept, Accept-Encoding and User-Agent; the upstream must see only what
     the client sent (plus Host and Content-Length of this hop)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.port)
@@ -118,13 +114,13 @@ async def test_no_headers_added_to_the_request(
     await writer.drain()
     assert (await reader.readline()).startswith(b"HTTP/1.1 200")
     writer.close()
-    names = [k.lower() for k, _ in fake_openai.requests[-1].headers]
+    names = [k.lower() for k, _ in fake.requests[-1].headers]
     assert sorted(names) == ["content-length", "host", "x-only"]
-    assert fake_openai.requests[-1].body == body
+    assert fake.requests[-1].body == body
 
 
 async def test_hop_by_hop_response_headers_dropped(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon
+    fake: FakeProvider, daemon: RunningDaemon
 ) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.get(
@@ -138,11 +134,11 @@ async def test_hop_by_hop_response_headers_dropped(
 
 @pytest.mark.parametrize("fault", ["gzip", "gzip-chunked", "deflate"])
 async def test_compressed_bodies_relayed_consistently(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon, fault: str
+    fake: FakeProvider, daemon: RunningDaemon, fault: str
 ) -> None:
     hdr = {"x-fake-fault": fault}
     async with raw_session() as s:
-        direct = await fetch(s, f"{fake_openai.url}/v1/chat/completions", CHAT, headers=hdr)
+        direct = await fetch(s, f"{fake.url}/v1/chat/completions", CHAT, headers=hdr)
         via = await fetch(s, f"{daemon.url}/v1/chat/completions", CHAT, headers=hdr)
     assert via[2] == direct[2]
     assert via[1]["Content-Encoding"] == direct[1]["Content-Encoding"]
@@ -165,7 +161,7 @@ async def test_compressed_bodies_relayed_consistently(
     assert got.usage is not None and got.usage.prompt_tokens == 1536
 
 
-async def test_query_string_and_path_kept(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None:
+async def test_query_string_and_path_kept(fake: FakeProvider, daemon: RunningDaemon) -> None:
     """Sent byte for byte (a raw socket: client libraries re-quote URLs)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.port)
     writer.write(
@@ -174,7 +170,7 @@ async def test_query_string_and_path_kept(fake_openai: FakeOpenAI, daemon: Runni
     )
     assert (await reader.read()).startswith(b"HTTP/1.1 200")
     writer.close()
-    seen = fake_openai.requests[-1]
+    seen = fake.requests[-1]
     assert (seen.path, seen.query) == (
         "/v1/models/ft%3Agpt-4o%2Fx",
         "limit=2&after=a%20b&x=%2F&k=%7E",
@@ -196,12 +192,12 @@ async def test_query_string_and_path_kept(fake_openai: FakeOpenAI, daemon: Runni
     ],
 )
 async def test_routes(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon, path: str, upstream_path: str
+    fake: FakeProvider, daemon: RunningDaemon, path: str, upstream_path: str
 ) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.post(daemon.url + path, json={"model": "m"}) as r:
             await r.read()
-    assert fake_openai.requests[-1].path == upstream_path
+    assert fake.requests[-1].path == upstream_path
     provider = "openai"
     if "messages" in path:
         provider = "anthropic"
@@ -215,7 +211,7 @@ async def test_routes(
     ["/", "/nope/v1/chat", "/api/ingest", "//evil.example/v1/models", "/v2/chat/completions"],
 )
 async def test_unknown_route_is_404_json(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon, target: str
+    fake: FakeProvider, daemon: RunningDaemon, target: str
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.port)
     writer.write(
@@ -226,7 +222,7 @@ async def test_unknown_route_is_404_json(
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 404")
     assert json.loads(body)["error"]["code"] == "no_route"
-    assert fake_openai.requests == []
+    assert fake.requests == []
 
 
 @pytest.mark.parametrize(
@@ -237,7 +233,7 @@ async def test_unknown_route_is_404_json(
     ],
 )
 async def test_absolute_form_target_never_chooses_the_host(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon, target: str
+    fake: FakeProvider, daemon: RunningDaemon, target: str
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.port)
     writer.write(
@@ -248,10 +244,10 @@ async def test_absolute_form_target_never_chooses_the_host(
     if target.endswith("/v1/models"):
         # Routed by its path to the configured openai upstream, never to evil.example.
         assert response.startswith(b"HTTP/1.1 200")
-        assert fake_openai.requests[-1].path == "/v1/models"
+        assert fake.requests[-1].path == "/v1/models"
     else:
         assert response.startswith(b"HTTP/1.1 404")
-        assert fake_openai.requests == []
+        assert fake.requests == []
 
 
 @pytest.mark.parametrize(
@@ -263,19 +259,17 @@ async def test_absolute_form_target_never_chooses_the_host(
         "/openai/./v1/models",
     ],
 )
-async def test_dot_segments_refused(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon, path: str
-) -> None:
+async def test_dot_segments_refused(fake: FakeProvider, daemon: RunningDaemon, path: str) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     response = await reader.read()
     writer.close()
     assert response.split(b"\r\n", 1)[0] in (b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 404 Not Found")
-    assert fake_openai.requests == []
+    assert fake.requests == []
 
 
 async def test_redirects_are_relayed_not_followed(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon
+    fake: FakeProvider, daemon: RunningDaemon
 ) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.get(
@@ -283,10 +277,10 @@ async def test_redirects_are_relayed_not_followed(
         ) as r:
             assert r.status == 302
             assert r.headers["Location"] == "http://127.0.0.2:9/stolen"
-    assert len(fake_openai.requests) == 1
+    assert len(fake.requests) == 1
 
 
-async def test_body_over_limit_is_413(fake_openai: FakeOpenAI, start_daemon: StartDaemon) -> None:
+async def test_body_over_limit_is_413(fake: FakeProvider, start_daemon: StartDaemon) -> None:
     d = await start_daemon(server={"max_body_bytes": 1000})
     async with aiohttp.ClientSession() as s:
         ok = {"model": "m", "input": "x" * (1000 - 24)}
@@ -312,7 +306,7 @@ async def test_body_over_limit_is_413(fake_openai: FakeOpenAI, start_daemon: Sta
 
         async with s.post(f"{d.url}/v1/embeddings", data=chunked()) as r:
             assert r.status == 413
-    assert len(fake_openai.requests) == 1
+    assert len(fake.requests) == 1
 
 
 async def test_unreachable_upstream_is_502(start_daemon: StartDaemon) -> None:
@@ -352,7 +346,7 @@ async def test_silent_upstream_is_504(start_daemon: StartDaemon) -> None:
 
 @pytest.mark.parametrize("fault", ["cut", "stall"])
 async def test_upstream_failure_mid_stream_truncates_for_the_client(
-    fake_openai: FakeOpenAI, start_daemon: StartDaemon, fault: str
+    fake: FakeProvider, start_daemon: StartDaemon, fault: str
 ) -> None:
     """The client must see a broken stream, never one that looks complete."""
     d = await start_daemon(upstream={"read_timeout_seconds": 0.5})
@@ -368,7 +362,7 @@ async def test_upstream_failure_mid_stream_truncates_for_the_client(
 
 
 async def test_client_disconnect_closes_upstream_within_a_second(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon
+    fake: FakeProvider, daemon: RunningDaemon
 ) -> None:
     async with aiohttp.ClientSession() as s:
         resp = await s.post(
@@ -378,10 +372,10 @@ async def test_client_disconnect_closes_upstream_within_a_second(
         closed_at = time.monotonic()
         resp.close()  # drop the connection mid-stream
         for _ in range(100):
-            if fake_openai.stream_ends:
+            if fake.stream_ends:
                 break
             await asyncio.sleep(0.01)
-    [end] = fake_openai.stream_ends
+    [end] = fake.stream_ends
     assert end.how == "disconnected"
     assert end.at - closed_at < 1.0
     for _ in range(100):
@@ -393,7 +387,7 @@ async def test_client_disconnect_closes_upstream_within_a_second(
 
 
 async def test_client_gone_before_the_answer_is_recorded_as_499(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon
+    fake: FakeProvider, daemon: RunningDaemon
 ) -> None:
     async with aiohttp.ClientSession() as s:
         with pytest.raises(asyncio.TimeoutError):
@@ -409,10 +403,10 @@ async def test_client_gone_before_the_answer_is_recorded_as_499(
         await asyncio.sleep(0.01)
     [event] = daemon.events
     assert (event.status, event.tokens_in, event.usage_source) == (499, 0, UsageSource.PARTIAL)
-    assert len(fake_openai.requests) == 1
+    assert len(fake.requests) == 1
 
 
-async def test_expect_100_continue(fake_openai: FakeOpenAI, start_daemon: StartDaemon) -> None:
+async def test_expect_100_continue(fake: FakeProvider, start_daemon: StartDaemon) -> None:
     """An announced oversized body is refused before it is sent; a fitting one is invited."""
     d = await start_daemon(server={"max_body_bytes": 1000})
     reader, writer = await asyncio.open_connection("127.0.0.1", d.daemon.port)
@@ -436,4 +430,4 @@ async def test_expect_100_continue(fake_openai: FakeOpenAI, start_daemon: StartD
     writer.write(body)
     assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"HTTP/1.1 200")
     writer.close()
-    assert [r.body for r in fake_openai.requests] == [body]
+    assert [r.body for r in fake.requests] == [body]

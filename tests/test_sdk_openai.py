@@ -9,8 +9,8 @@ import pytest
 
 from proxy.adapters.base import UsageSource
 
-from .conftest import RunningDaemon
-from .fakes.provider import FakeOpenAI
+from .conftest import RunningDaemon, assert_same_upstream_request
+from .fakes.provider import FakeProvider
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
@@ -21,9 +21,9 @@ def client(base: str) -> openai.AsyncOpenAI:
     )
 
 
-async def both(fake: FakeOpenAI, daemon: RunningDaemon, call: Any) -> tuple[Any, Any]:
+async def both(fake: FakeProvider, daemon: RunningDaemon, call: Any) -> tuple[Any, Any]:
     """(direct result, result through the daemon) of ``call(client)``."""
-    async with client(fake.url) as direct_client, client(daemon.url) as via_client:  # type: ignore[attr-defined]
+    async with client(fake.url) as direct_client, client(daemon.url) as via_client:
         direct = await call(direct_client)
         via = await call(via_client)
     return direct, via
@@ -33,26 +33,15 @@ async def collect(stream: Any) -> list[dict[str, Any]]:
     return [chunk.model_dump() async for chunk in stream]
 
 
-def assert_same_upstream_request(fake: FakeOpenAI) -> None:
-    direct, via = fake.requests[-2], fake.requests[-1]
-    assert via.method == direct.method
-    assert via.path == direct.path
-    assert via.body == direct.body
-    dropped = {"host", "content-length", "connection"}  # per-connection, set by each hop
-    assert [(k.lower(), v) for k, v in via.headers if k.lower() not in dropped] == [
-        (k.lower(), v) for k, v in direct.headers if k.lower() not in dropped
-    ]
-
-
-async def test_chat_completion(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None:
+async def test_chat_completion(fake: FakeProvider, daemon: RunningDaemon) -> None:
     direct, via = await both(
-        fake_openai,
+        fake,
         daemon,
         lambda c: c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES),
     )
     assert via.model_dump() == direct.model_dump()
     assert via.choices[0].message.content == direct.choices[0].message.content != ""
-    assert_same_upstream_request(fake_openai)
+    assert_same_upstream_request(fake)
     [event] = daemon.events
     assert (event.provider, event.model, event.endpoint, event.status, event.stream) == (
         "openai",
@@ -66,7 +55,7 @@ async def test_chat_completion(fake_openai: FakeOpenAI, daemon: RunningDaemon) -
     assert event.fingerprint.startswith("sha256:") and len(event.fingerprint) == 71
 
 
-async def test_chat_completion_stream(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None:
+async def test_chat_completion_stream(fake: FakeProvider, daemon: RunningDaemon) -> None:
     """The daemon asks for usage the client did not ask for, and the client never sees it."""
 
     async def call(c: openai.AsyncOpenAI) -> list[dict[str, Any]]:
@@ -74,10 +63,10 @@ async def test_chat_completion_stream(fake_openai: FakeOpenAI, daemon: RunningDa
             await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
         )
 
-    direct, via = await both(fake_openai, daemon, call)
+    direct, via = await both(fake, daemon, call)
     assert via == direct
     assert len(via) == 6 and all("usage" not in c or c["usage"] is None for c in via)
-    sent_direct, sent_via = fake_openai.requests[-2], fake_openai.requests[-1]
+    sent_direct, sent_via = fake.requests[-2], fake.requests[-1]
     assert sent_via.json() == {**sent_direct.json(), "stream_options": {"include_usage": True}}
     assert sent_via.header("accept-encoding") == "identity"
     [event] = daemon.events
@@ -89,9 +78,7 @@ async def test_chat_completion_stream(fake_openai: FakeOpenAI, daemon: RunningDa
     )
 
 
-async def test_chat_completion_stream_with_usage(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon
-) -> None:
+async def test_chat_completion_stream_with_usage(fake: FakeProvider, daemon: RunningDaemon) -> None:
     async def call(c: openai.AsyncOpenAI) -> list[dict[str, Any]]:
         return await collect(
             await c.chat.completions.create(
@@ -102,10 +89,10 @@ async def test_chat_completion_stream_with_usage(
             )
         )
 
-    direct, via = await both(fake_openai, daemon, call)
+    direct, via = await both(fake, daemon, call)
     assert via == direct
     assert via[-1]["choices"] == [] and via[-1]["usage"]["prompt_tokens"] == 1536
-    assert_same_upstream_request(fake_openai)
+    assert_same_upstream_request(fake)
     [event] = daemon.events
     assert (event.tokens_in, event.tokens_out, event.usage_source) == (
         1536,
@@ -114,9 +101,9 @@ async def test_chat_completion_stream_with_usage(
     )
 
 
-async def test_embeddings(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None:
+async def test_embeddings(fake: FakeProvider, daemon: RunningDaemon) -> None:
     direct, via = await both(
-        fake_openai,
+        fake,
         daemon,
         lambda c: c.embeddings.create(model="text-embedding-3-small", input="hello world"),
     )
@@ -126,9 +113,9 @@ async def test_embeddings(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> Non
     assert (event.endpoint, event.tokens_in, event.tokens_out) == ("/embeddings", 5, 0)
 
 
-async def test_responses(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None:
+async def test_responses(fake: FakeProvider, daemon: RunningDaemon) -> None:
     direct, via = await both(
-        fake_openai, daemon, lambda c: c.responses.create(model="gpt-4.1-mini", input="Hi")
+        fake, daemon, lambda c: c.responses.create(model="gpt-4.1-mini", input="Hi")
     )
     assert via.model_dump() == direct.model_dump()
     assert via.output_text == direct.output_text != ""
@@ -141,13 +128,13 @@ async def test_responses(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None
     )
 
 
-async def test_responses_stream(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None:
+async def test_responses_stream(fake: FakeProvider, daemon: RunningDaemon) -> None:
     async def call(c: openai.AsyncOpenAI) -> list[dict[str, Any]]:
         return await collect(
             await c.responses.create(model="gpt-4.1-mini", input="Hi", stream=True)
         )
 
-    direct, via = await both(fake_openai, daemon, call)
+    direct, via = await both(fake, daemon, call)
     assert via == direct
     assert [e["type"] for e in via][0] == "response.created"
     assert via[-1]["type"] == "response.completed"
@@ -160,9 +147,9 @@ async def test_responses_stream(fake_openai: FakeOpenAI, daemon: RunningDaemon) 
     )
 
 
-async def test_legacy_completion_and_models(fake_openai: FakeOpenAI, daemon: RunningDaemon) -> None:
+async def test_legacy_completion_and_models(fake: FakeProvider, daemon: RunningDaemon) -> None:
     direct, via = await both(
-        fake_openai,
+        fake,
         daemon,
         lambda c: c.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi"),
     )
@@ -177,10 +164,10 @@ async def test_legacy_completion_and_models(fake_openai: FakeOpenAI, daemon: Run
 
 
 async def test_provider_error_reaches_the_sdk_unchanged(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon
+    fake: FakeProvider, daemon: RunningDaemon
 ) -> None:
     errors = []
-    for base in (fake_openai.url, daemon.url):  # type: ignore[attr-defined]
+    for base in (fake.url, daemon.url):
         async with client(base) as c:
             with pytest.raises(openai.AuthenticationError) as info:
                 await c.chat.completions.create(

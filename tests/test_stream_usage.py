@@ -10,7 +10,7 @@ import pytest
 from proxy.adapters.base import UsageSource
 
 from .conftest import RunningDaemon, StartDaemon
-from .fakes.provider import FakeOpenAI, fixture
+from .fakes.provider import FakeProvider, fixture
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -39,7 +39,7 @@ async def post_raw(url: str, body: dict[str, object], **headers: str) -> tuple[i
     ],
 )
 async def test_client_gets_byte_for_byte_the_stream_it_asked_for(
-    fake_openai: FakeOpenAI,
+    fake: FakeProvider,
     daemon: RunningDaemon,
     path: str,
     body: dict[str, object],
@@ -49,7 +49,7 @@ async def test_client_gets_byte_for_byte_the_stream_it_asked_for(
     status, got = await post_raw(daemon.url + path, {**body, "stream": True})
     assert status == 200
     assert got == fixture("openai", plain)
-    assert json.loads(fake_openai.requests[-1].body)["stream_options"] == {"include_usage": True}
+    assert json.loads(fake.requests[-1].body)["stream_options"] == {"include_usage": True}
     [event] = daemon.events
     assert (event.tokens_in, event.tokens_out, event.usage_source) == (
         *usage,
@@ -58,7 +58,7 @@ async def test_client_gets_byte_for_byte_the_stream_it_asked_for(
 
 
 async def test_client_options_are_kept_and_include_usage_false_is_overridden(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon
+    fake: FakeProvider, daemon: RunningDaemon
 ) -> None:
     body = {
         "model": "gpt-4o-mini",
@@ -68,13 +68,13 @@ async def test_client_options_are_kept_and_include_usage_false_is_overridden(
     }
     status, got = await post_raw(daemon.url + "/v1/chat/completions", body)
     assert (status, got) == (200, fixture("openai", "chat_completion_stream.sse"))
-    sent = json.loads(fake_openai.requests[-1].body)
+    sent = json.loads(fake.requests[-1].body)
     assert sent["stream_options"] == {"include_usage": True, "include_obfuscation": True}
     assert daemon.events[0].usage_source is UsageSource.REQUESTED
 
 
 async def test_client_that_asks_for_usage_gets_it_untouched(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon
+    fake: FakeProvider, daemon: RunningDaemon
 ) -> None:
     body = {
         "model": "gpt-4o-mini",
@@ -91,7 +91,7 @@ async def test_client_that_asks_for_usage_gets_it_untouched(
         ) as r:
             got = await r.read()
     assert got == fixture("openai", "chat_completion_stream_usage.sse")
-    seen = fake_openai.requests[-1]
+    seen = fake.requests[-1]
     assert seen.body == raw  # not re-serialised
     assert seen.header("accept-encoding") == "gzip"
     assert daemon.events[0].usage_source is UsageSource.REPORTED
@@ -106,7 +106,7 @@ async def test_client_that_asks_for_usage_gets_it_untouched(
     ],
 )
 async def test_nothing_injected_where_not_needed(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon, path: str, body: dict[str, object]
+    fake: FakeProvider, daemon: RunningDaemon, path: str, body: dict[str, object]
 ) -> None:
     raw = json.dumps(body).encode()
     async with aiohttp.ClientSession() as s:
@@ -115,24 +115,22 @@ async def test_nothing_injected_where_not_needed(
         ) as r:
             assert r.status == 200
             await r.read()
-    assert fake_openai.requests[-1].body == raw
+    assert fake.requests[-1].body == raw
     assert daemon.events[0].usage_source is UsageSource.REPORTED
 
 
-async def test_injection_can_be_switched_off(
-    fake_openai: FakeOpenAI, start_daemon: StartDaemon
-) -> None:
+async def test_injection_can_be_switched_off(fake: FakeProvider, start_daemon: StartDaemon) -> None:
     d = await start_daemon(providers={"openai": {"inject_stream_usage": False}})
     body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
     status, got = await post_raw(d.url + "/v1/chat/completions", body)
     assert (status, got) == (200, fixture("openai", "chat_completion_stream.sse"))
-    assert "stream_options" not in json.loads(fake_openai.requests[-1].body)
+    assert "stream_options" not in json.loads(fake.requests[-1].body)
     [event] = d.events
     assert (event.tokens_in, event.usage_source) == (0, UsageSource.MISSING)
 
 
 async def test_provider_that_rejects_stream_options_gets_the_original_request(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon
+    fake: FakeProvider, daemon: RunningDaemon
 ) -> None:
     body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
     raw = json.dumps(body).encode()
@@ -149,15 +147,15 @@ async def test_provider_that_rejects_stream_options_gets_the_original_request(
                 assert r.status == 200
                 assert await r.read() == fixture("openai", "chat_completion_stream.sse")
     # First request: asked, refused, sent again as the client sent it; second: not asked again.
-    bodies = [json.loads(seen.body) for seen in fake_openai.requests]
+    bodies = [json.loads(seen.body) for seen in fake.requests]
     assert ["stream_options" in b for b in bodies] == [True, False, False]
-    assert fake_openai.requests[-1].body == raw
+    assert fake.requests[-1].body == raw
     assert [e.status for e in daemon.events] == [200, 200]
     assert [e.usage_source for e in daemon.events] == [UsageSource.MISSING] * 2
 
 
 async def test_other_400s_are_relayed_as_they_are(
-    fake_openai: FakeOpenAI, daemon: RunningDaemon
+    fake: FakeProvider, daemon: RunningDaemon
 ) -> None:
     body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
     status, got = await post_raw(
@@ -165,5 +163,5 @@ async def test_other_400s_are_relayed_as_they_are(
     )
     assert status == 400
     assert got == fixture("openai", "error_401.json")
-    assert len(fake_openai.requests) == 1
+    assert len(fake.requests) == 1
     assert daemon.events[0].status == 400

@@ -83,12 +83,13 @@ def _read_count_tokens(body: Any) -> Metered:
 
 
 class MessagesStreamMeter(SSEMeter):
-    __slots__ = ("fields", "seen", "model")
+    __slots__ = ("fields", "seen", "final", "model")
 
     def __init__(self) -> None:
         super().__init__()
         self.fields: dict[str, int] = {}
         self.seen = False
+        self.final = False  # a message_delta carried the final output count
         self.model: str | None = None
 
     def on_event(self, event: bytes, data: bytes) -> None:
@@ -100,11 +101,11 @@ class MessagesStreamMeter(SSEMeter):
                 self.seen |= _merge(self.fields, message.get("usage"))
         elif event == b"message_delta":
             obj = loads(data)
-            if isinstance(obj, dict):
-                self.seen |= _merge(self.fields, obj.get("usage"))
+            if isinstance(obj, dict) and _merge(self.fields, obj.get("usage")):
+                self.seen = self.final = True
 
     def summary(self) -> Metered:
-        return Metered(_usage(self.fields) if self.seen else None, self.model)
+        return Metered(_usage(self.fields) if self.seen else None, self.model, self.final)
 
 
 _ERROR_TYPES = {

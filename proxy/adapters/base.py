@@ -70,6 +70,9 @@ class RequestMeta:
 class Metered:
     usage: Usage | None
     model: str | None  # the model the response names, if the meter saw one
+    # False when the usage is a running count from a stream that ended before its final count
+    # (an Anthropic stream cut after message_start): recorded, but marked partial.
+    final: bool = True
 
 
 class Meter(Protocol):

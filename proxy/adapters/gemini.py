@@ -45,24 +45,35 @@ def _model_version(obj: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _finished(chunk: dict[str, Any]) -> bool:
+    candidates = chunk.get("candidates")
+    return isinstance(candidates, list) and any(
+        isinstance(c, dict) and c.get("finishReason") for c in candidates
+    )
+
+
 def _read_body(body: Any) -> Metered:
+    """A generateContent answer, or a whole streamed JSON array of them."""
     chunks = body if isinstance(body, list) else [body]
     usage: Usage | None = None
     model: str | None = None
+    final = not isinstance(body, list)
     for chunk in chunks:
         if isinstance(chunk, dict):
             usage = read_usage(chunk.get("usageMetadata")) or usage
             model = model or _model_version(chunk)
-    return Metered(usage, model)
+            final = final or _finished(chunk)
+    return Metered(usage, model, final)
 
 
 class GeminiStreamMeter(SSEMeter):
-    __slots__ = ("usage", "model")
+    __slots__ = ("usage", "model", "final")
 
     def __init__(self) -> None:
         super().__init__()
         self.usage: Usage | None = None
         self.model: str | None = None
+        self.final = False  # the chunk with a finishReason (and the final counts) arrived
 
     def on_event(self, event: bytes, data: bytes) -> None:
         if b'"usageMetadata"' not in data and self.model is not None:
@@ -71,9 +82,10 @@ class GeminiStreamMeter(SSEMeter):
         if isinstance(obj, dict):
             self.usage = read_usage(obj.get("usageMetadata")) or self.usage
             self.model = self.model or _model_version(obj)
+            self.final = self.final or _finished(obj)
 
     def summary(self) -> Metered:
-        return Metered(self.usage, self.model)
+        return Metered(self.usage, self.model, self.final)
 
 
 def path_model(path: str) -> str | None:

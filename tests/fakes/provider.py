@@ -1,6 +1,8 @@
 """A fake LLM provider: replays recorded wire fixtures (JSON and SSE) and injects faults.
 
-Requests choose a fixture by path and body (``"stream": true`` picks the SSE recording; for chat and
+It speaks OpenAI (``/v1/...``), Azure OpenAI (``/openai/deployments/...``), Anthropic
+(``/v1/messages``) and Gemini (``/v1beta/models/...:generateContent``). Requests choose a fixture
+by path and body (``"stream": true`` picks the SSE recording; for chat and
 completions ``stream_options.include_usage`` picks the recording with the usage chunk). Test-only
 request headers inject faults:
 
@@ -38,8 +40,9 @@ def fixture(provider: str, name: str) -> bytes:
 
 
 def sse_events(raw: bytes) -> list[bytes]:
-    """The events of an SSE recording, each with its terminating blank line."""
-    return [part + b"\n\n" for part in raw.split(b"\n\n") if part.strip()]
+    """The events of an SSE recording, each with its terminating blank line (LF or CRLF)."""
+    sep = b"\r\n\r\n" if b"\r\n\r\n" in raw else b"\n\n"
+    return [part + sep for part in raw.split(sep) if part.strip()]
 
 
 @dataclass
@@ -67,7 +70,8 @@ class StreamEnd:
 
 
 @dataclass
-class FakeOpenAI:
+class FakeProvider:
+    url: str = ""
     requests: list[Seen] = field(default_factory=list)
     stream_ends: list[StreamEnd] = field(default_factory=list)
     connections: int = 0
@@ -77,31 +81,51 @@ class FakeOpenAI:
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
 
-    def pick(self, path: str, body: Any) -> tuple[str, bool]:
-        """(fixture name, is SSE) for a request."""
+    def pick(self, path: str, query: str, body: Any, fault: str) -> tuple[str, str, str]:
+        """(provider folder, fixture name, how to send it: json | sse | json-stream)."""
         stream = isinstance(body, dict) and body.get("stream") is True
         usage = (
             isinstance(body, dict)
             and isinstance(body.get("stream_options"), dict)
             and body["stream_options"].get("include_usage") is True
         )
+        if path.endswith("/messages/count_tokens"):
+            return "anthropic", "count_tokens.json", "json"
+        if path.endswith("/messages"):
+            if not stream:
+                return "anthropic", "message.json", "json"
+            if fault == "stream-error":
+                return "anthropic", "message_stream_error.sse", "sse"
+            tools = isinstance(body, dict) and bool(body.get("tools"))
+            return "anthropic", "message_stream_tool.sse" if tools else "message_stream.sse", "sse"
+        if ":generateContent" in path:
+            return "gemini", "generate_content.json", "json"
+        if ":streamGenerateContent" in path:
+            if "alt=sse" in query:
+                return "gemini", "stream_generate_content.sse", "sse"
+            return "gemini", "stream_generate_content.json", "json-stream"
+        vendor = "azure" if path.startswith("/openai/") else "openai"
         if path.endswith("/chat/completions"):
             if stream:
-                return (
-                    "chat_completion_stream_usage.sse" if usage else "chat_completion_stream.sse"
-                ), True
-            return "chat_completion.json", False
+                name = "chat_completion_stream_usage.sse" if usage else "chat_completion_stream.sse"
+                return vendor, name, "sse"
+            return vendor, "chat_completion.json", "json"
         if path.endswith("/completions"):
             if stream:
-                return ("completion_stream_usage.sse" if usage else "completion_stream.sse"), True
-            return "completion.json", False
+                name = "completion_stream_usage.sse" if usage else "completion_stream.sse"
+                return "openai", name, "sse"
+            return "openai", "completion.json", "json"
         if path.endswith("/embeddings"):
-            return "embeddings.json", False
+            return "openai", "embeddings.json", "json"
         if path.endswith("/responses"):
-            return ("response_stream.sse", True) if stream else ("response.json", False)
+            return (
+                ("openai", "response_stream.sse", "sse")
+                if stream
+                else ("openai", "response.json", "json")
+            )
         if path.endswith("/models"):
-            return "models.json", False
-        return "error_401.json", False
+            return "openai", "models.json", "json"
+        return "openai", "error_401.json", "json"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -135,9 +159,20 @@ class FakeOpenAI:
                 {"headers": list(request.headers.items())}, headers={"X-Upstream": "yes"}
             )
         if "x-fake-status" in request.headers:
+            error = {
+                "anthropic": ("anthropic", "error_429.json"),
+                "gemini": ("gemini", "error_429.json"),
+            }.get(
+                "anthropic"
+                if "/messages" in request.path
+                else "gemini"
+                if ":" in request.path
+                else "",
+                ("openai", "error_401.json"),
+            )
             return web.Response(
                 status=int(request.headers["x-fake-status"]),
-                body=fixture("openai", "error_401.json"),
+                body=fixture(*error),
                 content_type="application/json",
             )
         try:
@@ -158,10 +193,19 @@ class FakeOpenAI:
                 },
                 status=400,
             )
-        name, is_sse = self.pick(request.path, body)
-        data = fixture("openai", name)
-        if not is_sse:
+        vendor, name, how = self.pick(request.path, request.query_string, body, fault)
+        data = fixture(vendor, name)
+        if how == "json":
             return await self.json_answer(request, data, fault)
+        if how == "json-stream":  # Gemini without alt=sse: one JSON array, element by element
+            return await self.stream(
+                request,
+                data.split(b"\n,\r\n"),
+                fault,
+                0,
+                "application/json; charset=UTF-8",
+                b"\n,\r\n",
+            )
         return await self.stream(
             request,
             sse_events(data),
@@ -195,13 +239,18 @@ class FakeOpenAI:
         return resp
 
     async def stream(
-        self, request: web.Request, events: list[bytes], fault: str, delay: float
+        self,
+        request: web.Request,
+        events: list[bytes],
+        fault: str,
+        delay: float,
+        content_type: str = "text/event-stream; charset=utf-8",
+        separator: bytes = b"",
     ) -> web.StreamResponse:
+        if separator:  # pieces of one document: put back what split() took out
+            events = [e + separator for e in events[:-1]] + events[-1:]
         resp = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "x-request-id": "req_fake_stream",
-            }
+            headers={"Content-Type": content_type, "x-request-id": "req_fake_stream"}
         )
         await resp.prepare(request)
         how = "done"
