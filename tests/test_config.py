@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 from yarl import URL
 
-from proxy.config import Config, Listen, Secret, load_config, parse_config, parse_listen
+from proxy.config import (
+    Config,
+    Listen,
+    PriceOverride,
+    Secret,
+    load_config,
+    parse_config,
+    parse_listen,
+)
 from proxy.errors import ConfigError
 
 EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
@@ -63,7 +71,14 @@ def test_example_file_names_every_key() -> None:
         "window_seconds",
         "ttl_seconds",
     }
-    assert set(doc["providers"]["openai"]) == {"kind", "base_url", "enabled"}
+    assert set(doc["providers"]["openai"]) == {
+        "kind",
+        "base_url",
+        "enabled",
+        "inject_stream_usage",
+        "price_as",
+    }
+    assert doc["pricing"] == {}
 
 
 def test_errors_name_the_dotted_key_and_all_are_reported() -> None:
@@ -151,6 +166,30 @@ def test_errors_name_the_dotted_key_and_all_are_reported() -> None:
 )
 def test_single_errors(data: dict[str, object], expected: str) -> None:
     assert problems(data) == [expected]
+
+
+def test_pricing_overrides() -> None:
+    cfg = parse_config(
+        {
+            "pricing": {
+                "my-model": {"input": 0.3, "output": 1, "cache_write": 0.5},
+                "other": {"input": 1, "output": 2, "provider": "anthropic"},
+            }
+        },
+        {},
+    )
+    assert cfg.pricing["my-model"] == PriceOverride("my-model", 0.3, 1.0, 0.3, 0.5, 0.5, "")
+    assert cfg.pricing["other"].provider == "anthropic"
+    assert problems({"pricing": {"m": {"input": -1, "outptu": 2, "provider": "nope"}}}) == [
+        "pricing.m.input: must be between 0 and 1000000, got -1.0",
+        "pricing.m.output: required: USD per million tokens",
+        "pricing.m.provider: no provider 'nope' is configured",
+        "pricing.m.outptu: unknown key",
+    ]
+    assert problems({"providers": {"openai": {"price_as": "Open AI"}}}) == [
+        "providers.openai.price_as: expected a genai-prices provider id (e.g. 'openai') or "
+        "'none', got 'Open AI'"
+    ]
 
 
 def test_providers_merge_add_and_disable() -> None:

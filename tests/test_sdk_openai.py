@@ -180,3 +180,37 @@ async def test_provider_error_reaches_the_sdk_unchanged(
     assert errors[1][2] == "invalid_api_key"
     [event] = daemon.events
     assert (event.status, event.tokens_in, event.usage_source) == (401, 0, UsageSource.MISSING)
+
+
+def azure(endpoint: str) -> openai.AsyncAzureOpenAI:
+    return openai.AsyncAzureOpenAI(
+        azure_endpoint=endpoint,
+        api_key="az-test-not-a-key",
+        api_version="2024-10-21",
+        max_retries=0,
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_azure_sdk(fake: FakeProvider, start_daemon: Any, stream: bool) -> None:
+    daemon = await start_daemon(providers={"azure": {"kind": "azure", "base_url": fake.url}})
+    results = []
+    for endpoint in (fake.url, daemon.url + "/azure"):
+        async with azure(endpoint) as c:
+            answer = await c.chat.completions.create(
+                model="prod-gpt4o", messages=MESSAGES, stream=stream
+            )
+            results.append(await collect(answer) if stream else answer.model_dump())
+    assert results[0] == results[1]
+    seen = fake.requests[-1]
+    assert seen.path == "/openai/deployments/prod-gpt4o/chat/completions"
+    assert seen.query == "api-version=2024-10-21"
+    assert seen.header("api-key") == "az-test-not-a-key"
+    [event] = daemon.events
+    assert (event.provider, event.model, event.endpoint, event.tokens_in, event.tokens_out) == (
+        "azure",
+        "gpt-4o-2024-11-20",
+        "/chat/completions",
+        900,
+        60,
+    )

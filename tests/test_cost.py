@@ -1,0 +1,270 @@
+"""Exact cost for every provider x endpoint x stream mode, end to end through the daemon.
+
+Each expected cost is arithmetic from the providers' published per-million-token rates, written
+here by hand (not computed by the daemon's code), and compared exactly: the daemon's cost is the
+correctly rounded float of the exact decimal cost.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import aiohttp
+import pytest
+
+from proxy.adapters.base import UsageSource
+
+from .conftest import RunningDaemon, StartDaemon
+from .fakes.provider import FakeProvider, fixture
+
+M = Decimal(1_000_000)
+
+# Published rates, USD per million tokens.
+GPT_4O_MINI = {"in": Decimal("0.15"), "cached": Decimal("0.075"), "out": Decimal("0.60")}
+GPT_41_MINI = {"in": Decimal("0.40"), "cached": Decimal("0.10"), "out": Decimal("1.60")}
+EMBED_3_SMALL = Decimal("0.02")
+INSTRUCT = {"in": Decimal("1.50"), "out": Decimal("2.00")}
+SONNET_46 = {
+    "in": Decimal(3),
+    "write_5m": Decimal("3.75"),
+    "write_1h": Decimal(6),
+    "read": Decimal("0.30"),
+    "out": Decimal(15),
+}
+GEMINI_25_FLASH = {"in": Decimal("0.30"), "cached": Decimal("0.03"), "out": Decimal("2.50")}
+AZURE_GPT_4O = {"in": Decimal("2.50"), "cached": Decimal("1.25"), "out": Decimal(10)}
+
+# 1536 prompt tokens of which 1024 cached, 7 completion tokens.
+CHAT = (512 * GPT_4O_MINI["in"] + 1024 * GPT_4O_MINI["cached"] + 7 * GPT_4O_MINI["out"]) / M
+# 6 prompt, 8 completion.
+COMPLETION = (6 * INSTRUCT["in"] + 8 * INSTRUCT["out"]) / M
+EMBEDDING = 5 * EMBED_3_SMALL / M
+# 2048 input of which 512 cached; 300 output of which 128 reasoning (priced as output).
+RESPONSES = (1536 * GPT_41_MINI["in"] + 512 * GPT_41_MINI["cached"] + 300 * GPT_41_MINI["out"]) / M
+# 25 uncached + 800 written for 5 min + 400 written for 1 h + 3000 read; 150 out.
+MESSAGE = (
+    25 * SONNET_46["in"]
+    + 800 * SONNET_46["write_5m"]
+    + 400 * SONNET_46["write_1h"]
+    + 3000 * SONNET_46["read"]
+    + 150 * SONNET_46["out"]
+) / M
+MESSAGE_TOOL = (412 * SONNET_46["in"] + 89 * SONNET_46["out"]) / M
+# 1200 prompt (1000 cached) + 40 tool-use prompt in; 85 candidates + 230 thoughts out.
+GEMINI = (
+    240 * GEMINI_25_FLASH["in"] + 1000 * GEMINI_25_FLASH["cached"] + 315 * GEMINI_25_FLASH["out"]
+) / M
+# 900 prompt of which 512 cached; 60 completion.
+AZURE = (388 * AZURE_GPT_4O["in"] + 512 * AZURE_GPT_4O["cached"] + 60 * AZURE_GPT_4O["out"]) / M
+
+CHAT_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+MSG_BODY = {
+    "model": "claude-sonnet-4-6",
+    "max_tokens": 64,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+GEM_BODY = {"contents": [{"role": "user", "parts": [{"text": "Capital of France?"}]}]}
+GEM = "/gemini/v1beta/models/gemini-2.5-flash"
+AZ = "/azure/openai/deployments/prod-gpt4o/chat/completions?api-version=2024-10-21"
+
+CASES = {
+    # id: (path, body, headers, expected cost, tokens in/out, stream, usage source,
+    #      fixture the client must receive byte for byte)
+    "openai chat json": (
+        "/v1/chat/completions",
+        CHAT_BODY,
+        {},
+        CHAT,
+        (1536, 7),
+        False,
+        UsageSource.REPORTED,
+        ("openai", "chat_completion.json"),
+    ),
+    "openai chat stream": (
+        "/v1/chat/completions",
+        {**CHAT_BODY, "stream": True},
+        {},
+        CHAT,
+        (1536, 7),
+        True,
+        UsageSource.REQUESTED,
+        ("openai", "chat_completion_stream.sse"),
+    ),
+    "openai chat stream with usage": (
+        "/v1/chat/completions",
+        {**CHAT_BODY, "stream": True, "stream_options": {"include_usage": True}},
+        {},
+        CHAT,
+        (1536, 7),
+        True,
+        UsageSource.REPORTED,
+        ("openai", "chat_completion_stream_usage.sse"),
+    ),
+    "openai completions json": (
+        "/v1/completions",
+        {"model": "gpt-3.5-turbo-instruct", "prompt": "hi"},
+        {},
+        COMPLETION,
+        (6, 8),
+        False,
+        UsageSource.REPORTED,
+        ("openai", "completion.json"),
+    ),
+    "openai completions stream": (
+        "/v1/completions",
+        {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "stream": True},
+        {},
+        COMPLETION,
+        (6, 8),
+        True,
+        UsageSource.REQUESTED,
+        ("openai", "completion_stream.sse"),
+    ),
+    "openai embeddings": (
+        "/v1/embeddings",
+        {"model": "text-embedding-3-small", "input": "hi"},
+        {},
+        EMBEDDING,
+        (5, 0),
+        False,
+        UsageSource.REPORTED,
+        ("openai", "embeddings.json"),
+    ),
+    "openai responses json": (
+        "/v1/responses",
+        {"model": "gpt-4.1-mini", "input": "hi"},
+        {},
+        RESPONSES,
+        (2048, 300),
+        False,
+        UsageSource.REPORTED,
+        ("openai", "response.json"),
+    ),
+    "openai responses stream": (
+        "/v1/responses",
+        {"model": "gpt-4.1-mini", "input": "hi", "stream": True},
+        {},
+        RESPONSES,
+        (2048, 300),
+        True,
+        UsageSource.REPORTED,
+        ("openai", "response_stream.sse"),
+    ),
+    "anthropic messages json": (
+        "/anthropic/v1/messages",
+        MSG_BODY,
+        {},
+        MESSAGE,
+        (4225, 150),
+        False,
+        UsageSource.REPORTED,
+        ("anthropic", "message.json"),
+    ),
+    "anthropic messages stream": (
+        "/v1/messages",
+        {**MSG_BODY, "stream": True},
+        {},
+        MESSAGE,
+        (4225, 150),
+        True,
+        UsageSource.REPORTED,
+        ("anthropic", "message_stream.sse"),
+    ),
+    "anthropic messages stream tool_use": (
+        "/anthropic/v1/messages",
+        {**MSG_BODY, "stream": True, "tools": [{"name": "t"}]},
+        {},
+        MESSAGE_TOOL,
+        (412, 89),
+        True,
+        UsageSource.REPORTED,
+        ("anthropic", "message_stream_tool.sse"),
+    ),
+    "gemini generateContent": (
+        f"{GEM}:generateContent",
+        GEM_BODY,
+        {"x-goog-api-key": "gk-test"},
+        GEMINI,
+        (1240, 315),
+        False,
+        UsageSource.REPORTED,
+        ("gemini", "generate_content.json"),
+    ),
+    "gemini streamGenerateContent sse": (
+        f"{GEM}:streamGenerateContent?alt=sse&key=gk-test",
+        GEM_BODY,
+        {},
+        GEMINI,
+        (1240, 315),
+        True,
+        UsageSource.REPORTED,
+        ("gemini", "stream_generate_content.sse"),
+    ),
+    "gemini streamGenerateContent json array": (
+        f"{GEM}:streamGenerateContent",
+        GEM_BODY,
+        {"x-goog-api-key": "gk-test"},
+        GEMINI,
+        (1240, 315),
+        True,
+        UsageSource.REPORTED,
+        ("gemini", "stream_generate_content.json"),
+    ),
+    "azure chat json": (
+        AZ,
+        {"messages": CHAT_BODY["messages"]},
+        {"api-key": "az-test"},
+        AZURE,
+        (900, 60),
+        False,
+        UsageSource.REPORTED,
+        ("azure", "chat_completion.json"),
+    ),
+    "azure chat stream": (
+        AZ,
+        {"messages": CHAT_BODY["messages"], "stream": True},
+        {"api-key": "az-test"},
+        AZURE,
+        (900, 60),
+        True,
+        UsageSource.REQUESTED,
+        ("azure", "chat_completion_stream.sse"),
+    ),
+}
+
+
+@pytest.fixture
+async def all_providers(fake: FakeProvider, start_daemon: StartDaemon) -> RunningDaemon:
+    return await start_daemon(providers={"azure": {"kind": "azure", "base_url": fake.url}})
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_exact_cost(fake: FakeProvider, all_providers: RunningDaemon, case: str) -> None:
+    path, body, headers, cost, tokens, stream, source, expected = CASES[case]
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.post(all_providers.url + path, json=body, headers=headers) as r:
+            assert r.status == 200
+            assert await r.read() == fixture(*expected)
+    [event] = all_providers.events
+    assert (event.tokens_in, event.tokens_out) == tokens
+    assert event.cost_usd == float(cost)
+    assert event.priced is True
+    assert (event.stream, event.usage_source, event.status) == (stream, source, 200)
+
+
+async def test_event_fields_per_provider(all_providers: RunningDaemon) -> None:
+    """Model and endpoint: from the request, from the path (Gemini), from the response (Azure)."""
+    async with aiohttp.ClientSession() as s:
+        for case in (
+            "gemini streamGenerateContent sse",
+            "azure chat json",
+            "anthropic messages json",
+        ):
+            path, body, headers, *_ = CASES[case]
+            async with s.post(all_providers.url + path, json=body, headers=headers) as r:
+                await r.read()
+    assert [(e.provider, e.model, e.endpoint) for e in all_providers.events] == [
+        ("gemini", "gemini-2.5-flash", "/models:streamGenerateContent"),
+        ("azure", "gpt-4o-2024-11-20", "/chat/completions"),
+        ("anthropic", "claude-sonnet-4-6", "/messages"),
+    ]

@@ -1,0 +1,172 @@
+"""Pricing: tiers, service tiers, overrides, provider-reported cost, and unknown models."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from proxy.adapters.base import Usage
+from proxy.config import parse_config
+from proxy.pricing import Catalog, Price, Pricer
+
+M = Decimal(1_000_000)
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return Catalog()
+
+
+def pricer(catalog: Catalog | None, **config: object) -> Pricer:
+    cfg = parse_config(config, {})
+    return Pricer(cfg.providers, cfg.pricing, catalog)
+
+
+def test_long_context_tier_is_a_cliff(catalog: Catalog) -> None:
+    """gemini-2.5-pro: 1.25 / 10 up to 200k prompt tokens, 2.50 / 15 for all tokens above."""
+    p = pricer(catalog)
+    at_limit = p.price("gemini", "gemini-2.5-pro", Usage(200_000, 1000))
+    above = p.price("gemini", "gemini-2.5-pro", Usage(200_001, 1000))
+    assert at_limit == Price(float((200_000 * Decimal("1.25") + 1000 * 10) / M), True)
+    assert above == Price(float((200_001 * Decimal("2.50") + 1000 * 15) / M), True)
+
+
+def test_service_tier_prices(catalog: Catalog) -> None:
+    """gpt-5: standard 1.25 / 0.125 / 10, flex 0.625 / 0.0625 / 5, priority 2.50 / 0.25 / 20."""
+    p = pricer(catalog)
+    usage = Usage(10_000, 2_000, cached_input_tokens=4_000)
+    for tier, (inp, cached, out) in {
+        None: ("1.25", "0.125", "10"),
+        "default": ("1.25", "0.125", "10"),
+        "flex": ("0.625", "0.0625", "5"),
+        "priority": ("2.50", "0.25", "20"),
+    }.items():
+        expected = (6_000 * Decimal(inp) + 4_000 * Decimal(cached) + 2_000 * Decimal(out)) / M
+        got = p.price(
+            "openai",
+            "gpt-5",
+            replace(usage, service_tier=tier),
+        )
+        assert got == Price(float(expected), True), tier
+
+
+def test_reasoning_priced_as_output_and_cache_write_1h(catalog: Catalog) -> None:
+    p = pricer(catalog)
+    # claude-haiku-4-5: 1 in, 1.25 5-min write, 2 1-hour write, 0.10 read, 5 out.
+    usage = Usage(
+        10_000,
+        500,
+        cached_input_tokens=4_000,
+        cache_write_tokens=3_000,
+        cache_write_1h_tokens=1_000,
+    )
+    expected = (
+        3_000 * 1 + 2_000 * Decimal("1.25") + 1_000 * 2 + 4_000 * Decimal("0.10") + 500 * 5
+    ) / M
+    assert p.price("anthropic", "claude-haiku-4-5", usage) == Price(float(expected), True)
+    # o3: reasoning tokens are output tokens: 2 in, 8 out.
+    o3 = p.price("openai", "o3", Usage(1_000, 3_000, reasoning_tokens=2_500))
+    assert o3 == Price(float((1_000 * 2 + 3_000 * 8) / M), True)
+
+
+def test_config_override_wins_and_can_be_scoped(catalog: Catalog) -> None:
+    p = pricer(
+        catalog,
+        pricing={
+            "my-finetune": {"input": 0.2, "output": 0.8, "cached_input": 0.05},
+            "gpt-4o-mini": {"input": 1, "output": 2, "provider": "anthropic"},
+        },
+    )
+    usage = Usage(1_000, 100, cached_input_tokens=400)
+    assert p.price("openai", "my-finetune", usage) == Price(
+        float((600 * Decimal("0.2") + 400 * Decimal("0.05") + 100 * Decimal("0.8")) / M), True
+    )
+    rates = p.rates("openai", "my-finetune")
+    assert rates is not None and rates.source == 'config [pricing."my-finetune"]'
+    # Scoped to another provider: the catalog price applies on openai.
+    openai_rates = p.rates("openai", "gpt-4o-mini")
+    assert openai_rates is not None and openai_rates.source.startswith("genai-prices")
+
+
+def test_provider_reported_cost_is_used(catalog: Catalog) -> None:
+    p = pricer(catalog)
+    assert p.price("openai", "anything", Usage(10, 2, cost_usd=0.00031)) == Price(0.00031, True)
+
+
+def test_unknown_model_costs_zero_is_counted_and_warned_once(
+    catalog: Catalog, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = pricer(catalog)
+    with caplog.at_level(logging.WARNING, logger="proxy.pricing"):
+        for _ in range(3):
+            assert p.price("openai", "no-such-model-xyz", Usage(10, 10)) == Price(0.0, False)
+    assert p.unpriced_total == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "no price known for openai model 'no-such-model-xyz': its events cost 0 and are marked "
+        'unpriced; add [pricing."no-such-model-xyz"] to the config to price it'
+    ]
+
+
+def test_price_as_none_and_no_catalog(catalog: Catalog) -> None:
+    p = pricer(
+        catalog,
+        providers={
+            "local": {"kind": "openai", "base_url": "http://127.0.0.1:1", "price_as": "none"}
+        },
+    )
+    assert p.price("local", "gpt-4o-mini", Usage(10, 10)) == Price(0.0, False)
+    # Without the data set (it failed to load) the config still prices.
+    bare = pricer(None, pricing={"m": {"input": 1, "output": 1}})
+    assert bare.price("openai", "m", Usage(1_000_000, 0)) == Price(1.0, True)
+    assert bare.price("openai", "gpt-4o-mini", Usage(1, 1)) == Price(0.0, False)
+
+
+def test_compatible_host_priced_by_its_base_url(catalog: Catalog) -> None:
+    p = pricer(catalog, providers={"groq": {"kind": "openai", "base_url": "https://api.groq.com"}})
+    rates = p.rates("groq", "llama-3.3-70b-versatile")
+    assert rates is not None and rates.source.endswith("groq/llama-3.3-70b-versatile")
+
+
+def test_exact_sum_not_float_accumulation(catalog: Catalog) -> None:
+    """0.1 + 0.2 style errors never appear: the cost is the rounded exact value."""
+    p = pricer(catalog, pricing={"m": {"input": 0.1, "output": 0.2}})
+    assert p.price("openai", "m", Usage(1, 1)).cost_usd == float(Decimal("0.3") / M)
+
+
+def test_a_broken_price_never_raises(catalog: Catalog) -> None:
+    p = pricer(catalog)
+    p._catalog = object()  # type: ignore[assignment]  # any failure inside the lookup
+    assert p.price("openai", "gpt-4o-mini", Usage(1, 1)) == Price(0.0, False)
+    assert p.errors_total == 1
+
+
+def test_prices_command() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "prices",
+            "--provider",
+            "openai",
+            "gpt-4o-mini",
+            "no-such-model-xyz",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.returncode == 1  # one model has no price
+    lines = out.stdout.splitlines()
+    assert lines[0] == "USD per million tokens"
+    assert lines[2].split()[:7] == ["openai", "gpt-4o-mini", "0.15", "0.075", "0.15", "0.15", "0.6"]
+    assert lines[2].endswith("openai/gpt-4o-mini")
+    assert lines[3].split()[:2] == ["-", "no-such-model-xyz"]
