@@ -150,7 +150,10 @@ class Relay:
         try:
             up = ex.up = await self._send(request, route, sent, ex.asked_usage)
             if ex.asked_usage and up.status in (400, 422):
-                error = await up.read()
+                try:
+                    error = await up.read()
+                except _UPSTREAM_ERRORS as exc:
+                    raise _upstream_error(exc, upstream.name) from None
                 if b"stream_options" not in error:
                     return await self._answer_whole(request, route, meta, ex, error)
                 log.warning(
@@ -183,14 +186,23 @@ class Relay:
                     return _error(route, ex.status, "upstream_cut", _describe(exc, upstream.name))
                 return await self._answer_whole(request, route, meta, ex, data)
 
+        encoding = up.headers.get(hdrs.CONTENT_ENCODING)
         ex.meter = adapter.meter(meta, content_type)
-        feed = tap(ex.meter, up.headers.get(hdrs.CONTENT_ENCODING))
+        feed = tap(ex.meter, encoding)
+        headers = _response_headers(up)
         hide: StreamFilter | None = None
         if ex.asked_usage and is_sse and up.status == 200:
-            hide = adapter.hide_stream_usage()
-        response = web.StreamResponse(
-            status=up.status, reason=up.reason, headers=_response_headers(up)
-        )
+            if encoding in (None, "", "identity"):
+                hide = adapter.hide_stream_usage()
+                headers.popall(hdrs.CONTENT_LENGTH, None)  # the filter changes the length
+            else:
+                log.warning(
+                    "provider %s compressed a stream asked for identity (%s): the usage chunk "
+                    "the daemon asked for reaches the client",
+                    upstream.name,
+                    encoding,
+                )
+        response = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
         ex.status = up.status
         await response.prepare(request)
         read = up.content.readany
@@ -278,10 +290,8 @@ class Relay:
                 allow_redirects=False,
                 skip_auto_headers=SKIP_AUTO_HEADERS,
             )
-        except TimeoutError as exc:
-            raise UpstreamTimeout(_describe(exc, upstream.name)) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError(_describe(exc, upstream.name)) from None
+        except _UPSTREAM_ERRORS as exc:
+            raise _upstream_error(exc, upstream.name) from None
 
     def _event(
         self,
@@ -348,6 +358,13 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 def _response_headers(up: aiohttp.ClientResponse) -> CIMultiDict[str]:
     return filter_headers(up.headers.items(), up.headers.get(hdrs.CONNECTION), RESPONSE_DROP)
+
+
+def _upstream_error(exc: BaseException, provider: str) -> UpstreamError:
+    """The one place transport exceptions become the daemon's own."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(_describe(exc, provider))
+    return UpstreamError(_describe(exc, provider))
 
 
 def _abort_client(request: web.Request, provider: str, exc: BaseException) -> None:
