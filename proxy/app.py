@@ -1,8 +1,13 @@
 """Builds the aiohttp application and runs it: the shared resources and their lifetimes.
 
-``make_app`` wires the routes and owns the upstream ``ClientSession`` (one per daemon, opened on
-startup, closed on cleanup). ``Daemon`` binds the listener and stops it gracefully; the CLI and the
-tests both run the daemon through it, so tests exercise the real server settings.
+``make_app`` wires the routes; ``services`` (a cleanup context) opens, in order, the store, the
+kill switch, the local API key, the upstream ``ClientSession``, the pricer, the relay and the
+shipper, and closes them in the order that loses nothing: by the time it runs, aiohttp has stopped
+accepting and let in-flight requests finish, so every event is queued; then the store commits
+what is queued, the shipper makes its last bounded attempt, and the store closes.
+
+``Daemon`` binds the listener and stops it gracefully; the CLI and the tests both run the daemon
+through it, so tests exercise the real server settings.
 """
 
 from __future__ import annotations
@@ -14,16 +19,25 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
+from .api import LocalAPI, error
+from .auth import KeyChecker, local_key
 from .config import Config
-from .events import Recorder, log_event
+from .events import Event, Recorder
+from .guardrails import KillSwitch
 from .pricing import Pricer
 from .relay import Relay
+from .shipper import Shipper
+from .store import Store
 
 log = logging.getLogger(__name__)
 
 CONFIG = web.AppKey("config", Config)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 RELAY = web.AppKey("relay", Relay)
+STORE = web.AppKey("store", Store)
+KILL = web.AppKey("kill", KillSwitch)
+API = web.AppKey("api", LocalAPI)
+SHIPPER = web.AppKey("shipper", Shipper)
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:
@@ -52,18 +66,42 @@ def make_session(config: Config) -> aiohttp.ClientSession:
 
 
 def make_app(config: Config, record: Recorder | None = None) -> web.Application:
+    """The application; ``record`` (tests) also sees every event the store is given."""
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
 
-    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+    async def services(app: web.Application) -> AsyncIterator[None]:
+        ship = bool(config.atlasburn.api_base)
+        store = await Store.open(config.storage, ship=ship)
+        store.start()
+        app[STORE] = store
+        kill = KillSwitch(config.atlasburn.org_id, store)
+        await kill.load()
+        app[KILL] = kill
+        key = local_key(config.atlasburn.api_key.reveal(), config.storage.path.parent, create=True)
+        assert key is not None
+        app[API] = LocalAPI(
+            KeyChecker(key), store, kill, config.atlasburn.org_id, config.server.max_body_bytes
+        )
         session = make_session(config)
         app[SESSION] = session
         pricer = Pricer.from_config(config.providers, config.pricing)
-        app[RELAY] = Relay(config, session, record or log_event, pricer)
-        yield
-        await session.close()
+        recorder = store.enqueue if record is None else _both(store.enqueue, record)
+        app[RELAY] = Relay(config, session, recorder, pricer, kill)
+        shipper = Shipper(config, store, kill) if ship else None
+        if shipper is not None:
+            app[SHIPPER] = shipper
+            shipper.start()
+        try:
+            yield
+        finally:
+            await store.flush()
+            if shipper is not None:
+                await shipper.stop()
+            await store.close()
+            await session.close()
 
-    app.cleanup_ctx.append(upstream_session)
+    app.cleanup_ctx.append(services)
 
     async def relay(request: web.Request) -> web.StreamResponse:
         return await request.app[RELAY].handle(request)
@@ -71,9 +109,23 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
     async def expect(request: web.Request) -> web.StreamResponse | None:
         return await request.app[RELAY].expect(request)
 
+    async def ingest(request: web.Request) -> web.StreamResponse:
+        if request.method != "POST":
+            return error(405, "method_not_allowed", "use POST")
+        return await request.app[API].ingest(request)
+
     app.router.add_get("/healthz", healthz)
+    app.router.add_route("*", "/api/ingest", ingest)
     app.router.add_route("*", "/{tail:.*}", relay, expect_handler=expect)
     return app
+
+
+def _both(first: Recorder, second: Recorder) -> Recorder:
+    def record(event: Event) -> None:
+        first(event)
+        second(event)
+
+    return record
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -108,6 +160,14 @@ class Daemon:
         host = self.config.server.listen.host
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
+
+    @property
+    def store(self) -> Store:
+        return self.app[STORE]
+
+    @property
+    def kill(self) -> KillSwitch:
+        return self.app[KILL]
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, then close."""

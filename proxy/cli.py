@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     prices.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
     prices.add_argument("--provider", metavar="NAME", help="only this configured provider")
     prices.add_argument("--service-tier", metavar="TIER", help="e.g. flex or priority (OpenAI)")
+
+    report = sub.add_parser("report", help="spend, tokens, requests and refusals from the store")
+    report.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
+    report.add_argument("--since", default="24h", help="e.g. 30m, 24h, 7d, or all (default 24h)")
+    report.add_argument(
+        "--by", default="model", choices=("provider", "model", "endpoint", "fingerprint")
+    )
+    report.add_argument("--json", action="store_true", help="JSON instead of a table")
     return parser
 
 
@@ -57,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.file)
     if args.command == "prices":
         return show_prices(args.config, args.provider, args.service_tier, args.models)
+    if args.command == "report":
+        return show_report(args.config, args.since, args.by, args.json)
     return run(args.config, args.listen)
 
 
@@ -127,6 +137,38 @@ def show_prices(
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return EXIT_FAILURE if missing else EXIT_OK
+
+
+def show_report(config_path: str | None, since: str, by: str, as_json: bool) -> int:
+    import json
+
+    from . import report
+
+    try:
+        config = load_config(config_path)
+        seconds = report.parse_since(since)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as exc:
+        print(f"--since: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        rows = report.query(config.storage.path, by, seconds)
+    except FileNotFoundError:
+        rows = []
+    if as_json:
+        out = {
+            "since": since,
+            "by": by,
+            "rows": [r.as_dict(by) for r in rows],
+            "total": report.total(rows).as_dict(by),
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(report.render(rows, by, since, seconds))
+    return EXIT_OK
 
 
 def run(config_path: str | None, listen: str | None) -> int:

@@ -100,6 +100,14 @@ class LoggingConfig:
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
     path: Path = field(default_factory=lambda: default_state_dir() / "atlasburn-proxy.sqlite3")
+    # Events finished within this interval are committed together (one fsync).
+    commit_interval_ms: int = 100
+    # Bound on the stored events; past it the oldest are dropped (shipped ones first), counted.
+    max_spool_mb: float = 512.0
+    # Shipped events (and, in local-only mode, all events) are kept this long for reports.
+    retention_hours: float = 168.0
+    # Events waiting in memory while the store cannot write (disk full); past it: dropped, counted.
+    max_pending_events: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +121,14 @@ class AtlasBurnConfig:
 class TelemetryConfig:
     flush_interval_ms: int = 1000
     batch_max_events: int = 500
+    # Retries back off exponentially with full jitter, up to this long between attempts.
+    max_backoff_seconds: float = 60.0
+    # One ingest call may take this long.
+    request_timeout_seconds: float = 30.0
+    # While the AtlasBurn API keeps the org suspended, ask it this often whether it still does.
+    poll_interval_seconds: float = 15.0
+    # On shutdown, one last shipping attempt may take this long; the rest stays spooled.
+    shutdown_flush_seconds: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,8 +412,19 @@ def _logging(t: _Table) -> LoggingConfig:
 def _storage(t: _Table) -> StorageConfig:
     d = StorageConfig()
     raw = t.get("path", str, "")
+    cfg = StorageConfig(
+        path=Path(raw).expanduser() if raw else d.path,
+        commit_interval_ms=t.get(
+            "commit_interval_ms", int, d.commit_interval_ms, _between(1, 10_000)
+        ),
+        max_spool_mb=t.get("max_spool_mb", float, d.max_spool_mb, _between(1, 1_000_000)),
+        retention_hours=t.get("retention_hours", float, d.retention_hours, _between(0, 87_600)),
+        max_pending_events=t.get(
+            "max_pending_events", int, d.max_pending_events, _between(100, 10_000_000)
+        ),
+    )
     t.done()
-    return StorageConfig(path=Path(raw).expanduser()) if raw else d
+    return cfg
 
 
 def _atlasburn(t: _Table) -> AtlasBurnConfig:
@@ -435,6 +462,18 @@ def _telemetry(t: _Table) -> TelemetryConfig:
             "flush_interval_ms", int, d.flush_interval_ms, _between(10, 3_600_000)
         ),
         batch_max_events=t.get("batch_max_events", int, d.batch_max_events, _between(1, 10_000)),
+        max_backoff_seconds=t.get(
+            "max_backoff_seconds", float, d.max_backoff_seconds, _between(0.01, 3600)
+        ),
+        request_timeout_seconds=t.get(
+            "request_timeout_seconds", float, d.request_timeout_seconds, _between(0.1, 600)
+        ),
+        poll_interval_seconds=t.get(
+            "poll_interval_seconds", float, d.poll_interval_seconds, _between(0.05, 3600)
+        ),
+        shutdown_flush_seconds=t.get(
+            "shutdown_flush_seconds", float, d.shutdown_flush_seconds, _between(0, 600)
+        ),
     )
     t.done()
     return cfg

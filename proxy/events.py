@@ -1,20 +1,22 @@
 """The telemetry event: one per proxied request, in the AtlasBurn ingest schema.
 
-``Event`` holds the schema's fields plus two local-only ones (``usage_source``, ``priced``) that say
-how its numbers were obtained; ``to_ingest`` gives the shipped form without them.
+``Event`` holds the schema's fields plus local-only ones (``usage_source``, ``priced``,
+``refused_by``, ``origin``) that say how its numbers were obtained and where it came from;
+``to_ingest`` gives the shipped form without them. ``parse_event`` validates an event that arrives
+at the local ``/api/ingest``: every field checked, the reason named when one is wrong.
 """
 
 from __future__ import annotations
 
-import logging
+import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from .adapters.base import UsageSource
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,9 +32,12 @@ class Event:
     latency_ms: int
     fingerprint: str
     stream: bool
-    # Local only: how the token numbers were obtained, and whether the model had a price.
+    # Local only: how the token numbers were obtained, whether the model had a price, which
+    # guardrail layer refused the request (None: not refused), and where the event came from.
     usage_source: UsageSource
     priced: bool
+    refused_by: str | None = None
+    origin: str = "proxy"  # "proxy" (relayed here) or "ingest" (posted to the local API)
 
     def to_ingest(self) -> dict[str, Any]:
         return {
@@ -59,7 +64,93 @@ def iso_ms(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
-def log_event(event: Event) -> None:
-    """The recorder until the spool exists: one debug line per event."""
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("event %s", event.to_ingest())
+# --------------------------------------------------------------------------- validation
+
+_TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
+_FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.:/@+-]{1,64}$")
+FIELDS = (
+    "ts",
+    "provider",
+    "model",
+    "endpoint",
+    "status",
+    "tokens_in",
+    "tokens_out",
+    "cost_usd",
+    "latency_ms",
+    "fingerprint",
+    "stream",
+)
+_MAX_TOKENS = 10**12
+_MAX_COST = 10**9
+
+
+class InvalidEvent(ValueError):
+    """An ingested event that cannot be stored; the message names the field."""
+
+
+def _int(obj: dict[str, Any], key: str, low: int, high: int) -> int:
+    value = obj[key]
+    if type(value) is not int or not low <= value <= high:
+        raise InvalidEvent(f"{key}: expected an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def parse_event(obj: Any) -> Event:
+    """A validated ``Event`` from one ingested JSON object, or InvalidEvent naming the field."""
+    if not isinstance(obj, dict):
+        raise InvalidEvent(f"expected an event object, got {type(obj).__name__}")
+    missing = [key for key in FIELDS if key not in obj]
+    if missing:
+        raise InvalidEvent(f"missing field(s): {', '.join(missing)}")
+    unknown = sorted(set(obj) - set(FIELDS))
+    if unknown:
+        raise InvalidEvent(f"unknown field(s): {', '.join(unknown)}")
+    ts = obj["ts"]
+    if not isinstance(ts, str) or not _TS.match(ts):
+        raise InvalidEvent(f"ts: expected ISO 8601 UTC like 2026-11-29T01:55:24.123Z, got {ts!r}")
+    try:
+        datetime.fromisoformat(ts[:-1])
+    except ValueError:
+        raise InvalidEvent(f"ts: not a real date and time: {ts!r}") from None
+    provider = obj["provider"]
+    if not isinstance(provider, str) or not _NAME.match(provider):
+        raise InvalidEvent(f"provider: expected a name (1-64 characters), got {provider!r}")
+    model = obj["model"]
+    if not isinstance(model, str) or len(model) > 256:
+        raise InvalidEvent("model: expected a string of at most 256 characters")
+    endpoint = obj["endpoint"]
+    if not isinstance(endpoint, str) or not endpoint.startswith("/") or len(endpoint) > 256:
+        raise InvalidEvent(f"endpoint: expected a path starting with '/', got {endpoint!r}")
+    status = _int(obj, "status", 100, 599)
+    tokens_in = _int(obj, "tokens_in", 0, _MAX_TOKENS)
+    tokens_out = _int(obj, "tokens_out", 0, _MAX_TOKENS)
+    cost = obj["cost_usd"]
+    if type(cost) not in (int, float) or not math.isfinite(cost) or not 0 <= cost <= _MAX_COST:
+        raise InvalidEvent(f"cost_usd: expected a number from 0 to {_MAX_COST}, got {cost!r}")
+    latency = obj["latency_ms"]
+    if type(latency) not in (int, float) or not math.isfinite(latency) or not 0 <= latency:
+        raise InvalidEvent(f"latency_ms: expected a non-negative number, got {latency!r}")
+    fingerprint = obj["fingerprint"]
+    if not isinstance(fingerprint, str) or not _FINGERPRINT.match(fingerprint):
+        raise InvalidEvent("fingerprint: expected 'sha256:' and 64 lowercase hex digits")
+    stream = obj["stream"]
+    if type(stream) is not bool:
+        raise InvalidEvent(f"stream: expected true or false, got {stream!r}")
+    return Event(
+        ts=ts,
+        provider=provider,
+        model=model,
+        endpoint=endpoint,
+        status=status,
+        tokens_in=tokens_in,
+        tokens_out=tokens_out,
+        cost_usd=float(cost),
+        latency_ms=round(latency),
+        fingerprint=fingerprint,
+        stream=stream,
+        usage_source=UsageSource.REPORTED,
+        priced=True,
+        origin="ingest",
+    )

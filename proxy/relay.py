@@ -22,6 +22,7 @@ seen as partial usage.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import aiohttp
@@ -36,6 +37,7 @@ from .encoding import tap
 from .errors import UpstreamError, UpstreamTimeout
 from .events import Event, Recorder, iso_ms
 from .fingerprint import fingerprint
+from .guardrails import KillSwitch, Suspension
 from .headers import REQUEST_DROP, RESPONSE_DROP, filter_headers
 from .pricing import Pricer
 from .routes import BadPath, Route, Router
@@ -82,12 +84,16 @@ class Relay:
         session: aiohttp.ClientSession,
         record: Recorder,
         pricer: Pricer,
+        kill: KillSwitch,
     ) -> None:
         self.router = Router(config.providers)
         self.session = session
         self.record = record
         self.pricer = pricer
+        self.kill = kill
         self.max_body = config.server.max_body_bytes
+        # Retry-After for a suspension without an end: when the daemon next asks the API.
+        self.poll_seconds = config.telemetry.poll_interval_seconds
         # Providers that refused an injected stream_options: never asked again.
         self.refuses_stream_usage: set[str] = set()
 
@@ -116,6 +122,10 @@ class Relay:
         canonical = meta.canonical if parsed is not None else None
         fp = fingerprint(upstream.kind, meta.endpoint, canonical, body)
 
+        suspension = self.kill.check(started)
+        if suspension is not None:
+            return self._refuse(started, t0, route, meta, fp, suspension)
+
         ex = _Exchange()
         try:
             return await self._exchange(request, route, meta, body, parsed, ex)
@@ -129,6 +139,55 @@ class Relay:
                 except Exception:  # a meter bug must not cost the request its event
                     log.exception("usage meter failed for %s %s", upstream.name, meta.endpoint)
             self.record(self._event(started, t0, route, meta, ex, metered, fp))
+
+    def _refuse(
+        self,
+        started: float,
+        t0: float,
+        route: Route,
+        meta: RequestMeta,
+        fp: str,
+        suspension: Suspension,
+    ) -> web.Response:
+        """A 429 in the provider's own shape, which the OpenAI and Anthropic SDKs do not retry."""
+        left = suspension.seconds_left(started)
+        wait = self.poll_seconds if left is None else left
+        seconds = max(1, math.ceil(wait))
+        message = (
+            f"AtlasBurn guardrail: org {suspension.org_id} is suspended by {suspension.layer}"
+            f" ({suspension.reason}); retry after {seconds}s"
+        )
+        body = route.upstream.adapter.error_body(429, message, "atlasburn_guardrail")
+        response = web.Response(
+            status=429,
+            body=body,
+            content_type="application/json",
+            headers={
+                "Retry-After": str(seconds),
+                "retry-after-ms": str(round(wait * 1000)),
+                "x-should-retry": "false",
+                "AtlasBurn-Guardrail": suspension.layer,
+            },
+        )
+        self.record(
+            Event(
+                ts=iso_ms(started),
+                provider=route.upstream.name,
+                model=meta.model or "",
+                endpoint=meta.endpoint,
+                status=429,
+                tokens_in=0,
+                tokens_out=0,
+                cost_usd=0.0,
+                latency_ms=round((time.perf_counter() - t0) * 1000),
+                fingerprint=fp,
+                stream=meta.stream,
+                usage_source=UsageSource.REPORTED,  # exactly nothing: it never left the host
+                priced=True,
+                refused_by=suspension.layer,
+            )
+        )
+        return response
 
     async def _exchange(
         self,

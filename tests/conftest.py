@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from proxy.app import Daemon
 from proxy.config import parse_config
 from proxy.events import Event
 
+from .fakes.ingest import FakeIngest
 from .fakes.provider import FakeProvider
 from .fakes.server import start
 
@@ -65,7 +67,7 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def start_daemon(fake: FakeProvider) -> AsyncIterator[StartDaemon]:
+async def start_daemon(fake: FakeProvider, tmp_path: Path) -> AsyncIterator[StartDaemon]:
     """Start a daemon whose openai (and anthropic, gemini) upstreams point at the fake."""
     running: list[RunningDaemon] = []
 
@@ -74,6 +76,7 @@ async def start_daemon(fake: FakeProvider) -> AsyncIterator[StartDaemon]:
         data = merge(
             {
                 "server": {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 2},
+                "storage": {"path": str(tmp_path / f"state{len(running)}" / "spool.sqlite3")},
                 "providers": {
                     "openai": {"base_url": url},
                     "anthropic": {"base_url": url},
@@ -97,3 +100,39 @@ async def start_daemon(fake: FakeProvider) -> AsyncIterator[StartDaemon]:
 @pytest.fixture
 async def daemon(start_daemon: StartDaemon) -> RunningDaemon:
     return await start_daemon()
+
+
+@pytest.fixture
+async def ingest() -> AsyncIterator[FakeIngest]:
+    fake = FakeIngest()
+    running = await start(fake.app())
+    fake.url = running.url
+    yield fake
+    await running.stop()
+
+
+def shipping(ingest: FakeIngest, **telemetry: Any) -> dict[str, Any]:
+    """Config overrides for a daemon that ships to the fake ingest, quickly."""
+    return {
+        "atlasburn": {"api_base": ingest.url, "api_key": ingest.api_key},
+        "storage": {"commit_interval_ms": 20},
+        "telemetry": {
+            "flush_interval_ms": 50,
+            "max_backoff_seconds": 0.2,
+            "poll_interval_seconds": 0.1,
+            "shutdown_flush_seconds": 2,
+            **telemetry,
+        },
+    }
+
+
+async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait until ``check()`` holds (a test of background work), or fail after ``within`` s."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {within}s")
+        await asyncio.sleep(0.01)

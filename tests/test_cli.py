@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import socket
@@ -19,6 +18,14 @@ ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "config.example.toml"
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every daemon these tests start keeps its state under tmp_path, not in $HOME."""
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    monkeypatch.setenv("ATLASBURN_API_KEY", "")
+    return tmp_path / "state"
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
     import subprocess
 
@@ -28,7 +35,6 @@ def run_cli(*args: str) -> tuple[int, str, str]:
         text=True,
         cwd=ROOT,
         timeout=30,
-        env={**os.environ, "ATLASBURN_API_KEY": ""},
     )
     return proc.returncode, proc.stdout, proc.stderr
 

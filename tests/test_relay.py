@@ -208,7 +208,7 @@ async def test_routes(
 
 @pytest.mark.parametrize(
     "target",
-    ["/", "/nope/v1/chat", "/api/ingest", "//evil.example/v1/models", "/v2/chat/completions"],
+    ["/", "/nope/v1/chat", "/api/unknown", "//evil.example/v1/models", "/v2/chat/completions"],
 )
 async def test_unknown_route_is_404_json(
     fake: FakeProvider, daemon: RunningDaemon, target: str

@@ -1,0 +1,134 @@
+"""``atlasburn-proxy report``: spend, tokens, requests and refusals from the local store."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .events import iso_ms
+
+GROUPS = ("provider", "model", "endpoint", "fingerprint")
+_SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(value: str) -> float | None:
+    """Seconds for "90m", "24h", "7d"...; None for "all"; ValueError otherwise."""
+    if value == "all":
+        return None
+    m = _SINCE.match(value.strip())
+    if not m:
+        raise ValueError(f"expected a duration like 30m, 24h, 7d or 'all', got {value!r}")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    key: str
+    requests: int
+    refused: int
+    errors: int
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+    unpriced: int
+
+    def as_dict(self, by: str) -> dict[str, object]:
+        return {
+            by: self.key,
+            "requests": self.requests,
+            "refused": self.refused,
+            "errors": self.errors,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "cost_usd": round(self.cost_usd, 10),
+            "unpriced": self.unpriced,
+        }
+
+
+def query(path: Path, by: str, since_seconds: float | None) -> list[Row]:
+    """Rows grouped ``by`` one column, biggest spend first. Raises FileNotFoundError."""
+    if by not in GROUPS:
+        raise ValueError(f"--by must be one of {', '.join(GROUPS)}")
+    if not path.exists():
+        raise FileNotFoundError(path)
+    cutoff = 0.0 if since_seconds is None else time.time() - since_seconds
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            f"SELECT {by}, COUNT(*), SUM(refused_by IS NOT NULL), "
+            "SUM(status >= 400 AND refused_by IS NULL), SUM(tokens_in), SUM(tokens_out), "
+            "SUM(cost_usd), SUM(priced = 0 AND usage_source IN ('reported', 'requested')) "
+            "FROM events WHERE created >= ? GROUP BY 1 ORDER BY 7 DESC, 2 DESC, 1",
+            (cutoff,),
+        ).fetchall()
+    finally:
+        db.close()
+    return [
+        Row(
+            key=str(r[0]),
+            requests=int(r[1] or 0),
+            refused=int(r[2] or 0),
+            errors=int(r[3] or 0),
+            tokens_in=int(r[4] or 0),
+            tokens_out=int(r[5] or 0),
+            cost_usd=float(r[6] or 0),
+            unpriced=int(r[7] or 0),
+        )
+        for r in rows
+    ]
+
+
+def total(rows: list[Row]) -> Row:
+    return Row(
+        "total",
+        sum(r.requests for r in rows),
+        sum(r.refused for r in rows),
+        sum(r.errors for r in rows),
+        sum(r.tokens_in for r in rows),
+        sum(r.tokens_out for r in rows),
+        sum(r.cost_usd for r in rows),
+        sum(r.unpriced for r in rows),
+    )
+
+
+def render(rows: list[Row], by: str, since: str, since_seconds: float | None) -> str:
+    start = "the beginning" if since_seconds is None else iso_ms(time.time() - since_seconds)
+    lines = [f"Spend since {start} ({since}), by {by}"]
+    header = (
+        by,
+        "requests",
+        "refused",
+        "errors",
+        "tokens in",
+        "tokens out",
+        "cost USD",
+        "unpriced",
+    )
+    cells = [header] + [
+        (
+            r.key if len(r.key) <= 48 else r.key[:45] + "...",
+            f"{r.requests:,}",
+            f"{r.refused:,}",
+            f"{r.errors:,}",
+            f"{r.tokens_in:,}",
+            f"{r.tokens_out:,}",
+            f"{r.cost_usd:,.6f}",
+            f"{r.unpriced:,}",
+        )
+        for r in [*rows, total(rows)]
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    for n, c in enumerate(cells):
+        if n == len(cells) - 1:
+            lines.append("  ".join("-" * w for w in widths))
+        lines.append(
+            "  ".join(
+                c[i].ljust(widths[i]) if i == 0 else c[i].rjust(widths[i])
+                for i in range(len(header))
+            ).rstrip()
+        )
+    return "\n".join(lines)

@@ -1,0 +1,493 @@
+"""The store: one SQLite file holding the event spool and the guardrail state.
+
+Events arrive from the hot path through ``enqueue`` (a deque append: nothing on the response path
+waits for the disk). One writer task commits everything queued, in one transaction, every
+``storage.commit_interval_ms``: group commit, one fsync per interval however busy the daemon is.
+
+Durability: WAL journal with ``synchronous=FULL``, so a commit is on disk when it returns. The
+loss window is the events not yet committed: at most one commit interval of finished responses,
+after a process crash and after a power loss alike.
+
+Nothing here may break traffic: a failed write (disk full, I/O error, locked file) is logged and
+counted, and the events stay queued for the next attempt; only past ``max_pending_events`` in
+memory, or past ``max_spool_mb`` on disk, are events dropped, oldest first, each one counted and
+logged — never silently. Shipped events go before unshipped ones.
+
+Event states: PENDING (to ship), SHIPPED (delivered; kept for reports until retention ends),
+LOCAL (local-only mode: kept for reports), POISONED (the API refused it alone; kept for
+inspection). A batch is the set of pending events carrying one ``batch_id``; it keeps that identity
+across retries until it is delivered or split.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from .config import StorageConfig
+from .events import Event
+
+log = logging.getLogger(__name__)
+
+PENDING, SHIPPED, LOCAL, POISONED = 0, 1, 2, 3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    state INTEGER NOT NULL,
+    batch_id TEXT,
+    size INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    ts TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    tokens_in INTEGER NOT NULL,
+    tokens_out INTEGER NOT NULL,
+    cost_usd REAL NOT NULL,
+    fingerprint TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    usage_source TEXT NOT NULL,
+    priced INTEGER NOT NULL,
+    refused_by TEXT,
+    origin TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_state ON events (state, id);
+CREATE INDEX IF NOT EXISTS events_batch ON events (batch_id) WHERE batch_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_created ON events (created);
+CREATE TABLE IF NOT EXISTS guardrails (
+    org_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    expires_at REAL,
+    layer TEXT,
+    reason TEXT,
+    source TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+_INSERT = (
+    "INSERT INTO events (created, state, size, body, ts, provider, model, endpoint, status, "
+    "tokens_in, tokens_out, cost_usd, fingerprint, stream, usage_source, priced, refused_by, "
+    "origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_CHUNK = 5000
+# After a checkpoint, SQLite trims the WAL file down to this size.
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
+_MAINTENANCE_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    id: str
+    event_ids: tuple[int, ...]
+    bodies: tuple[bytes, ...]
+
+    def payload(self) -> bytes:
+        """``{"events": [...]}`` from the stored ingest bodies, without re-encoding them."""
+        return b'{"events":[' + b",".join(self.bodies) + b"]}"
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailRow:
+    org_id: str
+    state: str
+    expires_at: float | None
+    layer: str | None
+    reason: str | None
+    source: str | None
+
+
+class Store:
+    """The spool and guardrail state. ``enqueue`` is safe to call from the hot path."""
+
+    def __init__(self, db: aiosqlite.Connection, config: StorageConfig, ship: bool) -> None:
+        self._db = db
+        self._config = config
+        self._ship = ship  # False: local-only mode, events are kept as LOCAL
+        self._queue: deque[Event] = deque()
+        self._wake = asyncio.Event()  # the queue got its first event (or many)
+        self._stop = asyncio.Event()  # closing: stop waiting for the group-commit interval
+        self._lock = asyncio.Lock()  # one transaction at a time on the shared connection
+        self._flushing = asyncio.Lock()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self.max_bytes = int(config.max_spool_mb * 1024 * 1024)
+        self.spool_bytes = 0
+        self.pending_events = 0
+        # Counters (also persisted: a restart does not reset what was lost).
+        self.committed_total = 0
+        self.dropped_total = 0
+        self.write_errors_total = 0
+        self.poisoned_total = 0
+        self._last_maintenance = 0.0
+        self._write_failing = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(cls, config: StorageConfig, *, ship: bool) -> Store:
+        path = Path(config.path)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            for pragma in (
+                "PRAGMA journal_mode=WAL",
+                "PRAGMA synchronous=FULL",
+                "PRAGMA busy_timeout=5000",
+                f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}",
+                "PRAGMA foreign_keys=OFF",
+            ):
+                await db.execute(pragma)
+            await db.executescript(SCHEMA)
+            store = cls(db, config, ship)
+            await store._load_totals()
+        except BaseException:
+            await db.close()
+            raise
+        os.chmod(path, 0o600)  # events name models and spend: not for other users
+        return store
+
+    async def _load_totals(self) -> None:
+        async with self._db.execute(
+            "SELECT COALESCE(SUM(size), 0), COALESCE(SUM(state = ?), 0) FROM events", (PENDING,)
+        ) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        self.spool_bytes, self.pending_events = int(row[0]), int(row[1])
+        async with self._db.execute("SELECT name, value FROM counters") as cur:
+            for name, value in await cur.fetchall():
+                if name in ("dropped_total", "poisoned_total"):
+                    setattr(self, name, int(value))
+
+    def start(self) -> None:
+        from .tasks import spawn
+
+        self._writer = spawn(self._write_loop(), name="store-writer")
+
+    async def close(self) -> None:
+        """Commit what is queued (the writer drains), then close the file."""
+        self._closing = True
+        self._stop.set()
+        self._wake.set()
+        if self._writer is not None:
+            await self._writer
+        await self.flush()
+        async with self._lock:
+            try:
+                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("store: final checkpoint failed: %s", exc)
+            await self._db.close()
+
+    # ------------------------------------------------------------------ writing
+
+    def enqueue(self, event: Event) -> None:
+        """Queue an event for the next group commit (O(1); never blocks, never raises)."""
+        queue = self._queue
+        queue.append(event)
+        if len(queue) > self._config.max_pending_events:
+            queue.popleft()
+            self._count_dropped(1, "the store cannot keep up (or cannot write)")
+        if len(queue) == 1 or len(queue) >= 1000:
+            self._wake.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def _write_loop(self) -> None:
+        interval = self._config.commit_interval_ms / 1000
+        delay = interval
+        while not self._closing:
+            if not self._queue:
+                self._wake.clear()
+                await self._pause(_MAINTENANCE_SECONDS, self._wake)
+            else:
+                # Group commit: let one interval's events gather (longer while writes fail).
+                await self._pause(delay, self._stop)
+                ok = await self.flush()
+                delay = interval if ok else min(delay * 2, 5.0)
+            await self._maintain()
+
+    @staticmethod
+    async def _pause(seconds: float, until: asyncio.Event) -> None:
+        try:
+            await asyncio.wait_for(until.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def flush(self) -> bool:
+        """Commit every queued event now. False when the write failed (events stay queued)."""
+        async with self._flushing:  # one flush at a time: each event is written once
+            while self._queue:
+                if not await self._flush():
+                    return False
+            return True
+
+    async def _flush(self) -> bool:
+        # At most _CHUNK events per transaction, so that encoding a backlog (after the disk
+        # came back) never holds the event loop for long.
+        events = list(itertools.islice(self._queue, _CHUNK))
+        rows = [self._row(e) for e in events]
+        size = sum(r[2] for r in rows)
+        try:
+            async with self._lock:
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    await self._db.executemany(_INSERT, rows)
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+        except (sqlite3.Error, OSError) as exc:
+            self.write_errors_total += 1
+            if not self._write_failing:
+                log.error(
+                    "store: cannot write %d events (kept in memory, retrying): %s", len(events), exc
+                )
+            self._write_failing = True
+            return False
+        if self._write_failing:
+            log.warning(
+                "store: writing again after failures (%d errors so far)", self.write_errors_total
+            )
+            self._write_failing = False
+        for _ in range(len(events)):
+            self._queue.popleft()
+        self.committed_total += len(events)
+        self.spool_bytes += size
+        if self._ship:
+            self.pending_events += len(events)
+        if self.spool_bytes > self.max_bytes:
+            await self._enforce_bound()
+        return True
+
+    def _row(self, e: Event) -> tuple[Any, ...]:
+        body = orjson.dumps(e.to_ingest())
+        return (
+            time.time(),
+            PENDING if self._ship else LOCAL,
+            len(body) + 200,  # the row's other columns, roughly
+            body,
+            e.ts,
+            e.provider,
+            e.model,
+            e.endpoint,
+            e.status,
+            e.tokens_in,
+            e.tokens_out,
+            e.cost_usd,
+            e.fingerprint,
+            int(e.stream),
+            e.usage_source.value,
+            int(e.priced),
+            e.refused_by,
+            e.origin,
+        )
+
+    def _count_dropped(self, n: int, why: str) -> None:
+        self.dropped_total += n
+        log.error("store: dropped %d event(s): %s (%d dropped in all)", n, why, self.dropped_total)
+
+    # ------------------------------------------------------------------ bounds and upkeep
+
+    async def _enforce_bound(self) -> None:
+        """Past max_spool_mb: delete shipped events first, then the oldest others (counted)."""
+        async with self._lock:
+            excess = self.spool_bytes - self.max_bytes
+            freed, _ = await self._delete_oldest((SHIPPED,), excess)
+            excess -= freed
+            if excess > 0:
+                freed2, lost = await self._delete_oldest((PENDING, LOCAL, POISONED), excess)
+                if lost:
+                    self._count_dropped(
+                        lost, f"the spool passed max_spool_mb={self._config.max_spool_mb}"
+                    )
+                    await self._save_counters()
+
+    async def _delete_oldest(self, states: Sequence[int], nbytes: int) -> tuple[int, int]:
+        marks = ",".join("?" * len(states))
+        freed = count = pending = 0
+        async with self._db.execute(
+            f"SELECT id, size, state FROM events WHERE state IN ({marks}) ORDER BY id",
+            tuple(states),
+        ) as cur:
+            ids = []
+            async for row_id, size, state in cur:
+                if freed >= nbytes:
+                    break
+                ids.append(row_id)
+                freed += size
+                count += 1
+                pending += state == PENDING
+        if ids:
+            await self._db.execute("BEGIN IMMEDIATE")
+            await self._db.executemany("DELETE FROM events WHERE id = ?", [(i,) for i in ids])
+            await self._db.execute("COMMIT")
+            self.spool_bytes -= freed
+            self.pending_events -= pending
+        return freed, count
+
+    async def _save_counters(self) -> None:
+        await self._db.executemany(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            [("dropped_total", self.dropped_total), ("poisoned_total", self.poisoned_total)],
+        )
+
+    async def _maintain(self) -> None:
+        """Once a minute: retention, and a WAL checkpoint that truncates the WAL file (SQLite's
+        own checkpoints at 1000 pages bound it in between, and journal_size_limit trims it)."""
+        now = time.monotonic()
+        if now - self._last_maintenance < _MAINTENANCE_SECONDS:
+            return
+        self._last_maintenance = now
+        try:
+            await self.expire()
+            async with self._lock:
+                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("store: maintenance failed (retrying later): %s", exc)
+
+    async def expire(self) -> int:
+        """Delete shipped and local events older than the retention period."""
+        cutoff = time.time() - self._config.retention_hours * 3600
+        async with self._lock:
+            async with self._db.execute(
+                "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events "
+                "WHERE state IN (?, ?) AND created < ?",
+                (SHIPPED, LOCAL, cutoff),
+            ) as cur:
+                row = await cur.fetchone()
+            assert row is not None
+            if not row[1]:
+                return 0
+            await self._db.execute(
+                "DELETE FROM events WHERE state IN (?, ?) AND created < ?",
+                (SHIPPED, LOCAL, cutoff),
+            )
+            self.spool_bytes -= int(row[0])
+            return int(row[1])
+
+    # ------------------------------------------------------------------ shipping
+
+    async def next_batch(self, limit: int) -> Batch | None:
+        """The batch to send: the one already under way (same identity), else a new one."""
+        async with self._lock:
+            async with self._db.execute(
+                "SELECT batch_id FROM events WHERE state = ? AND batch_id IS NOT NULL "
+                "ORDER BY id LIMIT 1",
+                (PENDING,),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is not None:
+                batch_id = row[0]
+            else:
+                async with self._db.execute(
+                    "SELECT id FROM events WHERE state = ? AND batch_id IS NULL "
+                    "ORDER BY id LIMIT ?",
+                    (PENDING, limit),
+                ) as cur:
+                    ids = [r[0] for r in await cur.fetchall()]
+                if not ids:
+                    return None
+                batch_id = uuid.uuid4().hex
+                await self._db.execute("BEGIN IMMEDIATE")
+                await self._db.executemany(
+                    "UPDATE events SET batch_id = ? WHERE id = ?", [(batch_id, i) for i in ids]
+                )
+                await self._db.execute("COMMIT")
+            async with self._db.execute(
+                "SELECT id, body FROM events WHERE batch_id = ? ORDER BY id", (batch_id,)
+            ) as cur:
+                rows = await cur.fetchall()
+        return Batch(batch_id, tuple(r[0] for r in rows), tuple(bytes(r[1]) for r in rows))
+
+    async def delivered(self, batch: Batch) -> None:
+        """The API took the batch (2xx): its events leave the spool (kept for reports)."""
+        async with self._lock:
+            await self._db.execute(
+                "UPDATE events SET state = ?, batch_id = NULL WHERE batch_id = ?",
+                (SHIPPED, batch.id),
+            )
+        self.pending_events -= len(batch.event_ids)
+
+    async def split(self, batch: Batch) -> tuple[str, str]:
+        """Split a refused batch in two new batches, to find the event the API refuses."""
+        half = len(batch.event_ids) // 2
+        first, second = uuid.uuid4().hex, uuid.uuid4().hex
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            await self._db.executemany(
+                "UPDATE events SET batch_id = ? WHERE id = ?",
+                [(first, i) for i in batch.event_ids[:half]]
+                + [(second, i) for i in batch.event_ids[half:]],
+            )
+            await self._db.execute("COMMIT")
+        return first, second
+
+    async def poison(self, batch: Batch, why: str) -> None:
+        """The API refuses this one event: keep it for inspection, out of the way of the rest."""
+        async with self._lock:
+            await self._db.execute(
+                "UPDATE events SET state = ?, batch_id = NULL WHERE batch_id = ?",
+                (POISONED, batch.id),
+            )
+            self.poisoned_total += len(batch.event_ids)
+            self.pending_events -= len(batch.event_ids)
+            await self._save_counters()
+        log.error(
+            "ingest refused event id %s (%s): kept in the store as poisoned for inspection "
+            "(%d poisoned in all)",
+            ",".join(map(str, batch.event_ids)),
+            why,
+            self.poisoned_total,
+        )
+
+    # ------------------------------------------------------------------ guardrail state
+
+    async def load_guardrails(self) -> list[GuardrailRow]:
+        async with self._db.execute(
+            "SELECT org_id, state, expires_at, layer, reason, source FROM guardrails"
+        ) as cur:
+            return [GuardrailRow(*row) for row in await cur.fetchall()]
+
+    async def save_guardrail(self, row: GuardrailRow) -> None:
+        async with self._lock:
+            await self._db.execute(
+                "INSERT INTO guardrails (org_id, state, expires_at, layer, reason, source, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (org_id) DO UPDATE SET "
+                "state = excluded.state, expires_at = excluded.expires_at, "
+                "layer = excluded.layer, reason = excluded.reason, source = excluded.source, "
+                "updated_at = excluded.updated_at",
+                (
+                    row.org_id,
+                    row.state,
+                    row.expires_at,
+                    row.layer,
+                    row.reason,
+                    row.source,
+                    time.time(),
+                ),
+            )

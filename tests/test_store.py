@@ -1,0 +1,239 @@
+"""The store on real SQLite files: durability, group commit, bounds, disk full, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy.adapters.base import UsageSource
+from proxy.config import StorageConfig
+from proxy.events import Event
+from proxy.store import LOCAL, PENDING, SHIPPED, Store
+
+from .conftest import eventually
+
+
+def event(i: int, model: str = "gpt-4o-mini") -> Event:
+    return Event(
+        ts="2026-11-29T01:55:24.123Z",
+        provider="openai",
+        model=model,
+        endpoint="/chat/completions",
+        status=200,
+        tokens_in=10 + i,
+        tokens_out=2,
+        cost_usd=0.000001 * i,
+        latency_ms=5,
+        fingerprint="sha256:" + f"{i:064x}",
+        stream=False,
+        usage_source=UsageSource.REPORTED,
+        priced=True,
+    )
+
+
+def config(path: Path, **kw: object) -> StorageConfig:
+    return StorageConfig(path=path, **{"commit_interval_ms": 20, **kw})  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await Store.open(config(tmp_path / "s.sqlite3"), ship=True)
+    s.start()
+    yield s
+    await s.close()
+
+
+def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+async def test_group_commit_and_restart(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    s = await Store.open(config(path), ship=True)
+    s.start()
+    for i in range(1000):
+        s.enqueue(event(i))
+    await eventually(lambda: s.committed_total == 1000, within=5)
+    assert s.pending_events == 1000 and s.queued == 0
+    await s.close()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert rows(path, "PRAGMA integrity_check") == [("ok",)]
+    assert rows(path, "PRAGMA journal_mode") == [("wal",)]
+
+    again = await Store.open(config(path), ship=True)
+    assert again.pending_events == 1000
+    batch = await again.next_batch(300)
+    assert batch is not None and len(batch.event_ids) == 300
+    # The open batch keeps its identity until it is delivered.
+    same = await again.next_batch(300)
+    assert same is not None and same.id == batch.id and same.event_ids == batch.event_ids
+    await again.delivered(batch)
+    nxt = await again.next_batch(300)
+    assert nxt is not None and nxt.id != batch.id and nxt.event_ids[0] == batch.event_ids[-1] + 1
+    assert again.pending_events == 700
+    await again.close()
+    assert rows(path, "SELECT state, COUNT(*) FROM events GROUP BY state") == [
+        (PENDING, 700),
+        (SHIPPED, 300),
+    ]
+
+
+async def test_local_only_events_are_kept_not_pending(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    s = await Store.open(config(path), ship=False)
+    s.start()
+    s.enqueue(event(1))
+    await s.close()
+    assert rows(path, "SELECT state, model, tokens_in FROM events") == [(LOCAL, "gpt-4o-mini", 11)]
+    assert s.pending_events == 0
+
+
+async def test_payload_is_the_ingest_body(store: Store) -> None:
+    store.enqueue(event(7))
+    await store.flush()
+    batch = await store.next_batch(10)
+    assert batch is not None
+    import json
+
+    [sent] = json.loads(batch.payload())["events"]
+    assert sent == event(7).to_ingest()
+
+
+async def test_spool_bound_drops_oldest_shipped_first_and_counts(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    s = await Store.open(config(path, max_spool_mb=1.0), ship=True)
+    for i in range(1000):
+        s.enqueue(event(i))
+    await s.flush()
+    batch = await s.next_batch(1000)
+    assert batch is not None
+    await s.delivered(batch)  # all shipped: the bound deletes these first, without loss
+    per_event = s.spool_bytes // 1000
+    n = (1024 * 1024) // per_event + 500  # enough unshipped events to pass the bound alone
+    for i in range(1000, 1000 + n):
+        s.enqueue(event(i))
+    await s.flush()
+    assert s.spool_bytes <= 1024 * 1024
+    kept = rows(path, "SELECT state, COUNT(*), MIN(id) FROM events GROUP BY state")
+    assert [k[0] for k in kept] == [PENDING]  # every shipped event went first
+    assert s.dropped_total == n - kept[0][1]  # and each unshipped one lost is counted
+    assert s.dropped_total > 0
+    assert kept[0][2] == 1001 + s.dropped_total  # the oldest went
+    await s.close()
+    again = await Store.open(config(path), ship=True)
+    assert again.dropped_total == s.dropped_total  # the count survives a restart
+    await again.close()
+
+
+async def test_memory_bound_while_the_disk_fails_counts_drops(tmp_path: Path) -> None:
+    s = await Store.open(config(tmp_path / "s.sqlite3", max_pending_events=100), ship=True)
+    for i in range(150):
+        s.enqueue(event(i))
+    assert s.queued == 100 and s.dropped_total == 50
+    await s.close()
+
+
+async def test_retention_expires_shipped_and_local(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    s = await Store.open(config(path, retention_hours=0.0), ship=True)
+    s.enqueue(event(1))
+    s.enqueue(event(2))
+    await s.flush()
+    batch = await s.next_batch(1)
+    assert batch is not None
+    await s.delivered(batch)
+    await asyncio.sleep(0.01)
+    assert await s.expire() == 1  # the shipped one; the pending one is never expired
+    await s.close()
+    assert rows(path, "SELECT state FROM events") == [(PENDING,)]
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> AsyncIterator[Path]:
+    """A 1 MiB tmpfs, to fill the disk for real (needs root to mount)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mount  # type: ignore[misc]
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_disk_full_keeps_events_in_memory_and_recovers(small_fs: Path) -> None:
+    path = small_fs / "s.sqlite3"
+    s = await Store.open(config(path), ship=True)
+    s.start()
+    filler = small_fs / "filler"
+    # Fill the filesystem so the next commits fail with SQLITE_FULL.
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    for i in range(500):
+        s.enqueue(event(i))
+    await eventually(lambda: s.write_errors_total > 0)
+    assert s.queued == 500 and s.dropped_total == 0  # held, not lost
+    os.unlink(filler)  # space returns
+    await eventually(lambda: s.committed_total == 500, within=15)
+    assert s.queued == 0 and s.pending_events == 500
+    await s.close()
+    assert rows(path, "PRAGMA integrity_check") == [("ok",)]
+    assert rows(path, "SELECT COUNT(*) FROM events") == [(500,)]
+
+
+async def test_guardrail_state_persists(tmp_path: Path) -> None:
+    from proxy.guardrails import KillSwitch
+
+    path = tmp_path / "s.sqlite3"
+    s = await Store.open(config(path), ship=False)
+    kill = KillSwitch("org_local", s)
+    await kill.suspend(
+        "dumb_loop_detector", "fingerprint sha256:x seen 4 times in 60s", 3600, "local"
+    )
+    await s.close()
+    s2 = await Store.open(config(path), ship=False)
+    kill2 = KillSwitch("org_local", s2)
+    await kill2.load()
+    current = kill2.check()
+    assert current is not None and current.layer == "dumb_loop_detector"
+    assert current.expires_at is not None and 3590 < current.expires_at - time.time() <= 3600
+    await kill2.clear("operator", "api")
+    await s2.close()
+    s3 = await Store.open(config(path), ship=False)
+    kill3 = KillSwitch("org_local", s3)
+    await kill3.load()
+    assert kill3.check() is None
+    await s3.close()
+
+
+async def test_expired_suspension_is_not_restored(tmp_path: Path) -> None:
+    from proxy.guardrails import KillSwitch
+
+    path = tmp_path / "s.sqlite3"
+    s = await Store.open(config(path), ship=False)
+    await KillSwitch("org_local", s).suspend("spend_cap", "over", 0.05, "local")
+    await s.close()
+    await asyncio.sleep(0.1)
+    s2 = await Store.open(config(path), ship=False)
+    kill = KillSwitch("org_local", s2)
+    await kill.load()
+    assert kill.check() is None and kill.status == "ok"
+    await s2.close()
