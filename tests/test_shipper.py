@@ -79,7 +79,7 @@ async def test_retry_after_is_honored(
     ingest.plan = [("retry-after", 429, 2), ("retry-after", 503, 2)]
     d = await start_daemon(**shipping(ingest))
     await send(d, 1)
-    await eventually(lambda: len(ingest.delivered()) == 1)
+    await eventually(lambda: len(ingest.delivered()) == 1, within=10)
     gaps = [b.at - a.at for a, b in zip(ingest.calls, ingest.calls[1:], strict=False)]
     assert [c.status for c in ingest.calls] == [429, 503, 200]
     assert all(2.0 <= gap < 2.2 for gap in gaps), gaps  # within 10%
