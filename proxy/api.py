@@ -1,6 +1,6 @@
-"""The local mirror of the AtlasBurn API: ``POST /api/ingest``.
+"""The local mirror of the AtlasBurn API: ``POST /api/ingest`` and ``/api/guardrails/enforce``.
 
-Every call needs ``AtlasBurn-API-Key`` (401 without the right one). The body is one event or
+Every call needs ``AtlasBurn-API-Key`` (401 without the right one). Ingest: The body is one event or
 ``{"events": [...]}``; each event is validated on its own: good ones are spooled (and shipped
 like the daemon's own), bad ones are counted in ``rejected`` with the reason, never stored. A body
 that is not JSON, or not an event or batch, is 400; a body over the limit is 413; another org is
@@ -10,6 +10,8 @@ that is not JSON, or not an event or batch, is 400; a body over the limit is 413
 from __future__ import annotations
 
 import logging
+import math
+import re
 from typing import Any
 
 import orjson
@@ -17,7 +19,7 @@ from aiohttp import web
 
 from .auth import HEADER, KeyChecker
 from .events import InvalidEvent, parse_event
-from .guardrails import KillSwitch
+from .guardrails import KillSwitch, LoopGuard
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -35,11 +37,18 @@ def error(status: int, code: str, message: str) -> web.Response:
 
 class LocalAPI:
     def __init__(
-        self, keys: KeyChecker, store: Store, kill: KillSwitch, org_id: str, max_body: int
+        self,
+        keys: KeyChecker,
+        store: Store,
+        kill: KillSwitch,
+        org_id: str,
+        max_body: int,
+        loop: LoopGuard | None = None,
     ) -> None:
         self._keys = keys
         self._store = store
         self._kill = kill
+        self._loop = loop
         self._org_id = org_id
         self._max_body = max_body
 
@@ -102,6 +111,8 @@ class LocalAPI:
                 errors.append({"index": index, "error": str(exc)})
                 continue
             self._store.enqueue(event)
+            if self._loop is not None:
+                self._loop.observe(event.fingerprint)
             accepted += 1
         return web.Response(
             body=orjson.dumps(
@@ -119,3 +130,129 @@ class LocalAPI:
 class _Refusal(Exception):
     def __init__(self, response: web.Response) -> None:
         self.response = response
+
+
+_LAYER = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+MAX_TTL = 30 * 86400
+_POST_FIELDS = {"org_id", "action", "layer", "ttl_seconds", "reason"}
+_DELETE_FIELDS = {"org_id", "reason"}
+
+
+class _Bad(Exception):
+    pass
+
+
+def _field(body: dict[str, Any], name: str, kind: type, default: Any = _Bad) -> Any:
+    if name not in body:
+        if default is _Bad:
+            raise _Bad(f"{name}: required")
+        return default
+    value = body[name]
+    if kind is float:
+        ok = type(value) in (int, float) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise _Bad(f"{name}: expected {'a number' if kind is float else 'a string'}")
+    return value
+
+
+class GuardrailsAPI:
+    """``/api/guardrails/enforce``: POST suspends, DELETE resumes, GET reads (DESIGN.md)."""
+
+    def __init__(self, local: LocalAPI, store: Store, kill: KillSwitch, who: str) -> None:
+        self._local = local
+        self._store = store
+        self._kill = kill
+        self._who = who
+
+    def _state(self, *, details: bool) -> dict[str, Any]:
+        current = self._kill.check()
+        answer: dict[str, Any] = {
+            "ok": True,
+            "kv_key": self._kill.key,
+            "state": "suspended" if current else "ok",
+            "expires_at": current.expires_iso() if current else None,
+        }
+        if details:
+            answer["layer"] = current.layer if current else None
+            answer["reason"] = current.reason if current else None
+        return answer
+
+    def _org(self, org: Any) -> web.Response | None:
+        if not isinstance(org, str) or not org:
+            return error(400, "invalid_body", "org_id: required")
+        if org != self._kill.org_id:
+            return error(403, "forbidden", f"this daemon serves org {self._kill.org_id!r}")
+        return None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        refused = self._local.authorize(request)
+        if refused is not None:
+            return refused
+        if request.method == "GET":
+            wrong = self._org(request.query.get("org_id"))
+            return wrong or web.json_response(self._state(details=True))
+        if request.method not in ("POST", "DELETE"):
+            return error(405, "method_not_allowed", "use GET, POST or DELETE")
+        try:
+            body = await self._local.read_json(request)
+        except _Refusal as refusal:
+            refusal.response.force_close()
+            return refusal.response
+        if not isinstance(body, dict):
+            return error(400, "invalid_body", "expected a JSON object")
+        wrong = self._org(body.get("org_id"))
+        if wrong is not None:
+            return wrong
+        try:
+            if request.method == "POST":
+                return await self._suspend(body)
+            return await self._resume(body)
+        except _Bad as exc:
+            return error(400, "invalid_body", str(exc))
+
+    async def _suspend(self, body: dict[str, Any]) -> web.Response:
+        extra = sorted(set(body) - _POST_FIELDS)
+        if extra:
+            raise _Bad(f"unknown field(s): {', '.join(extra)}")
+        if _field(body, "action", str) != "suspend":
+            raise _Bad("action: expected 'suspend' (DELETE resumes)")
+        layer = _field(body, "layer", str, "manual")
+        if not _LAYER.match(layer):
+            raise _Bad("layer: 1-64 characters of letters, digits and _ . : -")
+        ttl = _field(body, "ttl_seconds", float)
+        if not 0 < ttl <= MAX_TTL:
+            raise _Bad(f"ttl_seconds: expected more than 0 and at most {MAX_TTL}")
+        reason = _field(body, "reason", str, "")
+        if len(reason) > 1000:
+            raise _Bad("reason: at most 1000 characters")
+        await self._kill.suspend(layer, reason, float(ttl), "api")
+        await self._audit("suspend", layer, float(ttl), reason)
+        return web.json_response(self._state(details=False))
+
+    async def _resume(self, body: dict[str, Any]) -> web.Response:
+        extra = sorted(set(body) - _DELETE_FIELDS)
+        if extra:
+            raise _Bad(f"unknown field(s): {', '.join(extra)}")
+        reason = _field(body, "reason", str, "")
+        if len(reason) > 1000:
+            raise _Bad("reason: at most 1000 characters")
+        await self._kill.clear(reason, "api")
+        await self._audit("resume", None, None, reason)
+        return web.json_response(self._state(details=False))
+
+    async def _audit(self, action: str, layer: str | None, ttl: float | None, reason: str) -> None:
+        log.warning(
+            "audit: %s %s org=%s layer=%s ttl=%s reason=%r",
+            self._who,
+            action,
+            self._kill.org_id,
+            layer,
+            ttl,
+            reason,
+        )
+        try:
+            await self._store.audit(self._who, action, self._kill.org_id, layer, ttl, reason)
+        except Exception:
+            log.exception("audit: could not store the audit record (logged above)")

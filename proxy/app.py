@@ -19,11 +19,11 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .api import LocalAPI, error
+from .api import GuardrailsAPI, LocalAPI, error
 from .auth import KeyChecker, local_key
 from .config import Config
 from .events import Event, Recorder
-from .guardrails import KillSwitch
+from .guardrails import KillSwitch, LoopGuard, SpendCap
 from .pricing import Pricer
 from .relay import Relay
 from .shipper import Shipper
@@ -37,6 +37,7 @@ RELAY = web.AppKey("relay", Relay)
 STORE = web.AppKey("store", Store)
 KILL = web.AppKey("kill", KillSwitch)
 API = web.AppKey("api", LocalAPI)
+GUARDRAILS_API = web.AppKey("guardrails_api", GuardrailsAPI)
 SHIPPER = web.AppKey("shipper", Shipper)
 
 
@@ -78,20 +79,35 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
         kill = KillSwitch(config.atlasburn.org_id, store)
         await kill.load()
         app[KILL] = kill
+        loop = None
+        if config.guardrails.dumb_loop_detector.enabled:
+            loop = LoopGuard(config.guardrails.dumb_loop_detector, kill)
+        spend = None
+        if config.guardrails.spend_cap.enabled:
+            spend = SpendCap(config.guardrails.spend_cap)
+            spend.restore(await store.spend_buckets(86400))
         key = local_key(config.atlasburn.api_key.reveal(), config.storage.path.parent, create=True)
         assert key is not None
+        keys = KeyChecker(key)
         app[API] = LocalAPI(
-            KeyChecker(key), store, kill, config.atlasburn.org_id, config.server.max_body_bytes
+            keys,
+            store,
+            kill,
+            config.atlasburn.org_id,
+            config.server.max_body_bytes,
+            loop,
         )
+        app[GUARDRAILS_API] = GuardrailsAPI(app[API], store, kill, keys.who)
         session = make_session(config)
         app[SESSION] = session
         pricer = Pricer.from_config(config.providers, config.pricing)
         recorder = store.enqueue if record is None else _both(store.enqueue, record)
-        app[RELAY] = Relay(config, session, recorder, pricer, kill)
+        app[RELAY] = Relay(config, session, recorder, pricer, kill, loop, spend)
         shipper = Shipper(config, store, kill) if ship else None
         if shipper is not None:
             app[SHIPPER] = shipper
             shipper.start()
+            kill.listeners.append(shipper.report_suspension)
         try:
             yield
         finally:
@@ -115,7 +131,12 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
         return await request.app[API].ingest(request)
 
     app.router.add_get("/healthz", healthz)
+
+    async def enforce(request: web.Request) -> web.StreamResponse:
+        return await request.app[GUARDRAILS_API].handle(request)
+
     app.router.add_route("*", "/api/ingest", ingest)
+    app.router.add_route("*", "/api/guardrails/enforce", enforce)
     app.router.add_route("*", "/{tail:.*}", relay, expect_handler=expect)
     return app
 

@@ -30,6 +30,8 @@ class KeyChecker:
             raise ValueError("an AtlasBurn API key starts with 'abn_'")
         self._salt = os.urandom(32)
         self._digest = self._hash(key)
+        # Who made a change, for the audit trail: a short digest that cannot give the key back.
+        self.who = "key:" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
     def _hash(self, key: str) -> bytes:
         return hmac.new(self._salt, key.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()

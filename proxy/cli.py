@@ -56,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--by", default="model", choices=("provider", "model", "endpoint", "fingerprint")
     )
     report.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    status = sub.add_parser("status", help="the running daemon's kill flag")
+    status.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
+    suspend = sub.add_parser("suspend", help="suspend the org: every proxied request gets 429")
+    suspend.add_argument(
+        "--config", metavar="FILE", help="TOML config (default: embedded defaults)"
+    )
+    suspend.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    suspend.add_argument("--reason", default="suspended by an operator")
+    suspend.add_argument("--layer", default="manual")
+    resume = sub.add_parser("resume", help="clear the org's kill flag")
+    resume.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
+    resume.add_argument("--reason", default="resumed by an operator")
     return parser
 
 
@@ -67,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return show_prices(args.config, args.provider, args.service_tier, args.models)
     if args.command == "report":
         return show_report(args.config, args.since, args.by, args.json)
+    if args.command in ("status", "suspend", "resume"):
+        return operate(args)
     return run(args.config, args.listen)
 
 
@@ -168,6 +183,37 @@ def show_report(config_path: str | None, since: str, by: str, as_json: bool) -> 
         print(json.dumps(out, indent=2))
     else:
         print(report.render(rows, by, since, seconds))
+    return EXIT_OK
+
+
+def operate(args: argparse.Namespace) -> int:
+    from . import control
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if args.command == "status":
+            answer = control.call(config, "GET")
+        elif args.command == "suspend":
+            body = {
+                "action": "suspend",
+                "layer": args.layer,
+                "ttl_seconds": args.ttl,
+                "reason": args.reason,
+            }
+            control.call(config, "POST", body)
+            answer = control.call(config, "GET")
+        else:
+            control.call(config, "DELETE", {"reason": args.reason})
+            answer = control.call(config, "GET")
+    except control.OperatorError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILURE
+    print(control.describe(config, answer))
     return EXIT_OK
 
 

@@ -33,6 +33,7 @@ DEFAULT_LISTEN = "127.0.0.1:8787"
 RESERVED_PROVIDER_NAMES = frozenset({"api", "healthz", "readyz", "metrics", "v1"})
 _PROVIDER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _ORG_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ENV_REF = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -137,11 +138,23 @@ class LoopDetectorConfig:
     threshold: int = 4
     window_seconds: float = 60.0
     ttl_seconds: float = 7200.0
+    scope: str = "org"  # "org": suspend the org; "fingerprint": refuse only that request
+    allow_fingerprints: frozenset[str] = frozenset()
+    exempt_header: str = ""  # a request carrying this header (non-empty) is not counted
+    max_tracked: int = 250_000  # distinct fingerprints per generation (two are kept)
+
+
+@dataclass(frozen=True, slots=True)
+class SpendCapConfig:
+    enabled: bool = False
+    max_usd_per_hour: float = 0.0  # 0: no hourly cap
+    max_usd_per_day: float = 0.0  # 0: no daily cap
 
 
 @dataclass(frozen=True, slots=True)
 class GuardrailsConfig:
     dumb_loop_detector: LoopDetectorConfig = field(default_factory=LoopDetectorConfig)
+    spend_cap: SpendCapConfig = field(default_factory=SpendCapConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +270,13 @@ def _expand_env(value: str, key: str, env: Mapping[str, str], warnings: list[str
 # --------------------------------------------------------------------------- the table reader
 
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "an array",
+}
 
 
 class _Table:
@@ -479,6 +498,19 @@ def _telemetry(t: _Table) -> TelemetryConfig:
     return cfg
 
 
+def _fingerprints(values: list[Any]) -> frozenset[str]:
+    for value in values:
+        if not isinstance(value, str) or not _FINGERPRINT.match(value):
+            raise ValueError(f"expected fingerprints like 'sha256:<64 hex digits>', got {value!r}")
+    return frozenset(values)
+
+
+def _header_name(value: str) -> str:
+    if value and not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", value):
+        raise ValueError(f"not a header name: {value!r}")
+    return value
+
+
 def _guardrails(t: _Table) -> GuardrailsConfig:
     ld = t.table("dumb_loop_detector")
     d = LoopDetectorConfig()
@@ -487,10 +519,24 @@ def _guardrails(t: _Table) -> GuardrailsConfig:
         threshold=ld.get("threshold", int, d.threshold, _between(2, 1_000_000)),
         window_seconds=ld.get("window_seconds", float, d.window_seconds, _between(1, 86400)),
         ttl_seconds=ld.get("ttl_seconds", float, d.ttl_seconds, _between(1, 30 * 86400)),
+        scope=ld.get("scope", str, d.scope, _one_of(("org", "fingerprint"))),
+        allow_fingerprints=ld.get("allow_fingerprints", list, d.allow_fingerprints, _fingerprints),
+        exempt_header=ld.get("exempt_header", str, d.exempt_header, _header_name),
+        max_tracked=ld.get("max_tracked", int, d.max_tracked, _between(1000, 100_000_000)),
     )
     ld.done()
+    sc = t.table("spend_cap")
+    ds = SpendCapConfig()
+    cap = SpendCapConfig(
+        enabled=sc.get("enabled", bool, ds.enabled),
+        max_usd_per_hour=sc.get("max_usd_per_hour", float, 0.0, _between(0, 1e9)),
+        max_usd_per_day=sc.get("max_usd_per_day", float, 0.0, _between(0, 1e9)),
+    )
+    if cap.enabled and not (cap.max_usd_per_hour or cap.max_usd_per_day):
+        sc.problem("enabled", "set max_usd_per_hour and/or max_usd_per_day (above 0)")
+    sc.done()
     t.done()
-    return GuardrailsConfig(dumb_loop_detector=loop)
+    return GuardrailsConfig(dumb_loop_detector=loop, spend_cap=cap)
 
 
 def _known_kind(value: str) -> str:

@@ -1,18 +1,31 @@
-"""Guardrails: the kill switch (one flag per org) and the refusal a suspended org gets.
+"""Guardrails: the kill switch, the dumb loop detector and the spend cap.
 
-The flag lives in memory for the hot path — a check is one float comparison — and in the store,
-so a suspension survives restarts. It expires by itself at ``expires_at`` (never extended
-locally); a suspension by the AtlasBurn API (``guardrail_status: "suspended"`` in an ingest answer)
-has no expiry and lasts until the API answers ``ok`` again.
+``KillSwitch`` is the org's flag. It lives in memory for the hot path — a check is one float
+comparison — and in the store, so a suspension survives restarts. It expires by itself at
+``expires_at`` (never extended locally); a suspension by the AtlasBurn API (``guardrail_status:
+"suspended"`` in an ingest answer) has no expiry and lasts until the API answers ``ok`` again.
+Changing it is synchronous in memory (the very next request sees it); persisting follows in the
+background, or is awaited where an answer promises it (the local API).
+
+``LoopDetector`` counts identical requests (by fingerprint) in a sliding window: the
+``threshold``-th within ``window_seconds`` trips it. ``SpendCap`` keeps rolling hourly and daily
+USD sums of the daemon's own priced events in minute buckets.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import xxhash
+
+from .config import LoopDetectorConfig, SpendCapConfig
 from .events import iso_ms
 from .store import GuardrailRow, Store
 
@@ -44,6 +57,8 @@ class KillSwitch:
         self._store = store
         self._current: Suspension | None = None
         self._until = 0.0  # fast path: 0 = not suspended; inf = until cleared
+        # Called with each new local suspension (the shipper reports them to the API).
+        self.listeners: list[Callable[[Suspension], None]] = []
 
     @property
     def key(self) -> str:
@@ -82,9 +97,12 @@ class KillSwitch:
     def status(self) -> str:
         return "suspended" if self.check() is not None else "ok"
 
-    async def suspend(
+    def suspend_now(
         self, layer: str, reason: str, ttl_seconds: float | None, source: str
-    ) -> Suspension:
+    ) -> tuple[Suspension, asyncio.Task[None]]:
+        """Suspend at once (the next request is refused); the task persists it."""
+        from .tasks import spawn
+
         expires = None if ttl_seconds is None else time.time() + ttl_seconds
         suspension = Suspension(self.org_id, layer, reason, source, expires)
         self._set(suspension)
@@ -95,7 +113,16 @@ class KillSwitch:
             reason,
             suspension.expires_iso() or "resumed",
         )
-        await self._persist("suspended", suspension)
+        for listener in self.listeners:
+            listener(suspension)
+        return suspension, spawn(self._persist("suspended", suspension), name="persist-kill")
+
+    async def suspend(
+        self, layer: str, reason: str, ttl_seconds: float | None, source: str
+    ) -> Suspension:
+        """Suspend, and return once the flag is also on disk."""
+        suspension, persisted = self.suspend_now(layer, reason, ttl_seconds, source)
+        await persisted
         return suspension
 
     async def clear(self, reason: str, source: str) -> None:
@@ -129,3 +156,193 @@ class KillSwitch:
             await self._store.save_guardrail(row)
         except Exception:  # the flag still holds in memory; say that it will not survive
             log.exception("guardrail: could not persist the kill flag; it holds until restart")
+
+
+# --------------------------------------------------------------------------- loop detector
+
+
+@dataclass(frozen=True, slots=True)
+class Trip:
+    count: int
+    reason: str
+
+
+class LoopDetector:
+    """Counts identical requests in a sliding window; O(1) per request, bounded memory.
+
+    Keys are the 64-bit xxh3 hash of the fingerprint (a collision among a million fingerprints has
+    odds near 1 in 36 million). Each key holds the times of its last ``threshold - 1`` occurrences
+    (one float for the usual single occurrence). Two generations of keys are kept, each at most
+    ``window_seconds`` old: when the current one is a window old, the previous one (whose keys all
+    fell out of the window) is dropped whole, so memory is bounded by the distinct fingerprints of
+    the last two windows, and never more than ``max_tracked`` (past it a generation is retired
+    early: repeats older than that are forgotten, which can only let a loop run longer, never
+    refuse an honest request).
+    """
+
+    def __init__(self, config: LoopDetectorConfig) -> None:
+        self.threshold = config.threshold
+        self.window = config.window_seconds
+        self.max_tracked = config.max_tracked
+        self.allow = frozenset(
+            xxhash.xxh3_64_intdigest(f.encode()) for f in config.allow_fingerprints
+        )
+        self._current: dict[int, Any] = {}
+        self._previous: dict[int, Any] = {}
+        self._started = -math.inf  # the first observation starts the first generation
+        self.early_rotations = 0
+        self._label = f"{config.window_seconds:g}s"
+
+    def __len__(self) -> int:
+        return len(self._current) + len(self._previous)
+
+    def observe(self, fingerprint: str, now: float | None = None) -> Trip | None:
+        """Count one occurrence; a Trip when it is the threshold-th within the window."""
+        key = xxhash.xxh3_64_intdigest(fingerprint.encode())
+        if key in self.allow:
+            return None
+        now = time.monotonic() if now is None else now
+        if now - self._started >= self.window or len(self._current) >= self.max_tracked:
+            self._rotate(now)
+        current = self._current
+        seen = current.get(key)
+        if seen is None:
+            seen = self._previous.pop(key, None)
+        if seen is None:
+            current[key] = now
+            return None
+        times = (seen,) if isinstance(seen, float) else seen
+        cutoff = now - self.window
+        recent = tuple(t for t in times if t > cutoff)
+        count = len(recent) + 1
+        if count >= self.threshold:
+            current.pop(key, None)  # start over: the next window counts afresh
+            return Trip(count, f"fingerprint {fingerprint} seen {count} times in {self._label}")
+        kept = recent[-(self.threshold - 2) :] + (now,) if self.threshold > 2 else (now,)
+        current[key] = kept[0] if len(kept) == 1 else kept
+        return None
+
+    def _rotate(self, now: float) -> None:
+        if now - self._started < self.window:
+            self.early_rotations += 1
+        self._previous = self._current
+        self._current = {}
+        self._started = now
+
+
+# --------------------------------------------------------------------------- spend cap
+
+
+class SpendCap:
+    """Rolling hourly and daily spend in minute buckets; ``add`` says when a cap is crossed."""
+
+    def __init__(self, config: SpendCapConfig) -> None:
+        self.limits = tuple(
+            (seconds, limit, label)
+            for seconds, limit, label in (
+                (3600, config.max_usd_per_hour, "hour"),
+                (86400, config.max_usd_per_day, "day"),
+            )
+            if limit > 0
+        )
+        self._buckets: deque[list[float]] = deque()  # [minute start (epoch), usd], oldest first
+
+    def restore(self, buckets: list[tuple[float, float]]) -> None:
+        """Minute buckets (start, usd) from the store, oldest first."""
+        self._buckets = deque([m, usd] for m, usd in buckets)
+
+    def add(self, usd: float, now: float | None = None) -> tuple[str, float] | None:
+        """Add spend; (reason, seconds until the window allows again) when over a cap."""
+        now = time.time() if now is None else now
+        minute = now - now % 60
+        buckets = self._buckets
+        if buckets and buckets[-1][0] == minute:
+            buckets[-1][1] += usd
+        else:
+            buckets.append([minute, usd])
+        while buckets and buckets[0][0] <= now - 86400:
+            buckets.popleft()
+        for seconds, limit, label in self.limits:
+            spent, ttl = self._window(now, seconds, limit)
+            if spent > limit:
+                return (
+                    f"spent {_usd(spent)} in the last {label}, over the cap of {_usd(limit)}",
+                    ttl,
+                )
+        return None
+
+    def spent(self, seconds: float, now: float | None = None) -> float:
+        return self._window(time.time() if now is None else now, seconds, math.inf)[0]
+
+    def _window(self, now: float, seconds: float, limit: float) -> tuple[float, float]:
+        """(spend in the window, seconds until enough of it has aged out to be under limit)."""
+        inside = [(m, usd) for m, usd in self._buckets if m > now - seconds]
+        spent = sum(usd for _, usd in inside)
+        if spent <= limit:
+            return spent, 0.0
+        left = spent
+        for m, usd in inside:
+            left -= usd
+            if left <= limit:  # once this minute has aged out of the window
+                return spent, max(m + seconds - now, 1.0)
+        return spent, 60.0
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.6f}"
+
+
+LOOP_LAYER = "dumb_loop_detector"
+SPEND_LAYER = "spend_cap"
+RETRY_HEADER = "x-stainless-retry-count"
+_MAX_BLOCKED = 100_000
+
+
+class LoopGuard:
+    """The loop detector in front of the relay: exemptions, SDK retries, and what a trip does
+    (``scope = "org"``: the org is suspended for ``ttl_seconds``; ``"fingerprint"``: only that
+    request is refused until then)."""
+
+    def __init__(self, config: LoopDetectorConfig, kill: KillSwitch) -> None:
+        self.detector = LoopDetector(config)
+        self.kill = kill
+        self.ttl = config.ttl_seconds
+        self.per_fingerprint = config.scope == "fingerprint"
+        self.exempt_header = config.exempt_header
+        self.blocked: dict[str, Suspension] = {}  # scope "fingerprint" only
+
+    def check(self, fingerprint: str, headers: Any) -> Suspension | None:
+        """The refusal for this request, if the loop detector has one."""
+        if self.exempt_header and headers.get(self.exempt_header):
+            return None
+        if self.blocked:
+            blocked = self.blocked.get(fingerprint)
+            if blocked is not None:
+                if blocked.expires_at is not None and blocked.expires_at > time.time():
+                    return blocked
+                del self.blocked[fingerprint]
+        retry = headers.get(RETRY_HEADER)
+        if retry and retry != "0":
+            return None  # an SDK's retry of one call is not a new occurrence
+        return self.observe(fingerprint)
+
+    def observe(self, fingerprint: str) -> Suspension | None:
+        trip = self.detector.observe(fingerprint)
+        if trip is None:
+            return None
+        if not self.per_fingerprint:
+            return self.kill.suspend_now(LOOP_LAYER, trip.reason, self.ttl, "local")[0]
+        suspension = Suspension(
+            self.kill.org_id, LOOP_LAYER, trip.reason, "local", time.time() + self.ttl
+        )
+        if len(self.blocked) >= _MAX_BLOCKED:
+            now = time.time()
+            self.blocked = {k: v for k, v in self.blocked.items() if (v.expires_at or 0) > now}
+        self.blocked[fingerprint] = suspension
+        log.warning(
+            "guardrail: %s refused until %s (%s)",
+            fingerprint,
+            suspension.expires_iso(),
+            trip.reason,
+        )
+        return suspension

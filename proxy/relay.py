@@ -37,7 +37,7 @@ from .encoding import tap
 from .errors import UpstreamError, UpstreamTimeout
 from .events import Event, Recorder, iso_ms
 from .fingerprint import fingerprint
-from .guardrails import KillSwitch, Suspension
+from .guardrails import SPEND_LAYER, KillSwitch, LoopGuard, SpendCap, Suspension
 from .headers import REQUEST_DROP, RESPONSE_DROP, filter_headers
 from .pricing import Pricer
 from .routes import BadPath, Route, Router
@@ -85,12 +85,16 @@ class Relay:
         record: Recorder,
         pricer: Pricer,
         kill: KillSwitch,
+        loop: LoopGuard | None = None,
+        spend: SpendCap | None = None,
     ) -> None:
         self.router = Router(config.providers)
         self.session = session
         self.record = record
         self.pricer = pricer
         self.kill = kill
+        self.loop = loop
+        self.spend = spend
         self.max_body = config.server.max_body_bytes
         # Retry-After for a suspension without an end: when the daemon next asks the API.
         self.poll_seconds = config.telemetry.poll_interval_seconds
@@ -123,6 +127,8 @@ class Relay:
         fp = fingerprint(upstream.kind, meta.endpoint, canonical, body)
 
         suspension = self.kill.check(started)
+        if suspension is None and self.loop is not None:
+            suspension = self.loop.check(fp, request.headers)
         if suspension is not None:
             return self._refuse(started, t0, route, meta, fp, suspension)
 
@@ -138,7 +144,12 @@ class Relay:
                     metered = ex.meter.result()
                 except Exception:  # a meter bug must not cost the request its event
                     log.exception("usage meter failed for %s %s", upstream.name, meta.endpoint)
-            self.record(self._event(started, t0, route, meta, ex, metered, fp))
+            event = self._event(started, t0, route, meta, ex, metered, fp)
+            self.record(event)
+            if self.spend is not None and event.cost_usd > 0:
+                over = self.spend.add(event.cost_usd)
+                if over is not None and self.kill.check() is None:
+                    self.kill.suspend_now(SPEND_LAYER, over[0], over[1], "local")
 
     def _refuse(
         self,
@@ -150,7 +161,7 @@ class Relay:
         suspension: Suspension,
     ) -> web.Response:
         """A 429 in the provider's own shape, which the OpenAI and Anthropic SDKs do not retry."""
-        left = suspension.seconds_left(started)
+        left = suspension.seconds_left(time.time())
         wait = self.poll_seconds if left is None else left
         seconds = max(1, math.ceil(wait))
         message = (

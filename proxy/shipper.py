@@ -32,7 +32,7 @@ import orjson
 
 from .auth import HEADER
 from .config import Config
-from .guardrails import SERVER_LAYER, KillSwitch
+from .guardrails import SERVER_LAYER, KillSwitch, Suspension
 from .store import Batch, Store
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,57 @@ class Shipper:
             )
         await self._apply_status(parsed.get("guardrail_status"))
 
+    def report_suspension(self, suspension: Suspension) -> None:
+        """A local layer fired: tell the API, in the background (never blocking traffic)."""
+        if suspension.source != "local" or self._session is None:
+            return
+        from .tasks import spawn
+
+        spawn(self._report(suspension), name="report-suspension")
+
+    async def _report(self, suspension: Suspension) -> None:
+        assert self._session is not None
+        url = self._config.atlasburn.api_base.rstrip("/") + "/api/guardrails/enforce"
+        left = suspension.seconds_left(time.time())
+        body = {
+            "org_id": suspension.org_id,
+            "action": "suspend",
+            "layer": suspension.layer,
+            "ttl_seconds": round(left) if left is not None else None,
+            "reason": suspension.reason,
+        }
+        for attempt in range(1, REPORT_ATTEMPTS + 1):
+            try:
+                async with self._session.post(
+                    url, json=body, headers={HEADER: self._key}, allow_redirects=False
+                ) as resp:
+                    status = resp.status
+                    await resp.content.read(_ANSWER_LIMIT)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                status, why = 0, type(exc).__name__
+            else:
+                why = f"HTTP {status}"
+            if 200 <= status < 300:
+                log.info(
+                    "guardrail: reported the %s suspension to the AtlasBurn API", suspension.layer
+                )
+                return
+            if 400 <= status < 500 and status != 429:
+                log.error("guardrail: the AtlasBurn API refused the suspension report (%s)", why)
+                return
+            delay = random.uniform(0, min(self._telemetry.max_backoff_seconds, 2.0**attempt))
+            log.warning(
+                "guardrail: reporting the suspension failed (%s); retry %d/%d in %.1fs",
+                why,
+                attempt,
+                REPORT_ATTEMPTS,
+                delay,
+            )
+            await asyncio.sleep(delay)
+        log.error(
+            "guardrail: gave up reporting the %s suspension to the AtlasBurn API", suspension.layer
+        )
+
     async def _apply_status(self, status: object) -> None:
         current = self._kill.check()
         if status == "suspended":
@@ -224,6 +275,9 @@ class Shipper:
                 )
         elif status == "ok" and current is not None and current.source == "server":
             await self._kill.clear("resumed by the AtlasBurn API", "server")
+
+
+REPORT_ATTEMPTS = 10
 
 
 def _retry_after_seconds(value: str) -> float | None:

@@ -79,6 +79,16 @@ CREATE TABLE IF NOT EXISTS guardrails (
     source TEXT,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    who TEXT NOT NULL,
+    action TEXT NOT NULL,
+    org_id TEXT NOT NULL,
+    layer TEXT,
+    ttl_seconds REAL,
+    reason TEXT
+);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -465,6 +475,15 @@ class Store:
             self.poisoned_total,
         )
 
+    async def spend_buckets(self, seconds: float) -> list[tuple[float, float]]:
+        """The daemon's own spend per minute over the last ``seconds``, oldest first."""
+        async with self._db.execute(
+            "SELECT CAST(created / 60 AS INTEGER) * 60 AS minute, SUM(cost_usd) FROM events "
+            "WHERE origin = 'proxy' AND created >= ? GROUP BY minute ORDER BY minute",
+            (time.time() - seconds,),
+        ) as cur:
+            return [(float(m), float(usd)) for m, usd in await cur.fetchall()]
+
     # ------------------------------------------------------------------ guardrail state
 
     async def load_guardrails(self) -> list[GuardrailRow]:
@@ -472,6 +491,22 @@ class Store:
             "SELECT org_id, state, expires_at, layer, reason, source FROM guardrails"
         ) as cur:
             return [GuardrailRow(*row) for row in await cur.fetchall()]
+
+    async def audit(
+        self,
+        who: str,
+        action: str,
+        org_id: str,
+        layer: str | None,
+        ttl_seconds: float | None,
+        reason: str | None,
+    ) -> None:
+        async with self._lock:
+            await self._db.execute(
+                "INSERT INTO audit (at, who, action, org_id, layer, ttl_seconds, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), who, action, org_id, layer, ttl_seconds, reason),
+            )
 
     async def save_guardrail(self, row: GuardrailRow) -> None:
         async with self._lock:

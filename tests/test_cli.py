@@ -151,3 +151,58 @@ async def test_sigint_also_stops_cleanly() -> None:
     assert p.proc.stderr is not None
     rest = (await p.proc.stderr.read()).decode()
     assert "SIGINT: stopping" in rest and "stopped" in rest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_operator_commands_and_a_suspension_that_survives_restarts(
+    fake: FakeProvider, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\n[providers.openai]\nbase_url = "{fake.url}"\n'
+    )
+    body = {"model": "text-embedding-3-small", "input": "hello"}
+
+    async def post(url: str) -> int:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "/v1/embeddings", json=body) as r:
+                return r.status
+
+    p = await spawn("--config", str(config))
+    code, out, err = await asyncio.to_thread(run_cli, "status", "--config", str(config))
+    assert (code, out) == (0, "org org_local: ok (guardrail:org_local)\n"), err
+    code, out, err = await asyncio.to_thread(
+        run_cli, "suspend", "--config", str(config), "--ttl", "600", "--reason", "incident 42"
+    )
+    assert code == 0, err
+    assert re.fullmatch(r"org org_local: SUSPENDED until \S+Z by manual: incident 42\n", out)
+    assert await post(p.url) == 429
+    p.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(p.proc.wait(), 10) == 0
+
+    p = await spawn("--config", str(config))
+    assert await post(p.url) == 429  # restored before the first request was served
+    assert fake.requests == []
+    code, out, _ = await asyncio.to_thread(run_cli, "status", "--config", str(config))
+    assert "SUSPENDED" in out
+    code, out, err = await asyncio.to_thread(run_cli, "resume", "--config", str(config))
+    assert (code, out) == (0, "org org_local: ok (guardrail:org_local)\n"), err
+    assert await post(p.url) == 200
+    p.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(p.proc.wait(), 10) == 0
+
+
+def test_operator_commands_without_a_daemon(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{free_port()}"\n[atlasburn]\napi_key = "abn_test_cli_key"\n'
+    )
+    code, _, err = run_cli("status", "--config", str(config))
+    assert code == 1
+    assert err.startswith("cannot reach the daemon at http://127.0.0.1:")

@@ -65,12 +65,10 @@ def test_example_file_names_every_key() -> None:
     cfg = Config()
     for section in ("server", "upstream", "logging", "storage", "atlasburn", "telemetry"):
         assert set(doc[section]) == set(type(getattr(cfg, section)).__slots__), section
-    assert set(doc["guardrails"]["dumb_loop_detector"]) == {
-        "enabled",
-        "threshold",
-        "window_seconds",
-        "ttl_seconds",
-    }
+    assert set(doc["guardrails"]["dumb_loop_detector"]) == set(
+        type(cfg.guardrails.dumb_loop_detector).__slots__
+    )
+    assert set(doc["guardrails"]["spend_cap"]) == set(type(cfg.guardrails.spend_cap).__slots__)
     assert set(doc["providers"]["openai"]) == {
         "kind",
         "base_url",
@@ -267,3 +265,38 @@ def test_state_dir_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert Config().storage.path == tmp_path / "atlasburn-proxy.sqlite3"
     cfg = parse_config({"storage": {"path": "~/spool.db"}}, {})
     assert cfg.storage.path == Path.home() / "spool.db"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"guardrails": {"dumb_loop_detector": {"scope": "team"}}},
+            "guardrails.dumb_loop_detector.scope: must be one of org, fingerprint; got 'team'",
+        ),
+        (
+            {"guardrails": {"dumb_loop_detector": {"allow_fingerprints": ["abc"]}}},
+            "guardrails.dumb_loop_detector.allow_fingerprints: expected fingerprints like "
+            "'sha256:<64 hex digits>', got 'abc'",
+        ),
+        (
+            {"guardrails": {"dumb_loop_detector": {"allow_fingerprints": "sha256:x"}}},
+            "guardrails.dumb_loop_detector.allow_fingerprints: expected an array, got str "
+            "'sha256:x'",
+        ),
+        (
+            {"guardrails": {"dumb_loop_detector": {"exempt_header": "X Sample"}}},
+            "guardrails.dumb_loop_detector.exempt_header: not a header name: 'X Sample'",
+        ),
+        (
+            {"guardrails": {"spend_cap": {"enabled": True}}},
+            "guardrails.spend_cap.enabled: set max_usd_per_hour and/or max_usd_per_day (above 0)",
+        ),
+        (
+            {"guardrails": {"spend_cap": {"max_usd_per_day": -5}}},
+            "guardrails.spend_cap.max_usd_per_day: must be between 0 and 1000000000.0, got -5.0",
+        ),
+    ],
+)
+def test_guardrail_errors(data: dict[str, object], expected: str) -> None:
+    assert problems(data) == [expected]

@@ -32,12 +32,28 @@ class FakeIngest:
     guardrail_status: str = "ok"
     down: bool = False  # answer 503 (no Retry-After) while set
     calls: list[Call] = field(default_factory=list)
+    enforce_calls: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/api/ingest", self.handle)
+        app.router.add_post("/api/guardrails/enforce", self.enforce)
         return app
+
+    async def enforce(self, request: web.Request) -> web.Response:
+        if request.headers.get("AtlasBurn-API-Key") != self.api_key:
+            return web.json_response({"error": "invalid key"}, status=401)
+        body = await request.json()
+        self.enforce_calls.append(body)
+        return web.json_response(
+            {
+                "ok": True,
+                "kv_key": f"guardrail:{body['org_id']}",
+                "state": "suspended",
+                "expires_at": None,
+            }
+        )
 
     async def handle(self, request: web.Request) -> web.Response:
         raw = await request.read()

@@ -1,0 +1,74 @@
+"""Operator commands on the host: ``status``, ``suspend``, ``resume``.
+
+They talk to the running daemon's local API (``server.listen``; a wildcard address is reached on
+loopback) with the configured ``atlasburn.api_key``, or the key the daemon generated in its state
+directory when none is configured.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from .auth import HEADER, local_key
+from .config import Config
+
+TIMEOUT = 10.0
+
+
+class OperatorError(Exception):
+    """A failure to tell the operator in one line."""
+
+
+def base_url(config: Config) -> str:
+    host = config.server.listen.host
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{config.server.listen.port}"
+
+
+def call(config: Config, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    key = local_key(config.atlasburn.api_key.reveal(), config.storage.path.parent, create=False)
+    if key is None:
+        raise OperatorError(
+            "no key for the local API: set atlasburn.api_key, or start the daemon once "
+            f"(it writes one to {config.storage.path.parent / 'local-api-key'})"
+        )
+    url = base_url(config) + "/api/guardrails/enforce"
+    data = None
+    if method == "GET":
+        url += "?org_id=" + urllib.parse.quote(config.atlasburn.org_id)
+    else:
+        data = json.dumps({"org_id": config.atlasburn.org_id, **(body or {})}).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={HEADER: key, "Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310
+            answer: dict[str, Any] = json.loads(response.read())
+            return answer
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            detail = exc.reason
+        raise OperatorError(f"the daemon answered {exc.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise OperatorError(f"cannot reach the daemon at {base_url(config)}: {reason}") from None
+
+
+def describe(config: Config, answer: dict[str, Any]) -> str:
+    org = config.atlasburn.org_id
+    if answer.get("state") != "suspended":
+        return f"org {org}: ok ({answer.get('kv_key')})"
+    until = answer.get("expires_at") or "the AtlasBurn API resumes it"
+    text = f"org {org}: SUSPENDED until {until}"
+    if answer.get("layer"):
+        text += f" by {answer['layer']}"
+    if answer.get("reason"):
+        text += f": {answer['reason']}"
+    return text

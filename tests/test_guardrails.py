@@ -1,0 +1,451 @@
+"""Guardrails end to end: the loop detector with real SDKs, refusals in each provider's shape,
+the local enforce API, TTL expiry, the spend cap, and the report to the AtlasBurn API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+
+from proxy.config import LoopDetectorConfig
+from proxy.guardrails import LoopDetector
+
+from .conftest import RunningDaemon, StartDaemon, eventually, shipping
+from .fakes.ingest import FakeIngest
+from .fakes.provider import FakeProvider
+
+KEY = "abn_test_guardrails_key_42"
+MESSAGES = [{"role": "user", "content": "Are we there yet?"}]
+
+
+def oai(d: RunningDaemon, retries: int = 2) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=d.url + "/v1", api_key="sk-test", max_retries=retries)
+
+
+async def test_openai_sdk_4th_identical_request_is_refused_without_retries(
+    fake: FakeProvider, start_daemon: StartDaemon
+) -> None:
+    d = await start_daemon()
+    async with oai(d) as c:  # the SDK's default: 2 retries
+        for _ in range(3):
+            await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        # A different request in between passes and does not disturb the count.
+        await c.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "other"}]
+        )
+        started = time.monotonic()
+        with pytest.raises(openai.RateLimitError) as info:
+            await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert time.monotonic() - started < 0.5  # no retry, no back-off sleep
+        # Now the org is suspended: anything is refused.
+        with pytest.raises(openai.RateLimitError):
+            await c.embeddings.create(model="text-embedding-3-small", input="x")
+    assert len(fake.requests) == 4  # 3 identical + 1 other; the SDK retried nothing
+    response = info.value.response
+    assert response.headers["x-should-retry"] == "false"
+    assert response.headers["AtlasBurn-Guardrail"] == "dumb_loop_detector"
+    assert 7199 <= int(response.headers["Retry-After"]) <= 7200
+    assert 7198_000 <= int(response.headers["retry-after-ms"]) <= 7200_000
+    error = info.value.body
+    assert isinstance(error, dict) and error["code"] == "atlasburn_guardrail"
+    fingerprint = d.events[0].fingerprint
+    assert f"fingerprint {fingerprint} seen 4 times in 60s" in error["message"]
+    refused = [e for e in d.events if e.status == 429]
+    assert [(e.refused_by, e.tokens_in, e.cost_usd) for e in refused] == [
+        ("dumb_loop_detector", 0, 0.0)
+    ] * 2
+    state = d.daemon.kill.check()
+    assert state is not None and state.reason == f"fingerprint {fingerprint} seen 4 times in 60s"
+
+
+async def test_anthropic_sdk_likewise(fake: FakeProvider, start_daemon: StartDaemon) -> None:
+    d = await start_daemon()
+    async with anthropic.AsyncAnthropic(
+        base_url=d.url + "/anthropic", api_key="sk-ant-test", max_retries=2
+    ) as c:
+        for _ in range(3):
+            await c.messages.create(model="claude-sonnet-4-6", max_tokens=64, messages=MESSAGES)
+        with pytest.raises(anthropic.RateLimitError) as info:
+            await c.messages.create(model="claude-sonnet-4-6", max_tokens=64, messages=MESSAGES)
+    assert len(fake.requests) == 3
+    body = info.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert body["error"]["type"] == "rate_limit_error"
+    assert info.value.response.headers["x-should-retry"] == "false"
+
+
+async def test_gemini_refusal_shape(fake: FakeProvider, start_daemon: StartDaemon) -> None:
+    d = await start_daemon()
+    await d.daemon.kill.suspend("manual", "budget review", 30, "api")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            d.url + "/gemini/v1beta/models/gemini-2.5-flash:generateContent", json={"contents": []}
+        ) as r:
+            assert r.status == 429
+            body = await r.json()
+            assert r.headers["Retry-After"] == "30"
+    assert body["error"]["code"] == 429 and body["error"]["status"] == "RESOURCE_EXHAUSTED"
+    assert body["error"]["message"] == (
+        "AtlasBurn guardrail: org org_local is suspended by manual (budget review); retry after 30s"
+    )
+    assert fake.requests == []
+
+
+async def test_sdk_retries_are_not_new_occurrences(
+    fake: FakeProvider, start_daemon: StartDaemon
+) -> None:
+    d = await start_daemon()
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    async with aiohttp.ClientSession() as s:
+        for retry in ("0", "1", "2", "0", "1", "0"):
+            async with s.post(
+                d.url + "/v1/chat/completions",
+                json=body,
+                headers={"x-stainless-retry-count": retry},
+            ) as r:
+                assert r.status == 200, retry
+        async with s.post(d.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 429  # the 4th occurrence
+
+
+@pytest.mark.parametrize("exempt", ["allow", "header"])
+async def test_exemptions(fake: FakeProvider, start_daemon: StartDaemon, exempt: str) -> None:
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "n": 1}
+    from proxy.adapters import ADAPTERS
+    from proxy.fingerprint import fingerprint
+
+    raw = json.dumps(body).encode()
+    meta = ADAPTERS["openai"].describe("/v1/chat/completions", body)
+    fp = fingerprint("openai", meta.endpoint, meta.canonical, raw)
+    loop: dict[str, Any] = (
+        {"allow_fingerprints": [fp]} if exempt == "allow" else {"exempt_header": "X-Sample-Run"}
+    )
+    d = await start_daemon(guardrails={"dumb_loop_detector": loop})
+    headers = {"Content-Type": "application/json"}
+    if exempt == "header":
+        headers["X-Sample-Run"] = "eval-42"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(8):
+            async with s.post(d.url + "/v1/chat/completions", data=raw, headers=headers) as r:
+                assert r.status == 200
+    assert fake.requests[-1].header("X-Sample-Run") == ("eval-42" if exempt == "header" else None)
+
+
+async def test_scope_fingerprint_refuses_only_that_request(
+    fake: FakeProvider, start_daemon: StartDaemon
+) -> None:
+    d = await start_daemon(
+        guardrails={"dumb_loop_detector": {"scope": "fingerprint", "ttl_seconds": 60}}
+    )
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    async with aiohttp.ClientSession() as s:
+        statuses = []
+        for _ in range(6):
+            async with s.post(d.url + "/v1/chat/completions", json=body) as r:
+                statuses.append(r.status)
+        async with s.post(d.url + "/v1/embeddings", json={"model": "m", "input": "x"}) as r:
+            other = r.status
+    assert statuses == [200, 200, 200, 429, 429, 429]
+    assert other == 200
+    assert d.daemon.kill.status == "ok"
+
+
+async def test_window_slides(fake: FakeProvider, start_daemon: StartDaemon) -> None:
+    d = await start_daemon(guardrails={"dumb_loop_detector": {"window_seconds": 1}})
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.post(d.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+        await asyncio.sleep(1.05)
+        async with s.post(d.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200  # the first three fell out of the window
+
+
+def test_detector_memory_is_bounded() -> None:
+    detector = LoopDetector(LoopDetectorConfig(window_seconds=10, max_tracked=5000))
+    for i in range(20_000):
+        assert detector.observe(f"sha256:{i:064x}", now=float(i) / 1000) is None
+    assert len(detector) <= 10_000  # two generations of at most max_tracked
+    assert detector.early_rotations >= 2
+    # Normal rotation drops a whole generation once it is a window old.
+    detector = LoopDetector(LoopDetectorConfig(window_seconds=10))
+    for i in range(1000):
+        detector.observe(f"sha256:{i:064x}", now=0.0)
+    detector.observe("sha256:" + "f" * 64, now=10.0)
+    detector.observe("sha256:" + "e" * 64, now=20.0)
+    assert len(detector) == 2
+
+
+# --------------------------------------------------------------------------- the enforce API
+
+
+async def call(
+    d: RunningDaemon,
+    method: str,
+    body: Any = None,
+    key: str | None = KEY,
+    query: str = "?org_id=org_local",
+) -> tuple[int, Any]:
+    headers = {} if key is None else {"AtlasBurn-API-Key": key}
+    async with aiohttp.ClientSession() as s:
+        async with s.request(
+            method,
+            d.url + "/api/guardrails/enforce" + query,
+            data=None if body is None else (body if isinstance(body, bytes) else json.dumps(body)),
+            headers=headers,
+        ) as r:
+            return r.status, await r.json()
+
+
+@pytest.fixture
+async def api(start_daemon: StartDaemon) -> RunningDaemon:
+    return await start_daemon(atlasburn={"api_key": KEY})
+
+
+async def test_enforce_post_get_delete(
+    fake: FakeProvider, api: RunningDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert await call(api, "GET") == (
+        200,
+        {
+            "ok": True,
+            "kv_key": "guardrail:org_local",
+            "state": "ok",
+            "expires_at": None,
+            "layer": None,
+            "reason": None,
+        },
+    )
+    status, answer = await call(
+        api,
+        "POST",
+        {
+            "org_id": "org_local",
+            "action": "suspend",
+            "layer": "manual",
+            "ttl_seconds": 600,
+            "reason": "runaway agent",
+        },
+    )
+    assert status == 200
+    assert (answer["ok"], answer["kv_key"], answer["state"]) == (
+        True,
+        "guardrail:org_local",
+        "suspended",
+    )
+    assert answer["expires_at"].endswith("Z")
+    status, state = await call(api, "GET")
+    assert (state["state"], state["layer"], state["reason"]) == (
+        "suspended",
+        "manual",
+        "runaway agent",
+    )
+    async with aiohttp.ClientSession() as s:  # takes effect on the very next request
+        async with s.post(api.url + "/v1/embeddings", json={"model": "m", "input": "x"}) as r:
+            assert r.status == 429 and 599 <= int(r.headers["Retry-After"]) <= 600
+    assert await call(api, "DELETE", {"org_id": "org_local", "reason": "fixed"}) == (
+        200,
+        {"ok": True, "kv_key": "guardrail:org_local", "state": "ok", "expires_at": None},
+    )
+    async with aiohttp.ClientSession() as s:
+        async with s.post(api.url + "/v1/embeddings", json={"model": "m", "input": "x"}) as r:
+            assert r.status == 200
+    # Audited: logged, and stored with who (a key digest, never the key) and why.
+    audit = [r.getMessage() for r in caplog.records if r.getMessage().startswith("audit:")]
+    assert len(audit) == 2 and "runaway agent" in audit[0] and "fixed" in audit[1]
+    assert KEY not in caplog.text
+    import sqlite3
+
+    db = sqlite3.connect(api.daemon.config.storage.path)
+    rows = db.execute("SELECT who, action, layer, ttl_seconds, reason FROM audit").fetchall()
+    db.close()
+    assert [r[1:] for r in rows] == [
+        ("suspend", "manual", 600.0, "runaway agent"),
+        ("resume", None, None, "fixed"),
+    ]
+    assert rows[0][0].startswith("key:") and KEY not in rows[0][0]
+
+
+@pytest.mark.parametrize(
+    ("key", "status"), [(None, 401), ("abn_test_wrong", 401), ("sk-123", 401), (KEY, 200)]
+)
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
+async def test_enforce_auth(api: RunningDaemon, key: str | None, status: int, method: str) -> None:
+    body = (
+        None
+        if method == "GET"
+        else {"org_id": "org_local", "action": "suspend", "ttl_seconds": 5, "reason": "t"}
+    )
+    if method == "DELETE":
+        body = {"org_id": "org_local"}
+    got, answer = await call(api, method, body, key=key)
+    assert got == status
+    if status == 401:
+        assert answer["error"]["code"] == "unauthorized"
+        assert api.daemon.kill.status == "ok"
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "status", "message"),
+    [
+        ("POST", b"not json", 400, None),
+        ("POST", [1, 2], 400, "expected a JSON object"),
+        ("POST", {"action": "suspend", "ttl_seconds": 5}, 400, "org_id: required"),
+        ("POST", {"org_id": "org_other", "action": "suspend", "ttl_seconds": 5}, 403, None),
+        (
+            "POST",
+            {"org_id": "org_local", "action": "pause", "ttl_seconds": 5},
+            400,
+            "action: expected 'suspend' (DELETE resumes)",
+        ),
+        ("POST", {"org_id": "org_local", "action": "suspend"}, 400, "ttl_seconds: required"),
+        (
+            "POST",
+            {"org_id": "org_local", "action": "suspend", "ttl_seconds": "5"},
+            400,
+            "ttl_seconds: expected a number",
+        ),
+        (
+            "POST",
+            {"org_id": "org_local", "action": "suspend", "ttl_seconds": -1},
+            400,
+            "ttl_seconds: expected more than 0 and at most 2592000",
+        ),
+        (
+            "POST",
+            {"org_id": "org_local", "action": "suspend", "ttl_seconds": 1e308},
+            400,
+            "ttl_seconds: expected more than 0 and at most 2592000",
+        ),
+        (
+            "POST",
+            {"org_id": "org_local", "action": "suspend", "ttl_seconds": 5, "layer": "a b"},
+            400,
+            "layer: 1-64 characters of letters, digits and _ . : -",
+        ),
+        (
+            "POST",
+            {"org_id": "org_local", "action": "suspend", "ttl_seconds": 5, "x": 1},
+            400,
+            "unknown field(s): x",
+        ),
+        ("DELETE", {"org_id": "org_local", "reason": 5}, 400, "reason: expected a string"),
+        ("GET", None, 400, "org_id: required"),
+        ("PUT", {}, 405, None),
+    ],
+)
+async def test_enforce_bad_requests(
+    api: RunningDaemon, method: str, body: Any, status: int, message: str | None
+) -> None:
+    got, answer = await call(api, method, body, query="" if method == "GET" else "")
+    assert got == status
+    if message is not None:
+        assert answer["error"]["message"] == message
+    assert api.daemon.kill.status == "ok"
+
+
+async def test_ttl_expiry(fake: FakeProvider, api: RunningDaemon) -> None:
+    await call(api, "POST", {"org_id": "org_local", "action": "suspend", "ttl_seconds": 0.5})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(api.url + "/v1/embeddings", json={"model": "m", "input": "a"}) as r:
+            assert r.status == 429 and r.headers["Retry-After"] == "1"
+        await asyncio.sleep(0.6)
+        async with s.post(api.url + "/v1/embeddings", json={"model": "m", "input": "b"}) as r:
+            assert r.status == 200
+    assert (await call(api, "GET"))[1]["state"] == "ok"
+
+
+# --------------------------------------------------------------------------- spend cap
+
+
+async def test_spend_cap_fires_at_the_right_cent(
+    fake: FakeProvider, start_daemon: StartDaemon, tmp_path: Any
+) -> None:
+    """Each chat costs $0.0001578 (test_cost.py); a $0.0005 hourly cap is crossed by the 4th."""
+    config = {
+        "guardrails": {"spend_cap": {"enabled": True, "max_usd_per_hour": 0.0005}},
+        "storage": {"path": str(tmp_path / "cap" / "spool.sqlite3")},
+    }
+    first = await start_daemon(**config)
+    async with aiohttp.ClientSession() as s:
+        for i in range(2):
+            async with s.post(
+                first.url + "/v1/chat/completions",
+                json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": str(i)}]},
+            ) as r:
+                assert r.status == 200
+    await first.daemon.stop()
+    # The spend so far ($0.0003156) is restored from the store after a restart.
+    second = await start_daemon(**config)
+    statuses = []
+    async with aiohttp.ClientSession() as s:
+        for i in range(2, 5):
+            async with s.post(
+                second.url + "/v1/chat/completions",
+                json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": str(i)}]},
+            ) as r:
+                statuses.append((r.status, r.headers.get("AtlasBurn-Guardrail")))
+    # 3rd: $0.0004734 (under); 4th: $0.0006312 crosses the cap and is the last to pass.
+    assert statuses == [(200, None), (200, None), (429, "spend_cap")]
+    state = second.daemon.kill.check()
+    assert state is not None and state.layer == "spend_cap"
+    assert state.reason == "spent $0.000631 in the last hour, over the cap of $0.000500"
+    assert state.expires_at is not None and 3500 < state.expires_at - time.time() <= 3600
+
+
+# --------------------------------------------------------------------------- report upstream
+
+
+async def test_local_trip_is_reported_to_the_api(
+    fake: FakeProvider, ingest: FakeIngest, start_daemon: StartDaemon
+) -> None:
+    d = await start_daemon(**shipping(ingest))
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    async with aiohttp.ClientSession() as s:
+        for _ in range(4):
+            async with s.post(d.url + "/v1/chat/completions", json=body) as r:
+                await r.read()
+    await eventually(lambda: len(ingest.enforce_calls) == 1)
+    [report] = ingest.enforce_calls
+    fingerprint = d.events[0].fingerprint
+    assert report == {
+        "org_id": "org_local",
+        "action": "suspend",
+        "layer": "dumb_loop_detector",
+        "ttl_seconds": 7200,
+        "reason": f"fingerprint {fingerprint} seen 4 times in 60s",
+    }
+
+
+async def test_ingested_fingerprints_feed_the_detector(
+    fake: FakeProvider, api: RunningDaemon
+) -> None:
+    event = {
+        "ts": "2026-11-29T01:55:24.123Z",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "endpoint": "/chat/completions",
+        "status": 200,
+        "tokens_in": 1,
+        "tokens_out": 1,
+        "cost_usd": 0.0,
+        "latency_ms": 1,
+        "fingerprint": "sha256:" + "ab" * 32,
+        "stream": False,
+    }
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            api.url + "/api/ingest",
+            json={"events": [event] * 4},
+            headers={"AtlasBurn-API-Key": KEY},
+        ) as r:
+            answer = await r.json()
+    assert answer["accepted"] == 4
+    assert api.daemon.kill.status == "suspended"
