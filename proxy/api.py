@@ -111,7 +111,7 @@ class LocalAPI:
                 errors.append({"index": index, "error": str(exc)})
                 continue
             self._store.enqueue(event)
-            if self._loop is not None:
+            if self._loop is not None and self._loop.enabled:
                 self._loop.observe(event.fingerprint)
             accepted += 1
         return web.Response(

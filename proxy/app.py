@@ -12,8 +12,10 @@ through it, so tests exercise the real server settings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
@@ -24,6 +26,8 @@ from .auth import KeyChecker, local_key
 from .config import Config
 from .events import Event, Recorder
 from .guardrails import KillSwitch, LoopGuard, SpendCap
+from .logs import AccessLog, setup_logging
+from .metrics import CONTENT_TYPE, Metrics
 from .pricing import Pricer
 from .relay import Relay
 from .shipper import Shipper
@@ -32,6 +36,8 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 CONFIG = web.AppKey("config", Config)
+READY = web.AppKey("ready", asyncio.Event)  # set while serving: store open, not draining
+METRICS = web.AppKey("metrics", Metrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 RELAY = web.AppKey("relay", Relay)
 STORE = web.AppKey("store", Store)
@@ -70,6 +76,8 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
     """The application; ``record`` (tests) also sees every event the store is given."""
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
+    app[READY] = asyncio.Event()
+    app[METRICS] = Metrics()
 
     async def services(app: web.Application) -> AsyncIterator[None]:
         ship = bool(config.atlasburn.api_base)
@@ -79,38 +87,46 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
         kill = KillSwitch(config.atlasburn.org_id, store)
         await kill.load()
         app[KILL] = kill
-        loop = None
-        if config.guardrails.dumb_loop_detector.enabled:
-            loop = LoopGuard(config.guardrails.dumb_loop_detector, kill)
-        spend = None
-        if config.guardrails.spend_cap.enabled:
-            spend = SpendCap(config.guardrails.spend_cap)
+        guards = config.guardrails
+        loop = LoopGuard(guards.dumb_loop_detector, kill)
+        spend = SpendCap(guards.spend_cap)
+        if spend.enabled:
             spend.restore(await store.spend_buckets(86400))
         key = local_key(config.atlasburn.api_key.reveal(), config.storage.path.parent, create=True)
         assert key is not None
         keys = KeyChecker(key)
         app[API] = LocalAPI(
-            keys,
-            store,
-            kill,
-            config.atlasburn.org_id,
-            config.server.max_body_bytes,
-            loop,
+            keys, store, kill, config.atlasburn.org_id, config.server.max_body_bytes, loop
         )
         app[GUARDRAILS_API] = GuardrailsAPI(app[API], store, kill, keys.who)
         session = make_session(config)
         app[SESSION] = session
         pricer = Pricer.from_config(config.providers, config.pricing)
         recorder = store.enqueue if record is None else _both(store.enqueue, record)
-        app[RELAY] = Relay(config, session, recorder, pricer, kill, loop, spend)
+        metrics = app[METRICS]
+        relay = Relay(
+            config,
+            session,
+            recorder,
+            pricer,
+            kill,
+            loop,
+            spend,
+            metrics,
+            AccessLog(config.logging.access),
+        )
+        app[RELAY] = relay
         shipper = Shipper(config, store, kill) if ship else None
         if shipper is not None:
             app[SHIPPER] = shipper
             shipper.start()
             kill.listeners.append(shipper.report_suspension)
+        metrics.add_state(lambda: _state(app, store, kill, loop, pricer_of(relay), shipper))
+        app[READY].set()
         try:
             yield
         finally:
+            app[READY].clear()
             await store.flush()
             if shipper is not None:
                 await shipper.stop()
@@ -130,7 +146,18 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             return error(405, "method_not_allowed", "use POST")
         return await request.app[API].ingest(request)
 
+    async def readyz(request: web.Request) -> web.Response:
+        if request.app[READY].is_set():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "draining"}, status=503)
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = request.app[METRICS].render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
 
     async def enforce(request: web.Request) -> web.StreamResponse:
         return await request.app[GUARDRAILS_API].handle(request)
@@ -139,6 +166,115 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
     app.router.add_route("*", "/api/guardrails/enforce", enforce)
     app.router.add_route("*", "/{tail:.*}", relay, expect_handler=expect)
     return app
+
+
+def pricer_of(relay: Relay) -> Pricer:
+    return relay.pricer
+
+
+def _state(
+    app: web.Application,
+    store: Store,
+    kill: KillSwitch,
+    loop: LoopGuard,
+    pricer: Pricer,
+    shipper: Shipper | None,
+) -> dict[str, float]:
+    values = {
+        "atlasburn_ready": float(app[READY].is_set()),
+        "atlasburn_suspended": float(kill.check() is not None),
+        "atlasburn_spool_pending_events": store.pending_events,
+        "atlasburn_spool_queued_events": store.queued,
+        "atlasburn_spool_bytes": store.spool_bytes,
+        "atlasburn_loop_tracked_fingerprints": len(loop.detector),
+        "atlasburn_events_committed": store.committed_total,
+        "atlasburn_events_dropped": store.dropped_total,
+        "atlasburn_events_poisoned": store.poisoned_total,
+        "atlasburn_store_write_errors": store.write_errors_total,
+        "atlasburn_unpriced_events": pricer.unpriced_total,
+        "atlasburn_pricing_errors": pricer.errors_total,
+    }
+    if shipper is not None:
+        values["atlasburn_ship_batches"] = shipper.batches_shipped
+        values["atlasburn_ship_failures"] = shipper.failures_total
+        values["atlasburn_events_shipped"] = shipper.events_shipped
+    return {k: float(v) for k, v in values.items()}
+
+
+# Keys a reload applies while running; any other change waits for a restart (and is named).
+LIVE_KEYS = (
+    "providers",
+    "pricing",
+    "guardrails",
+    "logging",
+    "server.max_body_bytes",
+    "server.drain_seconds",
+)
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ (a section's fields, one level down)."""
+    keys = []
+    for section in (
+        "server",
+        "upstream",
+        "logging",
+        "storage",
+        "atlasburn",
+        "telemetry",
+        "guardrails",
+        "providers",
+        "pricing",
+    ):
+        a, b = getattr(old, section), getattr(new, section)
+        if a == b:
+            continue
+        if hasattr(a, "__slots__"):
+            keys += [f"{section}.{f}" for f in a.__slots__ if getattr(a, f) != getattr(b, f)]
+        else:
+            keys.append(section)
+    return keys
+
+
+async def reload(app: web.Application, new: Config) -> tuple[list[str], list[str]]:
+    """Apply ``new`` to a running daemon: (keys applied, keys that need a restart)."""
+    old = app[CONFIG]
+    changed = changed_keys(old, new)
+    live = [k for k in changed if k.startswith(LIVE_KEYS)]
+    restart = [k for k in changed if k not in live]
+    relay = app[RELAY]
+    if any(k.startswith(("providers", "pricing")) for k in live):
+        pricer = Pricer.from_config(new.providers, new.pricing)
+        # Counters are monotonic across reloads.
+        pricer.unpriced_total = relay.pricer.unpriced_total
+        pricer.errors_total = relay.pricer.errors_total
+    else:
+        pricer = relay.pricer
+    guards = new.guardrails
+    relay.loop.configure(guards.dumb_loop_detector)
+    relay.spend.configure(guards.spend_cap)
+    if guards.spend_cap.enabled and not old.guardrails.spend_cap.enabled:
+        relay.spend.restore(await app[STORE].spend_buckets(86400))
+    relay.access.enabled = new.logging.access
+    relay.configure(new, pricer)
+    if any(k.startswith("logging.") for k in live):
+        setup_logging(new.logging.level, new.logging.format)
+    app[CONFIG] = _keep(old, new, restart)
+    return live, restart
+
+
+def _keep(old: Config, new: Config, restart: list[str]) -> Config:
+    """The config now in force: the new one, but the old value of every restart-only section."""
+    sections = {k.split(".", 1)[0] for k in restart}
+    kept = {s: getattr(old, s) for s in sections if s != "server"}
+    server = new.server
+    if "server" in sections:
+        server = replace(
+            new.server,
+            listen=old.server.listen,
+            shutdown_grace_seconds=old.server.shutdown_grace_seconds,
+        )
+    return replace(new, server=server, **kept)
 
 
 def _both(first: Recorder, second: Recorder) -> Recorder:
@@ -190,6 +326,20 @@ class Daemon:
     def kill(self) -> KillSwitch:
         return self.app[KILL]
 
+    async def drain(self) -> None:
+        """Answer /readyz with 503 for ``server.drain_seconds`` (load balancers and Kubernetes
+        stop sending), then stop: stop accepting, let in-flight requests finish within the grace
+        period, flush the spool, close."""
+        self.app[READY].clear()
+        delay = self.app[CONFIG].server.drain_seconds
+        if delay:
+            await asyncio.sleep(delay)
+        await self.stop()
+
+    async def reload(self, config: Config) -> tuple[list[str], list[str]]:
+        return await reload(self.app, config)
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, then close."""
+        self.app[READY].clear()
         await self.runner.cleanup()

@@ -17,7 +17,9 @@ from typing import Any
 
 from . import __version__
 from .config import Config, load_config
+from .config import config_path as resolve_config_path
 from .errors import ConfigError
+from .logs import setup_logging
 
 log = logging.getLogger("proxy")
 
@@ -107,7 +109,7 @@ def show_prices(
     from .pricing import Pricer, usd_per_mtok
 
     try:
-        config = load_config(config_path)
+        config = load_config(resolve_config_path(config_path))
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
@@ -160,7 +162,7 @@ def show_report(config_path: str | None, since: str, by: str, as_json: bool) -> 
     from . import report
 
     try:
-        config = load_config(config_path)
+        config = load_config(resolve_config_path(config_path))
         seconds = report.parse_since(since)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -190,7 +192,7 @@ def operate(args: argparse.Namespace) -> int:
     from . import control
 
     try:
-        config = load_config(args.config)
+        config = load_config(resolve_config_path(args.config))
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
@@ -218,28 +220,17 @@ def operate(args: argparse.Namespace) -> int:
 
 
 def run(config_path: str | None, listen: str | None) -> int:
+    config_path = resolve_config_path(config_path)
     try:
         config = load_config(config_path, listen=listen)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(config.logging.level)
+    setup_logging(config.logging.level, config.logging.format)
     for warning in config.warnings:
         log.warning("config: %s", warning)
-    return _run_loop(serve(config))
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # aiohttp's access log formats a line per request; it is off (access_log=None) and stays quiet.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return _run_loop(serve(config, config_path, listen))
 
 
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -254,8 +245,10 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, path: str | None = None, listen: str | None = None) -> int:
     from .app import Daemon  # imported here so check-config stays light
+    from .systemd import notify, watchdog, watchdog_interval
+    from .tasks import spawn
 
     daemon = Daemon(config)
     try:
@@ -268,7 +261,7 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
-    def on_signal(signum: int) -> None:
+    def on_stop(signum: int) -> None:
         if stop.is_set():
             # A second signal while draining: the operator wants out now.
             log.warning("second %s: exiting without waiting", signal.Signals(signum).name)
@@ -278,12 +271,33 @@ async def serve(config: Config) -> int:
             signal.Signals(signum).name,
             config.server.shutdown_grace_seconds,
         )
+        notify("STOPPING=1")
         stop.set()
 
+    async def on_reload() -> None:
+        notify("RELOADING=1")
+        try:
+            new = load_config(path, listen=listen)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload: config error: %s (the running config stays)", problem)
+        else:
+            live, restart = await daemon.reload(new)
+            log.info("reload: applied %s", ", ".join(live) or "nothing (no change)")
+            if restart:
+                log.warning("reload: these keys changed but need a restart: %s", ", ".join(restart))
+        notify("READY=1")
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+        loop.add_signal_handler(signum, on_stop, signum)
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(on_reload(), name="reload"))
+    interval = watchdog_interval()
+    pinger = spawn(watchdog(interval), name="watchdog") if interval else None
+    notify("READY=1\nSTATUS=serving on " + daemon.url)
     log.info("atlasburn-proxy %s ready on %s", __version__, daemon.url)
     await stop.wait()
-    await daemon.stop()
+    await daemon.drain()
+    if pinger is not None:
+        pinger.cancel()
     log.info("stopped")
     return EXIT_OK

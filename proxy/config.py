@@ -84,6 +84,9 @@ class ServerConfig:
     listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 8787))
     max_body_bytes: int = 32 * 1024 * 1024
     shutdown_grace_seconds: float = 30.0
+    # On SIGTERM, answer /readyz with 503 this long before closing the listener (load balancers
+    # and Kubernetes stop sending new requests), then drain.
+    drain_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,8 @@ class UpstreamConfig:
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"
+    format: str = "logfmt"  # or "json"
+    access: bool = True  # one line per request at info
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +407,7 @@ def _server(t: _Table) -> ServerConfig:
         shutdown_grace_seconds=t.get(
             "shutdown_grace_seconds", float, d.shutdown_grace_seconds, _between(0, 3600)
         ),
+        drain_seconds=t.get("drain_seconds", float, d.drain_seconds, _between(0, 600)),
     )
     t.done()
     return cfg
@@ -423,7 +429,11 @@ def _upstream(t: _Table) -> UpstreamConfig:
 
 
 def _logging(t: _Table) -> LoggingConfig:
-    cfg = LoggingConfig(level=t.get("level", str, "info", _one_of(LOG_LEVELS)))
+    cfg = LoggingConfig(
+        level=t.get("level", str, "info", _one_of(LOG_LEVELS)),
+        format=t.get("format", str, "logfmt", _one_of(("logfmt", "json"))),
+        access=t.get("access", bool, True),
+    )
     t.done()
     return cfg
 
@@ -641,7 +651,14 @@ def load_config(
     listen: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Config:
-    """Load ``path`` (or the embedded defaults when None), then apply a ``--listen`` override."""
+    """Load ``path`` (or the embedded defaults when None) and apply the overrides.
+
+    Precedence, highest first: the command line (``listen``), the environment
+    (``ATLASBURN_PROXY_LISTEN``, ``ATLASBURN_API_KEY``), a systemd credential
+    (``$CREDENTIALS_DIRECTORY/atlasburn-api-key``), the file, the defaults. (The file itself is
+    the command line's ``--config``, else ``ATLASBURN_PROXY_CONFIG``: see ``config_path``.)
+    """
+    env = os.environ if env is None else env
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -651,8 +668,33 @@ def load_config(
             raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    listen = listen or env.get("ATLASBURN_PROXY_LISTEN") or None
     if listen is not None:
-        server = dict(data.get("server", {})) if isinstance(data.get("server"), dict) else {}
-        server["listen"] = listen
-        data = {**data, "server": server}
+        data = _override(data, "server", "listen", listen)
+    key = env.get("ATLASBURN_API_KEY") or _credential(env, "atlasburn-api-key")
+    if key:
+        data = _override(data, "atlasburn", "api_key", key.replace("$", "$$"))
     return parse_config(data, env)
+
+
+def config_path(cli: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """The config file: ``--config``, else ``$ATLASBURN_PROXY_CONFIG``, else none (defaults)."""
+    env = os.environ if env is None else env
+    return cli or env.get("ATLASBURN_PROXY_CONFIG") or None
+
+
+def _override(data: dict[str, Any], section: str, key: str, value: str) -> dict[str, Any]:
+    table = data.get(section)
+    table = dict(table) if isinstance(table, dict) else {}
+    table[key] = value
+    return {**data, section: table}
+
+
+def _credential(env: Mapping[str, str], name: str) -> str | None:
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    try:
+        return (Path(directory) / name).read_text().strip() or None
+    except OSError:
+        return None

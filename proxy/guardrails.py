@@ -181,16 +181,20 @@ class LoopDetector:
     """
 
     def __init__(self, config: LoopDetectorConfig) -> None:
+        self._current: dict[int, Any] = {}
+        self._previous: dict[int, Any] = {}
+        self._started = -math.inf  # the first observation starts the first generation
+        self.early_rotations = 0
+        self.configure(config)
+
+    def configure(self, config: LoopDetectorConfig) -> None:
+        """New thresholds take effect at once; what was counted so far is kept."""
         self.threshold = config.threshold
         self.window = config.window_seconds
         self.max_tracked = config.max_tracked
         self.allow = frozenset(
             xxhash.xxh3_64_intdigest(f.encode()) for f in config.allow_fingerprints
         )
-        self._current: dict[int, Any] = {}
-        self._previous: dict[int, Any] = {}
-        self._started = -math.inf  # the first observation starts the first generation
-        self.early_rotations = 0
         self._label = f"{config.window_seconds:g}s"
 
     def __len__(self) -> int:
@@ -237,6 +241,11 @@ class SpendCap:
     """Rolling hourly and daily spend in minute buckets; ``add`` says when a cap is crossed."""
 
     def __init__(self, config: SpendCapConfig) -> None:
+        self._buckets: deque[list[float]] = deque()  # [minute start (epoch), usd], oldest first
+        self.configure(config)
+
+    def configure(self, config: SpendCapConfig) -> None:
+        self.enabled = config.enabled
         self.limits = tuple(
             (seconds, limit, label)
             for seconds, limit, label in (
@@ -245,7 +254,6 @@ class SpendCap:
             )
             if limit > 0
         )
-        self._buckets: deque[list[float]] = deque()  # [minute start (epoch), usd], oldest first
 
     def restore(self, buckets: list[tuple[float, float]]) -> None:
         """Minute buckets (start, usd) from the store, oldest first."""
@@ -306,10 +314,15 @@ class LoopGuard:
     def __init__(self, config: LoopDetectorConfig, kill: KillSwitch) -> None:
         self.detector = LoopDetector(config)
         self.kill = kill
+        self.blocked: dict[str, Suspension] = {}  # scope "fingerprint" only
+        self.configure(config)
+
+    def configure(self, config: LoopDetectorConfig) -> None:
+        self.enabled = config.enabled
+        self.detector.configure(config)
         self.ttl = config.ttl_seconds
         self.per_fingerprint = config.scope == "fingerprint"
         self.exempt_header = config.exempt_header
-        self.blocked: dict[str, Suspension] = {}  # scope "fingerprint" only
 
     def check(self, fingerprint: str, headers: Any) -> Suspension | None:
         """The refusal for this request, if the loop detector has one."""

@@ -39,6 +39,8 @@ from .events import Event, Recorder, iso_ms
 from .fingerprint import fingerprint
 from .guardrails import SPEND_LAYER, KillSwitch, LoopGuard, SpendCap, Suspension
 from .headers import REQUEST_DROP, RESPONSE_DROP, filter_headers
+from .logs import AccessLog, request_id
+from .metrics import Metrics
 from .pricing import Pricer
 from .routes import BadPath, Route, Router
 
@@ -65,7 +67,7 @@ class BodyTooLarge(Exception):
 class _Exchange:
     """What one request has reached so far, for the event recorded when it ends."""
 
-    __slots__ = ("status", "complete", "meter", "up", "asked_usage")
+    __slots__ = ("status", "complete", "meter", "up", "asked_usage", "waited")
 
     def __init__(self) -> None:
         self.status = 0  # the status the client got; 0 until an answer is under way
@@ -73,6 +75,7 @@ class _Exchange:
         self.meter: Meter | None = None
         self.up: aiohttp.ClientResponse | None = None
         self.asked_usage = False  # the daemon asked for stream usage the client did not
+        self.waited = 0.0  # seconds spent waiting on the provider or the client
 
 
 class Relay:
@@ -87,19 +90,27 @@ class Relay:
         kill: KillSwitch,
         loop: LoopGuard | None = None,
         spend: SpendCap | None = None,
+        metrics: Metrics | None = None,
+        access: AccessLog | None = None,
     ) -> None:
-        self.router = Router(config.providers)
         self.session = session
         self.record = record
-        self.pricer = pricer
         self.kill = kill
-        self.loop = loop
-        self.spend = spend
-        self.max_body = config.server.max_body_bytes
+        self.loop = loop or LoopGuard(config.guardrails.dumb_loop_detector, kill)
+        self.spend = spend or SpendCap(config.guardrails.spend_cap)
+        self.metrics = metrics
+        self.access = access or AccessLog(False)
         # Retry-After for a suspension without an end: when the daemon next asks the API.
         self.poll_seconds = config.telemetry.poll_interval_seconds
-        # Providers that refused an injected stream_options: never asked again.
+        # Providers that refused an injected stream_options: not asked again until restart.
         self.refuses_stream_usage: set[str] = set()
+        self.configure(config, pricer)
+
+    def configure(self, config: Config, pricer: Pricer) -> None:
+        """What a reload may change while requests run (each request sees one or the other)."""
+        self.router = Router(config.providers)
+        self.pricer = pricer
+        self.max_body = config.server.max_body_bytes
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.time()
@@ -115,6 +126,7 @@ class Relay:
             )
         try:
             body = await _read_body(request, self.max_body)
+            read_body = time.perf_counter() - t0  # the client's upload: not our time
         except BodyTooLarge:
             resp = _error(route, 413, "body_too_large", f"request body over {self.max_body} bytes")
             resp.force_close()  # the rest of the body is not read
@@ -127,12 +139,13 @@ class Relay:
         fp = fingerprint(upstream.kind, meta.endpoint, canonical, body)
 
         suspension = self.kill.check(started)
-        if suspension is None and self.loop is not None:
+        if suspension is None and self.loop.enabled:
             suspension = self.loop.check(fp, request.headers)
         if suspension is not None:
-            return self._refuse(started, t0, route, meta, fp, suspension)
+            return self._refuse(started, t0, read_body, route, meta, fp, suspension)
 
         ex = _Exchange()
+        ex.waited = read_body
         try:
             return await self._exchange(request, route, meta, body, parsed, ex)
         finally:
@@ -144,17 +157,24 @@ class Relay:
                     metered = ex.meter.result()
                 except Exception:  # a meter bug must not cost the request its event
                     log.exception("usage meter failed for %s %s", upstream.name, meta.endpoint)
-            event = self._event(started, t0, route, meta, ex, metered, fp)
-            self.record(event)
-            if self.spend is not None and event.cost_usd > 0:
-                over = self.spend.add(event.cost_usd)
-                if over is not None and self.kill.check() is None:
-                    self.kill.suspend_now(SPEND_LAYER, over[0], over[1], "local")
+            self._done(self._event(started, t0, route, meta, ex, metered, fp), t0, ex.waited)
+
+    def _done(self, event: Event, t0: float, waited: float) -> None:
+        """Everything that follows one finished request: record, spend, metrics, log."""
+        self.record(event)
+        if self.spend.enabled and event.cost_usd > 0:
+            over = self.spend.add(event.cost_usd)
+            if over is not None and self.kill.check() is None:
+                self.kill.suspend_now(SPEND_LAYER, over[0], over[1], "local")
+        if self.metrics is not None:
+            self.metrics.observe(event, time.perf_counter() - t0 - waited)
+        self.access.write(event, request_id())
 
     def _refuse(
         self,
         started: float,
         t0: float,
+        waited: float,
         route: Route,
         meta: RequestMeta,
         fp: str,
@@ -180,7 +200,7 @@ class Relay:
                 "AtlasBurn-Guardrail": suspension.layer,
             },
         )
-        self.record(
+        self._done(
             Event(
                 ts=iso_ms(started),
                 provider=route.upstream.name,
@@ -196,7 +216,9 @@ class Relay:
                 usage_source=UsageSource.REPORTED,  # exactly nothing: it never left the host
                 priced=True,
                 refused_by=suspension.layer,
-            )
+            ),
+            t0,
+            waited,
         )
         return response
 
@@ -218,7 +240,7 @@ class Relay:
                 sent = orjson.dumps(asking)
                 ex.asked_usage = True
         try:
-            up = ex.up = await self._send(request, route, sent, ex.asked_usage)
+            up = ex.up = await self._send(request, route, sent, ex.asked_usage, ex)
             if ex.asked_usage and up.status in (400, 422):
                 try:
                     error = await up.read()
@@ -236,7 +258,7 @@ class Relay:
                 self.refuses_stream_usage.add(upstream.name)
                 ex.asked_usage = False
                 up.release()
-                up = ex.up = await self._send(request, route, body, False)
+                up = ex.up = await self._send(request, route, body, False, ex)
         except UpstreamTimeout as exc:
             ex.status = 504
             return _error(route, 504, "upstream_timeout", str(exc))
@@ -250,7 +272,9 @@ class Relay:
         if length is not None and length <= BUFFER_LIMIT and not is_sse:
             if request.method != hdrs.METH_HEAD:
                 try:
+                    t = time.perf_counter()
                     data = await up.read()
+                    ex.waited += time.perf_counter() - t
                 except _UPSTREAM_ERRORS as exc:
                     ex.status = 504 if isinstance(exc, TimeoutError) else 502
                     return _error(route, ex.status, "upstream_cut", _describe(exc, upstream.name))
@@ -274,25 +298,37 @@ class Relay:
                 )
         response = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
         ex.status = up.status
+        clock = time.perf_counter
+        t = clock()
         await response.prepare(request)
         read = up.content.readany
-        while True:
-            try:
-                chunk = await read()
-            except _UPSTREAM_ERRORS as exc:
-                _abort_client(request, upstream.name, exc)
-                return response
-            if not chunk:
-                break
-            feed(chunk)
-            if hide is not None:
-                chunk = hide.feed(chunk)
+        waited = clock() - t
+        try:
+            while True:
+                t = clock()
+                try:
+                    chunk = await read()
+                except _UPSTREAM_ERRORS as exc:
+                    _abort_client(request, upstream.name, exc)
+                    return response
+                waited += clock() - t
                 if not chunk:
-                    continue
-            await response.write(chunk)  # a client that went away raises here
+                    break
+                feed(chunk)
+                if hide is not None:
+                    chunk = hide.feed(chunk)
+                    if not chunk:
+                        continue
+                t = clock()
+                await response.write(chunk)  # a client that went away raises here
+                waited += clock() - t
+        finally:
+            ex.waited += waited
+        t = clock()
         if hide is not None and (rest := hide.end()):
             await response.write(rest)
         await response.write_eof()
+        ex.waited += clock() - t
         ex.complete = True
         return response
 
@@ -312,8 +348,10 @@ class Relay:
         whole = web.Response(status=up.status, reason=up.reason, headers=_response_headers(up))
         whole.body = data
         ex.status = up.status
+        t = time.perf_counter()
         await whole.prepare(request)
         await whole.write_eof()
+        ex.waited += time.perf_counter() - t
         ex.complete = True
         return whole
 
@@ -341,7 +379,7 @@ class Relay:
         return None
 
     async def _send(
-        self, request: web.Request, route: Route, body: bytes, plain: bool
+        self, request: web.Request, route: Route, body: bytes, plain: bool, ex: _Exchange
     ) -> aiohttp.ClientResponse:
         """Send the request upstream; transport failures become UpstreamError/UpstreamTimeout.
         ``plain`` asks for an uncompressed answer (the daemon must rewrite it)."""
@@ -351,6 +389,7 @@ class Relay:
         )
         if plain:
             headers[hdrs.ACCEPT_ENCODING] = "identity"
+        t = time.perf_counter()
         try:
             return await self.session.request(
                 request.method,
@@ -362,6 +401,11 @@ class Relay:
             )
         except _UPSTREAM_ERRORS as exc:
             raise _upstream_error(exc, upstream.name) from None
+        finally:
+            elapsed = time.perf_counter() - t
+            ex.waited += elapsed
+            if self.metrics is not None:
+                self.metrics.upstream(upstream.name, elapsed)
 
     def _event(
         self,

@@ -44,6 +44,7 @@ class Process:
         self.proc = proc
         self.url = url
         self.log: list[str] = []
+        self.drained: asyncio.Future[None] | None = None
 
 
 async def spawn(*args: str) -> Process:
@@ -64,10 +65,17 @@ async def spawn(*args: str) -> Process:
         lines.append(line)
         if not line:
             raise AssertionError("daemon exited before ready: " + "".join(lines))
-        if m := re.search(r"ready on (http://\S+)", line):
+        if m := re.search(r'ready on (http://[^\s"]+)', line):
             p = Process(proc, m.group(1))
             p.log = lines
+            p.drained = asyncio.ensure_future(drain(proc, lines))  # access lines keep coming
             return p
+
+
+async def drain(proc: asyncio.subprocess.Process, lines: list[str]) -> None:
+    assert proc.stderr is not None
+    async for line in proc.stderr:
+        lines.append(line.decode())
 
 
 def test_check_config_ok() -> None:
@@ -148,9 +156,10 @@ async def test_sigint_also_stops_cleanly() -> None:
     p = await spawn("--listen", "127.0.0.1:0")
     p.proc.send_signal(signal.SIGINT)
     assert await asyncio.wait_for(p.proc.wait(), 10) == 0
-    assert p.proc.stderr is not None
-    rest = (await p.proc.stderr.read()).decode()
-    assert "SIGINT: stopping" in rest and "stopped" in rest
+    assert p.drained is not None
+    await p.drained
+    rest = "".join(p.log)
+    assert "SIGINT: stopping" in rest and 'msg=stopped' in rest
 
 
 def free_port() -> int:

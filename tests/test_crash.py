@@ -44,7 +44,8 @@ async def spawn(config: Path, env: dict[str, str]) -> tuple[asyncio.subprocess.P
         line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
         if not line:
             raise AssertionError("daemon exited before it was ready")
-        if m := re.search(r"ready on (http://\S+)", line):
+        if m := re.search(r'ready on (http://[^\s"]+)', line):
+            asyncio.ensure_future(proc.stderr.read())  # keep draining: access lines follow
             return proc, m.group(1)
 
 

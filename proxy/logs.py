@@ -1,0 +1,121 @@
+"""Log lines: logfmt (the default) or JSON, one line each, and the per-request access line.
+
+Every line has ``ts``, ``level``, ``logger`` and ``msg``; the access line adds the request's
+fields (request id, provider, model, endpoint, status, tokens, cost, latency, ...). No header,
+query string or body is ever logged, so no key can be. When access lines are off (config, or a
+level above info) nothing is formatted for them at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from .events import Event
+
+ACCESS = logging.getLogger("atlasburn.access")
+
+
+def _logfmt_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value) if isinstance(value, float) else str(value)
+    text = str(value)
+    if text and not any(c in text for c in ' ="\\\n') and text.isprintable():
+        return text
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    ms = int(record.created * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+class LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [
+            f"ts={_timestamp(record)}",
+            f"level={record.levelname.lower()}",
+            f"logger={record.name}",
+            f"msg={_logfmt_value(record.getMessage())}",
+        ]
+        fields = getattr(record, "fields", None)
+        if fields:
+            parts.extend(f"{k}={_logfmt_value(v)}" for k, v in fields.items())
+        line = " ".join(parts)
+        if record.exc_info:
+            line += " exc=" + _logfmt_value(self.formatException(record.exc_info))
+        return line
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+def setup_logging(level: str, fmt: str = "logfmt") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's own access log is off (access_log=None); ours is atlasburn.access.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+_PREFIX = os.urandom(3).hex()
+_COUNTER = itertools.count(1)
+
+
+def request_id() -> str:
+    """A short id unique to this process run: random prefix + counter."""
+    return f"{_PREFIX}{next(_COUNTER):x}"
+
+
+class AccessLog:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def write(self, event: Event, rid: str) -> None:
+        if not self.enabled or not ACCESS.isEnabledFor(logging.INFO):
+            return
+        ACCESS.info(
+            "request",
+            extra={
+                "fields": {
+                    "request_id": rid,
+                    "provider": event.provider,
+                    "model": event.model,
+                    "endpoint": event.endpoint,
+                    "status": event.status,
+                    "stream": event.stream,
+                    "tokens_in": event.tokens_in,
+                    "tokens_out": event.tokens_out,
+                    "cost_usd": event.cost_usd,
+                    "latency_ms": event.latency_ms,
+                    "usage": event.usage_source.value,
+                    "refused_by": event.refused_by,
+                }
+            },
+        )

@@ -1,0 +1,177 @@
+"""``/metrics`` in the Prometheus text format (prometheus-client, on its own registry).
+
+Per-request numbers are counted as each request ends (label children cached, so a request costs a
+few dictionary lookups); the state of the spool, shipper, pricer and guardrails is read only when
+scraped. Label values are bounded: provider (configured names), status (HTTP codes), layer and
+model — at most ``MAX_MODELS`` model names get a label of their own, the rest count as ``other``.
+No fingerprint, key or free text is ever a label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .events import Event
+
+MAX_MODELS = 200
+MAX_LAYERS = 32
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_OVERHEAD_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "atlasburn_requests",
+            "Proxied requests by provider, model and the status the client "
+            "got (429 for a guardrail refusal)",
+            ["provider", "model", "status"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "atlasburn_tokens",
+            "Tokens by provider, model and direction (in: input including "
+            "cached; out: output including reasoning)",
+            ["provider", "model", "direction"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "atlasburn_cost_usd",
+            "Spend in USD by provider and model",
+            ["provider", "model"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "atlasburn_guardrail_refusals",
+            "Requests refused by a guardrail, by layer",
+            ["layer"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "atlasburn_upstream_latency_seconds",
+            "Time from sending a request to the provider's response headers",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "atlasburn_overhead_seconds",
+            "Time the daemon itself added to a request: handling time minus the time spent "
+            "waiting on the provider and on the client",
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self._children: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
+        self._models: set[str] = set()
+        self._layers: set[str] = set()
+
+    def _model(self, model: str) -> str:
+        if model in self._models:
+            return model
+        if len(self._models) < MAX_MODELS:
+            self._models.add(model)
+            return model
+        return "other"
+
+    def observe(self, event: Event, overhead: float | None) -> None:
+        key = (event.provider, event.model, event.status)
+        children = self._children.get(key)
+        if children is None:
+            model = self._model(event.model)
+            children = (
+                self.requests.labels(event.provider, model, str(event.status)),
+                self.tokens.labels(event.provider, model, "in"),
+                self.tokens.labels(event.provider, model, "out"),
+                self.cost.labels(event.provider, model),
+            )
+            if len(self._children) < MAX_MODELS * 50:
+                self._children[key] = children
+        requests, tokens_in, tokens_out, cost = children
+        requests.inc()
+        if event.tokens_in:
+            tokens_in.inc(event.tokens_in)
+        if event.tokens_out:
+            tokens_out.inc(event.tokens_out)
+        if event.cost_usd:
+            cost.inc(event.cost_usd)
+        if event.refused_by is not None:
+            layer = event.refused_by
+            if layer not in self._layers:
+                if len(self._layers) >= MAX_LAYERS:
+                    layer = "other"
+                else:
+                    self._layers.add(layer)
+            self.refusals.labels(layer).inc()
+        if overhead is not None:
+            self.overhead.observe(overhead)
+
+    def upstream(self, provider: str, seconds: float) -> None:
+        self.upstream_latency.labels(provider).observe(seconds)
+
+    def add_state(self, read: Callable[[], dict[str, float]]) -> None:
+        """Gauges and counters read at scrape time from the daemon's parts."""
+        self.registry.register(_State(read))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# name -> (kind, help); the values come from the reader given to add_state.
+STATE: dict[str, tuple[str, str]] = {
+    "atlasburn_ready": ("gauge", "1 when the store is open and the daemon is not draining"),
+    "atlasburn_suspended": ("gauge", "1 while the org's kill flag is set"),
+    "atlasburn_spool_pending_events": ("gauge", "Events in the spool waiting to be shipped"),
+    "atlasburn_spool_queued_events": ("gauge", "Events in memory waiting for the next commit"),
+    "atlasburn_spool_bytes": ("gauge", "Bytes of events in the spool"),
+    "atlasburn_loop_tracked_fingerprints": ("gauge", "Fingerprints the loop detector holds"),
+    "atlasburn_events_committed": ("counter", "Events committed to the spool since start"),
+    "atlasburn_events_dropped": ("counter", "Events dropped past a spool or memory bound"),
+    "atlasburn_events_poisoned": ("counter", "Events the AtlasBurn API refused, kept aside"),
+    "atlasburn_store_write_errors": ("counter", "Failed spool commits (retried)"),
+    "atlasburn_ship_batches": ("counter", "Batches delivered to the AtlasBurn API"),
+    "atlasburn_ship_failures": ("counter", "Failed attempts to deliver a batch (retried)"),
+    "atlasburn_events_shipped": ("counter", "Events delivered to the AtlasBurn API"),
+    "atlasburn_unpriced_events": ("counter", "Events of models with no known price (cost 0)"),
+    "atlasburn_pricing_errors": ("counter", "Pricing failures (cost 0)"),
+}
+
+
+class _State(Collector):
+    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        values = self._read()
+        for name, (kind, doc) in STATE.items():
+            if name not in values:
+                continue
+            family = (
+                GaugeMetricFamily(name, doc) if kind == "gauge" else CounterMetricFamily(name, doc)
+            )
+            family.add_metric([], values[name])
+            yield family
