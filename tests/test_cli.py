@@ -159,7 +159,7 @@ async def test_sigint_also_stops_cleanly() -> None:
     assert p.drained is not None
     await p.drained
     rest = "".join(p.log)
-    assert "SIGINT: stopping" in rest and 'msg=stopped' in rest
+    assert "SIGINT: stopping" in rest and "msg=stopped" in rest
 
 
 def free_port() -> int:

@@ -1,0 +1,457 @@
+"""Running it like infrastructure: sd_notify and the watchdog on a real unix datagram socket,
+/metrics parsed by prometheus-client, readiness during shutdown, SIGHUP reload, environment
+overrides, no secret in any log line, the sidecar image's command line, the systemd unit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.config import Listen, load_config
+
+from .conftest import RunningDaemon, StartDaemon, eventually
+from .fakes.ingest import FakeIngest
+from .fakes.provider import FakeProvider
+
+ROOT = Path(__file__).parent.parent
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+class Daemon:
+    """The daemon as a real process; its stderr is collected line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, url: str, lines: list[str]) -> None:
+        self.proc = proc
+        self.url = url
+        self.lines = lines
+        assert proc.stderr is not None
+        self.reader = asyncio.ensure_future(self._read(proc.stderr))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        async for line in stream:
+            self.lines.append(line.decode())
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    async def stop(self, signal_it: bool = True) -> int:
+        if signal_it:
+            self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.proc.wait(), 20)
+        await self.reader
+        return code
+
+
+async def spawn(*args: str, env: dict[str, str] | None = None) -> Daemon:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    while True:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+        lines.append(line)
+        if not line:
+            raise AssertionError("daemon exited before ready:\n" + "".join(lines))
+        if m := re.search(r'ready on (http://[^\s"]+)', line):
+            return Daemon(proc, m.group(1), lines)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    out = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ATLASBURN_", "NOTIFY_SOCKET", "WATCHDOG_"))
+    }
+    out["STATE_DIRECTORY"] = str(tmp_path / "state")
+    return out
+
+
+# --------------------------------------------------------------------------- sd_notify
+
+
+async def test_sd_notify_ready_watchdog_stopping(tmp_path: Path, env: dict[str, str]) -> None:
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    env.update(NOTIFY_SOCKET=str(path), WATCHDOG_USEC="200000")  # pings every 0.1 s
+    loop = asyncio.get_running_loop()
+    d = await spawn("--listen", "127.0.0.1:0", env=env)
+    try:
+        messages: list[str] = []
+        deadline = time.monotonic() + 5
+        while messages.count("WATCHDOG=1") < 3 and time.monotonic() < deadline:
+            messages.append((await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)).decode())
+        assert messages[0].startswith("READY=1\nSTATUS=serving on http://127.0.0.1:")
+        assert messages.count("WATCHDOG=1") >= 3
+        # READY came after the listener was bound: it answers.
+        async with aiohttp.ClientSession() as s:
+            async with s.get(d.url + "/readyz") as r:
+                assert r.status == 200
+        d.proc.send_signal(signal.SIGTERM)
+        while (
+            message := (await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)).decode()
+        ) == "WATCHDOG=1":
+            pass
+        assert message == "STOPPING=1"
+        assert await d.stop(signal_it=False) == 0
+    finally:
+        sock.close()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def metrics(d: RunningDaemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(d.url + "/metrics") as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            return scrape(await r.text())
+
+
+async def test_metrics_move_with_traffic(fake: FakeProvider, start_daemon: StartDaemon) -> None:
+    d = await start_daemon()
+    before = await metrics(d)
+    assert before[("atlasburn_ready", ())] == 1.0
+    assert (
+        "atlasburn_requests_total",
+        (("model", "gpt-4o-mini"), ("provider", "openai"), ("status", "200")),
+    ) not in before
+    async with aiohttp.ClientSession() as s:
+        for i in range(2):
+            body = {**CHAT, "messages": [{"role": "user", "content": str(i)}]}
+            async with s.post(d.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+        await d.daemon.kill.suspend("manual", "test", 60, "api")
+        async with s.post(d.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 429
+    after = await metrics(d)
+    ok = (("model", "gpt-4o-mini"), ("provider", "openai"), ("status", "200"))
+    assert after[("atlasburn_requests_total", ok)] == 2
+    assert after[("atlasburn_requests_total", ok[:2] + (("status", "429"),))] == 1
+    lm = (("model", "gpt-4o-mini"), ("provider", "openai"))
+    assert after[("atlasburn_tokens_total", (("direction", "in"),) + lm)] == 2 * 1536
+    assert after[("atlasburn_tokens_total", (("direction", "out"),) + lm)] == 2 * 7
+    assert after[("atlasburn_cost_usd_total", lm)] == pytest.approx(2 * 0.0001578, rel=1e-12)
+    assert after[("atlasburn_guardrail_refusals_total", (("layer", "manual"),))] == 1
+    assert after[("atlasburn_overhead_seconds_count", ())] == 3
+    assert after[("atlasburn_upstream_latency_seconds_count", (("provider", "openai"),))] == 2
+    assert after[("atlasburn_suspended", ())] == 1
+    await eventually(lambda: d.daemon.store.committed_total == 3)
+    latest = await metrics(d)
+    assert latest[("atlasburn_events_committed_total", ())] == 3
+    assert latest[("atlasburn_spool_bytes", ())] > 0
+    # Label values stay bounded: no fingerprint, key or path is a label anywhere.
+    labels = {v for (_, ls) in latest for _, v in ls}
+    assert not any(v.startswith("sha256:") or "/" in v for v in labels)
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+async def test_readiness_flips_during_shutdown(
+    fake: FakeProvider, tmp_path: Path, env: dict[str, str]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[server]\ndrain_seconds = 1.5\n")
+    d = await spawn("--config", str(config), "--listen", "127.0.0.1:0", env=env)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(d.url + "/readyz") as r:
+            assert (r.status, await r.json()) == (200, {"status": "ready"})
+        d.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        async with s.get(d.url + "/readyz") as r:
+            assert (r.status, await r.json()) == (503, {"status": "draining"})
+        async with s.get(d.url + "/healthz") as r:
+            assert r.status == 200  # alive, and still serving while it drains
+    assert await d.stop(signal_it=False) == 0
+
+
+# --------------------------------------------------------------------------- reload
+
+
+async def test_sighup_reload_changes_a_threshold(
+    fake: FakeProvider, tmp_path: Path, env: dict[str, str]
+) -> None:
+    config = tmp_path / "c.toml"
+    base = f'[providers.openai]\nbase_url = "{fake.url}"\n'
+    config.write_text(base + "[guardrails.dumb_loop_detector]\nthreshold = 4\n")
+    d = await spawn("--config", str(config), "--listen", "127.0.0.1:0", env=env)
+
+    async def post() -> int:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(d.url + "/v1/chat/completions", json=CHAT) as r:
+                return r.status
+
+    assert [await post(), await post()] == [200, 200]
+    config.write_text(
+        base + "[guardrails.dumb_loop_detector]\nthreshold = 3\n"
+        "[storage]\ncommit_interval_ms = 50\n"
+    )
+    d.proc.send_signal(signal.SIGHUP)
+    await eventually(lambda: "reload: applied" in d.log)
+    assert "reload: applied guardrails.dumb_loop_detector" in d.log
+    assert "need a restart: storage.commit_interval_ms" in d.log
+    assert await post() == 429  # the 3rd identical request now trips it
+    # A broken config on reload is refused; the running one stays.
+    config.write_text('[server]\nmax_body_bytes = "big"\n')
+    d.proc.send_signal(signal.SIGHUP)
+    await eventually(lambda: "the running config stays" in d.log)
+    assert await d.stop() == 0
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[server]\nlisten = "127.0.0.1:9000"\n[atlasburn]\napi_key = "abn_file"\n')
+    env = {"ATLASBURN_PROXY_LISTEN": "0.0.0.0:9100", "ATLASBURN_API_KEY": "abn_env"}
+    cfg = load_config(config, env=env)
+    assert cfg.server.listen == Listen("0.0.0.0", 9100)  # env beats the file
+    assert cfg.atlasburn.api_key.reveal() == "abn_env"
+    cfg = load_config(config, listen="127.0.0.1:9200", env=env)
+    assert cfg.server.listen == Listen("127.0.0.1", 9200)  # the command line beats env
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "atlasburn-api-key").write_text("abn_credential\n")
+    cfg = load_config(config, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert cfg.atlasburn.api_key.reveal() == "abn_credential"  # systemd LoadCredential
+    assert load_config(config, env={}).atlasburn.api_key.reveal() == "abn_file"
+    from proxy.config import config_path
+
+    assert config_path(None, {"ATLASBURN_PROXY_CONFIG": "/etc/x.toml"}) == "/etc/x.toml"
+    assert config_path("/cli.toml", {"ATLASBURN_PROXY_CONFIG": "/etc/x.toml"}) == "/cli.toml"
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+async def test_no_secret_in_logs_store_or_metrics(
+    fake: FakeProvider, ingest: FakeIngest, tmp_path: Path, env: dict[str, str]
+) -> None:
+    canaries = {
+        "openai": "sk-canary-openai-0001",
+        "anthropic": "sk-ant-canary-0002",
+        "azure": "canary-azure-0003",
+        "gemini_header": "canary-gemini-0004",
+        "gemini_query": "canary-gemini-query-0005",
+        "local": "abn_canary_local_0006",
+        "body": "canary-in-body-0007",
+    }
+    ingest.api_key = canaries["local"]
+    spool = tmp_path / "spool.sqlite3"
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[logging]\nlevel = "debug"\n[storage]\npath = "{spool}"\n'
+        f'[atlasburn]\napi_base = "{ingest.url}"\napi_key = "{canaries["local"]}"\n'
+        f"[telemetry]\nflush_interval_ms = 50\n"
+        f'[providers.openai]\nbase_url = "{fake.url}"\n'
+        f'[providers.anthropic]\nbase_url = "{fake.url}"\n'
+        f'[providers.gemini]\nbase_url = "{fake.url}"\n'
+        f'[providers.azure]\nkind = "azure"\nbase_url = "{fake.url}"\n'
+        '[providers.down]\nkind = "gemini"\nbase_url = "http://127.0.0.1:9"\n'
+    )
+    d = await spawn("--config", str(config), "--listen", "127.0.0.1:0", env=env)
+    gem = "/v1beta/models/gemini-2.5-flash:generateContent"
+    calls: list[tuple[str, dict[str, str], Any]] = [
+        (
+            "/v1/chat/completions",
+            {"Authorization": f"Bearer {canaries['openai']}"},
+            {**CHAT, "user": canaries["body"]},
+        ),
+        (
+            "/anthropic/v1/messages",
+            {"x-api-key": canaries["anthropic"]},
+            {"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": []},
+        ),
+        (
+            "/azure/openai/deployments/d/chat/completions?api-version=1",
+            {"api-key": canaries["azure"]},
+            {"messages": []},
+        ),
+        ("/gemini" + gem, {"x-goog-api-key": canaries["gemini_header"]}, {"contents": []}),
+        ("/gemini" + gem + f"?key={canaries['gemini_query']}", {}, {"contents": []}),
+        ("/down" + gem + f"?key={canaries['gemini_query']}", {}, {"contents": []}),  # 502 path
+        (
+            "/v1/chat/completions",
+            {"Authorization": f"Bearer {canaries['openai']}", "x-fake-status": "401"},
+            CHAT,
+        ),  # provider error path
+    ]
+    async with aiohttp.ClientSession() as s:
+        for path, headers, body in calls:
+            async with s.post(d.url + path, json=body, headers=headers) as r:
+                await r.read()
+        async with s.post(
+            d.url + "/api/ingest",
+            data=b"{bad",
+            headers={"AtlasBurn-API-Key": "abn_canary_wrong_0008"},
+        ) as r:
+            assert r.status == 401
+        async with s.get(d.url + "/metrics") as r:
+            scraped = await r.text()
+    await eventually(lambda: len(ingest.delivered()) >= len(calls))
+    assert await d.stop() == 0
+    shipped = str(ingest.calls)
+    stored = read_store(spool)
+    for name, canary in canaries.items():
+        assert canary not in d.log, name
+        assert canary not in scraped, name
+        assert canary.encode() not in stored, name
+        if name != "local":  # the local key is sent as the ingest header, as it must be
+            assert canary not in shipped, name
+    assert "abn_canary_wrong_0008" not in d.log
+    assert "level=debug" in d.log and "msg=request" in d.log  # it did log, at debug and info
+
+
+def read_store(spool: Path) -> bytes:
+    """The store file with its WAL and shared-memory files."""
+    return b"".join(
+        Path(str(spool) + suffix).read_bytes()
+        for suffix in ("", "-wal", "-shm")
+        if os.path.exists(str(spool) + suffix)
+    )
+
+
+# --------------------------------------------------------------------------- sidecar image
+
+
+def dockerfile() -> dict[str, str]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and " " in line:
+            word, rest = line.split(" ", 1)
+            out[word] = out.get(word, "") + " " + rest.strip() if word == "ENV" else rest.strip()
+    return out
+
+
+async def test_sidecar_image_command_line_works(
+    fake: FakeProvider, tmp_path: Path, env: dict[str, str]
+) -> None:
+    """What the image runs, run directly: its ENTRYPOINT + CMD with its environment (listening on
+    every interface), and its HEALTHCHECK command against it."""
+    import json
+    import shlex
+
+    spec = dockerfile()
+    assert spec["USER"].split(":")[0] != "0" and spec["FROM"].startswith("python:")
+    image_env = dict(re.findall(r"(\w+)=(\S+)", spec["ENV"]))
+    assert image_env["ATLASBURN_PROXY_LISTEN"] == "0.0.0.0:8787"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env.update(image_env)
+    env["ATLASBURN_PROXY_LISTEN"] = f"0.0.0.0:{port}"
+    env["STATE_DIRECTORY"] = str(tmp_path / "volume")
+    command = json.loads(spec["ENTRYPOINT"]) + json.loads(spec["CMD"])
+    assert command == ["atlasburn-proxy", "run"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *command[1:],
+        cwd=ROOT,
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    line = ""
+    while "ready on" not in line:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+        assert line, "exited before ready"
+    assert f"ready on http://0.0.0.0:{port}" in line
+    reader = asyncio.ensure_future(proc.stderr.read())
+    health = json.loads(spec["HEALTHCHECK"].split("CMD ", 1)[1])
+    health = [sys.executable if w == "python" else w.replace(":8787", f":{port}") for w in health]
+    done = await asyncio.to_thread(subprocess.run, health, capture_output=True, timeout=10)
+    assert done.returncode == 0, shlex.join(health)
+    assert (tmp_path / "volume" / "atlasburn-proxy.sqlite3").exists()  # state on the volume
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 20) == 0
+    await reader
+
+
+# --------------------------------------------------------------------------- systemd unit
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_unit_is_valid_and_hardened(tmp_path: Path) -> None:
+    unit = (ROOT / "systemd" / "atlasburn-proxy.service").read_text()
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "RestartPreventExitStatus=2",
+        "DynamicUser=yes",
+        "StateDirectory=atlasburn-proxy",
+        "ConfigurationDirectory=atlasburn-proxy",
+        "LoadCredential=atlasburn-api-key:",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        "SystemCallFilter=@system-service",
+        "MemoryMax=",
+    ):
+        assert line in unit, line
+    security = subprocess.run(
+        [
+            "systemd-analyze",
+            "security",
+            "--offline=yes",
+            "--no-pager",
+            str(ROOT / "systemd" / "atlasburn-proxy.service"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
+    assert m is not None, security.stdout + security.stderr
+    assert float(m.group(1)) <= 2.0
+    # systemd's own check of the unit, with ExecStart pointing at this installation.
+    local = tmp_path / "atlasburn-proxy.service"
+    local.write_text(
+        unit.replace(
+            "/opt/atlasburn-proxy/bin/atlasburn-proxy",
+            str(Path(sys.executable).parent / "atlasburn-proxy"),
+        )
+    )
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60
+    )
+    assert verify.returncode == 0, verify.stderr
