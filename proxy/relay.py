@@ -139,7 +139,8 @@ class Relay:
         fp = fingerprint(upstream.kind, meta.endpoint, canonical, body)
 
         suspension = self.kill.check(started)
-        if suspension is None and self.loop.enabled:
+        # Only POSTs are counted: they are what costs (a GET /v1/models poll is not a loop).
+        if suspension is None and self.loop.enabled and request.method == hdrs.METH_POST:
             suspension = self.loop.check(fp, request.headers)
         if suspension is not None:
             return self._refuse(started, t0, read_body, route, meta, fp, suspension)

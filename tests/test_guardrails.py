@@ -168,6 +168,16 @@ async def test_window_slides(fake: FakeProvider, start_daemon: StartDaemon) -> N
             assert r.status == 200  # the first three fell out of the window
 
 
+async def test_polling_a_free_endpoint_is_not_a_loop(
+    fake: FakeProvider, start_daemon: StartDaemon
+) -> None:
+    d = await start_daemon()
+    async with openai.AsyncOpenAI(base_url=d.url + "/v1", api_key="sk-test", max_retries=0) as c:
+        for _ in range(8):
+            assert [m.id async for m in c.models.list()][0] == "gpt-4o-mini"
+    assert d.daemon.kill.status == "ok"
+
+
 def test_detector_memory_is_bounded() -> None:
     detector = LoopDetector(LoopDetectorConfig(window_seconds=10, max_tracked=5000))
     for i in range(20_000):
