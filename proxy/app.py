@@ -104,17 +104,9 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
         pricer = Pricer.from_config(config.providers, config.pricing)
         recorder = store.enqueue if record is None else _both(store.enqueue, record)
         metrics = app[METRICS]
-        relay = Relay(
-            config,
-            session,
-            recorder,
-            pricer,
-            kill,
-            loop,
-            spend,
-            metrics,
-            AccessLog(config.logging.access),
-        )
+        access = AccessLog(config.logging.access, config.logging.format)
+        access.start()
+        relay = Relay(config, session, recorder, pricer, kill, loop, spend, metrics, access)
         app[RELAY] = relay
         shipper = Shipper(config, store, kill) if ship else None
         if shipper is not None:
@@ -127,6 +119,7 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             yield
         finally:
             app[READY].clear()
+            await access.stop()
             await store.flush()
             if shipper is not None:
                 await shipper.stop()
@@ -256,6 +249,7 @@ async def reload(app: web.Application, new: Config) -> tuple[list[str], list[str
     if guards.spend_cap.enabled and not old.guardrails.spend_cap.enabled:
         relay.spend.restore(await app[STORE].spend_buckets(86400))
     relay.access.enabled = new.logging.access
+    relay.access.json = new.logging.format == "json"
     relay.configure(new, pricer)
     if any(k.startswith("logging.") for k in live):
         setup_logging(new.logging.level, new.logging.format)

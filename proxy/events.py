@@ -58,10 +58,19 @@ class Event:
 Recorder = Callable[[Event], None]
 
 
+_second = -1
+_prefix = ""
+
+
 def iso_ms(epoch: float) -> str:
-    """``epoch`` as ISO 8601 UTC with milliseconds and ``Z``: ``2026-11-29T01:55:24.123Z``."""
+    """``epoch`` as ISO 8601 UTC with milliseconds and ``Z``: ``2026-11-29T01:55:24.123Z``.
+    (The formatted second is kept: consecutive events mostly share it.)"""
+    global _second, _prefix
     ms = int(epoch * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+    second = ms // 1000
+    if second != _second:
+        _second, _prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_prefix}.{ms % 1000:03d}Z"
 
 
 # --------------------------------------------------------------------------- validation

@@ -423,11 +423,13 @@ class Store:
                 if not ids:
                     return None
                 batch_id = uuid.uuid4().hex
-                await self._db.execute("BEGIN IMMEDIATE")
-                await self._db.executemany(
-                    "UPDATE events SET batch_id = ? WHERE id = ?", [(batch_id, i) for i in ids]
+                # One statement: the selected ids are exactly the unbatched pending ones in
+                # their id range.
+                await self._db.execute(
+                    "UPDATE events SET batch_id = ? WHERE id BETWEEN ? AND ? AND state = ? "
+                    "AND batch_id IS NULL",
+                    (batch_id, ids[0], ids[-1], PENDING),
                 )
-                await self._db.execute("COMMIT")
             async with self._db.execute(
                 "SELECT id, body FROM events WHERE batch_id = ? ORDER BY id", (batch_id,)
             ) as cur:

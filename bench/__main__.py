@@ -1,0 +1,407 @@
+"""The benchmark: direct vs a minimal pass-through vs atlasburn-proxy, side by side in one run.
+
+    python -m bench                 # the quick run (about 2 minutes)
+    python -m bench --full          # the real sizes (100k-request soak; about 10 minutes)
+    python -m bench --only chat-c64 --no-loop-detector
+
+Each target is measured with the same closed-loop client (aiohttp + uvloop; every answer checked
+byte for byte; every request carries a unique nonce so the loop detector never fires). The proxy
+under test is pinned to CPU 0, the fake provider and the client to CPU 1, and the proxy's CPU time
+per request is read from /proc. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import uvloop
+
+from .servers import CHAT, stream_events
+
+ROOT = Path(__file__).parent.parent
+EXTRA_CONFIG = os.environ.get("BENCH_DAEMON_CONFIG", "").replace("\\n", "\n")
+PROXY_CPU = "0"
+OTHER_CPU = "1"
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Scenario:
+    name: str
+    concurrency: int
+    requests: int
+    stream: bool = False
+    body_bytes: int = 0
+    chunks: int = 50
+    delay_ms: float = 2.0
+    note: str = ""
+
+
+def scenarios(full: bool) -> list[Scenario]:
+    return [
+        Scenario("chat-c1", 1, 3000 if full else 1500, note="small chat completion"),
+        Scenario("chat-c64", 64, 30000 if full else 12000, note="small chat completion"),
+        Scenario("stream-c32", 32, 1600 if full else 640, stream=True, note="50 chunks 2 ms apart"),
+        Scenario(
+            "body100k-c16",
+            16,
+            4000 if full else 1600,
+            body_bytes=100_000,
+            note="100 KB request body",
+        ),
+        Scenario(
+            "slow-streams-c1000",
+            1000,
+            1000,
+            stream=True,
+            chunks=20,
+            delay_ms=100,
+            note="1,000 concurrent slow streams",
+        ),
+        Scenario("soak-c32", 32, 100_000 if full else 20_000, note="soak (RSS growth)"),
+    ]
+
+
+@dataclass
+class Result:
+    target: str
+    scenario: Scenario
+    seconds: float
+    latencies: list[float]
+    ttfb: list[float] = field(default_factory=list)
+    cpu_us: float | None = None
+    rss_mb: float | None = None
+    rss_start_mb: float | None = None
+    events: int | None = None
+    served: int = 0  # requests the target served, warm-up included
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.seconds
+
+    def pct(self, q: float, xs: list[float] | None = None) -> float:
+        data = sorted(self.latencies if xs is None else xs)
+        return data[min(len(data) - 1, int(q * len(data)))] * 1000 if data else 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_port(port: int) -> None:
+    for _ in range(400):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.025)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def spawn(cpu: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["taskset", "-c", cpu, sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / HZ  # utime + stime
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Targets:
+    """The fake provider, the ingest, the pass-through and the daemon, for one scenario shape."""
+
+    def __init__(self, scenario: Scenario, loop_detector: bool, tmp: Path) -> None:
+        self.scenario = scenario
+        self.loop_detector = loop_detector
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.urls: dict[str, str] = {}
+
+    async def __aenter__(self) -> Targets:
+        s = self.scenario
+        p_port, i_port, t_port, d_port = (free_port() for _ in range(4))
+        self.procs["provider"] = spawn(
+            OTHER_CPU,
+            "-m",
+            "bench.servers",
+            "provider",
+            "--port",
+            str(p_port),
+            "--chunks",
+            str(s.chunks),
+            "--delay-ms",
+            str(s.delay_ms),
+        )
+        self.procs["ingest"] = spawn(
+            OTHER_CPU, "-m", "bench.servers", "ingest", "--port", str(i_port)
+        )
+        provider = f"http://127.0.0.1:{p_port}"
+        self.urls["direct"] = provider
+        self.procs["pass-through"] = spawn(
+            PROXY_CPU,
+            "-m",
+            "bench.servers",
+            "passthrough",
+            "--port",
+            str(t_port),
+            "--upstream",
+            provider,
+        )
+        self.urls["pass-through"] = f"http://127.0.0.1:{t_port}"
+        config = self.tmp / f"{s.name}.toml"
+        config.write_text(
+            f'[server]\nlisten = "127.0.0.1:{d_port}"\n'
+            f'[storage]\npath = "{self.tmp / s.name / "spool.sqlite3"}"\n'
+            f'[atlasburn]\napi_base = "http://127.0.0.1:{i_port}"\n'
+            'api_key = "abn_bench_key"\n'
+            f"[guardrails.dumb_loop_detector]\nenabled = {str(self.loop_detector).lower()}\n"
+            f'[providers.openai]\nbase_url = "{provider}"\n' + EXTRA_CONFIG
+        )
+        env = {**os.environ, "STATE_DIRECTORY": str(self.tmp / "state")}
+        self.procs["atlasburn-proxy"] = spawn(
+            PROXY_CPU, "-m", "proxy", "run", "--config", str(config), env=env
+        )
+        self.urls["atlasburn-proxy"] = f"http://127.0.0.1:{d_port}"
+        self.ingest = f"http://127.0.0.1:{i_port}"
+        for port in (p_port, i_port, t_port, d_port):
+            await wait_port(port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for proc in self.procs.values():
+            proc.terminate()
+        for proc in self.procs.values():
+            proc.wait(timeout=30)
+
+    async def events(self) -> int:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(self.ingest + "/count") as r:
+                return int((await r.json())["distinct"])
+
+
+async def load(url: str, s: Scenario, start_nonce: int) -> tuple[float, list[float], list[float]]:
+    """Closed loop: ``concurrency`` workers, ``requests`` in all; every answer checked."""
+    expected = b"".join(stream_events(s.chunks, usage=False)) if s.stream else CHAT
+    pad = "x" * max(0, s.body_bytes - 200)
+    latencies: list[float] = []
+    ttfbs: list[float] = []
+    counter = iter(range(start_nonce, start_nonce + s.requests))
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for nonce in counter:
+            body = {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": f"nonce {nonce} {pad}"}],
+            }
+            if s.stream:
+                body["stream"] = True
+            raw = json.dumps(body, separators=(",", ":")).encode()
+            t0 = time.perf_counter()
+            async with session.post(
+                url + "/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"}
+            ) as r:
+                if s.stream:
+                    first = await r.content.readany()
+                    ttfbs.append(time.perf_counter() - t0)
+                    data = first + await r.read()
+                else:
+                    data = await r.read()
+                if r.status != 200 or data != expected:
+                    raise RuntimeError(f"{url}: wrong answer ({r.status}, {len(data)} bytes)")
+            latencies.append(time.perf_counter() - t0)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(s.concurrency)))
+        elapsed = time.perf_counter() - t0
+    return elapsed, latencies, ttfbs
+
+
+async def sample_rss(pid: int, peak: list[float]) -> None:
+    """Keep ``peak[0]`` at the highest RSS seen."""
+    while True:
+        peak[0] = max(peak[0], rss_mb(pid))
+        await asyncio.sleep(0.05)
+
+
+async def run_scenario(s: Scenario, loop_detector: bool, tmp: Path) -> list[Result]:
+    results = []
+    async with Targets(s, loop_detector, tmp) as targets:
+        nonce = 0
+        for name in ("direct", "pass-through", "atlasburn-proxy"):
+            url = targets.urls[name]
+            proc = targets.procs.get(name)
+            slow = s.chunks * s.delay_ms > 500  # a warm-up of long streams needs few
+            warm = Scenario(
+                s.name,
+                min(s.concurrency, 8),
+                8 if slow else min(200, s.requests),
+                s.stream,
+                s.body_bytes,
+                s.chunks,
+                s.delay_ms,
+            )
+            await load(url, warm, 10**9 + nonce)
+            warmed = warm.requests
+            nonce += warm.requests
+            rss0 = rss_mb(proc.pid) if proc else None
+            cpu0 = cpu_seconds(proc.pid) if proc else 0.0
+            peak = [0.0]
+            sampler = asyncio.ensure_future(sample_rss(proc.pid, peak)) if proc else None
+            seconds, latencies, ttfb = await load(url, s, nonce)
+            nonce += s.requests
+            if sampler is not None:
+                sampler.cancel()
+            result = Result(name, s, seconds, latencies, ttfb)
+            if proc is not None:
+                result.cpu_us = (cpu_seconds(proc.pid) - cpu0) / s.requests * 1e6
+                result.rss_mb = max(peak[0], rss_mb(proc.pid))
+                result.rss_start_mb = rss0
+            results.append(result)
+        proxied = s.requests + warmed
+        deadline = time.monotonic() + 30
+        while (events := await targets.events()) < proxied:  # noqa: ASYNC110 - another process
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        results[-1].events = events
+        results[-1].served = proxied
+    return results
+
+
+def table(results: list[Result], idle_rss: float | None) -> str:
+    head = (
+        "scenario",
+        "target",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "+p50 ms",
+        "+p99 ms",
+        "vs pass",
+        "CPU µs/req",
+        "RSS MB",
+        "TTFB p50",
+        "+TTFB",
+        "events",
+    )
+    rows = [head]
+    by_scenario: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by_scenario.setdefault(r.scenario.name, {})[r.target] = r
+    for name, group in by_scenario.items():
+        direct, passthrough = group["direct"], group["pass-through"]
+        for target, r in group.items():
+            ttfb = f"{r.pct(0.5, r.ttfb):.2f}" if r.ttfb else ""
+            add_ttfb = (
+                f"{r.pct(0.5, r.ttfb) - direct.pct(0.5, direct.ttfb):+.2f}"
+                if r.ttfb and target != "direct"
+                else ""
+            )
+            rows.append(
+                (
+                    name if target == "direct" else "",
+                    target,
+                    f"{r.rps:,.0f}",
+                    f"{r.pct(0.5):.2f}",
+                    f"{r.pct(0.99):.2f}",
+                    "" if target == "direct" else f"{r.pct(0.5) - direct.pct(0.5):+.2f}",
+                    "" if target == "direct" else f"{r.pct(0.99) - direct.pct(0.99):+.2f}",
+                    "" if target == "direct" else f"{r.rps / passthrough.rps:.2f}x",
+                    "" if r.cpu_us is None else f"{r.cpu_us:,.0f}",
+                    "" if r.rss_mb is None else f"{r.rss_mb:.0f}",
+                    ttfb,
+                    add_ttfb,
+                    ""
+                    if r.events is None
+                    else f"{r.events}/{r.scenario.requests + min(200, r.scenario.requests)}",
+                )
+            )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    lines = [
+        "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        for row in rows
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    out = "\n".join(lines)
+    soak = [
+        r for r in results if r.scenario.name.startswith("soak") and r.target == "atlasburn-proxy"
+    ]
+    for r in soak:
+        if r.rss_start_mb and r.rss_mb:
+            growth = (r.rss_mb - r.rss_start_mb) / r.rss_start_mb * 100
+            out += (
+                f"\n\nsoak: atlasburn-proxy RSS {r.rss_start_mb:.1f} MB before, "
+                f"{r.rss_mb:.1f} MB peak after {r.scenario.requests:,} requests "
+                f"({growth:+.1f}%)"
+            )
+    if idle_rss is not None:
+        out += f"\nidle: atlasburn-proxy RSS {idle_rss:.1f} MB after start"
+    return out
+
+
+async def idle_rss(tmp: Path) -> float:
+    port = free_port()
+    env = {**os.environ, "STATE_DIRECTORY": str(tmp / "idle")}
+    proc = spawn(PROXY_CPU, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}", env=env)
+    try:
+        await wait_port(port)
+        await asyncio.sleep(1.0)
+        return rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+async def main(args: argparse.Namespace) -> None:
+    os.sched_setaffinity(0, {int(OTHER_CPU)})  # the client shares CPU 1 with the provider
+    chosen = [s for s in scenarios(args.full) if not args.only or s.name in args.only]
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        idle = await idle_rss(Path(tmp))
+        for s in chosen:
+            print(
+                f"... {s.name}: {s.note}, concurrency {s.concurrency}, {s.requests:,} requests",
+                file=sys.stderr,
+                flush=True,
+            )
+            results += await run_scenario(s, not args.no_loop_detector, Path(tmp))
+    print(table(results, idle))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--full", action="store_true", help="the real sizes (slow)")
+    parser.add_argument("--only", nargs="*", help="scenario names")
+    parser.add_argument("--no-loop-detector", action="store_true")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main(parser.parse_args()))
