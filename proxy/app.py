@@ -29,7 +29,7 @@ from .guardrails import KillSwitch, LoopGuard, SpendCap
 from .logs import AccessLog, setup_logging
 from .metrics import CONTENT_TYPE, Metrics
 from .pricing import Pricer
-from .relay import Relay
+from .relay import SKIP_AUTO_HEADERS, Relay
 from .shipper import Shipper
 from .store import Store
 
@@ -69,6 +69,8 @@ def make_session(config: Config) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         trust_env=False,
         raise_for_status=False,
+        # aiohttp would add these when the client did not send them, changing the request.
+        skip_auto_headers=SKIP_AUTO_HEADERS,
     )
 
 

@@ -19,7 +19,9 @@ from typing import Any
 from .adapters.base import UsageSource
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each of its 15 fields through object.__setattr__, which
+# costs microseconds per request on the hot path. Treat it as immutable all the same.
+@dataclass(slots=True)
 class Event:
     ts: str
     provider: str

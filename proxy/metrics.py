@@ -85,6 +85,7 @@ class Metrics:
         )
         self._children: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
         self._models: set[str] = set()
+        self._upstream: dict[str, Any] = {}
         self._layers: set[str] = set()
 
     def _model(self, model: str) -> str:
@@ -128,7 +129,10 @@ class Metrics:
             self.overhead.observe(overhead)
 
     def upstream(self, provider: str, seconds: float) -> None:
-        self.upstream_latency.labels(provider).observe(seconds)
+        child = self._upstream.get(provider)
+        if child is None:
+            child = self._upstream[provider] = self.upstream_latency.labels(provider)
+        child.observe(seconds)
 
     def add_state(self, read: Callable[[], dict[str, float]]) -> None:
         """Gauges and counters read at scrape time from the daemon's parts."""

@@ -210,7 +210,7 @@ def _has_time_of_day(model: Any) -> bool:
     return any(type(p.constraint).__name__ == "TimeOfDateConstraint" for p in prices)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: see Event for why it is not frozen
 class Price:
     cost_usd: float
     priced: bool

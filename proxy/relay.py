@@ -398,7 +398,6 @@ class Relay:
                 headers=headers,
                 data=body if body or request.body_exists else None,
                 allow_redirects=False,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
             )
         except _UPSTREAM_ERRORS as exc:
             raise _upstream_error(exc, upstream.name) from None
@@ -459,16 +458,19 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise BodyTooLarge
     if not request.body_exists:
         return b""
-    if length is not None:
-        return await request.content.readexactly(length)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
+    if limit != request.client_max_size:  # a reload changed the limit: count it here
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+    try:
+        return await request.read()  # aiohttp stops at client_max_size (== limit)
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge from None
 
 
 def _response_headers(up: aiohttp.ClientResponse) -> CIMultiDict[str]:

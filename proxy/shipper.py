@@ -124,7 +124,9 @@ class Shipper:
             return interval
         outcome = await self.ship(batch)
         if outcome == "delivered":
-            return 0.0 if self._store.pending_events > 0 else interval
+            # A full batch means a backlog: drain it without waiting. Otherwise wait, so that
+            # steady traffic ships in batches of an interval's events, not in dribbles.
+            return 0.0 if len(batch.event_ids) >= self._telemetry.batch_max_events else interval
         if outcome == "split":
             return 0.0
         if outcome == "auth":

@@ -51,6 +51,10 @@ class SSEParser:
                 self._event = value
         return events
 
+    def idle(self) -> bool:
+        """True between events: nothing of an unfinished line or event is held."""
+        return not self._buf and not self._data and not self._event
+
     def end(self) -> list[Event]:
         """End of stream: a CR held back as a possible half of CRLF was a line end after all."""
         return self.feed(b"\n") if self._buf.endswith(b"\r") else []

@@ -104,8 +104,9 @@ async def test_kill_9_loses_no_committed_event(
         await proc.wait()
         stop.set()
         await asyncio.gather(*clients)
-        # Finished more than one commit interval (plus scheduling slack) before the kill: committed.
-        settled = {f for f, t in done.items() if t < killed_at - (COMMIT_MS + 50) / 1000}
+        # Finished more than one commit interval before the kill, plus the time one group commit
+        # (with its fsync) may take on a loaded machine: committed, so it must arrive.
+        settled = {f for f, t in done.items() if t < killed_at - (COMMIT_MS + 400) / 1000}
         assert len(settled) > 20
         must_arrive |= settled
     ingest.down = False

@@ -92,6 +92,13 @@ class MessagesStreamMeter(SSEMeter):
         self.final = False  # a message_delta carried the final output count
         self.model: str | None = None
 
+    def feed(self, chunk: bytes) -> None:
+        # Fast path: usage travels only in message_start and message_delta events; a chunk of
+        # whole events with neither (text deltas, pings) is not parsed at all.
+        if chunk.endswith(b"\n\n") and self._parser.idle() and b"message_" not in chunk:
+            return
+        super().feed(chunk)
+
     def on_event(self, event: bytes, data: bytes) -> None:
         if event == b"message_start":
             obj = loads(data)

@@ -66,7 +66,7 @@ class RequestMeta:
     canonical: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: see Event for why it is not frozen
 class Metered:
     usage: Usage | None
     model: str | None  # the model the response names, if the meter saw one
@@ -197,6 +197,7 @@ class SSEMeter(ABC):
     """Parses a Server-Sent Events body and hands each complete event to ``on_event``."""
 
     __slots__ = ("_parser",)
+    _parser: SSEParser
 
     def __init__(self) -> None:
         self._parser = SSEParser()
