@@ -341,9 +341,7 @@ def table(results: list[Result], idle_rss: float | None) -> str:
                     "" if r.rss_mb is None else f"{r.rss_mb:.0f}",
                     ttfb,
                     add_ttfb,
-                    ""
-                    if r.events is None
-                    else f"{r.events}/{r.scenario.requests + min(200, r.scenario.requests)}",
+                    "" if r.events is None else f"{r.events}/{r.served}",
                 )
             )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
