@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from multidict import CIMultiDict
-
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -31,14 +29,16 @@ RESPONSE_DROP = HOP_BY_HOP
 
 
 def filter_headers(
-    headers: Iterable[tuple[str, str]], connection: str | None, drop: frozenset[str]
-) -> CIMultiDict[str]:
-    """The end-to-end headers of ``headers``: without ``drop`` and without those ``connection``
-    (the value of the Connection header) names. Order and repeated headers are kept."""
+    headers: Iterable[tuple[str, str]],
+    connection: str | None,
+    drop: frozenset[str],
+    extra: frozenset[str] = frozenset(),
+) -> list[tuple[str, str]]:
+    """The end-to-end headers of ``headers``: without ``drop``, ``extra`` and those
+    ``connection`` (the value of the Connection header) names. Order and repeated headers are
+    kept. A plain list: aiohttp builds its own multidict from it, once."""
     if connection:
         drop = drop | {token.strip().lower() for token in connection.split(",")}
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers:
-        if name.lower() not in drop:
-            out.add(name, value)
-    return out
+    if extra:
+        drop = drop | extra
+    return [(name, value) for name, value in headers if name.lower() not in drop]

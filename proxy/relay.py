@@ -28,7 +28,6 @@ import time
 import aiohttp
 import orjson
 from aiohttp import hdrs, web
-from multidict import CIMultiDict
 
 from .adapters import ADAPTERS
 from .adapters.base import Meter, Metered, RequestMeta, StreamFilter, UsageSource, loads
@@ -284,12 +283,10 @@ class Relay:
         encoding = up.headers.get(hdrs.CONTENT_ENCODING)
         ex.meter = adapter.meter(meta, content_type)
         feed = tap(ex.meter, encoding)
-        headers = _response_headers(up)
         hide: StreamFilter | None = None
         if ex.asked_usage and is_sse and up.status == 200:
             if encoding in (None, "", "identity"):
                 hide = adapter.hide_stream_usage()
-                headers.popall(hdrs.CONTENT_LENGTH, None)  # the filter changes the length
             else:
                 log.warning(
                     "provider %s compressed a stream asked for identity (%s): the usage chunk "
@@ -297,6 +294,8 @@ class Relay:
                     upstream.name,
                     encoding,
                 )
+        # The filter changes the length: a Content-Length would then be wrong.
+        headers = _response_headers(up, _LENGTH if hide is not None else frozenset())
         response = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
         ex.status = up.status
         clock = time.perf_counter
@@ -385,11 +384,18 @@ class Relay:
         """Send the request upstream; transport failures become UpstreamError/UpstreamTimeout.
         ``plain`` asks for an uncompressed answer (the daemon must rewrite it)."""
         upstream = route.upstream
-        headers = filter_headers(
-            request.headers.items(), request.headers.get(hdrs.CONNECTION), REQUEST_DROP
-        )
         if plain:
-            headers[hdrs.ACCEPT_ENCODING] = "identity"
+            headers = filter_headers(
+                request.headers.items(),
+                request.headers.get(hdrs.CONNECTION),
+                REQUEST_DROP,
+                _ACCEPT_ENCODING,
+            )
+            headers.append((hdrs.ACCEPT_ENCODING, "identity"))
+        else:
+            headers = filter_headers(
+                request.headers.items(), request.headers.get(hdrs.CONNECTION), REQUEST_DROP
+            )
         t = time.perf_counter()
         try:
             return await self.session.request(
@@ -473,8 +479,14 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise BodyTooLarge from None
 
 
-def _response_headers(up: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    return filter_headers(up.headers.items(), up.headers.get(hdrs.CONNECTION), RESPONSE_DROP)
+_LENGTH = frozenset({"content-length"})
+_ACCEPT_ENCODING = frozenset({"accept-encoding"})
+
+
+def _response_headers(
+    up: aiohttp.ClientResponse, extra: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    return filter_headers(up.headers.items(), up.headers.get(hdrs.CONNECTION), RESPONSE_DROP, extra)
 
 
 def _upstream_error(exc: BaseException, provider: str) -> UpstreamError:
