@@ -279,9 +279,6 @@ class SpendCap:
                 )
         return None
 
-    def spent(self, seconds: float, now: float | None = None) -> float:
-        return self._window(time.time() if now is None else now, seconds, math.inf)[0]
-
     def _window(self, now: float, seconds: float, limit: float) -> tuple[float, float]:
         """(spend in the window, seconds until enough of it has aged out to be under limit)."""
         inside = [(m, usd) for m, usd in self._buckets if m > now - seconds]
