@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,19 @@ from proxy.events import Event
 from .fakes.ingest import FakeIngest
 from .fakes.provider import FakeProvider
 from .fakes.server import start
+
+# Daemons started as real processes; whatever a failing test leaves running is killed after it.
+SPAWNED: list[asyncio.subprocess.Process] = []
+
+
+@pytest.fixture(autouse=True)
+async def _no_leftover_processes() -> AsyncIterator[None]:
+    yield
+    while SPAWNED:
+        proc = SPAWNED.pop()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 def assert_same_upstream_request(fake: FakeProvider) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from .conftest import SPAWNED
 from .fakes.provider import FakeProvider, fixture, sse_events
 
 ROOT = Path(__file__).parent.parent
@@ -58,6 +59,7 @@ async def spawn(*args: str) -> Process:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    SPAWNED.append(proc)
     assert proc.stderr is not None
     lines = []
     while True:

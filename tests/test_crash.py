@@ -17,7 +17,7 @@ import aiohttp
 from proxy.adapters import ADAPTERS
 from proxy.fingerprint import fingerprint
 
-from .conftest import eventually
+from .conftest import SPAWNED, eventually
 from .fakes.ingest import FakeIngest
 from .fakes.provider import FakeProvider
 
@@ -39,6 +39,7 @@ async def spawn(config: Path, env: dict[str, str]) -> tuple[asyncio.subprocess.P
         stderr=asyncio.subprocess.PIPE,
         env=env,
     )
+    SPAWNED.append(proc)
     assert proc.stderr is not None
     while True:
         line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()

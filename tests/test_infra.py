@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Listen, load_config
 
-from .conftest import RunningDaemon, StartDaemon, eventually
+from .conftest import SPAWNED, RunningDaemon, StartDaemon, eventually
 from .fakes.ingest import FakeIngest
 from .fakes.provider import FakeProvider
 
@@ -68,6 +68,7 @@ async def spawn(*args: str, env: dict[str, str] | None = None) -> Daemon:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+    SPAWNED.append(proc)
     assert proc.stderr is not None
     lines: list[str] = []
     while True:
@@ -389,6 +390,7 @@ async def test_sidecar_image_command_line_works(
         env=env,
         stderr=asyncio.subprocess.PIPE,
     )
+    SPAWNED.append(proc)
     assert proc.stderr is not None
     line = ""
     while "ready on" not in line:
