@@ -83,6 +83,7 @@ class Result:
     cpu_us: float | None = None
     rss_mb: float | None = None
     rss_start_mb: float | None = None
+    rss_mid_mb: float | None = None  # soak: after its first 10%
     events: int | None = None
     served: int = 0  # requests the target served, warm-up included
 
@@ -277,7 +278,18 @@ async def run_scenario(s: Scenario, loop_detector: bool, tmp: Path) -> list[Resu
             cpu0 = cpu_seconds(proc.pid) if proc else 0.0
             peak = [0.0]
             sampler = asyncio.ensure_future(sample_rss(proc.pid, peak)) if proc else None
-            seconds, latencies, ttfb = await load(url, s, nonce)
+            mid = None
+            if s.name.startswith("soak") and proc is not None:
+                # Growth is measured over the last 90%: the first 10% fill caches and pools.
+                first = Scenario(s.name, s.concurrency, s.requests // 10)
+                t = time.perf_counter()
+                _, lat1, _ = await load(url, first, nonce)
+                mid = rss_mb(proc.pid)
+                rest = Scenario(s.name, s.concurrency, s.requests - first.requests)
+                _, lat2, ttfb = await load(url, rest, nonce + first.requests)
+                seconds, latencies = time.perf_counter() - t, lat1 + lat2
+            else:
+                seconds, latencies, ttfb = await load(url, s, nonce)
             nonce += s.requests
             if sampler is not None:
                 sampler.cancel()
@@ -286,6 +298,7 @@ async def run_scenario(s: Scenario, loop_detector: bool, tmp: Path) -> list[Resu
                 result.cpu_us = (cpu_seconds(proc.pid) - cpu0) / s.requests * 1e6
                 result.rss_mb = max(peak[0], rss_mb(proc.pid))
                 result.rss_start_mb = rss0
+                result.rss_mid_mb = mid
             results.append(result)
         proxied = s.requests + warmed
         deadline = time.monotonic() + 30
@@ -355,12 +368,12 @@ def table(results: list[Result], idle_rss: float | None) -> str:
         r for r in results if r.scenario.name.startswith("soak") and r.target == "atlasburn-proxy"
     ]
     for r in soak:
-        if r.rss_start_mb and r.rss_mb:
-            growth = (r.rss_mb - r.rss_start_mb) / r.rss_start_mb * 100
+        if r.rss_start_mb and r.rss_mb and r.rss_mid_mb:
+            growth = (r.rss_mb - r.rss_mid_mb) / r.rss_mid_mb * 100
             out += (
                 f"\n\nsoak: atlasburn-proxy RSS {r.rss_start_mb:.1f} MB before, "
-                f"{r.rss_mb:.1f} MB peak after {r.scenario.requests:,} requests "
-                f"({growth:+.1f}%)"
+                f"{r.rss_mid_mb:.1f} MB after the first 10%, {r.rss_mb:.1f} MB peak after "
+                f"{r.scenario.requests:,} requests: {growth:+.1f}% over the last 90%"
             )
     if idle_rss is not None:
         out += f"\nidle: atlasburn-proxy RSS {idle_rss:.1f} MB after start"
