@@ -12,8 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from .conftest import SPAWNED
 from .fakes.provider import FakeProvider, fixture, sse_events
+from .process import spawn_daemon
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "config.example.toml"
@@ -38,46 +38,6 @@ def run_cli(*args: str) -> tuple[int, str, str]:
         timeout=30,
     )
     return proc.returncode, proc.stdout, proc.stderr
-
-
-class Process:
-    def __init__(self, proc: asyncio.subprocess.Process, url: str) -> None:
-        self.proc = proc
-        self.url = url
-        self.log: list[str] = []
-        self.drained: asyncio.Future[None] | None = None
-
-
-async def spawn(*args: str) -> Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    SPAWNED.append(proc)
-    assert proc.stderr is not None
-    lines = []
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 15)).decode()
-        lines.append(line)
-        if not line:
-            raise AssertionError("daemon exited before ready: " + "".join(lines))
-        if m := re.search(r'ready on (http://[^\s"]+)', line):
-            p = Process(proc, m.group(1))
-            p.log = lines
-            p.drained = asyncio.ensure_future(drain(proc, lines))  # access lines keep coming
-            return p
-
-
-async def drain(proc: asyncio.subprocess.Process, lines: list[str]) -> None:
-    assert proc.stderr is not None
-    async for line in proc.stderr:
-        lines.append(line.decode())
 
 
 def test_check_config_ok() -> None:
@@ -120,7 +80,7 @@ async def test_run_exits_1_when_the_port_is_taken() -> None:
 
 
 async def test_embedded_defaults_serve_and_stop_on_sigterm() -> None:
-    p = await spawn("--listen", "127.0.0.1:0")
+    p = await spawn_daemon("--listen", "127.0.0.1:0")
     async with aiohttp.ClientSession() as s:
         async with s.get(p.url + "/healthz") as r:
             assert r.status == 200
@@ -135,7 +95,7 @@ async def test_sigterm_lets_an_inflight_stream_finish(fake: FakeProvider, tmp_pa
     config.write_text(
         f'[server]\nshutdown_grace_seconds = 10\n[providers.openai]\nbase_url = "{fake_url}"\n'
     )
-    p = await spawn("--config", str(config), "--listen", "127.0.0.1:0")
+    p = await spawn_daemon("--config", str(config), "--listen", "127.0.0.1:0")
     expected = b"".join(sse_events(fixture("openai", "chat_completion_stream.sse")))
     async with aiohttp.ClientSession() as s:
         async with s.post(
@@ -155,12 +115,10 @@ async def test_sigterm_lets_an_inflight_stream_finish(fake: FakeProvider, tmp_pa
 
 
 async def test_sigint_also_stops_cleanly() -> None:
-    p = await spawn("--listen", "127.0.0.1:0")
+    p = await spawn_daemon("--listen", "127.0.0.1:0")
     p.proc.send_signal(signal.SIGINT)
-    assert await asyncio.wait_for(p.proc.wait(), 10) == 0
-    assert p.drained is not None
-    await p.drained
-    rest = "".join(p.log)
+    assert await p.stop(signal_it=False) == 0
+    rest = p.log
     assert "SIGINT: stopping" in rest and "msg=stopped" in rest
 
 
@@ -185,7 +143,7 @@ async def test_operator_commands_and_a_suspension_that_survives_restarts(
             async with s.post(url + "/v1/embeddings", json=body) as r:
                 return r.status
 
-    p = await spawn("--config", str(config))
+    p = await spawn_daemon("--config", str(config))
     code, out, err = await asyncio.to_thread(run_cli, "status", "--config", str(config))
     assert (code, out) == (0, "org org_local: ok (guardrail:org_local)\n"), err
     code, out, err = await asyncio.to_thread(
@@ -197,7 +155,7 @@ async def test_operator_commands_and_a_suspension_that_survives_restarts(
     p.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(p.proc.wait(), 10) == 0
 
-    p = await spawn("--config", str(config))
+    p = await spawn_daemon("--config", str(config))
     assert await post(p.url) == 429  # restored before the first request was served
     assert fake.requests == []
     code, out, _ = await asyncio.to_thread(run_cli, "status", "--config", str(config))

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
@@ -17,37 +15,12 @@ import aiohttp
 from proxy.adapters import ADAPTERS
 from proxy.fingerprint import fingerprint
 
-from .conftest import SPAWNED, eventually
+from .conftest import eventually
 from .fakes.ingest import FakeIngest
 from .fakes.provider import FakeProvider
+from .process import spawn_daemon
 
-ROOT = Path(__file__).parent.parent
 COMMIT_MS = 100
-
-
-async def spawn(config: Path, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(config),
-        "--listen",
-        "127.0.0.1:0",
-        cwd=ROOT,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    SPAWNED.append(proc)
-    assert proc.stderr is not None
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
-        if not line:
-            raise AssertionError("daemon exited before it was ready")
-        if m := re.search(r'ready on (http://[^\s"]+)', line):
-            asyncio.ensure_future(proc.stderr.read())  # keep draining: access lines follow
-            return proc, m.group(1)
 
 
 def body(i: int) -> bytes:
@@ -92,7 +65,8 @@ async def test_kill_9_loses_no_committed_event(
     must_arrive: set[str] = set()
     ingest.down = True  # nothing is shipped before a crash: all must come from the spool
     for round_ in range(3):
-        proc, url = await spawn(config, env)
+        d = await spawn_daemon("--config", str(config), "--listen", "127.0.0.1:0", env=env)
+        proc, url = d.proc, d.url
         done: dict[str, float] = {}
         stop = asyncio.Event()
         clients = [
@@ -111,7 +85,8 @@ async def test_kill_9_loses_no_committed_event(
         assert len(settled) > 20
         must_arrive |= settled
     ingest.down = False
-    proc, url = await spawn(config, env)
+    d = await spawn_daemon("--config", str(config), "--listen", "127.0.0.1:0", env=env)
+    proc, url = d.proc, d.url
     try:
         await eventually(lambda: must_arrive <= ingest.delivered_fingerprints(), within=20)
     finally:

@@ -25,59 +25,10 @@ from proxy.config import Listen, load_config
 from .conftest import SPAWNED, RunningDaemon, StartDaemon, eventually
 from .fakes.ingest import FakeIngest
 from .fakes.provider import FakeProvider
+from .process import spawn_daemon
 
 ROOT = Path(__file__).parent.parent
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-
-
-class Daemon:
-    """The daemon as a real process; its stderr is collected line by line."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, url: str, lines: list[str]) -> None:
-        self.proc = proc
-        self.url = url
-        self.lines = lines
-        assert proc.stderr is not None
-        self.reader = asyncio.ensure_future(self._read(proc.stderr))
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        async for line in stream:
-            self.lines.append(line.decode())
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    async def stop(self, signal_it: bool = True) -> int:
-        if signal_it:
-            self.proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.proc.wait(), 20)
-        await self.reader
-        return code
-
-
-async def spawn(*args: str, env: dict[str, str] | None = None) -> Daemon:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        *args,
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    SPAWNED.append(proc)
-    assert proc.stderr is not None
-    lines: list[str] = []
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
-        lines.append(line)
-        if not line:
-            raise AssertionError("daemon exited before ready:\n" + "".join(lines))
-        if m := re.search(r'ready on (http://[^\s"]+)', line):
-            return Daemon(proc, m.group(1), lines)
 
 
 @pytest.fixture
@@ -101,7 +52,7 @@ async def test_sd_notify_ready_watchdog_stopping(tmp_path: Path, env: dict[str, 
     sock.setblocking(False)
     env.update(NOTIFY_SOCKET=str(path), WATCHDOG_USEC="200000")  # pings every 0.1 s
     loop = asyncio.get_running_loop()
-    d = await spawn("--listen", "127.0.0.1:0", env=env)
+    d = await spawn_daemon("--listen", "127.0.0.1:0", env=env)
     try:
         messages: list[str] = []
         deadline = time.monotonic() + 5
@@ -188,7 +139,7 @@ async def test_readiness_flips_during_shutdown(
 ) -> None:
     config = tmp_path / "c.toml"
     config.write_text("[server]\ndrain_seconds = 1.5\n")
-    d = await spawn("--config", str(config), "--listen", "127.0.0.1:0", env=env)
+    d = await spawn_daemon("--config", str(config), "--listen", "127.0.0.1:0", env=env)
     async with aiohttp.ClientSession() as s:
         async with s.get(d.url + "/readyz") as r:
             assert (r.status, await r.json()) == (200, {"status": "ready"})
@@ -210,7 +161,7 @@ async def test_sighup_reload_changes_a_threshold(
     config = tmp_path / "c.toml"
     base = f'[providers.openai]\nbase_url = "{fake.url}"\n'
     config.write_text(base + "[guardrails.dumb_loop_detector]\nthreshold = 4\n")
-    d = await spawn("--config", str(config), "--listen", "127.0.0.1:0", env=env)
+    d = await spawn_daemon("--config", str(config), "--listen", "127.0.0.1:0", env=env)
 
     async def post() -> int:
         async with aiohttp.ClientSession() as s:
@@ -286,7 +237,7 @@ async def test_no_secret_in_logs_store_or_metrics(
         f'[providers.azure]\nkind = "azure"\nbase_url = "{fake.url}"\n'
         '[providers.down]\nkind = "gemini"\nbase_url = "http://127.0.0.1:9"\n'
     )
-    d = await spawn("--config", str(config), "--listen", "127.0.0.1:0", env=env)
+    d = await spawn_daemon("--config", str(config), "--listen", "127.0.0.1:0", env=env)
     gem = "/v1beta/models/gemini-2.5-flash:generateContent"
     calls: list[tuple[str, dict[str, str], Any]] = [
         (
