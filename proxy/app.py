@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from . import __version__
 from .api import GuardrailsAPI, LocalAPI, error
@@ -29,7 +29,7 @@ from .guardrails import KillSwitch, LoopGuard, SpendCap
 from .logs import AccessLog, setup_logging
 from .metrics import CONTENT_TYPE, Metrics
 from .pricing import Pricer
-from .relay import SKIP_AUTO_HEADERS, Relay
+from .relay import Relay
 from .shipper import Shipper
 from .store import Store
 
@@ -45,6 +45,12 @@ KILL = web.AppKey("kill", KillSwitch)
 API = web.AppKey("api", LocalAPI)
 GUARDRAILS_API = web.AppKey("guardrails_api", GuardrailsAPI)
 SHIPPER = web.AppKey("shipper", Shipper)
+
+
+# Headers aiohttp would add when the client did not send them, changing the request.
+SKIP_AUTO_HEADERS = frozenset(
+    {hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE}
+)
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:
@@ -69,7 +75,6 @@ def make_session(config: Config) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         trust_env=False,
         raise_for_status=False,
-        # aiohttp would add these when the client did not send them, changing the request.
         skip_auto_headers=SKIP_AUTO_HEADERS,
     )
 
@@ -115,7 +120,7 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             app[SHIPPER] = shipper
             shipper.start()
             kill.listeners.append(shipper.report_suspension)
-        metrics.add_state(lambda: _state(app, store, kill, loop, pricer_of(relay), shipper))
+        metrics.add_state(lambda: _state(app, store, kill, loop, relay.pricer, shipper))
         app[READY].set()
         try:
             yield
@@ -161,10 +166,6 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
     app.router.add_route("*", "/api/guardrails/enforce", enforce)
     app.router.add_route("*", "/{tail:.*}", relay, expect_handler=expect)
     return app
-
-
-def pricer_of(relay: Relay) -> Pricer:
-    return relay.pricer
 
 
 def _state(

@@ -49,11 +49,6 @@ log = logging.getLogger(__name__)
 # streams are relayed chunk by chunk.
 BUFFER_LIMIT = 4 * 1024 * 1024
 
-# aiohttp would otherwise add these when the client did not send them, changing the request.
-SKIP_AUTO_HEADERS = frozenset(
-    {hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE}
-)
-
 _NO_USAGE = Metered(None, None)
 CLIENT_CLOSED = 499  # nginx's status for a client that left before the answer
 _UPSTREAM_ERRORS = (TimeoutError, aiohttp.ClientError, OSError)
