@@ -17,8 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-import aiohttp
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from . import __version__
 from .api import GuardrailsAPI, LocalAPI, error
@@ -26,6 +25,7 @@ from .auth import KeyChecker, local_key
 from .config import Config
 from .events import Event, Recorder
 from .guardrails import KillSwitch, LoopGuard, SpendCap
+from .http1 import Pool
 from .logs import AccessLog, setup_logging
 from .metrics import CONTENT_TYPE, Metrics
 from .pricing import Pricer
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 CONFIG = web.AppKey("config", Config)
 READY = web.AppKey("ready", asyncio.Event)  # set while serving: store open, not draining
 METRICS = web.AppKey("metrics", Metrics)
-SESSION = web.AppKey("session", aiohttp.ClientSession)
+POOL = web.AppKey("pool", Pool)
 RELAY = web.AppKey("relay", Relay)
 STORE = web.AppKey("store", Store)
 KILL = web.AppKey("kill", KillSwitch)
@@ -47,35 +47,17 @@ GUARDRAILS_API = web.AppKey("guardrails_api", GuardrailsAPI)
 SHIPPER = web.AppKey("shipper", Shipper)
 
 
-# Headers aiohttp would add when the client did not send them, changing the request.
-SKIP_AUTO_HEADERS = frozenset(
-    {hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE}
-)
-
-
-def make_session(config: Config) -> aiohttp.ClientSession:
-    """The upstream client: no decompression (bodies are relayed as sent), no cookies kept
-    between clients, no environment proxies or .netrc credentials, timeouts that bound connecting
-    and silence but never a long stream's total time."""
+def make_pool(config: Config) -> Pool:
+    """The upstream client (``http1``): keep-alive connections, no decompression (bodies are
+    relayed as sent), no cookies, no environment proxies or .netrc credentials, nothing added to
+    the request but ``Host`` and ``Content-Length``, and timeouts that bound connecting and
+    silence but never a long stream's total time."""
     up = config.upstream
-    connector = aiohttp.TCPConnector(
+    return Pool(
         limit=up.max_connections,
-        limit_per_host=0,
-        ttl_dns_cache=60,
-        keepalive_timeout=30,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=up.connect_timeout_seconds,
-            sock_read=up.read_timeout_seconds,
-        ),
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
-        raise_for_status=False,
-        skip_auto_headers=SKIP_AUTO_HEADERS,
+        connect_timeout=up.connect_timeout_seconds,
+        read_timeout=up.read_timeout_seconds,
+        keepalive=30.0,
     )
 
 
@@ -106,14 +88,14 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             keys, store, kill, config.atlasburn.org_id, config.server.max_body_bytes, loop
         )
         app[GUARDRAILS_API] = GuardrailsAPI(app[API], store, kill, keys.who)
-        session = make_session(config)
-        app[SESSION] = session
+        pool = make_pool(config)
+        app[POOL] = pool
         pricer = Pricer.from_config(config.providers, config.pricing)
         recorder = store.enqueue if record is None else _both(store.enqueue, record)
         metrics = app[METRICS]
         access = AccessLog(config.logging.access, config.logging.format)
         access.start()
-        relay = Relay(config, session, recorder, pricer, kill, loop, spend, metrics, access)
+        relay = Relay(config, pool, recorder, pricer, kill, loop, spend, metrics, access)
         app[RELAY] = relay
         shipper = Shipper(config, store, kill) if ship else None
         if shipper is not None:
@@ -131,7 +113,7 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             if shipper is not None:
                 await shipper.stop()
             await store.close()
-            await session.close()
+            await pool.close()
 
     app.cleanup_ctx.append(services)
 

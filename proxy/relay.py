@@ -2,8 +2,9 @@
 
 The response goes back to the client as the provider sent it: same status, same end-to-end headers,
 same bytes, chunk by chunk as they arrive (every write awaited, so a slow reader slows the upstream
-read instead of filling memory). The client session never decompresses, so a compressed body keeps
-its ``Content-Encoding`` and ``Content-Length``; the meter reads a decoded copy on the side.
+read instead of filling memory). The upstream client (``http1``) never decompresses, so a compressed
+body keeps its ``Content-Encoding`` and ``Content-Length``; the meter reads a decoded copy on the
+side.
 
 Stream usage: where a stream reports usage only when asked (OpenAI chat and completions), the
 daemon asks for it and filters it back out of what the client sees. That request goes out with
@@ -38,6 +39,7 @@ from .events import Event, Recorder, iso_ms
 from .fingerprint import fingerprint
 from .guardrails import SPEND_LAYER, KillSwitch, LoopGuard, SpendCap, Suspension
 from .headers import REQUEST_DROP, RESPONSE_DROP, filter_headers
+from .http1 import ConnectFailed, HTTPClientError, Pool, Response, ServerClosed
 from .logs import AccessLog, request_id
 from .metrics import Metrics
 from .pricing import Pricer
@@ -51,7 +53,7 @@ BUFFER_LIMIT = 4 * 1024 * 1024
 
 _NO_USAGE = Metered(None, None)
 CLIENT_CLOSED = 499  # nginx's status for a client that left before the answer
-_UPSTREAM_ERRORS = (TimeoutError, aiohttp.ClientError, OSError)
+_UPSTREAM_ERRORS = (TimeoutError, HTTPClientError, OSError)
 
 
 class BodyTooLarge(Exception):
@@ -67,7 +69,7 @@ class _Exchange:
         self.status = 0  # the status the client got; 0 until an answer is under way
         self.complete = False  # the client got the whole answer
         self.meter: Meter | None = None
-        self.up: aiohttp.ClientResponse | None = None
+        self.up: Response | None = None
         self.asked_usage = False  # the daemon asked for stream usage the client did not
         self.waited = 0.0  # seconds spent waiting on the provider or the client
 
@@ -78,7 +80,7 @@ class Relay:
     def __init__(
         self,
         config: Config,
-        session: aiohttp.ClientSession,
+        pool: Pool,
         record: Recorder,
         pricer: Pricer,
         kill: KillSwitch,
@@ -87,7 +89,7 @@ class Relay:
         metrics: Metrics | None = None,
         access: AccessLog | None = None,
     ) -> None:
-        self.session = session
+        self.pool = pool
         self.record = record
         self.kill = kill
         self.loop = loop or LoopGuard(config.guardrails.dumb_loop_detector, kill)
@@ -144,8 +146,8 @@ class Relay:
         try:
             return await self._exchange(request, route, meta, body, parsed, ex)
         finally:
-            if ex.up is not None and not ex.complete:
-                ex.up.close()  # never return a half-read connection to the pool
+            if ex.up is not None:
+                ex.up.release()  # back to the pool only if read to the end, else closed
             metered = _NO_USAGE
             if ex.meter is not None:
                 try:
@@ -261,7 +263,7 @@ class Relay:
             ex.status = 502
             return _error(route, 502, "upstream_unreachable", str(exc))
 
-        content_type = up.headers.get(hdrs.CONTENT_TYPE, "")
+        content_type = up.header("content-type") or ""
         is_sse = content_type.startswith("text/event-stream")
         length = up.content_length
         if length is not None and length <= BUFFER_LIMIT and not is_sse:
@@ -275,7 +277,7 @@ class Relay:
                     return _error(route, ex.status, "upstream_cut", _describe(exc, upstream.name))
                 return await self._answer_whole(request, route, meta, ex, data)
 
-        encoding = up.headers.get(hdrs.CONTENT_ENCODING)
+        encoding = up.header("content-encoding")
         ex.meter = adapter.meter(meta, content_type)
         feed = tap(ex.meter, encoding)
         hide: StreamFilter | None = None
@@ -296,7 +298,7 @@ class Relay:
         clock = time.perf_counter
         t = clock()
         await response.prepare(request)
-        read = up.content.readany
+        read = up.readany
         waited = clock() - t
         try:
             while True:
@@ -338,8 +340,8 @@ class Relay:
         """Send a body that was read whole, in one write."""
         up = ex.up
         assert up is not None
-        ex.meter = route.upstream.adapter.meter(meta, up.headers.get(hdrs.CONTENT_TYPE, ""))
-        tap(ex.meter, up.headers.get(hdrs.CONTENT_ENCODING))(data)
+        ex.meter = route.upstream.adapter.meter(meta, up.header("content-type") or "")
+        tap(ex.meter, up.header("content-encoding"))(data)
         whole = web.Response(status=up.status, reason=up.reason, headers=_response_headers(up))
         whole.body = data
         ex.status = up.status
@@ -375,7 +377,7 @@ class Relay:
 
     async def _send(
         self, request: web.Request, route: Route, body: bytes, plain: bool, ex: _Exchange
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """Send the request upstream; transport failures become UpstreamError/UpstreamTimeout.
         ``plain`` asks for an uncompressed answer (the daemon must rewrite it)."""
         upstream = route.upstream
@@ -393,12 +395,12 @@ class Relay:
             )
         t = time.perf_counter()
         try:
-            return await self.session.request(
+            return await self.pool.request(
+                upstream.origin,
                 request.method,
-                upstream.url(route.path, request.rel_url.raw_query_string),
-                headers=headers,
-                data=body if body or request.body_exists else None,
-                allow_redirects=False,
+                upstream.target(route.path, request.rel_url.raw_query_string),
+                headers,
+                body,
             )
         except _UPSTREAM_ERRORS as exc:
             raise _upstream_error(exc, upstream.name) from None
@@ -478,10 +480,8 @@ _LENGTH = frozenset({"content-length"})
 _ACCEPT_ENCODING = frozenset({"accept-encoding"})
 
 
-def _response_headers(
-    up: aiohttp.ClientResponse, extra: frozenset[str] = frozenset()
-) -> list[tuple[str, str]]:
-    return filter_headers(up.headers.items(), up.headers.get(hdrs.CONNECTION), RESPONSE_DROP, extra)
+def _response_headers(up: Response, extra: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    return filter_headers(up.headers, up.header("connection"), RESPONSE_DROP, extra)
 
 
 def _upstream_error(exc: BaseException, provider: str) -> UpstreamError:
@@ -505,13 +505,13 @@ def _describe(exc: BaseException, provider: str) -> str:
     """A message for a transport failure that names no URL (a query may carry a key)."""
     if isinstance(exc, TimeoutError):
         return f"upstream {provider} timed out"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        reason = exc.os_error.strerror or type(exc.os_error).__name__
+    if isinstance(exc, ConnectFailed):
+        reason = exc.error.strerror or type(exc.error).__name__
         return f"cannot connect to upstream {provider} ({exc.host}:{exc.port}): {reason}"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
+    if isinstance(exc, ServerClosed):
         return f"upstream {provider} closed the connection"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"upstream {provider} sent a truncated or malformed body"
+    if isinstance(exc, HTTPClientError):
+        return f"upstream {provider} sent a malformed answer ({exc})"
     return f"upstream {provider} failed: {type(exc).__name__}"
 
 

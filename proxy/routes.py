@@ -13,10 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from yarl import URL
-
 from .adapters import ADAPTERS, Adapter
 from .config import ProviderConfig
+from .http1 import Origin
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,16 +23,14 @@ class Upstream:
     name: str
     kind: str
     adapter: Adapter
-    origin: str  # "https://api.openai.com"
+    origin: Origin  # scheme, host, port: where connections go
     base_path: str  # "" or e.g. "/api" for a base URL with a path
     inject_stream_usage: bool = True
 
-    def url(self, path: str, query: str) -> URL:
-        """The upstream URL for ``path`` (already percent-encoded, starting with "/")."""
-        target = self.origin + self.base_path + path
-        if query:
-            target += "?" + query
-        return URL(target, encoded=True)
+    def target(self, path: str, query: str) -> str:
+        """The request target upstream for ``path`` (percent-encoded, starting with "/")."""
+        target = self.base_path + path
+        return target + "?" + query if query else target
 
 
 class BadPath(ValueError):
@@ -50,12 +47,12 @@ class Router:
     def __init__(self, providers: Mapping[str, ProviderConfig]) -> None:
         self._upstreams: dict[str, Upstream] = {}
         for name, p in providers.items():
-            origin = str(p.base_url.origin())
+            url = p.base_url
             self._upstreams[name] = Upstream(
                 name,
                 p.kind,
                 ADAPTERS[p.kind],
-                origin,
+                Origin.make(url.scheme, url.raw_host or "", url.explicit_port),
                 p.base_url.raw_path.rstrip("/"),
                 p.inject_stream_usage,
             )
