@@ -6,8 +6,8 @@
     └── UpstreamError          the provider could not be reached or stopped answering
         └── UpstreamTimeout    the provider did not connect or went silent for too long
 
-Foreign exceptions (the upstream client's, OSError, asyncio timeouts) are translated into these at one boundary in
-``relay.py``; everything else in the daemon only ever sees this tree.
+Foreign exceptions (the upstream client's, OSError, asyncio timeouts) are translated into these at
+one boundary in ``relay.py``; everything else in the daemon only ever sees this tree.
 """
 
 from __future__ import annotations

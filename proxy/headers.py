@@ -26,6 +26,7 @@ HOP_BY_HOP = frozenset(
 
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect", "atlasburn-api-key"}
 RESPONSE_DROP = HOP_BY_HOP
+REQUEST_DROP_RAW = frozenset(name.encode() for name in REQUEST_DROP)
 
 
 def filter_headers(
@@ -42,3 +43,21 @@ def filter_headers(
     if extra:
         drop = drop | extra
     return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+def request_head(
+    raw: Iterable[tuple[bytes, bytes]],
+    connection: str | None,
+    extra: frozenset[bytes] = frozenset(),
+) -> bytes:
+    """The end-to-end request headers for the upstream, as the header lines of an HTTP/1.1
+    request: the client's own bytes (``raw_headers``, as received), without ``REQUEST_DROP``,
+    ``extra`` and what ``connection`` names. Nothing is decoded or re-encoded."""
+    drop = REQUEST_DROP_RAW
+    if connection:
+        drop = drop | {token.strip().lower().encode("latin-1") for token in connection.split(",")}
+    if extra:
+        drop = drop | extra
+    return b"".join(
+        [name + b": " + value + b"\r\n" for name, value in raw if name.lower() not in drop]
+    )

@@ -273,20 +273,18 @@ class _Conn(asyncio.Protocol):
             self.timer = self.loop.call_at(self.last_data + timeout, self._on_timer)
         await waiter
 
-    def send(
-        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes | None
-    ) -> None:
+    def send(self, method: str, target: str, headers: bytes, body: bytes | None) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ServerClosed("the server closed the connection")
         self._reset(method == "HEAD")
         self.parser = httptools.HttpResponseParser(self)
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: {self.origin.host_header}\r\n"]
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+        start = f"{method} {target} HTTP/1.1\r\nHost: {self.origin.host_header}\r\n"
         if body or method not in _NO_LENGTH:
-            lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("utf-8", "surrogateescape")
+            end = b"Content-Length: %d\r\n\r\n" % (len(body) if body else 0)
+        else:
+            end = b"\r\n"
+        head = start.encode("utf-8", "surrogateescape") + headers + end
         self.last_data = self.loop.time()
         if body:
             if len(body) < 16384:
@@ -410,13 +408,12 @@ class Pool:
         origin: Origin,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: bytes,
         body: bytes | None,
     ) -> Response:
-        """Send one request and wait for the head of its answer."""
-        may_repeat = method in IDEMPOTENT or any(
-            name.lower() in ("idempotency-key", "x-idempotency-key") for name, _ in headers
-        )
+        """Send one request and wait for the head of its answer. ``headers`` are the header
+        lines (``Name: value\\r\\n`` each) without Host and Content-Length, which this adds."""
+        may_repeat = method in IDEMPOTENT or b"idempotency-key:" in headers.lower()
         while True:
             conn = await self._acquire(origin)
             try:

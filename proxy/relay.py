@@ -38,7 +38,7 @@ from .errors import UpstreamError, UpstreamTimeout
 from .events import Event, Recorder, iso_ms
 from .fingerprint import fingerprint
 from .guardrails import SPEND_LAYER, KillSwitch, LoopGuard, SpendCap, Suspension
-from .headers import REQUEST_DROP, RESPONSE_DROP, filter_headers
+from .headers import RESPONSE_DROP, filter_headers, request_head
 from .http1 import ConnectFailed, HTTPClientError, Pool, Response, ServerClosed
 from .logs import AccessLog, request_id
 from .metrics import Metrics
@@ -381,18 +381,12 @@ class Relay:
         """Send the request upstream; transport failures become UpstreamError/UpstreamTimeout.
         ``plain`` asks for an uncompressed answer (the daemon must rewrite it)."""
         upstream = route.upstream
+        connection = request.headers.get(hdrs.CONNECTION)
         if plain:
-            headers = filter_headers(
-                request.headers.items(),
-                request.headers.get(hdrs.CONNECTION),
-                REQUEST_DROP,
-                _ACCEPT_ENCODING,
-            )
-            headers.append((hdrs.ACCEPT_ENCODING, "identity"))
+            headers = request_head(request.raw_headers, connection, _ACCEPT_ENCODING)
+            headers += b"Accept-Encoding: identity\r\n"
         else:
-            headers = filter_headers(
-                request.headers.items(), request.headers.get(hdrs.CONNECTION), REQUEST_DROP
-            )
+            headers = request_head(request.raw_headers, connection)
         t = time.perf_counter()
         try:
             return await self.pool.request(
@@ -477,7 +471,7 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 _LENGTH = frozenset({"content-length"})
-_ACCEPT_ENCODING = frozenset({"accept-encoding"})
+_ACCEPT_ENCODING = frozenset({b"accept-encoding"})
 
 
 def _response_headers(up: Response, extra: frozenset[str] = frozenset()) -> list[tuple[str, str]]:

@@ -88,7 +88,7 @@ async def test_keep_alive_reuses_one_connection_and_sends_exact_head(raw, pool) 
     rs = await raw(handler)
     for _ in range(3):
         r = await pool.request(
-            rs.origin, "POST", "/v1/x?a=1", [("X-Caf\u00e9", "\u00e9t\u00e9")], b"hi"
+            rs.origin, "POST", "/v1/x?a=1", "X-Caf\u00e9: \u00e9t\u00e9\r\n".encode(), b"hi"
         )
         assert (r.status, await r.read()) == (200, b"{}")
         assert r.header("content-type") == "application/json"
@@ -109,7 +109,7 @@ async def test_get_without_body_sends_no_length_and_post_without_body_sends_zero
 
     rs = await raw(handler)
     for method in ("GET", "POST"):
-        r = await pool.request(rs.origin, method, "/", [], None)
+        r = await pool.request(rs.origin, method, "/", b"", None)
         await r.read()
         r.release()
     assert b"content-length" not in rs.heads[0].lower()
@@ -128,7 +128,7 @@ async def test_chunked_stream_arrives_in_pieces_and_whole(raw, pool) -> None:
         await reader.read()
 
     rs = await raw(handler)
-    r = await pool.request(rs.origin, "POST", "/", [], b"{}")
+    r = await pool.request(rs.origin, "POST", "/", b"", b"{}")
     assert r.content_length is None
     assert await r.readany() == b"hello"
     go.set()
@@ -145,7 +145,7 @@ async def test_body_until_close_and_connection_close_are_not_reused(raw, pool) -
 
     rs = await raw(handler)
     for _ in range(2):
-        r = await pool.request(rs.origin, "POST", "/", [], b"{}")
+        r = await pool.request(rs.origin, "POST", "/", b"", b"{}")
         assert await r.read() == b"all of it"
         r.release()
     assert rs.connections == 2 and pool.idle == 0
@@ -160,10 +160,10 @@ async def test_interim_answers_are_skipped_and_head_has_no_body(raw, pool) -> No
         await reader.read()
 
     rs = await raw(handler)
-    r = await pool.request(rs.origin, "POST", "/", [], b"{}")
+    r = await pool.request(rs.origin, "POST", "/", b"", b"{}")
     assert (r.status, r.headers[0][0], await r.read()) == (200, "Content-Type", b"{}")
     r.release()
-    r = await pool.request(rs.origin, "HEAD", "/", [], None)
+    r = await pool.request(rs.origin, "HEAD", "/", b"", None)
     assert (r.status, r.content_length, await r.read()) == (200, 1000, b"")
     r.release()
     assert pool.idle == 0  # a connection after HEAD is not trusted again
@@ -179,12 +179,12 @@ async def test_truncated_body_and_garbage_raise(raw, pool) -> None:
         await writer.drain()
 
     rs = await raw(handler)
-    r = await pool.request(rs.origin, "POST", "/", [], b"{}")
+    r = await pool.request(rs.origin, "POST", "/", b"", b"{}")
     with pytest.raises(ServerClosed):
         await r.read()
     r.close()
     with pytest.raises(ProtocolError):
-        await pool.request(rs.origin, "POST", "/garbage", [], b"{}")
+        await pool.request(rs.origin, "POST", "/garbage", b"", b"{}")
     assert pool.in_use == 0
 
 
@@ -204,13 +204,13 @@ async def test_silence_times_out_but_a_slow_steady_stream_does_not(raw) -> None:
     rs = await raw(handler)
     p = Pool(limit=4, connect_timeout=1, read_timeout=0.3)
     try:
-        r = await p.request(rs.origin, "POST", "/steady", [], b"{}")
+        r = await p.request(rs.origin, "POST", "/steady", b"", b"{}")
         assert await r.read() == b"x" * 6
         r.release()
         loop = asyncio.get_running_loop()
         t = loop.time()
         with pytest.raises(TimeoutError):
-            await p.request(rs.origin, "POST", "/silent", [], b"{}")
+            await p.request(rs.origin, "POST", "/silent", b"", b"{}")
         assert 0.25 < loop.time() - t < 1.5
     finally:
         await p.close()
@@ -222,7 +222,7 @@ async def test_connect_failure_names_the_host(pool) -> None:
     probe.close()
     await probe.wait_closed()
     with pytest.raises(ConnectFailed) as info:
-        await pool.request(Origin.make("http", "127.0.0.1", port), "GET", "/", [], None)
+        await pool.request(Origin.make("http", "127.0.0.1", port), "GET", "/", b"", None)
     assert info.value.port == port and pool.in_use == 0
 
 
@@ -237,20 +237,20 @@ async def test_reused_connection_closed_before_answering_retried_only_when_safe(
 
     rs = await raw(handler)
 
-    async def go(method: str, headers: list[tuple[str, str]]) -> int:
+    async def go(method: str, headers: bytes) -> int:
         body = b"{}" if method == "POST" else None
         r = await pool.request(rs.origin, method, "/", headers, body)
         await r.read()
         r.release()
         return r.status
 
-    assert await go("GET", []) == 200
-    assert await go("GET", []) == 200  # conn 1 closed on it: sent again on conn 2
+    assert await go("GET", b"") == 200
+    assert await go("GET", b"") == 200  # conn 1 closed on it: sent again on conn 2
     assert rs.connections == 2
     with pytest.raises(ServerClosed):  # a POST may have reached the provider: never resent
-        await go("POST", [])
+        await go("POST", b"")
     assert rs.connections == 2 and len(rs.heads) == 4
-    key = [("Idempotency-Key", "k1")]
+    key = b"Idempotency-Key: k1\r\n"
     assert await go("POST", key) == 200  # conn 3
     assert await go("POST", key) == 200  # conn 3 closed on it: resent on conn 4
     assert rs.connections == 4 and pool.in_use == 0
@@ -275,7 +275,7 @@ async def test_limit_makes_requests_wait_for_a_connection(raw) -> None:
     p = Pool(limit=2, connect_timeout=1, read_timeout=5)
 
     async def one() -> bytes:
-        r = await p.request(rs.origin, "POST", "/", [], b"{}")
+        r = await p.request(rs.origin, "POST", "/", b"", b"{}")
         data = await r.read()
         r.release()
         return data
@@ -300,7 +300,7 @@ async def test_idle_connections_are_swept(raw) -> None:
     rs = await raw(handler)
     p = Pool(limit=4, connect_timeout=1, read_timeout=5, keepalive=0.2)
     try:
-        r = await p.request(rs.origin, "POST", "/", [], b"{}")
+        r = await p.request(rs.origin, "POST", "/", b"", b"{}")
         await r.read()
         r.release()
         assert p.idle == 1
@@ -330,7 +330,7 @@ async def test_slow_reader_pauses_the_socket(aiohttp_server) -> None:
     server = await aiohttp_server(app)
     p = Pool(limit=4, connect_timeout=1, read_timeout=5)
     try:
-        r = await p.request(Origin.make("http", "127.0.0.1", server.port), "POST", "/", [], b"{}")
+        r = await p.request(Origin.make("http", "127.0.0.1", server.port), "POST", "/", b"", b"{}")
         await asyncio.sleep(0.5)
         assert sent < 16 * 1024 * 1024  # socket buffers, not the whole body
         total = 0
