@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .events import iso_ms
+from .store import REFUSED, UNPRICED
 
 GROUPS = ("provider", "model", "endpoint", "fingerprint")
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -58,11 +59,16 @@ def query(path: Path, by: str, since_seconds: float | None) -> list[Row]:
     cutoff = 0.0 if since_seconds is None else time.time() - since_seconds
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
+        # The event fields are read from the stored ingest body (JSON text in a BLOB: cast, or
+        # SQLite 3.45+ would read it as JSONB); what the body does not carry is in the row's
+        # flags (store.REFUSED, store.UNPRICED).
         rows = db.execute(
-            f"SELECT {by}, COUNT(*), SUM(refused_by IS NOT NULL), "
-            "SUM(status >= 400 AND refused_by IS NULL), SUM(tokens_in), SUM(tokens_out), "
-            "SUM(cost_usd), SUM(priced = 0 AND usage_source IN ('reported', 'requested')) "
-            "FROM events WHERE created >= ? GROUP BY 1 ORDER BY 7 DESC, 2 DESC, 1",
+            f"SELECT json_extract(j, '$.{by}'), COUNT(*), SUM(flags & {REFUSED} != 0), "
+            f"SUM(json_extract(j, '$.status') >= 400 AND flags & {REFUSED} = 0), "
+            "SUM(json_extract(j, '$.tokens_in')), SUM(json_extract(j, '$.tokens_out')), "
+            f"SUM(json_extract(j, '$.cost_usd')), SUM(flags & {UNPRICED} != 0) "
+            "FROM (SELECT CAST(body AS TEXT) AS j, flags FROM events WHERE created >= ?) "
+            "GROUP BY 1 ORDER BY 7 DESC, 2 DESC, 1",
             (cutoff,),
         ).fetchall()
     finally:

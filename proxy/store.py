@@ -15,8 +15,13 @@ logged — never silently. Shipped events go before unshipped ones.
 
 Event states: PENDING (to ship), SHIPPED (delivered; kept for reports until retention ends),
 LOCAL (local-only mode: kept for reports), POISONED (the API refused it alone; kept for
-inspection). A batch is the set of pending events carrying one ``batch_id``; it keeps that identity
-across retries until it is delivered or split.
+inspection). A batch is a row of ``batches``: the pending events in one id range; it keeps its
+identity across retries and restarts until it is delivered or split.
+
+Cost per event on the writer thread, the hot path's one shared core: one narrow row (the ingest
+JSON plus what reports need) and one index entry; a batch is two statements whatever its size; spend
+per minute (the spend cap's restart memory) is kept in its own small table, summed at each commit.
+Rows need no time index: ids grow with time, so a time bound is found by a binary search on ids.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from .adapters.base import UsageSource
 from .config import StorageConfig
 from .events import Event
 
@@ -44,32 +50,27 @@ log = logging.getLogger(__name__)
 
 PENDING, SHIPPED, LOCAL, POISONED = 0, 1, 2, 3
 
+SCHEMA_VERSION = 2
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     created REAL NOT NULL,
     state INTEGER NOT NULL,
-    batch_id TEXT,
     size INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    ts TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    model TEXT NOT NULL,
-    endpoint TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    tokens_in INTEGER NOT NULL,
-    tokens_out INTEGER NOT NULL,
-    cost_usd REAL NOT NULL,
-    fingerprint TEXT NOT NULL,
-    stream INTEGER NOT NULL,
-    usage_source TEXT NOT NULL,
-    priced INTEGER NOT NULL,
-    refused_by TEXT,
-    origin TEXT NOT NULL
+    flags INTEGER NOT NULL,
+    body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_state ON events (state, id);
-CREATE INDEX IF NOT EXISTS events_batch ON events (batch_id) WHERE batch_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS events_created ON events (created);
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY,
+    first_id INTEGER NOT NULL,
+    last_id INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS spend (
+    minute INTEGER PRIMARY KEY,
+    usd REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS guardrails (
     org_id TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -95,11 +96,19 @@ CREATE TABLE IF NOT EXISTS counters (
 );
 """
 
-_INSERT = (
-    "INSERT INTO events (created, state, size, body, ts, provider, model, endpoint, status, "
-    "tokens_in, tokens_out, cost_usd, fingerprint, stream, usage_source, priced, refused_by, "
-    "origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# events.flags: what reports need beyond the ingest body.
+REFUSED = 1  # refused by a guardrail (never reached the provider)
+UNPRICED = 2  # usage known but no price for the model
+FROM_INGEST = 4  # posted to the local /api/ingest, not relayed here
+
+_INSERT = "INSERT INTO events (created, state, size, flags, body) VALUES (?, ?, ?, ?, ?)"
+_ROW_OVERHEAD = 40  # bytes of a row besides its body, roughly
+_ADD_SPEND = (
+    "INSERT INTO spend (minute, usd) VALUES (?, ?) "
+    "ON CONFLICT (minute) DO UPDATE SET usd = usd + excluded.usd"
 )
+_HAS_USAGE = frozenset({UsageSource.REPORTED, UsageSource.REQUESTED})
+_SPEND_KEPT_SECONDS = 2 * 86400
 
 _CHUNK = 5000
 # After a checkpoint, SQLite trims the WAL file down to this size.
@@ -126,6 +135,55 @@ class GuardrailRow:
     layer: str | None
     reason: str | None
     source: str | None
+
+
+# Schema 1 (to 0.1.0): one column per event field and the batch id on every row.
+_FROM_V1 = f"""
+BEGIN IMMEDIATE;
+DROP INDEX IF EXISTS events_state;
+DROP INDEX IF EXISTS events_batch;
+DROP INDEX IF EXISTS events_created;
+ALTER TABLE events RENAME TO events_v1;
+{SCHEMA}
+INSERT INTO events (id, created, state, size, flags, body)
+    SELECT id, created, state, length(body) + {_ROW_OVERHEAD},
+        (refused_by IS NOT NULL) * {REFUSED}
+        + (priced = 0 AND usage_source IN ('reported', 'requested')) * {UNPRICED}
+        + (origin = 'ingest') * {FROM_INGEST},
+        body
+    FROM events_v1;
+INSERT INTO batches (id, first_id, last_id)
+    SELECT batch_id, MIN(id), MAX(id) FROM events_v1
+    WHERE batch_id IS NOT NULL AND state = {PENDING} GROUP BY batch_id;
+INSERT INTO spend (minute, usd)
+    SELECT CAST(created / 60 AS INTEGER) * 60, SUM(cost_usd) FROM events_v1
+    WHERE origin = 'proxy' AND cost_usd > 0 GROUP BY 1;
+DELETE FROM sqlite_sequence WHERE name = 'events';
+UPDATE sqlite_sequence SET name = 'events' WHERE name = 'events_v1';
+DROP TABLE events_v1;
+PRAGMA user_version = {SCHEMA_VERSION};
+COMMIT;
+"""
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    """Create the schema, or bring an older spool up to date in one transaction."""
+    async with db.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    if row is not None and row[0] >= SCHEMA_VERSION:
+        return
+    async with db.execute("SELECT name FROM pragma_table_info('events')") as cur:
+        columns = {r[0] for r in await cur.fetchall()}
+    if "provider" in columns:
+        log.warning("store: upgrading the spool to schema %d (once)", SCHEMA_VERSION)
+        try:
+            await db.executescript(_FROM_V1)
+        except BaseException:
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            raise
+        return
+    await db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
 
 
 class Store:
@@ -169,7 +227,7 @@ class Store:
                 "PRAGMA foreign_keys=OFF",
             ):
                 await db.execute(pragma)
-            await db.executescript(SCHEMA)
+            await _migrate(db)
             store = cls(db, config, ship)
             await store._load_totals()
         except BaseException:
@@ -259,13 +317,18 @@ class Store:
         # At most _CHUNK events per transaction, so that encoding a backlog (after the disk
         # came back) never holds the event loop for long.
         events = list(itertools.islice(self._queue, _CHUNK))
-        rows = [self._row(e) for e in events]
+        now = time.time()
+        state = PENDING if self._ship else LOCAL
+        rows = [self._row(e, now, state) for e in events]
         size = sum(r[2] for r in rows)
+        spent = sum(e.cost_usd for e in events if e.origin == "proxy")
         try:
             async with self._lock:
                 await self._db.execute("BEGIN IMMEDIATE")
                 try:
                     await self._db.executemany(_INSERT, rows)
+                    if spent > 0:
+                        await self._db.execute(_ADD_SPEND, (int(now // 60) * 60, spent))
                     await self._db.execute("COMMIT")
                 except BaseException:
                     await self._db.execute("ROLLBACK")
@@ -293,28 +356,17 @@ class Store:
             await self._enforce_bound()
         return True
 
-    def _row(self, e: Event) -> tuple[Any, ...]:
+    @staticmethod
+    def _row(e: Event, now: float, state: int) -> tuple[Any, ...]:
         body = orjson.dumps(e.to_ingest())
-        return (
-            time.time(),
-            PENDING if self._ship else LOCAL,
-            len(body) + 200,  # the row's other columns, roughly
-            body,
-            e.ts,
-            e.provider,
-            e.model,
-            e.endpoint,
-            e.status,
-            e.tokens_in,
-            e.tokens_out,
-            e.cost_usd,
-            e.fingerprint,
-            int(e.stream),
-            e.usage_source.value,
-            int(e.priced),
-            e.refused_by,
-            e.origin,
-        )
+        flags = 0
+        if e.refused_by is not None:
+            flags = REFUSED
+        elif not e.priced and e.usage_source in _HAS_USAGE:
+            flags = UNPRICED
+        if e.origin != "proxy":
+            flags |= FROM_INGEST
+        return (now, state, len(body) + _ROW_OVERHEAD, flags, body)
 
     def _count_dropped(self, n: int, why: str) -> None:
         self.dropped_total += n
@@ -381,80 +433,106 @@ class Store:
             log.warning("store: maintenance failed (retrying later): %s", exc)
 
     async def expire(self) -> int:
-        """Delete shipped and local events older than the retention period."""
-        cutoff = time.time() - self._config.retention_hours * 3600
+        """Delete shipped and local events older than the retention period, oldest first (ids
+        grow with time: the scan stops at the first event young enough to keep)."""
+        now = time.time()
+        cutoff = now - self._config.retention_hours * 3600
+        deleted = 0
         async with self._lock:
-            async with self._db.execute(
-                "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events "
-                "WHERE state IN (?, ?) AND created < ?",
-                (SHIPPED, LOCAL, cutoff),
-            ) as cur:
-                row = await cur.fetchone()
-            assert row is not None
-            if not row[1]:
-                return 0
+            while True:
+                async with self._db.execute(
+                    "SELECT id, size, created FROM events WHERE state IN (?, ?) "
+                    "ORDER BY id LIMIT 1000",
+                    (SHIPPED, LOCAL),
+                ) as cur:
+                    rows = list(await cur.fetchall())
+                old = [(row_id, size) for row_id, size, created in rows if created < cutoff]
+                if not old:
+                    break
+                await self._db.execute("BEGIN IMMEDIATE")
+                await self._db.executemany(
+                    "DELETE FROM events WHERE id = ?", [(i,) for i, _ in old]
+                )
+                await self._db.execute("COMMIT")
+                self.spool_bytes -= sum(size for _, size in old)
+                deleted += len(old)
+                if len(old) < len(rows):
+                    break
             await self._db.execute(
-                "DELETE FROM events WHERE state IN (?, ?) AND created < ?",
-                (SHIPPED, LOCAL, cutoff),
+                "DELETE FROM spend WHERE minute < ?", (now - _SPEND_KEPT_SECONDS,)
             )
-            self.spool_bytes -= int(row[0])
-            return int(row[1])
+        return deleted
 
     # ------------------------------------------------------------------ shipping
 
     async def next_batch(self, limit: int) -> Batch | None:
-        """The batch to send: the one already under way (same identity), else a new one."""
+        """The batch to send: the one already under way (same identity), else a new one of the
+        oldest pending events."""
         async with self._lock:
-            async with self._db.execute(
-                "SELECT batch_id FROM events WHERE state = ? AND batch_id IS NOT NULL "
-                "ORDER BY id LIMIT 1",
-                (PENDING,),
-            ) as cur:
-                row = await cur.fetchone()
-            if row is not None:
-                batch_id = row[0]
-            else:
+            while True:
                 async with self._db.execute(
-                    "SELECT id FROM events WHERE state = ? AND batch_id IS NULL "
-                    "ORDER BY id LIMIT ?",
-                    (PENDING, limit),
+                    "SELECT id, first_id, last_id FROM batches ORDER BY first_id LIMIT 1"
                 ) as cur:
-                    ids = [r[0] for r in await cur.fetchall()]
-                if not ids:
-                    return None
-                batch_id = uuid.uuid4().hex
-                # One statement: the selected ids are exactly the unbatched pending ones in
-                # their id range.
-                await self._db.execute(
-                    "UPDATE events SET batch_id = ? WHERE id BETWEEN ? AND ? AND state = ? "
-                    "AND batch_id IS NULL",
-                    (batch_id, ids[0], ids[-1], PENDING),
-                )
-            async with self._db.execute(
-                "SELECT id, body FROM events WHERE batch_id = ? ORDER BY id", (batch_id,)
-            ) as cur:
-                rows = await cur.fetchall()
-        return Batch(batch_id, tuple(r[0] for r in rows), tuple(bytes(r[1]) for r in rows))
+                    row = await cur.fetchone()
+                if row is not None:
+                    batch_id, first, last = row
+                else:
+                    async with self._db.execute(
+                        "SELECT id FROM events WHERE state = ? ORDER BY id LIMIT ?",
+                        (PENDING, limit),
+                    ) as cur:
+                        ids = [r[0] for r in await cur.fetchall()]
+                    if not ids:
+                        return None
+                    batch_id, first, last = uuid.uuid4().hex, ids[0], ids[-1]
+                    await self._db.execute(
+                        "INSERT INTO batches (id, first_id, last_id) VALUES (?, ?, ?)",
+                        (batch_id, first, last),
+                    )
+                async with self._db.execute(
+                    "SELECT id, body FROM events WHERE state = ? AND id BETWEEN ? AND ? "
+                    "ORDER BY id",
+                    (PENDING, first, last),
+                ) as cur:
+                    rows = await cur.fetchall()
+                if rows:
+                    return Batch(
+                        batch_id, tuple(r[0] for r in rows), tuple(bytes(r[1]) for r in rows)
+                    )
+                # Every event of the batch was dropped by the spool bound: forget it.
+                await self._db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+
+    async def _settle(self, batch: Batch, state: int) -> None:
+        """The batch's events leave PENDING for ``state``, and the batch is done."""
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._db.execute(
+                "UPDATE events SET state = ? WHERE state = ? AND id BETWEEN ? AND ?",
+                (state, PENDING, batch.event_ids[0], batch.event_ids[-1]),
+            )
+            await self._db.execute("DELETE FROM batches WHERE id = ?", (batch.id,))
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
 
     async def delivered(self, batch: Batch) -> None:
         """The API took the batch (2xx): its events leave the spool (kept for reports)."""
         async with self._lock:
-            await self._db.execute(
-                "UPDATE events SET state = ?, batch_id = NULL WHERE batch_id = ?",
-                (SHIPPED, batch.id),
-            )
+            await self._settle(batch, SHIPPED)
         self.pending_events -= len(batch.event_ids)
 
     async def split(self, batch: Batch) -> tuple[str, str]:
         """Split a refused batch in two new batches, to find the event the API refuses."""
-        half = len(batch.event_ids) // 2
+        ids = batch.event_ids
+        half = len(ids) // 2
         first, second = uuid.uuid4().hex, uuid.uuid4().hex
         async with self._lock:
             await self._db.execute("BEGIN IMMEDIATE")
+            await self._db.execute("DELETE FROM batches WHERE id = ?", (batch.id,))
             await self._db.executemany(
-                "UPDATE events SET batch_id = ? WHERE id = ?",
-                [(first, i) for i in batch.event_ids[:half]]
-                + [(second, i) for i in batch.event_ids[half:]],
+                "INSERT INTO batches (id, first_id, last_id) VALUES (?, ?, ?)",
+                [(first, ids[0], ids[half - 1]), (second, ids[half], ids[-1])],
             )
             await self._db.execute("COMMIT")
         return first, second
@@ -462,10 +540,7 @@ class Store:
     async def poison(self, batch: Batch, why: str) -> None:
         """The API refuses this one event: keep it for inspection, out of the way of the rest."""
         async with self._lock:
-            await self._db.execute(
-                "UPDATE events SET state = ?, batch_id = NULL WHERE batch_id = ?",
-                (POISONED, batch.id),
-            )
+            await self._settle(batch, POISONED)
             self.poisoned_total += len(batch.event_ids)
             self.pending_events -= len(batch.event_ids)
             await self._save_counters()
@@ -480,9 +555,8 @@ class Store:
     async def spend_buckets(self, seconds: float) -> list[tuple[float, float]]:
         """The daemon's own spend per minute over the last ``seconds``, oldest first."""
         async with self._db.execute(
-            "SELECT CAST(created / 60 AS INTEGER) * 60 AS minute, SUM(cost_usd) FROM events "
-            "WHERE origin = 'proxy' AND created >= ? GROUP BY minute ORDER BY minute",
-            (time.time() - seconds,),
+            "SELECT minute, usd FROM spend WHERE minute >= ? ORDER BY minute",
+            (int((time.time() - seconds) // 60) * 60,),
         ) as cur:
             return [(float(m), float(usd)) for m, usd in await cur.fetchall()]
 

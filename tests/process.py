@@ -37,7 +37,11 @@ class DaemonProcess:
         """SIGTERM (unless already sent), then the exit code once stderr is read to its end."""
         if signal_it:
             self.proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.proc.wait(), 20)
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), 20)
+        except TimeoutError:
+            message = f"the daemon did not stop within 20 s; its log:\n{self.log}"
+            raise AssertionError(message) from None
         await self.reader
         return code
 

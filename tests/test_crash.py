@@ -90,8 +90,7 @@ async def test_kill_9_loses_no_committed_event(
     try:
         await eventually(lambda: must_arrive <= ingest.delivered_fingerprints(), within=20)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert await d.stop() == 0, d.log
     db = sqlite3.connect(spool)
     assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     db.close()

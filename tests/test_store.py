@@ -15,7 +15,7 @@ import pytest
 from proxy.adapters.base import UsageSource
 from proxy.config import StorageConfig
 from proxy.events import Event
-from proxy.store import LOCAL, PENDING, SHIPPED, Store
+from proxy.store import FROM_INGEST, LOCAL, PENDING, REFUSED, SHIPPED, UNPRICED, Store
 
 from .conftest import eventually
 
@@ -95,7 +95,11 @@ async def test_local_only_events_are_kept_not_pending(tmp_path: Path) -> None:
     s.start()
     s.enqueue(event(1))
     await s.close()
-    assert rows(path, "SELECT state, model, tokens_in FROM events") == [(LOCAL, "gpt-4o-mini", 11)]
+    assert rows(
+        path,
+        "SELECT state, json_extract(CAST(body AS TEXT), '$.model'), "
+        "json_extract(CAST(body AS TEXT), '$.tokens_in') FROM events",
+    ) == [(LOCAL, "gpt-4o-mini", 11)]
     assert s.pending_events == 0
 
 
@@ -237,3 +241,89 @@ async def test_expired_suspension_is_not_restored(tmp_path: Path) -> None:
     await kill.load()
     assert kill.check() is None and kill.status == "ok"
     await s2.close()
+
+
+# The schema of 0.1.0 spools (one column per field, the batch id on each row), verbatim.
+SCHEMA_V1 = """
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, state INTEGER NOT NULL,
+    batch_id TEXT, size INTEGER NOT NULL, body BLOB NOT NULL, ts TEXT NOT NULL,
+    provider TEXT NOT NULL, model TEXT NOT NULL, endpoint TEXT NOT NULL, status INTEGER NOT NULL,
+    tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL, cost_usd REAL NOT NULL,
+    fingerprint TEXT NOT NULL, stream INTEGER NOT NULL, usage_source TEXT NOT NULL,
+    priced INTEGER NOT NULL, refused_by TEXT, origin TEXT NOT NULL
+);
+CREATE INDEX events_state ON events (state, id);
+CREATE INDEX events_batch ON events (batch_id) WHERE batch_id IS NOT NULL;
+CREATE INDEX events_created ON events (created);
+CREATE TABLE guardrails (
+    org_id TEXT PRIMARY KEY, state TEXT NOT NULL, expires_at REAL, layer TEXT, reason TEXT,
+    source TEXT, updated_at REAL NOT NULL
+);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, who TEXT NOT NULL,
+    action TEXT NOT NULL, org_id TEXT NOT NULL, layer TEXT, ttl_seconds REAL, reason TEXT
+);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+async def test_a_schema_1_spool_is_upgraded_without_losing_anything(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_V1)
+    now = time.time()
+    insert = (
+        "INSERT INTO events (id, created, state, batch_id, size, body, ts, provider, model, "
+        "endpoint, status, tokens_in, tokens_out, cost_usd, fingerprint, stream, usage_source, "
+        "priced, refused_by, origin) VALUES (?, ?, ?, ?, 0, ?, '', 'openai', 'm', '/x', 200, "
+        "1, 1, ?, 'f', 0, ?, ?, ?, ?)"
+    )
+    old = [  # id, state, batch, cost, usage_source, priced, refused_by, origin
+        (7, SHIPPED, None, 0.5, "reported", 1, None, "proxy"),
+        (8, PENDING, "b-under-way", 0.25, "reported", 1, None, "proxy"),
+        (9, PENDING, "b-under-way", 0.0, "reported", 0, None, "proxy"),
+        (10, PENDING, None, 0.0, "reported", 1, "local", "proxy"),
+        (11, PENDING, None, 2.0, "reported", 1, None, "ingest"),
+    ]
+    for i, state, batch, cost, source, priced, refused, origin in old:
+        db.execute(
+            insert,
+            (i, now, state, batch, b'{"n":%d}' % i, cost, source, priced, refused, origin),
+        )
+    db.execute("INSERT INTO counters VALUES ('dropped_total', 3)")
+    db.execute("INSERT INTO guardrails VALUES ('org', 'suspended', NULL, 'l', 'r', 's', 0)")
+    db.commit()
+    db.close()
+
+    s = await Store.open(config(path), ship=True)
+    try:
+        assert (s.pending_events, s.dropped_total) == (4, 3)
+        batch = await s.next_batch(100)  # the batch under way keeps its identity and events
+        assert batch is not None
+        assert (batch.id, batch.event_ids, batch.bodies) == (
+            "b-under-way",
+            (8, 9),
+            (b'{"n":8}', b'{"n":9}'),
+        )
+        # the relayed spend (not the ingested) is kept for the spend cap's restore
+        assert [usd for _, usd in await s.spend_buckets(3600)] == [0.75]
+        assert [g.org_id for g in await s.load_guardrails()] == ["org"]
+        await s.delivered(batch)
+        batch = await s.next_batch(100)
+        assert batch is not None and batch.event_ids == (10, 11)
+        s.start()
+        s.enqueue(event(1))
+        await s.flush()
+    finally:
+        await s.close()
+    assert rows(path, "SELECT id, state, flags FROM events ORDER BY id") == [
+        (7, SHIPPED, 0),
+        (8, SHIPPED, 0),
+        (9, SHIPPED, UNPRICED),
+        (10, PENDING, REFUSED),
+        (11, PENDING, FROM_INGEST),
+        (12, PENDING, 0),  # ids go on from where the old table was
+    ]
+    assert rows(path, "PRAGMA user_version") == [(2,)]
+    assert rows(path, "PRAGMA integrity_check") == [("ok",)]
