@@ -127,7 +127,7 @@ class AtlasBurnConfig:
 class TelemetryConfig:
     flush_interval_ms: int = 1000
     batch_max_events: int = 500
-    # Retries back off exponentially with full jitter, up to this long between attempts.
+    # Retries back off exponentially with equal jitter, up to this long between attempts.
     max_backoff_seconds: float = 60.0
     # One ingest call may take this long.
     request_timeout_seconds: float = 30.0

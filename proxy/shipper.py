@@ -8,11 +8,14 @@ How each answer is handled:
 
 - 2xx: delivered; its ``guardrail_status`` sets or clears the server-side suspension.
 - 429 / 503 with ``Retry-After``: wait that long, then the same batch again.
-- connection errors, timeouts, 5xx, other 4xx: exponential backoff with full jitter, up to
+- connection errors, timeouts, 5xx, other 4xx: exponential backoff with equal jitter, up to
   ``telemetry.max_backoff_seconds``, retried without a time limit.
 - 401 / 403: a loud error, then at most one attempt a minute; events keep spooling.
-- 400 / 413 / 422: the batch is split in two until the event the API refuses is alone; that one
-  is kept in the store as poisoned (counted), the others flow on.
+- 400 / 413 / 422: the batch is split to find the event the API refuses (the answer does not say
+  which): a batch of up to 64 events into single events, a larger one into about sqrt(n) parts of
+  about sqrt(n) events each. So a bad event in a batch of up to 4,096 is alone after at most three
+  refused calls (the batch, its part, the event), while the others are delivered on the way. The
+  bad event is kept in the store as poisoned (counted).
 
 While the API keeps the org suspended and nothing is waiting, an empty batch asks every
 ``telemetry.poll_interval_seconds`` whether it still does, so a resume from the dashboard lands.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 import uuid
@@ -38,6 +42,7 @@ from .store import Batch, Store
 log = logging.getLogger(__name__)
 
 AUTH_RETRY_SECONDS = 60.0
+SINGLES = 64  # a refused batch up to this size is split into single events
 _MAX_RETRY_AFTER = 3600.0
 _ANSWER_LIMIT = 1024 * 1024
 
@@ -136,10 +141,12 @@ class Shipper:
         return self._backoff()
 
     def _backoff(self) -> float:
-        """Full jitter: uniform in [0, min(cap, 2^attempt s)]."""
+        """Equal jitter: uniform in [c/2, c] for c = min(cap, 2^(attempt-1) s), so waits grow
+        from about a second to the cap while many daemons coming back after one outage spread
+        out (full jitter could retry at once, again and again)."""
         self._attempt += 1
         ceiling = min(self._telemetry.max_backoff_seconds, 2.0 ** (self._attempt - 1))
-        return random.uniform(0, ceiling)
+        return random.uniform(ceiling / 2, ceiling)
 
     async def ship(self, batch: Batch) -> str:
         """Send one batch: 'delivered', 'split', 'auth', 'retry-after:<s>' or 'retry'."""
@@ -175,8 +182,9 @@ class Shipper:
             return "auth"
         if status in (400, 413, 422) and batch.event_ids:
             why = f"HTTP {status}: {answer[:200].decode('utf-8', 'replace')}"
-            if len(batch.event_ids) > 1:
-                await self._store.split(batch)
+            n = len(batch.event_ids)
+            if n > 1:
+                await self._store.split(batch, n if n <= SINGLES else math.isqrt(n - 1) + 1)
                 return "split"
             await self._store.poison(batch, why)
             return "split"

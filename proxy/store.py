@@ -522,20 +522,26 @@ class Store:
             await self._settle(batch, SHIPPED)
         self.pending_events -= len(batch.event_ids)
 
-    async def split(self, batch: Batch) -> tuple[str, str]:
-        """Split a refused batch in two new batches, to find the event the API refuses."""
+    async def split(self, batch: Batch, parts: int) -> list[str]:
+        """Split a refused batch into ``parts`` new batches (contiguous, as even as can be), to
+        find the event the API refuses."""
         ids = batch.event_ids
-        half = len(ids) // 2
-        first, second = uuid.uuid4().hex, uuid.uuid4().hex
+        parts = max(1, min(parts, len(ids)))
+        size, extra = divmod(len(ids), parts)
+        ranges = []
+        start = 0
+        for k in range(parts):
+            end = start + size + (k < extra)
+            ranges.append((uuid.uuid4().hex, ids[start], ids[end - 1]))
+            start = end
         async with self._lock:
             await self._db.execute("BEGIN IMMEDIATE")
             await self._db.execute("DELETE FROM batches WHERE id = ?", (batch.id,))
             await self._db.executemany(
-                "INSERT INTO batches (id, first_id, last_id) VALUES (?, ?, ?)",
-                [(first, ids[0], ids[half - 1]), (second, ids[half], ids[-1])],
+                "INSERT INTO batches (id, first_id, last_id) VALUES (?, ?, ?)", ranges
             )
             await self._db.execute("COMMIT")
-        return first, second
+        return [r[0] for r in ranges]
 
     async def poison(self, batch: Batch, why: str) -> None:
         """The API refuses this one event: keep it for inspection, out of the way of the rest."""

@@ -109,17 +109,61 @@ async def test_refused_key_is_loud_and_slow(
 async def test_poison_event_is_isolated_and_the_rest_flow(
     fake: FakeProvider, ingest: FakeIngest, start_daemon: StartDaemon
 ) -> None:
-    d = await start_daemon(**shipping(ingest, batch_max_events=8, flush_interval_ms=1000))
+    ingest.down = True  # everything spooled before the first answer that counts
+    d = await start_daemon(**shipping(ingest, batch_max_events=8, flush_interval_ms=100))
     await send(d, 8)
+    store = d.daemon.store
+    await eventually(lambda: store.pending_events == 8)
     poisoned = sorted(fingerprints(d))[3]
     ingest.poison = {poisoned}
+    ingest.calls.clear()
+    ingest.down = False
     await eventually(lambda: len(ingest.delivered()) == 7)
-    assert poisoned not in ingest.delivered_fingerprints()
     assert ingest.delivered_fingerprints() == fingerprints(d) - {poisoned}
+    await eventually(lambda: (store.poisoned_total, store.pending_events) == (1, 0))
+    # A batch of up to 64 is split into single events: the bad one is refused at most twice (in
+    # its batch, then alone).
+    refused = [c for c in ingest.calls if any(e["fingerprint"] == poisoned for e in c.events)]
+    assert 1 <= len(refused) <= 2 and all(c.status == 422 for c in refused)
+    assert len(refused[-1].events) == 1
+
+
+async def test_poison_in_a_large_batch_is_alone_after_three_refusals(
+    ingest: FakeIngest, start_daemon: StartDaemon
+) -> None:
+    d = await start_daemon(**shipping(ingest, batch_max_events=400, flush_interval_ms=100))
+    events = [
+        {
+            "ts": "2026-11-29T01:55:24.123Z",
+            "provider": "openai",
+            "model": "gpt-4o-mini",
+            "endpoint": "/chat/completions",
+            "status": 200,
+            "tokens_in": 1,
+            "tokens_out": 1,
+            "cost_usd": 0.0,
+            "latency_ms": 1,
+            "fingerprint": "sha256:" + f"{i:064x}",
+            "stream": False,
+        }
+        for i in range(400)
+    ]
+    poisoned = events[123]["fingerprint"]
+    ingest.poison = {poisoned}
+    async with aiohttp.ClientSession() as s:  # one call: one commit, one batch of 400
+        async with s.post(
+            d.url + "/api/ingest",
+            json={"events": events},
+            headers={"AtlasBurn-API-Key": ingest.api_key},
+        ) as r:
+            assert r.status == 200, await r.text()
     store = d.daemon.store
-    assert (store.poisoned_total, store.pending_events) == (1, 0)
-    # Isolating one bad event among 8 takes 1 + 2 * log2(8) calls at most.
-    assert len(ingest.calls) <= 7
+    await eventually(lambda: (store.poisoned_total, store.pending_events) == (1, 0), within=20)
+    assert ingest.delivered_fingerprints() == {e["fingerprint"] for e in events} - {poisoned}
+    refused = [c for c in ingest.calls if any(e["fingerprint"] == poisoned for e in c.events)]
+    # the batch of 400, then its part of 20 (400 = 20 parts of 20), then the event alone
+    assert [(len(c.events), c.status) for c in refused] == [(400, 422), (20, 422), (1, 422)]
+    assert len(ingest.calls) == 1 + 20 + 20
 
 
 async def test_server_suspension_blocks_traffic_and_polling_learns_the_resume(
