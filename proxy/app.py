@@ -18,6 +18,9 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from . import __version__
 from .api import GuardrailsAPI, LocalAPI, error
@@ -186,6 +189,8 @@ LIVE_KEYS = (
     "guardrails",
     "logging",
     "server.max_body_bytes",
+    "server.max_buffered_body_bytes",
+    "server.forwarded_for",
     "server.drain_seconds",
 )
 
@@ -268,18 +273,74 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
 
+# Limits of the request head. A request line longer than MAX_LINE is 414; a header line longer
+# than MAX_FIELD, or more than MAX_HEADERS headers, is 431. (Different numbers: aiohttp's parser
+# raises the same exception for both, with the limit it hit.)
+MAX_LINE = 16384
+MAX_FIELD = 8190
+MAX_HEADERS = 128
+# A request body is read from the socket until this much (x2) waits unread: with large uploads
+# streamed upstream, this (not the body size) is what each one holds.
+READ_BUFFER = 16384
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, with errors about the request head that say what went wrong,
+    in JSON: 414 and 431 instead of a plain-text 400."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status != 400 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        if isinstance(exc, LineTooLong):
+            if exc.args[1:2] == (MAX_LINE,):
+                status, code, text = 414, "uri_too_long", f"request line over {MAX_LINE} bytes"
+            else:
+                status, code = 431, "header_fields_too_large"
+                text = f"a request header over {MAX_FIELD} bytes"
+        elif isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
+            status, code, text = 431, "header_fields_too_large", f"over {MAX_HEADERS} headers"
+        else:
+            code, text = "bad_request", f"malformed HTTP request: {message or exc}"
+        log.info("refused a malformed request from %s: %s", request.remote, text)
+        resp = error(status, code, text)
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server  # the same server, making _Handler connections
+        return server
+
+
 class Daemon:
     """One running daemon: ``start`` binds and serves, ``stop`` drains and closes."""
 
     def __init__(self, config: Config, record: Recorder | None = None) -> None:
         self.config = config
         self.app = make_app(config, record)
-        self.runner = web.AppRunner(
+        self.runner = _Runner(
             self.app,
             handle_signals=False,
             access_log=None,
             handler_cancellation=True,
             shutdown_timeout=config.server.shutdown_grace_seconds,
+            max_line_size=MAX_LINE,
+            max_field_size=MAX_FIELD,
+            max_headers=MAX_HEADERS,
+            read_bufsize=READ_BUFFER,
         )
         self.port = 0
 

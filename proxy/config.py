@@ -83,6 +83,13 @@ class Listen:
 class ServerConfig:
     listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 8787))
     max_body_bytes: int = 32 * 1024 * 1024
+    # Bodies up to this size are read whole before they go upstream (fingerprinted from their
+    # JSON, stream usage asked for); larger ones stream to the provider as they arrive.
+    max_buffered_body_bytes: int = 4 * 1024 * 1024
+    # X-Forwarded-For / Forwarded / X-Real-IP from clients: "keep" (relay as sent), "drop"
+    # (remove them: a client cannot claim an address), "append" (add the client's address to
+    # X-Forwarded-For, as a reverse proxy does).
+    forwarded_for: str = "keep"
     shutdown_grace_seconds: float = 30.0
     # On SIGTERM, answer /readyz with 503 this long before closing the listener (load balancers
     # and Kubernetes stop sending new requests), then drain.
@@ -404,6 +411,12 @@ def _server(t: _Table) -> ServerConfig:
     cfg = ServerConfig(
         listen=t.get("listen", str, d.listen, parse_listen),
         max_body_bytes=t.get("max_body_bytes", int, d.max_body_bytes, _at_least(1, " bytes")),
+        max_buffered_body_bytes=t.get(
+            "max_buffered_body_bytes", int, d.max_buffered_body_bytes, _at_least(1, " bytes")
+        ),
+        forwarded_for=t.get(
+            "forwarded_for", str, d.forwarded_for, _one_of(("keep", "drop", "append"))
+        ),
         shutdown_grace_seconds=t.get(
             "shutdown_grace_seconds", float, d.shutdown_grace_seconds, _between(0, 3600)
         ),

@@ -37,3 +37,12 @@ def fingerprint(kind: str, endpoint: str, canonical: Any, raw: bytes) -> str:
     else:
         data = canonical_json({"endpoint": endpoint, "kind": kind}) + b"\n" + raw
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def raw_hasher(kind: str, endpoint: str) -> Any:
+    """An incremental hash for a body fingerprinted from its raw bytes (one too large to hold):
+    feed it the bytes with ``update``; the fingerprint is ``"sha256:" + hexdigest()``, the same
+    as ``fingerprint(kind, endpoint, None, body)``."""
+    h = hashlib.sha256(canonical_json({"endpoint": endpoint, "kind": kind}))
+    h.update(b"\n")
+    return h

@@ -31,6 +31,7 @@ import asyncio
 import socket
 import ssl
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -93,6 +94,7 @@ class _Conn(asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self.parser: httptools.HttpResponseParser | None = None
+        self.write_waiter: asyncio.Future[None] | None = None  # set while the socket is full
         self._reset(False)
 
     def _reset(self, skip_body: bool) -> None:
@@ -155,6 +157,7 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.transport = None
+        self.resume_writing()
         if self.parser is None or self.complete:
             return  # idle: the pool drops it when it next looks
         if self.head and self._until_close():
@@ -273,14 +276,28 @@ class _Conn(asyncio.Protocol):
             self.timer = self.loop.call_at(self.last_data + timeout, self._on_timer)
         await waiter
 
-    def send(self, method: str, target: str, headers: bytes, body: bytes | None) -> None:
+    def send(
+        self,
+        method: str,
+        target: str,
+        headers: bytes,
+        body: bytes | None,
+        length: int | None = -1,
+    ) -> None:
+        """Write the request head and ``body``. A streamed body (written next, with
+        ``write_body``) has ``body=None`` and ``length``: its Content-Length, or None for
+        chunked transfer-encoding."""
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ServerClosed("the server closed the connection")
         self._reset(method == "HEAD")
         self.parser = httptools.HttpResponseParser(self)
         start = f"{method} {target} HTTP/1.1\r\nHost: {self.origin.host_header}\r\n"
-        if body or method not in _NO_LENGTH:
+        if length is None:
+            end = b"Transfer-Encoding: chunked\r\n\r\n"
+        elif length >= 0:
+            end = b"Content-Length: %d\r\n\r\n" % length
+        elif body or method not in _NO_LENGTH:
             end = b"Content-Length: %d\r\n\r\n" % (len(body) if body else 0)
         else:
             end = b"\r\n"
@@ -293,6 +310,36 @@ class _Conn(asyncio.Protocol):
                 transport.writelines((head, body))
         else:
             transport.write(head)
+
+    async def write_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+        """Stream a request body, waiting whenever the socket's buffer is full. Stops early if
+        the server already answered (an early error) or failed."""
+        for_write = self.transport
+        if for_write is None:
+            raise ServerClosed("the server closed the connection")
+        async for chunk in body:
+            if self.head or self.error is not None or for_write.is_closing():
+                self.no_reuse = True  # the rest of the body was never sent
+                return
+            if chunk:
+                if chunked:
+                    for_write.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                else:
+                    for_write.write(chunk)
+            if self.write_waiter is not None:
+                await self.write_waiter
+        if chunked and not for_write.is_closing():
+            for_write.write(b"0\r\n\r\n")
+        self.last_data = self.loop.time()  # the read timeout starts when the request is sent
+
+    def pause_writing(self) -> None:
+        if self.write_waiter is None:
+            self.write_waiter = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        waiter, self.write_waiter = self.write_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def reusable(self, now: float) -> bool:
         return (
@@ -410,14 +457,24 @@ class Pool:
         target: str,
         headers: bytes,
         body: bytes | None,
+        stream: AsyncIterator[bytes] | None = None,
+        length: int | None = None,
     ) -> Response:
         """Send one request and wait for the head of its answer. ``headers`` are the header
-        lines (``Name: value\\r\\n`` each) without Host and Content-Length, which this adds."""
-        may_repeat = method in IDEMPOTENT or b"idempotency-key:" in headers.lower()
+        lines (``Name: value\\r\\n`` each) without Host and Content-Length, which this adds.
+        The body is ``body``, or ``stream`` (of ``length`` bytes; chunked when None), sent as
+        it is produced; an exception from ``stream`` aborts the request."""
+        may_repeat = stream is None and (
+            method in IDEMPOTENT or b"idempotency-key:" in headers.lower()
+        )
         while True:
             conn = await self._acquire(origin)
             try:
-                conn.send(method, target, headers, body)
+                if stream is None:
+                    conn.send(method, target, headers, body)
+                else:
+                    conn.send(method, target, headers, None, length)
+                    await conn.write_body(stream, length is None)
                 while not conn.head:
                     if conn.error is not None:
                         raise conn.error

@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -36,7 +38,7 @@ from .config import Config
 from .encoding import tap
 from .errors import UpstreamError, UpstreamTimeout
 from .events import Event, Recorder, iso_ms
-from .fingerprint import fingerprint
+from .fingerprint import fingerprint, raw_hasher
 from .guardrails import SPEND_LAYER, KillSwitch, LoopGuard, SpendCap, Suspension
 from .headers import RESPONSE_DROP, filter_headers, request_head
 from .http1 import ConnectFailed, HTTPClientError, Pool, Response, ServerClosed
@@ -107,6 +109,11 @@ class Relay:
         self.router = Router(config.providers)
         self.pricer = pricer
         self.max_body = config.server.max_body_bytes
+        self.max_buffered = min(config.server.max_buffered_body_bytes, self.max_body)
+        self.forwarded_for = config.server.forwarded_for
+        # Request headers never relayed beyond the hop-by-hop ones (bytes, lowercase).
+        self._drop = {"keep": frozenset(), "drop": _FORWARDED, "append": _XFF}[self.forwarded_for]
+        self._drop_plain = self._drop | _ACCEPT_ENCODING
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.time()
@@ -121,12 +128,12 @@ class Relay:
                 404, "no_route", f"no provider serves {rel.path!r}; use /<provider>/... or /v1/..."
             )
         try:
-            body = await _read_body(request, self.max_body)
+            body, whole = await _read_body(request, self.max_body, self.max_buffered)
             read_body = time.perf_counter() - t0  # the client's upload: not our time
         except BodyTooLarge:
-            resp = _error(route, 413, "body_too_large", f"request body over {self.max_body} bytes")
-            resp.force_close()  # the rest of the body is not read
-            return resp
+            return self._too_large(route)
+        if not whole:
+            return await self._handle_streamed(request, route, body, started, t0, read_body)
 
         upstream = route.upstream
         parsed = loads(body) if body else None
@@ -146,15 +153,65 @@ class Relay:
         try:
             return await self._exchange(request, route, meta, body, parsed, ex)
         finally:
-            if ex.up is not None:
-                ex.up.release()  # back to the pool only if read to the end, else closed
-            metered = _NO_USAGE
-            if ex.meter is not None:
-                try:
-                    metered = ex.meter.result()
-                except Exception:  # a meter bug must not cost the request its event
-                    log.exception("usage meter failed for %s %s", upstream.name, meta.endpoint)
-            self._done(self._event(started, t0, route, meta, ex, metered, fp), t0, ex.waited)
+            self._finish(started, t0, route, meta, ex, fp)
+
+    async def _handle_streamed(
+        self,
+        request: web.Request,
+        route: Route,
+        first: bytes,
+        started: float,
+        t0: float,
+        read_body: float,
+    ) -> web.StreamResponse:
+        """A body too large to hold (over ``server.max_buffered_body_bytes``): it goes to the
+        provider as it arrives. Its fingerprint is the hash of its raw bytes, known once it is
+        sent, so the loop detector counts it then (a loop is refused from the next request on);
+        the model comes from the answer; stream usage is not asked for (the body is not read)."""
+        upstream = route.upstream
+        meta = upstream.adapter.describe(route.path, None)
+        hasher = raw_hasher(upstream.kind, meta.endpoint)
+        suspension = self.kill.check(started)
+        if suspension is not None:
+            hasher.update(first)  # what is known of it: the rest is never read
+            fp = "sha256:" + hasher.hexdigest()
+            refusal = self._refuse(started, t0, read_body, route, meta, fp, suspension)
+            refusal.force_close()
+            return refusal
+        ex = _Exchange()
+        ex.waited = read_body
+        stream = _rest_of_body(request, first, self.max_body, hasher)
+        try:
+            return await self._exchange(
+                request, route, meta, b"", None, ex, stream, request.content_length
+            )
+        except BodyTooLarge:
+            ex.status = 413
+            return self._too_large(route)
+        finally:
+            fp = "sha256:" + hasher.hexdigest()
+            self._finish(started, t0, route, meta, ex, fp)
+            if self.loop.enabled and request.method == hdrs.METH_POST:
+                self.loop.check(fp, request.headers)
+
+    def _too_large(self, route: Route) -> web.Response:
+        resp = _error(route, 413, "body_too_large", f"request body over {self.max_body} bytes")
+        resp.force_close()  # the rest of the body is not read
+        return resp
+
+    def _finish(
+        self, started: float, t0: float, route: Route, meta: RequestMeta, ex: _Exchange, fp: str
+    ) -> None:
+        """The exchange is over: free the upstream connection, record the event."""
+        if ex.up is not None:
+            ex.up.release()  # back to the pool only if read to the end, else closed
+        metered = _NO_USAGE
+        if ex.meter is not None:
+            try:
+                metered = ex.meter.result()
+            except Exception:  # a meter bug must not cost the request its event
+                log.exception("usage meter failed for %s %s", route.upstream.name, meta.endpoint)
+        self._done(self._event(started, t0, route, meta, ex, metered, fp), t0, ex.waited)
 
     def _done(self, event: Event, t0: float, waited: float) -> None:
         """Everything that follows one finished request: record, spend, metrics, log."""
@@ -227,17 +284,23 @@ class Relay:
         body: bytes,
         parsed: object,
         ex: _Exchange,
+        stream: AsyncIterator[bytes] | None = None,
+        length: int | None = None,
     ) -> web.StreamResponse:
         upstream = route.upstream
         adapter = upstream.adapter
         sent = body
-        if upstream.inject_stream_usage and upstream.name not in self.refuses_stream_usage:
+        if (
+            stream is None
+            and upstream.inject_stream_usage
+            and upstream.name not in self.refuses_stream_usage
+        ):
             asking = adapter.with_stream_usage(meta, parsed)
             if asking is not None:
                 sent = orjson.dumps(asking)
                 ex.asked_usage = True
         try:
-            up = ex.up = await self._send(request, route, sent, ex.asked_usage, ex)
+            up = ex.up = await self._send(request, route, sent, ex.asked_usage, ex, stream, length)
             if ex.asked_usage and up.status in (400, 422):
                 try:
                     error = await up.read()
@@ -376,17 +439,27 @@ class Relay:
         return None
 
     async def _send(
-        self, request: web.Request, route: Route, body: bytes, plain: bool, ex: _Exchange
+        self,
+        request: web.Request,
+        route: Route,
+        body: bytes,
+        plain: bool,
+        ex: _Exchange,
+        stream: AsyncIterator[bytes] | None = None,
+        length: int | None = None,
     ) -> Response:
         """Send the request upstream; transport failures become UpstreamError/UpstreamTimeout.
         ``plain`` asks for an uncompressed answer (the daemon must rewrite it)."""
         upstream = route.upstream
         connection = request.headers.get(hdrs.CONNECTION)
         if plain:
-            headers = request_head(request.raw_headers, connection, _ACCEPT_ENCODING)
+            headers = request_head(request.raw_headers, connection, self._drop_plain)
             headers += b"Accept-Encoding: identity\r\n"
         else:
-            headers = request_head(request.raw_headers, connection)
+            headers = request_head(request.raw_headers, connection, self._drop)
+        if self.forwarded_for == "append":
+            chain = ", ".join([*request.headers.getall("X-Forwarded-For", ()), str(request.remote)])
+            headers += b"X-Forwarded-For: " + chain.encode("latin-1", "replace") + b"\r\n"
         t = time.perf_counter()
         try:
             return await self.pool.request(
@@ -395,6 +468,8 @@ class Relay:
                 upstream.target(route.path, request.rel_url.raw_query_string),
                 headers,
                 body,
+                stream,
+                length,
             )
         except _UPSTREAM_ERRORS as exc:
             raise _upstream_error(exc, upstream.name) from None
@@ -448,30 +523,55 @@ class Relay:
         )
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body, or BodyTooLarge as soon as it is known to pass ``limit``."""
+async def _read_body(request: web.Request, limit: int, buffered: int) -> tuple[bytes, bool]:
+    """The request body and True when it was read whole; or, for a body over ``buffered``
+    bytes, what was read of it (maybe nothing) and False: the rest is to be streamed. Raises
+    BodyTooLarge as soon as the body is known to pass ``limit``."""
     length = request.content_length
-    if length is not None and length > limit:
-        raise BodyTooLarge
+    if length is not None:
+        if length > limit:
+            raise BodyTooLarge
+        if length > buffered:
+            return b"", False
+        if length <= request.client_max_size:  # (else a reload raised the limit: read here)
+            return await request.read(), True  # aiohttp reads exactly Content-Length
     if not request.body_exists:
-        return b""
-    if limit != request.client_max_size:  # a reload changed the limit: count it here
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
+        return b"", True
+    chunks: list[bytes] = []  # chunked (no length announced), or over aiohttp's own limit
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        chunks.append(chunk)
+        if size > buffered:
             if size > limit:
                 raise BodyTooLarge
-            chunks.append(chunk)
-        return b"".join(chunks)
-    try:
-        return await request.read()  # aiohttp stops at client_max_size (== limit)
-    except web.HTTPRequestEntityTooLarge:
-        raise BodyTooLarge from None
+            return b"".join(chunks), False
+    return b"".join(chunks), True
+
+
+async def _rest_of_body(
+    request: web.Request, first: bytes, limit: int, hasher: Any
+) -> AsyncIterator[bytes]:
+    """``first`` and then the rest of the body as it arrives, hashed on the way; BodyTooLarge
+    once it passes ``limit``."""
+    size = len(first)
+    if first:
+        hasher.update(first)
+        yield first
+    # Pieces of at most 64 KiB: each is written upstream before the next is read, so a slow
+    # provider holds back the client instead of filling memory.
+    async for chunk in request.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        hasher.update(chunk)
+        yield chunk
 
 
 _LENGTH = frozenset({"content-length"})
 _ACCEPT_ENCODING = frozenset({b"accept-encoding"})
+_XFF = frozenset({b"x-forwarded-for"})
+_FORWARDED = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
 
 
 def _response_headers(up: Response, extra: frozenset[str] = frozenset()) -> list[tuple[str, str]]:

@@ -21,6 +21,24 @@ from .fakes.server import start
 # Daemons started as real processes; whatever a failing test leaves running is killed after it.
 SPAWNED: list[asyncio.subprocess.Process] = []
 
+# Figures the reliability suite measured (test, what, value), printed after the run.
+FIGURES: list[tuple[str, str, str]] = []
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        help="run the reliability suite for real durations (minutes each; by hand, not in CI)",
+    )
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("reliability figures")
+        for test, what, value in FIGURES:
+            terminalreporter.write_line(f"{test}: {what} = {value}")
+
 
 @pytest.fixture(autouse=True)
 async def _no_leftover_processes() -> AsyncIterator[None]:

@@ -431,3 +431,57 @@ async def test_expect_100_continue(fake: FakeProvider, start_daemon: StartDaemon
     assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"HTTP/1.1 200")
     writer.close()
     assert [r.body for r in fake.requests] == [body]
+
+
+@pytest.mark.parametrize("announced", [True, False], ids=["content-length", "chunked"])
+async def test_body_over_the_buffer_streams_upstream(
+    fake: FakeProvider, start_daemon: StartDaemon, announced: bool
+) -> None:
+    """A body over server.max_buffered_body_bytes goes upstream as it arrives, byte for byte
+    (with its length, or chunked); the event has its raw-bytes fingerprint and the model from
+    the answer."""
+    from proxy.fingerprint import fingerprint
+
+    d = await start_daemon(server={"max_buffered_body_bytes": 1000})
+    body = json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}).encode()
+
+    async def pieces():  # type: ignore[no-untyped-def]
+        for i in range(0, len(body), 700):
+            yield body[i : i + 700]
+
+    headers = {"Content-Type": "application/json"}
+    if announced:
+        headers["Content-Length"] = str(len(body))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{d.url}/v1/chat/completions", data=pieces(), headers=headers) as r:
+            assert r.status == 200
+            assert await r.read() == fixture("openai", "chat_completion.json")
+    seen = fake.requests[-1]
+    assert seen.body == body
+    if announced:
+        assert seen.header("Content-Length") == str(len(body))
+    else:
+        assert seen.header("Transfer-Encoding") == "chunked"
+    (event,) = d.events
+    assert event.fingerprint == fingerprint("openai", "/chat/completions", None, body)
+    assert event.model.startswith("gpt-4o-mini") and event.tokens_in > 0 and event.cost_usd > 0
+
+
+async def test_streamed_body_over_the_limit_is_413(
+    fake: FakeProvider, start_daemon: StartDaemon
+) -> None:
+    d = await start_daemon(server={"max_buffered_body_bytes": 1000, "max_body_bytes": 20_000})
+
+    async def pieces():  # type: ignore[no-untyped-def]
+        for _ in range(50):
+            yield b" " * 1000
+
+    async with aiohttp.ClientSession() as s:
+        try:
+            async with s.post(f"{d.url}/v1/chat/completions", data=pieces()) as r:
+                status = r.status
+        except aiohttp.ClientError:
+            status = 413  # closed while the client was still sending
+    assert status == 413
+    await asyncio.sleep(0.1)
+    assert fake.requests == []  # the provider never got a whole request

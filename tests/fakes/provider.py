@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import json
 import time
 import zlib
@@ -45,13 +46,18 @@ def sse_events(raw: bytes) -> list[bytes]:
     return [part + sep for part in raw.split(sep) if part.strip()]
 
 
+BIG = 1 << 20  # request bodies over this are kept as size and digest only
+
+
 @dataclass
 class Seen:
     method: str
     path: str
     query: str
     headers: list[tuple[str, str]]
-    body: bytes
+    body: bytes  # b"" for a body over BIG: see size and digest
+    size: int = 0
+    digest: str = ""  # SHA-256 of the body, hex
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers:
@@ -128,7 +134,15 @@ class FakeProvider:
         return "openai", "error_401.json", "json"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
+        digest = hashlib.sha256()
+        size = 0
+        parts = []
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+            if size <= BIG:
+                parts.append(chunk)
+        raw = b"".join(parts) if size <= BIG else b""
         self.requests.append(
             Seen(
                 request.method,
@@ -136,6 +150,8 @@ class FakeProvider:
                 request.rel_url.raw_query_string,
                 list(request.headers.items()),
                 raw,
+                size,
+                digest.hexdigest(),
             )
         )
         fault = request.headers.get("x-fake-fault", "")

@@ -1,0 +1,210 @@
+"""The reliability suite: the daemon as a real process (``python -m proxy run``) on loopback, in
+front of the fake provider and the fake ingest, under faults, load and hostile input.
+
+Every case runs in a short version by default (what CI runs) and for real durations with
+``--long`` (by hand). Each case records the figures it measured with ``figures(what, value)``;
+they are printed after the run under "reliability figures".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..conftest import FIGURES
+from ..fakes.ingest import FakeIngest
+from ..fakes.provider import FakeProvider
+from ..process import DaemonProcess, spawn_daemon
+
+pytestmark = pytest.mark.reliability
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(here):
+            item.add_marker(pytest.mark.reliability)
+
+
+@pytest.fixture
+def long(request: pytest.FixtureRequest) -> bool:
+    """True with ``--long``: run for the real durations."""
+    return bool(request.config.getoption("--long"))
+
+
+Figures = Callable[[str, object], None]
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Figures:
+    def record(what: str, value: object) -> None:
+        FIGURES.append((request.node.name, what, str(value)))
+
+    return record
+
+
+def toml(data: dict[str, Any], prefix: str = "") -> str:
+    """A nested dict as TOML (strings, numbers, booleans, lists of strings; tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(type(v))
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    out = (f"[{prefix}]\n" if prefix and lines else "") + "".join(line + "\n" for line in lines)
+    for k, v in data.items():
+        if isinstance(v, dict):
+            name = f"{prefix}.{k}" if prefix else k
+            if "." in k:
+                name = f'{prefix}."{k}"' if prefix else f'"{k}"'
+            out += toml(v, name)
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class Proxy:
+    """One daemon process and what the suite reads from the outside: /proc, /metrics, files."""
+
+    def __init__(self, process: DaemonProcess, spool: Path) -> None:
+        self.process = process
+        self.url = process.url
+        self.spool = spool
+
+    @property
+    def pid(self) -> int:
+        return self.process.proc.pid
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def close_wait(self) -> int:
+        """Sockets of this process in CLOSE_WAIT (the peer closed, we did not)."""
+        inodes = set()
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        count = 0
+        for table in ("tcp", "tcp6"):
+            path = Path(f"/proc/{self.pid}/net/{table}")
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "08" and fields[9] in inodes:  # 08 = CLOSE_WAIT
+                    count += 1
+        return count
+
+    async def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics, keyed ``name{label="v",...}`` (labels sorted)."""
+        async with aiohttp.ClientSession() as s:
+            async with s.get(self.url + "/metrics") as r:
+                text = await r.text()
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return out
+
+    async def stop(self) -> int:
+        return await self.process.stop()
+
+
+StartProxy = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def start_proxy(
+    fake: FakeProvider, ingest: FakeIngest, tmp_path: Path
+) -> AsyncIterator[StartProxy]:
+    """Start the daemon as a process: its providers point at the fake, it ships to the fake
+    ingest (unless ``ship=False``), and ``overrides`` merge over that config."""
+    running: list[Proxy] = []
+
+    async def _start(ship: bool = True, spool: Path | None = None, **overrides: Any) -> Proxy:
+        spool = spool or tmp_path / "state" / "spool.sqlite3"
+        base: dict[str, Any] = {
+            "server": {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 5},
+            "storage": {"path": str(spool), "commit_interval_ms": 50},
+            "telemetry": {"flush_interval_ms": 100, "max_backoff_seconds": 1.0},
+            "providers": {
+                "openai": {"base_url": fake.url},
+                "anthropic": {"base_url": fake.url},
+                "gemini": {"base_url": fake.url},
+            },
+            "atlasburn": {"api_key": ingest.api_key},
+        }
+        if ship:
+            base["atlasburn"]["api_base"] = ingest.url
+        config = tmp_path / f"config{len(running)}.toml"
+        config.write_text(toml(merge(base, overrides)))
+        env = {**os.environ, "STATE_DIRECTORY": str(tmp_path / "state")}
+        process = await spawn_daemon("--config", str(config), env=env)
+        proxy = Proxy(process, spool)
+        running.append(proxy)
+        return proxy
+
+    yield _start
+    for proxy in running:
+        if proxy.process.proc.returncode is None:
+            await proxy.stop()
+
+
+async def raw_request(port: int, data: bytes, wait: float = 5.0) -> bytes:
+    """Send ``data`` on a new connection to 127.0.0.1:port; everything the server answers
+    until it closes (or ``wait`` seconds)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        chunks = []
+        try:
+            async with asyncio.timeout(wait):
+                while chunk := await reader.read(65536):
+                    chunks.append(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+    finally:
+        writer.close()
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,126 @@
+"""Case 10: size limits. An oversized body is refused before anything is sent upstream; an
+oversized request head gets 431 (headers) or 414 (request line) in JSON; large uploads stream
+through without the daemon holding them."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import aiohttp
+
+from ..fakes.provider import FakeProvider
+from .conftest import Figures, StartProxy, port_of, raw_request
+
+
+def status_and_json(answer: bytes) -> tuple[int, dict[str, object]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body)
+
+
+async def test_oversized_body_is_413_before_any_upstream_connection(
+    start_proxy: StartProxy, fake: FakeProvider, figures: Figures
+) -> None:
+    p = await start_proxy(server={"max_body_bytes": 1_000_000})
+    port = port_of(p.url)
+    # Announced by Content-Length: refused from the head, the body never read.
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 5000000\r\n\r\n"
+    )
+    status, body = status_and_json(await raw_request(port, head + b"{" * 1000))
+    assert status == 413 and "body_too_large" in json.dumps(body)
+    # Chunked, no length: refused once the limit is passed.
+    async with aiohttp.ClientSession() as s:
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(40):
+                yield b" " * 65536
+
+        try:
+            async with s.post(p.url + "/v1/chat/completions", data=chunks()) as r:
+                chunked_status = r.status
+        except aiohttp.ClientError:
+            chunked_status = 413  # the daemon may close while the client still sends
+    assert chunked_status == 413
+    assert fake.connections == 0 and fake.requests == []
+    figures("upstream connections opened for oversized bodies", fake.connections)
+
+
+async def test_oversized_head_is_431_or_414_in_json(
+    start_proxy: StartProxy, fake: FakeProvider, figures: Figures
+) -> None:
+    p = await start_proxy()
+    port = port_of(p.url)
+    base = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+    cases = {
+        "one header of 9000 bytes": base + b"X-Big: " + b"a" * 9000 + b"\r\n\r\n{}",
+        "200 headers": base + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n{}",
+        "a 20000-byte path": b"GET /v1/" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    }
+    got = {}
+    for name, data in cases.items():
+        status, body = status_and_json(await raw_request(port, data))
+        got[name] = status
+        assert isinstance(body.get("error"), dict), body
+    assert got == {"one header of 9000 bytes": 431, "200 headers": 431, "a 20000-byte path": 414}
+    assert fake.requests == []
+    # The daemon is fine afterwards.
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/healthz") as r:
+            assert r.status == 200
+    figures("statuses", got)
+
+
+async def test_concurrent_large_uploads_stream_through(
+    start_proxy: StartProxy, fake: FakeProvider, figures: Figures, long: bool
+) -> None:
+    """100 concurrent 30 MiB uploads (10 of 8 MiB in the short version) reach the provider
+    intact while the daemon's RSS grows by far less than what passes through it."""
+    n, size = (100, 30 * 1024 * 1024) if long else (10, 8 * 1024 * 1024)
+    p = await start_proxy(server={"max_body_bytes": 64 * 1024 * 1024})
+    start = p.rss_mb()
+    peak = start
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, p.rss_mb())
+            await asyncio.sleep(0.05)
+
+    def body(k: int) -> list[bytes]:
+        """Upload k in 1 MiB pieces (views of one shared buffer: the client holds little)."""
+        head = b'{"model": "text-embedding-3-small", "input": "%08d' % k
+        return [head, *([MIB] * (size // len(MIB))), b'"}']
+
+    async def upload(s: aiohttp.ClientSession, k: int) -> int:
+        parts = body(k)
+
+        async def pieces():  # type: ignore[no-untyped-def]
+            for part in parts:
+                yield part
+
+        total = sum(len(x) for x in parts)
+        headers = {"Content-Type": "application/json", "Content-Length": str(total)}
+        async with s.post(p.url + "/v1/embeddings", data=pieces(), headers=headers) as r:
+            await r.read()
+            return r.status
+
+    sampler = asyncio.ensure_future(sample())
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+        statuses = await asyncio.gather(*(upload(s, k) for k in range(n)))
+    done.set()
+    await sampler
+    assert statuses == [200] * n
+    expected = {hashlib.sha256(b"".join(body(k))).hexdigest() for k in range(n)}
+    assert {r.digest for r in fake.requests} == expected  # every byte arrived
+    growth = peak - start
+    figures("uploads", f"{n} x {size >> 20} MiB")
+    figures("RSS growth (MB)", f"{growth:.1f}")
+    assert growth < 50
+
+
+MIB = b"x" * (1 << 20)
