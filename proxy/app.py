@@ -106,6 +106,7 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             shipper.start()
             kill.listeners.append(shipper.report_suspension)
         metrics.add_state(lambda: _state(app, store, kill, loop, relay.pricer, shipper))
+        metrics.add_pool(pool.stats)
         app[READY].set()
         try:
             yield

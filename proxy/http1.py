@@ -440,7 +440,8 @@ class Pool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
-        self.opened = 0  # connections ever opened (tests and metrics)
+        self.opened = 0  # connections ever opened
+        self.opened_to: dict[Origin, int] = {}  # by origin (metrics)
 
     @property
     def in_use(self) -> int:
@@ -449,6 +450,15 @@ class Pool:
     @property
     def idle(self) -> int:
         return sum(len(conns) for conns in self._idle.values())
+
+    def stats(self) -> dict[str, tuple[int, int, int]]:
+        """Per origin ("host:port"): connections in use, idle, and opened since start."""
+        out: dict[str, tuple[int, int, int]] = {}
+        for origin, opened in self.opened_to.items():
+            busy = sum(1 for c in self._busy if c.origin == origin)
+            idle = len(self._idle.get(origin, ()))
+            out[f"{origin.host}:{origin.port}"] = (busy, idle, opened)
+        return out
 
     async def request(
         self,
@@ -522,6 +532,7 @@ class Pool:
             conn._close()
             raise
         self.opened += 1
+        self.opened_to[origin] = self.opened_to.get(origin, 0) + 1
         return conn
 
     async def _connect(self, conn: _Conn) -> None:

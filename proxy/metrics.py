@@ -138,6 +138,9 @@ class Metrics:
         """Gauges and counters read at scrape time from the daemon's parts."""
         self.registry.register(_State(read))
 
+    def add_pool(self, read: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
+        self.registry.register(_Pool(read))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -160,6 +163,35 @@ STATE: dict[str, tuple[str, str]] = {
     "atlasburn_unpriced_events": ("counter", "Events of models with no known price (cost 0)"),
     "atlasburn_pricing_errors": ("counter", "Pricing failures (cost 0)"),
 }
+
+
+class _Pool(Collector):
+    """The upstream connections, per upstream host:port (configured providers only)."""
+
+    def __init__(self, read: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._read()
+        now = GaugeMetricFamily(
+            "atlasburn_upstream_connections",
+            "Connections to each upstream, in use or idle in the pool",
+            labels=["upstream", "state"],
+        )
+        opened = CounterMetricFamily(
+            "atlasburn_upstream_connections_opened",
+            "Connections opened to each upstream since start",
+            labels=["upstream"],
+        )
+        for upstream, (busy, idle, total) in sorted(stats.items()):
+            now.add_metric([upstream, "in_use"], busy)
+            now.add_metric([upstream, "idle"], idle)
+            opened.add_metric([upstream], total)
+        yield now
+        yield opened
 
 
 class _State(Collector):

@@ -4,21 +4,27 @@ Bytes go in however the network split them (inside events, lines, or multi-byte 
 complete events come out as ``(event, data)`` byte pairs. Lines end in LF, CRLF or a lone CR;
 ``data:`` lines of one event are joined with LF; comments and ``id:``/``retry:`` fields are ignored
 because nothing here needs them; an event the stream ends without terminating is never returned,
-as the spec says. Only the bytes of the current unfinished line or event are held.
+as the spec says. Only the bytes of the current unfinished line or event are held, and at most
+``MAX_HELD`` of them: a longer line or event (a broken or hostile stream) is skipped up to the
+next blank line, so memory stays bounded whatever the upstream sends.
 """
 
 from __future__ import annotations
 
 Event = tuple[bytes, bytes]
 
+MAX_HELD = 16 * 1024 * 1024  # larger than any real event (a Responses terminal event with images)
+
 
 class SSEParser:
-    __slots__ = ("_buf", "_event", "_data")
+    __slots__ = ("_buf", "_event", "_data", "_size", "_skipping")
 
     def __init__(self) -> None:
         self._buf = b""
         self._event = b""
         self._data: list[bytes] = []
+        self._size = 0  # bytes in _data
+        self._skipping = False  # an oversized line or event: ignored up to the next blank line
 
     def feed(self, chunk: bytes) -> list[Event]:
         buf = self._buf + chunk if self._buf else chunk
@@ -31,14 +37,23 @@ class SSEParser:
         else:
             held = b""
         lines = buf.split(b"\n")
-        self._buf = lines.pop() + held
+        rest = lines.pop() + held
+        if len(rest) > MAX_HELD:
+            rest = b""
+            self._data = []
+            self._skipping = True
+        self._buf = rest
         events: list[Event] = []
         for line in lines:
             if not line:
-                if self._data:
+                if self._data and not self._skipping:
                     events.append((self._event, b"\n".join(self._data)))
                 self._event = b""
                 self._data = []
+                self._size = 0
+                self._skipping = False
+                continue
+            if self._skipping:
                 continue
             name, colon, value = line.partition(b":")
             if not name:
@@ -46,6 +61,11 @@ class SSEParser:
             if value[:1] == b" ":
                 value = value[1:]
             if name == b"data":
+                self._size += len(value)
+                if self._size > MAX_HELD:
+                    self._data = []
+                    self._skipping = True
+                    continue
                 self._data.append(value)
             elif name == b"event":
                 self._event = value
@@ -53,7 +73,7 @@ class SSEParser:
 
     def idle(self) -> bool:
         """True between events: nothing of an unfinished line or event is held."""
-        return not self._buf and not self._data and not self._event
+        return not self._buf and not self._data and not self._event and not self._skipping
 
     def end(self) -> list[Event]:
         """End of stream: a CR held back as a possible half of CRLF was a line end after all."""

@@ -69,7 +69,7 @@ def assert_same_upstream_request(fake: FakeProvider) -> None:
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeProvider]:
     fake = FakeProvider()
-    running = await start(fake.app())
+    running = await start(fake.app(), on_connection=fake.connected)
     fake.url = running.url
     yield fake
     await running.stop()

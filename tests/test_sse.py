@@ -68,3 +68,24 @@ def test_split_anywhere_same_events(data: bytes, newline: bytes, cuts: list[int]
 @given(st.binary(max_size=300), st.lists(st.integers(min_value=0, max_value=300), max_size=10))
 def test_arbitrary_bytes_never_raise(data: bytes, cuts: list[int]) -> None:
     assert parse_in_pieces(data, cuts) == parse_in_pieces(data, [])
+
+
+def test_an_oversized_line_or_event_is_skipped_and_memory_stays_bounded() -> None:
+    import proxy.sse
+
+    limit = proxy.sse.MAX_HELD
+    p = SSEParser()
+    piece = b"x" * 65536
+    # One line that never ends: the parser holds at most the limit, then drops it.
+    for _ in range(limit // len(piece) + 2):
+        assert p.feed(piece) == []
+        assert len(p._buf) <= limit
+    # Its end, then a normal event: the oversized one is not returned, the next one is.
+    assert p.feed(b"\n\n" + b"data: ok\n\n") == [(b"", b"ok")]
+    # An event of many data lines past the limit: skipped, the next one parsed.
+    big = b"data: " + b"y" * 1_000_000 + b"\n"
+    events = []
+    for _ in range(limit // len(big) + 2):
+        events += p.feed(big)
+    events += p.feed(b"\ndata: next\n\n")
+    assert events == [(b"", b"next")]

@@ -165,3 +165,18 @@ async def test_other_400s_are_relayed_as_they_are(
     assert got == fixture("openai", "error_401.json")
     assert len(fake.requests) == 1
     assert daemon.events[0].status == 400
+
+
+def test_filter_lets_an_endless_event_through_untouched() -> None:
+    """A partial event past the filter's bound is flushed and the rest passes as it comes, so
+    a stream without event ends cannot pile up in memory (nor be held from the client)."""
+    from proxy.adapters.openai import UsageChunkFilter
+
+    f = UsageChunkFilter()
+    piece = b": " + b"p" * 1021 + b"\n"  # comment lines, never a blank line
+    sent = b""
+    for _ in range(2000):  # ~2 MiB
+        sent += f.feed(piece)
+        assert len(f._buf) <= UsageChunkFilter.MAX_HELD
+    assert sent == piece * 2000  # all of it reached the client (the first MiB a bit late)
+    assert f.feed(b'data: {"usage":null}\n\n') == b'data: {"usage":null}\n\n'

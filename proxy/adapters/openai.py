@@ -17,6 +17,7 @@ Responses stream carries usage in its terminal ``response.completed`` / ``respon
 
 from __future__ import annotations
 
+import logging
 import re
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -182,6 +183,8 @@ class ResponsesStreamMeter(SSEMeter):
         return Metered(self.usage, self.model)
 
 
+log = logging.getLogger(__name__)
+
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n")
 # "usage":null as a member: first (with the comma after it), later (with the comma before it), or
 # alone. JSON escapes quotes inside strings, so these bytes cannot occur inside a string value.
@@ -194,14 +197,21 @@ class UsageChunkFilter:
     """Takes the usage the daemon asked for out of a chat/completion stream, so the client gets
     the stream it asked for: the usage-only chunk is dropped and ``"usage":null`` removed from
     every other chunk. Works on whole events (a partial event is held until its blank line, and
-    flushed as-is if the stream ends inside it); everything else passes byte for byte."""
+    flushed as-is if the stream ends inside it); everything else passes byte for byte. A partial
+    event over ``MAX_HELD`` bytes (no chat chunk is anywhere near) means the stream is not what
+    it seems: what is held is flushed and the rest passes untouched."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_off")
+
+    MAX_HELD = 1024 * 1024
 
     def __init__(self) -> None:
         self._buf = b""
+        self._off = False
 
     def feed(self, chunk: bytes) -> bytes:
+        if self._off:
+            return chunk
         if (
             not self._buf
             and chunk.endswith(b"\n\n")
@@ -222,6 +232,15 @@ class UsageChunkFilter:
             out.append(_without_usage(buf[start : m.end()]))
             start = m.end()
         self._buf = buf[start:]
+        if len(self._buf) > self.MAX_HELD:
+            log.warning(
+                "a stream event passed %d bytes without ending: the usage chunk is no longer "
+                "filtered from this stream",
+                self.MAX_HELD,
+            )
+            out.append(self._buf)
+            self._buf = b""
+            self._off = True
         return b"".join(out)
 
     def end(self) -> bytes:

@@ -13,7 +13,13 @@ request headers inject faults:
   ``reject-stream-options`` (400 for a body with ``stream_options``),
   ``echo-headers`` (answer the request headers as JSON), ``hop-response`` (answer with hop-by-hop
   headers);
-- ``x-fake-delay-ms: N`` wait N ms between SSE events.
+- ``x-fake-delay-ms: N`` wait N ms between SSE events;
+- ``x-fake-encoding: gzip | br | deflate | identity`` and ``x-fake-framing: length | chunked``:
+  a JSON answer compressed so, sent with Content-Length or chunked (in three pieces);
+- ``x-fake-location: URL``: with ``redirect``, where the 302 points;
+- ``x-fake-chunks: N`` (with ``x-fake-delay-ms``): a chat stream of N content chunks, then the
+  finish chunk and ``[DONE]``; ``x-fake-bytes: N``: a stream of N bytes of SSE comments (``:``
+  lines) before them, as fast as the reader takes them.
 
 Every request is kept in ``requests``; ``stream_ends`` records, per stream, when it ended and
 whether the peer went away (``"disconnected"``) or it was sent in full (``"done"``).
@@ -31,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import brotli
 from aiohttp import web
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -47,6 +54,27 @@ def sse_events(raw: bytes) -> list[bytes]:
 
 
 BIG = 1 << 20  # request bodies over this are kept as size and digest only
+
+COMPRESS = {
+    "gzip": gzip.compress,
+    "deflate": zlib.compress,
+    "br": brotli.compress,
+    "identity": lambda data: data,
+}
+
+
+def long_stream_events(n: int) -> list[bytes]:
+    """A chat completion stream of ``n`` one-word content chunks, a finish chunk and [DONE]."""
+    base = {"id": "chatcmpl-long", "object": "chat.completion.chunk", "model": "gpt-4o-mini"}
+    out = []
+    for i in range(n):
+        delta = {"content": f"w{i} "}
+        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+        out.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    done = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    out.append(b"data: " + json.dumps(done).encode() + b"\n\n")
+    out.append(b"data: [DONE]\n\n")
+    return out
 
 
 @dataclass
@@ -81,6 +109,9 @@ class FakeProvider:
     requests: list[Seen] = field(default_factory=list)
     stream_ends: list[StreamEnd] = field(default_factory=list)
     connections: int = 0
+
+    def connected(self) -> None:
+        self.connections += 1
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -158,7 +189,9 @@ class FakeProvider:
         if fault == "hang":
             await asyncio.sleep(3600)
         if fault == "redirect":
-            raise web.HTTPFound("http://127.0.0.2:9/stolen")
+            raise web.HTTPFound(request.headers.get("x-fake-location", "http://127.0.0.2:9/x"))
+        if "x-fake-chunks" in request.headers or "x-fake-bytes" in request.headers:
+            return await self.long_stream(request)
         if fault == "hop-response":
             return web.json_response(
                 {"ok": True},
@@ -229,6 +262,29 @@ class FakeProvider:
             float(request.headers.get("x-fake-delay-ms", "0")) / 1000,
         )
 
+    async def long_stream(self, request: web.Request) -> web.StreamResponse:
+        chunks = int(request.headers.get("x-fake-chunks", "0"))
+        nbytes = int(request.headers.get("x-fake-bytes", "0"))
+        delay = float(request.headers.get("x-fake-delay-ms", "0")) / 1000
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        how = "done"
+        try:
+            line = b": " + b"p" * 1021 + b"\n"  # 1 KiB per comment line
+            for _ in range(nbytes // len(line)):
+                await resp.write(line)
+            for event in long_stream_events(chunks):
+                await resp.write(event)
+                if delay:
+                    await asyncio.sleep(delay)
+            await resp.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            how = "disconnected"
+            raise
+        finally:
+            self.stream_ends.append(StreamEnd(time.monotonic(), how))
+        return resp
+
     async def json_answer(
         self, request: web.Request, data: bytes, fault: str
     ) -> web.StreamResponse:
@@ -237,20 +293,23 @@ class FakeProvider:
             "x-request-id": "req_fake_123",
             "openai-processing-ms": "42",
         }
+        encoding = request.headers.get("x-fake-encoding", "")
+        chunked = request.headers.get("x-fake-framing") == "chunked" or fault == "gzip-chunked"
         if fault in ("gzip", "gzip-chunked"):
-            data = gzip.compress(data)
-            headers["Content-Encoding"] = "gzip"
+            encoding = "gzip"
         elif fault == "deflate":
-            data = zlib.compress(data)
-            headers["Content-Encoding"] = "deflate"
-        if fault != "gzip-chunked":
+            encoding = "deflate"
+        if encoding:
+            data = COMPRESS[encoding](data)
+            headers["Content-Encoding"] = encoding
+        if not chunked:
             return web.Response(body=data, headers=headers)
         resp = web.StreamResponse(headers=headers)
         resp.enable_chunked_encoding()
         await resp.prepare(request)
-        half = len(data) // 2
-        await resp.write(data[:half])
-        await resp.write(data[half:])
+        third = len(data) // 3
+        for piece in (data[:third], data[third : 2 * third], data[2 * third :]):
+            await resp.write(piece)
         await resp.write_eof()
         return resp
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from aiohttp import web
 
 
@@ -15,11 +18,26 @@ class Running:
         await self.runner.cleanup()
 
 
-async def start(app: web.Application, *, shutdown_timeout: float = 0.5) -> Running:
+async def start(
+    app: web.Application,
+    *,
+    shutdown_timeout: float = 0.5,
+    on_connection: Callable[[], None] | None = None,
+) -> Running:
+    """``on_connection`` is called for every TCP connection accepted."""
     runner = web.AppRunner(
         app, access_log=None, handler_cancellation=True, shutdown_timeout=shutdown_timeout
     )
     await runner.setup()
+    if on_connection is not None:
+        assert runner.server is not None
+        made = runner.server.connection_made
+
+        def counted(handler: Any, transport: Any) -> None:
+            on_connection()
+            made(handler, transport)
+
+        runner.server.connection_made = counted  # type: ignore[method-assign]
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     return Running(runner)
