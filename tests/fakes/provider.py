@@ -189,7 +189,7 @@ class FakeProvider:
         if fault == "hang":
             await asyncio.sleep(3600)
         if fault == "redirect":
-            raise web.HTTPFound(request.headers.get("x-fake-location", "http://127.0.0.2:9/x"))
+            raise web.HTTPFound(request.headers.get("x-fake-location", "http://127.0.0.2:9/stolen"))
         if "x-fake-chunks" in request.headers or "x-fake-bytes" in request.headers:
             return await self.long_stream(request)
         if fault == "hop-response":
