@@ -308,7 +308,8 @@ class _Handler(RequestHandler):
             status, code, text = 431, "header_fields_too_large", f"over {MAX_HEADERS} headers"
         else:
             code, text = "bad_request", f"malformed HTTP request: {message or exc}"
-        log.info("refused a malformed request from %s: %s", request.remote, text)
+        # The log names the kind of error only: the parser's message may quote the request.
+        log.info("refused a malformed request from %s: %s", request.remote, code)
         resp = error(status, code, text)
         resp.force_close()
         return resp

@@ -129,9 +129,11 @@ class Shipper:
             return interval
         outcome = await self.ship(batch)
         if outcome == "delivered":
-            # A full batch means a backlog: drain it without waiting. Otherwise wait, so that
-            # steady traffic ships in batches of an interval's events, not in dribbles.
-            return 0.0 if len(batch.event_ids) >= self._telemetry.batch_max_events else interval
+            # A full batch means a backlog, and a batch that was under way (a part of a split
+            # one, or a retry) means more of the same: go on without waiting. Otherwise wait, so
+            # that steady traffic ships in batches of an interval's events, not in dribbles.
+            full = len(batch.event_ids) >= self._telemetry.batch_max_events
+            return 0.0 if full or batch.resumed else interval
         if outcome == "split":
             return 0.0
         if outcome == "auth":

@@ -121,6 +121,7 @@ class Batch:
     id: str
     event_ids: tuple[int, ...]
     bodies: tuple[bytes, ...]
+    resumed: bool = False  # under way before this call (a retry, a part of a split batch)
 
     def payload(self) -> bytes:
         """``{"events": [...]}`` from the stored ingest bodies, without re-encoding them."""
@@ -474,6 +475,7 @@ class Store:
                     "SELECT id, first_id, last_id FROM batches ORDER BY first_id LIMIT 1"
                 ) as cur:
                     row = await cur.fetchone()
+                resumed = row is not None
                 if row is not None:
                     batch_id, first, last = row
                 else:
@@ -497,7 +499,10 @@ class Store:
                     rows = await cur.fetchall()
                 if rows:
                     return Batch(
-                        batch_id, tuple(r[0] for r in rows), tuple(bytes(r[1]) for r in rows)
+                        batch_id,
+                        tuple(r[0] for r in rows),
+                        tuple(bytes(r[1]) for r in rows),
+                        resumed,
                     )
                 # Every event of the batch was dropped by the spool bound: forget it.
                 await self._db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ class FakeIngest:
     poison: set[str] = field(default_factory=set)
     guardrail_status: str = "ok"
     down: bool = False  # answer 503 (no Retry-After) while set
+    refuse: Callable[[dict[str, Any]], bool] | None = None  # also refused with 422, like poison
     calls: list[Call] = field(default_factory=list)
     enforce_calls: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
@@ -79,7 +81,10 @@ class FakeIngest:
             return web.json_response({"error": "planned failure"}, status=step)
         if self.down:
             return web.json_response({"error": "unavailable"}, status=503)
-        if any(e.get("fingerprint") in self.poison for e in events):
+        if any(
+            e.get("fingerprint") in self.poison or (self.refuse is not None and self.refuse(e))
+            for e in events
+        ):
             return web.json_response({"error": "invalid event"}, status=422)
         return web.json_response(
             {"accepted": len(events), "rejected": 0, "guardrail_status": self.guardrail_status}

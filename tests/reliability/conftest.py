@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,11 @@ class Proxy:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def close_wait(self) -> int:
-        """Sockets of this process in CLOSE_WAIT (the peer closed, we did not)."""
+        return len(self.close_wait_ports())
+
+    def close_wait_ports(self) -> list[tuple[int, int]]:
+        """(local, remote) ports of this process's sockets in CLOSE_WAIT (the peer closed, we
+        did not)."""
         inodes = set()
         for fd in os.listdir(f"/proc/{self.pid}/fd"):
             try:
@@ -114,7 +119,7 @@ class Proxy:
                 continue
             if target.startswith("socket:["):
                 inodes.add(target[8:-1])
-        count = 0
+        found = []
         for table in ("tcp", "tcp6"):
             path = Path(f"/proc/{self.pid}/net/{table}")
             if not path.exists():
@@ -122,8 +127,10 @@ class Proxy:
             for line in path.read_text().splitlines()[1:]:
                 fields = line.split()
                 if fields[3] == "08" and fields[9] in inodes:  # 08 = CLOSE_WAIT
-                    count += 1
-        return count
+                    local = int(fields[1].rsplit(":", 1)[1], 16)
+                    remote = int(fields[2].rsplit(":", 1)[1], 16)
+                    found.append((local, remote))
+        return found
 
     async def metrics(self) -> dict[str, float]:
         """Every sample of /metrics, keyed ``name{label="v",...}`` (labels sorted)."""
@@ -208,3 +215,78 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class Traffic:
+    """Steady traffic: ``rate`` requests a second (small embeddings, each with its own nonce, so
+    each has its own fingerprint), until ``stop()``; every answer's (time, status, latency)."""
+
+    def __init__(self, url: str, rate: float, nonce: int = 0, path: str = "/v1/embeddings") -> None:
+        self.url = url + path
+        self.rate = rate
+        self.nonce = nonce
+        self.log: list[tuple[float, int, float]] = []
+        self.done: dict[int, float] = {}  # nonce -> when its 200 answer was read
+        self._stop = asyncio.Event()
+        self._task: asyncio.Future[None] | None = None
+
+    def start(self) -> Traffic:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Future[None]] = set()
+        async with aiohttp.ClientSession() as s:
+            t0 = loop.time()
+            k = 0
+            while not self._stop.is_set():
+                k += 1
+                pending.add(asyncio.ensure_future(self._one(s, self.nonce + k)))
+                pending = {f for f in pending if not f.done()}
+                delay = t0 + k / self.rate - loop.time()
+                if delay > 0:
+                    try:
+                        await asyncio.wait_for(self._stop.wait(), delay)
+                    except TimeoutError:
+                        pass
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _one(self, s: aiohttp.ClientSession, nonce: int) -> None:
+        t = time.monotonic()
+        try:
+            async with s.post(
+                self.url, json={"model": "text-embedding-3-small", "input": f"nonce {nonce}"}
+            ) as r:
+                await r.read()
+                status = r.status
+        except aiohttp.ClientError:
+            status = 0
+        end = time.monotonic()
+        self.log.append((t, status, end - t))
+        if status == 200:
+            self.done[nonce] = end
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    @property
+    def served(self) -> int:
+        return sum(1 for _, status, _ in self.log if status == 200)
+
+    def p99(self, since: float = 0.0, until: float = float("inf")) -> float:
+        xs = sorted(lat for t, _, lat in self.log if since <= t < until)
+        return xs[min(len(xs) - 1, int(0.99 * len(xs)))] * 1000 if xs else 0.0
+
+
+def embedding_fingerprint(nonce: int) -> str:
+    """The fingerprint the daemon gives Traffic's request ``nonce`` (DESIGN.md's definition)."""
+    from proxy.adapters import ADAPTERS
+    from proxy.fingerprint import fingerprint
+
+    body = {"model": "text-embedding-3-small", "input": f"nonce {nonce}"}
+    meta = ADAPTERS["openai"].describe("/v1/embeddings", body)
+    return fingerprint("openai", meta.endpoint, meta.canonical, b"")

@@ -1,0 +1,73 @@
+"""Case 5: the disk fills up. Traffic goes on; the events that cannot be kept are counted, one
+for one; once there is room again, the rest are written and shipped."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ..conftest import eventually
+from ..fakes.ingest import FakeIngest
+from .conftest import Figures, StartProxy, Traffic
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs, to fill the disk for real (needs root to mount)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_disk_full_counts_every_lost_event_and_recovers(
+    start_proxy: StartProxy, ingest: FakeIngest, small_fs: Path, figures: Figures, long: bool
+) -> None:
+    ingest.down = True  # nothing leaves the spool: it must hold everything itself
+    p = await start_proxy(
+        spool=small_fs / "spool.sqlite3",
+        storage={"max_pending_events": 200, "commit_interval_ms": 50},
+        telemetry={"max_backoff_seconds": 0.5},
+    )
+    traffic = Traffic(p.url, rate=100).start()
+    await asyncio.sleep(2)
+    filler = fill(small_fs)
+    await asyncio.sleep(30 if long else 6)
+    await traffic.stop()
+    served = traffic.served
+    assert served == len(traffic.log)  # every request succeeded with the disk full
+    metrics = await p.metrics()
+    dropped = int(metrics["atlasburn_events_dropped_total"])
+    errors = int(metrics["atlasburn_store_write_errors_total"])
+    assert dropped > 0 and errors > 0  # the disk really was full
+    filler.unlink()
+    ingest.down = False
+    await eventually(lambda: len(ingest.delivered_fingerprints()) + dropped >= served, within=30)
+    delivered = len(ingest.delivered_fingerprints())
+    figures("requests while the disk was full, all 200", served)
+    figures("delivered + dropped (counted) = served", f"{delivered} + {dropped} = {served}")
+    figures("failed commits while full", errors)
+    assert delivered + dropped == served

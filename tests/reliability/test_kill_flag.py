@@ -1,0 +1,120 @@
+"""Case 14: the kill flag. Setting and clearing it takes effect on the next request; the 429 says
+how long is left; it expires on time with the AtlasBurn API unreachable; and a restart lets no
+request through while it is set."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from ..fakes.ingest import FakeIngest
+from ..fakes.provider import FakeProvider
+from .conftest import Figures, StartProxy, free_port
+
+ORG = "org_local"
+
+
+async def enforce(url: str, key: str, method: str, **body: object) -> int:
+    async with aiohttp.ClientSession() as s:
+        async with s.request(
+            method,
+            url + "/api/guardrails/enforce",
+            json={"org_id": ORG, **body},
+            headers={"AtlasBurn-API-Key": key},
+        ) as r:
+            return r.status
+
+
+async def call(url: str, n: int) -> tuple[int, dict[str, str]]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            url + "/v1/embeddings", json={"model": "text-embedding-3-small", "input": f"k {n}"}
+        ) as r:
+            await r.read()
+            return r.status, dict(r.headers)
+
+
+async def test_set_and_clear_take_effect_on_the_next_request(
+    start_proxy: StartProxy, ingest: FakeIngest, figures: Figures
+) -> None:
+    p = await start_proxy()
+    assert (await call(p.url, 0))[0] == 200
+    assert (
+        await enforce(
+            p.url,
+            ingest.api_key,
+            "POST",
+            action="suspend",
+            ttl_seconds=30,
+            layer="operator",
+            reason="test",
+        )
+        == 200
+    )
+    status, headers = await call(p.url, 1)
+    assert status == 429
+    retry_after = int(headers["Retry-After"])
+    assert 29 <= retry_after <= 30
+    assert 29_000 <= int(headers["retry-after-ms"]) <= 30_000
+    assert await enforce(p.url, ingest.api_key, "DELETE", reason="test") == 200
+    assert (await call(p.url, 2))[0] == 200
+    figures("Retry-After for a 30 s suspension", retry_after)
+
+
+async def test_expiry_lands_on_time_with_the_api_unreachable(
+    start_proxy: StartProxy, ingest: FakeIngest, figures: Figures
+) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens: every call fails
+    p = await start_proxy(atlasburn={"api_base": nowhere})
+    assert (
+        await enforce(
+            p.url,
+            ingest.api_key,
+            "POST",
+            action="suspend",
+            ttl_seconds=3,
+            layer="operator",
+            reason="test",
+        )
+        == 200
+    )
+    expires = time.monotonic() + 3
+    n = 0
+    while True:
+        n += 1
+        status, _ = await call(p.url, n)
+        if status == 200:
+            break
+        assert status == 429
+        assert time.monotonic() < expires + 5
+        await asyncio.sleep(0.05)
+    late = time.monotonic() - expires
+    figures("requests pass again after the expiry (s)", f"{late:.2f}")
+    assert late < 2
+
+
+async def test_restart_lets_nothing_through_while_suspended(
+    start_proxy: StartProxy, fake: FakeProvider, ingest: FakeIngest, figures: Figures
+) -> None:
+    p = await start_proxy()
+    assert (
+        await enforce(
+            p.url,
+            ingest.api_key,
+            "POST",
+            action="suspend",
+            ttl_seconds=600,
+            layer="operator",
+            reason="test",
+        )
+        == 200
+    )
+    assert await p.stop() == 0
+    before = len(fake.requests)
+    p = await start_proxy()
+    statuses = await asyncio.gather(*(call(p.url, 100 + i) for i in range(50)))
+    through = sum(1 for status, _ in statuses if status != 429)
+    figures("requests through after a restart while suspended", f"{through}/50")
+    assert through == 0 and len(fake.requests) == before
