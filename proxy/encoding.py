@@ -16,7 +16,7 @@ from .adapters.base import Meter
 log = logging.getLogger(__name__)
 
 try:  # optional, as in aiohttp itself
-    import brotli  # type: ignore[import-not-found, unused-ignore]
+    import brotli
 except ImportError:  # pragma: no cover - depends on the environment
     brotli = None
 
