@@ -118,9 +118,8 @@ class _Conn(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(
-            asyncio.Transport, transport
-        )  # uvloop's is not a subclass
+        # (uvloop's transport is not an asyncio.Transport subclass, but is one in all but name)
+        self.transport = transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -290,6 +289,9 @@ class _Conn(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ServerClosed("the server closed the connection")
+        if self.paused:  # the last answer ended just as reading was paused
+            transport.resume_reading()
+        self._drop_timer()
         self._reset(method == "HEAD")
         self.parser = httptools.HttpResponseParser(self)
         start = f"{method} {target} HTTP/1.1\r\nHost: {self.origin.host_header}\r\n"

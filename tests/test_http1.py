@@ -340,3 +340,27 @@ async def test_slow_reader_pauses_the_socket(aiohttp_server) -> None:
         r.release()
     finally:
         await p.close()
+
+
+async def test_connection_reused_after_an_answer_that_paused_reading(raw) -> None:
+    """An answer over the buffer limit that arrives whole in one read pauses the socket and
+    completes at once; the next request on that connection must still be read."""
+    big = b"y" * (300 * 1024)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await rs.read_request(reader)
+            writer.write(answer)
+
+    rs = await raw(handler)
+    p = Pool(limit=4, connect_timeout=1, read_timeout=1)
+    try:
+        for _ in range(3):
+            r = await p.request(rs.origin, "POST", "/", b"", b"{}")
+            await asyncio.sleep(0.05)  # let the whole answer arrive before reading
+            assert await r.read() == big
+            r.release()
+        assert rs.connections == 1
+    finally:
+        await p.close()
