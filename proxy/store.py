@@ -34,10 +34,10 @@ import sqlite3
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import orjson
@@ -47,6 +47,7 @@ from .config import StorageConfig
 from .events import Event
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PENDING, SHIPPED, LOCAL, POISONED = 0, 1, 2, 3
 
@@ -136,6 +137,14 @@ class GuardrailRow:
     layer: str | None
     reason: str | None
     source: str | None
+
+
+async def _whole(work: Awaitable[T]) -> T:
+    """Run ``work`` to its end even if the caller is cancelled (the shipper is, at shutdown):
+    a transaction on the shared connection must never be left open halfway, or every later
+    BEGIN fails; ``work`` holds the store's lock until it is done. The caller still gets its
+    CancelledError at once."""
+    return await asyncio.shield(work)
 
 
 # Schema 1 (to 0.1.0): one column per event field and the batch id on every row.
@@ -436,6 +445,9 @@ class Store:
     async def expire(self) -> int:
         """Delete shipped and local events older than the retention period, oldest first (ids
         grow with time: the scan stops at the first event young enough to keep)."""
+        return await _whole(self._expire())
+
+    async def _expire(self) -> int:
         now = time.time()
         cutoff = now - self._config.retention_hours * 3600
         deleted = 0
@@ -523,6 +535,9 @@ class Store:
 
     async def delivered(self, batch: Batch) -> None:
         """The API took the batch (2xx): its events leave the spool (kept for reports)."""
+        await _whole(self._delivered(batch))
+
+    async def _delivered(self, batch: Batch) -> None:
         async with self._lock:
             await self._settle(batch, SHIPPED)
         self.pending_events -= len(batch.event_ids)
@@ -530,6 +545,9 @@ class Store:
     async def split(self, batch: Batch, parts: int) -> list[str]:
         """Split a refused batch into ``parts`` new batches (contiguous, as even as can be), to
         find the event the API refuses."""
+        return await _whole(self._split(batch, parts))
+
+    async def _split(self, batch: Batch, parts: int) -> list[str]:
         ids = batch.event_ids
         parts = max(1, min(parts, len(ids)))
         size, extra = divmod(len(ids), parts)
@@ -550,6 +568,9 @@ class Store:
 
     async def poison(self, batch: Batch, why: str) -> None:
         """The API refuses this one event: keep it for inspection, out of the way of the rest."""
+        await _whole(self._poison(batch, why))
+
+    async def _poison(self, batch: Batch, why: str) -> None:
         async with self._lock:
             await self._settle(batch, POISONED)
             self.poisoned_total += len(batch.event_ids)

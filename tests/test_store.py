@@ -327,3 +327,22 @@ async def test_a_schema_1_spool_is_upgraded_without_losing_anything(tmp_path: Pa
     ]
     assert rows(path, "PRAGMA user_version") == [(2,)]
     assert rows(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+async def test_a_cancelled_shipping_step_leaves_no_transaction_open(store: Store) -> None:
+    """The shipper is cancelled at shutdown, maybe in the middle of marking a batch delivered:
+    that transaction still ends, so the last shipping attempt after it can begin its own."""
+    for i in range(10):
+        store.enqueue(event(i))
+    await store.flush()
+    batch = await store.next_batch(5)
+    assert batch is not None
+    task = asyncio.ensure_future(store.delivered(batch))
+    await asyncio.sleep(0)  # under way: its BEGIN is queued on the connection
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    following = await store.next_batch(5)
+    assert following is not None and following.event_ids != batch.event_ids
+    await store.delivered(following)  # "cannot start a transaction within a transaction" before
+    assert await store.next_batch(5) is None
