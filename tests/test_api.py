@@ -12,25 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .conftest import RunningDaemon, StartDaemon, eventually
+from .fakes.ingest import ingest_event
 
 KEY = "abn_test_local_api_key_0123"
 
 
-def good(i: int = 0, **changes: Any) -> dict[str, Any]:
-    return {
-        "ts": "2026-11-29T01:55:24.123Z",
-        "provider": "openai",
-        "model": "gpt-4o-mini",
-        "endpoint": "/chat/completions",
-        "status": 200,
-        "tokens_in": 100 + i,
-        "tokens_out": 20,
-        "cost_usd": 0.0000270,
-        "latency_ms": 812,
-        "fingerprint": "sha256:" + f"{i:064x}",
-        "stream": False,
-        **changes,
-    }
+good = ingest_event
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from proxy.config import LoopDetectorConfig
 from proxy.guardrails import LoopDetector
 
 from .conftest import RunningDaemon, StartDaemon, eventually, shipping
-from .fakes.ingest import FakeIngest
+from .fakes.ingest import FakeIngest, ingest_event
 from .fakes.provider import FakeProvider
 
 KEY = "abn_test_guardrails_key_42"
@@ -437,19 +437,9 @@ async def test_local_trip_is_reported_to_the_api(
 async def test_ingested_fingerprints_feed_the_detector(
     fake: FakeProvider, api: RunningDaemon
 ) -> None:
-    event = {
-        "ts": "2026-11-29T01:55:24.123Z",
-        "provider": "openai",
-        "model": "gpt-4o-mini",
-        "endpoint": "/chat/completions",
-        "status": 200,
-        "tokens_in": 1,
-        "tokens_out": 1,
-        "cost_usd": 0.0,
-        "latency_ms": 1,
-        "fingerprint": "sha256:" + "ab" * 32,
-        "stream": False,
-    }
+    event = ingest_event(
+        tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=1, fingerprint="sha256:" + "ab" * 32
+    )
     async with aiohttp.ClientSession() as s:
         async with s.post(
             api.url + "/api/ingest",

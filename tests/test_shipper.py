@@ -11,7 +11,7 @@ import pytest
 from proxy.events import FIELDS
 
 from .conftest import RunningDaemon, StartDaemon, eventually, shipping
-from .fakes.ingest import FakeIngest
+from .fakes.ingest import FakeIngest, ingest_event
 from .fakes.provider import FakeProvider
 
 
@@ -133,20 +133,7 @@ async def test_poison_in_a_large_batch_is_alone_after_three_refusals(
 ) -> None:
     d = await start_daemon(**shipping(ingest, batch_max_events=400, flush_interval_ms=100))
     events = [
-        {
-            "ts": "2026-11-29T01:55:24.123Z",
-            "provider": "openai",
-            "model": "gpt-4o-mini",
-            "endpoint": "/chat/completions",
-            "status": 200,
-            "tokens_in": 1,
-            "tokens_out": 1,
-            "cost_usd": 0.0,
-            "latency_ms": 1,
-            "fingerprint": "sha256:" + f"{i:064x}",
-            "stream": False,
-        }
-        for i in range(400)
+        ingest_event(i, tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=1) for i in range(400)
     ]
     poisoned = events[123]["fingerprint"]
     ingest.poison = {poisoned}

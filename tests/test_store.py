@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from proxy.config import StorageConfig
 from proxy.events import Event
 from proxy.store import FROM_INGEST, LOCAL, PENDING, REFUSED, SHIPPED, UNPRICED, Store
 
-from .conftest import eventually
+from .conftest import eventually, fill
 
 
 def event(i: int, model: str = "gpt-4o-mini") -> Event:
@@ -163,34 +162,11 @@ async def test_retention_expires_shipped_and_local(tmp_path: Path) -> None:
     assert rows(path, "SELECT state FROM events") == [(PENDING,)]
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> AsyncIterator[Path]:
-    """A 1 MiB tmpfs, to fill the disk for real (needs root to mount)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    yield mount  # type: ignore[misc]
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 async def test_disk_full_keeps_events_in_memory_and_recovers(small_fs: Path) -> None:
     path = small_fs / "s.sqlite3"
     s = await Store.open(config(path), ship=True)
     s.start()
-    filler = small_fs / "filler"
-    # Fill the filesystem so the next commits fail with SQLITE_FULL.
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    filler = fill(small_fs)  # the next commits fail with SQLITE_FULL
     for i in range(500):
         s.enqueue(event(i))
     await eventually(lambda: s.write_errors_total > 0)

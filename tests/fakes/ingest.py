@@ -16,6 +16,24 @@ from typing import Any
 from aiohttp import web
 
 
+def ingest_event(i: int = 0, **changes: Any) -> dict[str, Any]:
+    """A valid event in the ingest schema, its fingerprint made of ``i``."""
+    return {
+        "ts": "2026-11-29T01:55:24.123Z",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "endpoint": "/chat/completions",
+        "status": 200,
+        "tokens_in": 100 + i,
+        "tokens_out": 20,
+        "cost_usd": 0.0000270,
+        "latency_ms": 812,
+        "fingerprint": "sha256:" + f"{i:064x}",
+        "stream": False,
+        **changes,
+    }
+
+
 @dataclass
 class Call:
     at: float

@@ -266,24 +266,11 @@ class FakeProvider:
         chunks = int(request.headers.get("x-fake-chunks", "0"))
         nbytes = int(request.headers.get("x-fake-bytes", "0"))
         delay = float(request.headers.get("x-fake-delay-ms", "0")) / 1000
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        how = "done"
-        try:
-            line = b": " + b"p" * 1021 + b"\n"  # 1 KiB per comment line
-            for _ in range(nbytes // len(line)):
-                await resp.write(line)
-            for event in long_stream_events(chunks):
-                await resp.write(event)
-                if delay:
-                    await asyncio.sleep(delay)
-            await resp.write_eof()
-        except (asyncio.CancelledError, ConnectionResetError):
-            how = "disconnected"
-            raise
-        finally:
-            self.stream_ends.append(StreamEnd(time.monotonic(), how))
-        return resp
+        line = b": " + b"p" * 1021 + b"\n"  # 1 KiB per comment line
+        filler = [line * (nbytes // len(line))] if nbytes else []
+        return await self.stream(
+            request, filler + long_stream_events(chunks), "", delay, "text/event-stream"
+        )
 
     async def json_answer(
         self, request: web.Request, data: bytes, fault: str

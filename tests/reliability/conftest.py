@@ -290,3 +290,25 @@ def embedding_fingerprint(nonce: int) -> str:
     body = {"model": "text-embedding-3-small", "input": f"nonce {nonce}"}
     meta = ADAPTERS["openai"].describe("/v1/embeddings", body)
     return fingerprint("openai", meta.endpoint, meta.canonical, b"")
+
+
+async def enforce(url: str, key: str, method: str, **body: object) -> int:
+    """A call to the daemon's /api/guardrails/enforce for the default org; its status."""
+    async with aiohttp.ClientSession() as s:
+        async with s.request(
+            method,
+            url + "/api/guardrails/enforce",
+            json={"org_id": "org_local", "reason": "reliability test", **body},
+            headers={"AtlasBurn-API-Key": key},
+        ) as r:
+            return r.status
+
+
+async def suspend(url: str, key: str, ttl_seconds: float) -> int:
+    return await enforce(
+        url, key, "POST", action="suspend", layer="operator", ttl_seconds=ttl_seconds
+    )
+
+
+async def resume(url: str, key: str) -> int:
+    return await enforce(url, key, "DELETE")

@@ -15,22 +15,10 @@ import aiohttp
 
 from ..conftest import eventually
 from ..fakes.ingest import FakeIngest
-from .conftest import Figures, StartProxy, Traffic, embedding_fingerprint
+from .conftest import Figures, StartProxy, Traffic, embedding_fingerprint, resume, suspend
 
 COMMIT_MS = 50
 BATCH = 100
-
-
-async def suspend(url: str, key: str, action: str) -> int:
-    async with aiohttp.ClientSession() as s:
-        method = s.post if action == "suspend" else s.delete
-        body: dict[str, object] = {"org_id": "org_local", "reason": "reliability test"}
-        if action == "suspend":
-            body |= {"action": "suspend", "layer": "operator", "ttl_seconds": 3600}
-        async with method(
-            url + "/api/guardrails/enforce", json=body, headers={"AtlasBurn-API-Key": key}
-        ) as r:
-            return r.status
 
 
 async def test_kill_9_again_and_again(
@@ -55,12 +43,12 @@ async def test_kill_9_again_and_again(
                 async with s.post(p.url + "/v1/embeddings", json={"model": "m", "input": "?"}) as r:
                     assert r.status == 429
                     assert r.headers["AtlasBurn-Guardrail"] == "operator"
-            assert await suspend(p.url, ingest.api_key, "resume") == 200
+            assert await resume(p.url, ingest.api_key) == 200
             flag_checked = True
         traffic = Traffic(p.url, rate=150, nonce=nonce).start()
         await asyncio.sleep(rng.uniform(0.3, 1.2))
         if k == kills // 2:
-            assert await suspend(p.url, ingest.api_key, "suspend") == 200
+            assert await suspend(p.url, ingest.api_key, 3600) == 200
         killed_at = time.monotonic()
         p.process.proc.send_signal(signal.SIGKILL)
         await p.process.proc.wait()

@@ -11,20 +11,7 @@ import aiohttp
 
 from ..fakes.ingest import FakeIngest
 from ..fakes.provider import FakeProvider
-from .conftest import Figures, StartProxy, free_port
-
-ORG = "org_local"
-
-
-async def enforce(url: str, key: str, method: str, **body: object) -> int:
-    async with aiohttp.ClientSession() as s:
-        async with s.request(
-            method,
-            url + "/api/guardrails/enforce",
-            json={"org_id": ORG, **body},
-            headers={"AtlasBurn-API-Key": key},
-        ) as r:
-            return r.status
+from .conftest import Figures, StartProxy, free_port, resume, suspend
 
 
 async def call(url: str, n: int) -> tuple[int, dict[str, str]]:
@@ -41,24 +28,13 @@ async def test_set_and_clear_take_effect_on_the_next_request(
 ) -> None:
     p = await start_proxy()
     assert (await call(p.url, 0))[0] == 200
-    assert (
-        await enforce(
-            p.url,
-            ingest.api_key,
-            "POST",
-            action="suspend",
-            ttl_seconds=30,
-            layer="operator",
-            reason="test",
-        )
-        == 200
-    )
+    assert await suspend(p.url, ingest.api_key, 30) == 200
     status, headers = await call(p.url, 1)
     assert status == 429
     retry_after = int(headers["Retry-After"])
     assert 29 <= retry_after <= 30
     assert 29_000 <= int(headers["retry-after-ms"]) <= 30_000
-    assert await enforce(p.url, ingest.api_key, "DELETE", reason="test") == 200
+    assert await resume(p.url, ingest.api_key) == 200
     assert (await call(p.url, 2))[0] == 200
     figures("Retry-After for a 30 s suspension", retry_after)
 
@@ -68,18 +44,7 @@ async def test_expiry_lands_on_time_with_the_api_unreachable(
 ) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens: every call fails
     p = await start_proxy(atlasburn={"api_base": nowhere})
-    assert (
-        await enforce(
-            p.url,
-            ingest.api_key,
-            "POST",
-            action="suspend",
-            ttl_seconds=3,
-            layer="operator",
-            reason="test",
-        )
-        == 200
-    )
+    assert await suspend(p.url, ingest.api_key, 3) == 200
     expires = time.monotonic() + 3
     n = 0
     while True:
@@ -99,18 +64,7 @@ async def test_restart_lets_nothing_through_while_suspended(
     start_proxy: StartProxy, fake: FakeProvider, ingest: FakeIngest, figures: Figures
 ) -> None:
     p = await start_proxy()
-    assert (
-        await enforce(
-            p.url,
-            ingest.api_key,
-            "POST",
-            action="suspend",
-            ttl_seconds=600,
-            layer="operator",
-            reason="test",
-        )
-        == 200
-    )
+    assert await suspend(p.url, ingest.api_key, 600) == 200
     assert await p.stop() == 0
     before = len(fake.requests)
     p = await start_proxy()
