@@ -421,6 +421,12 @@ class Response:
             self._pool._discard(self._conn)
 
 
+def _may_repeat(method: str, headers: bytes, stream: AsyncIterator[bytes] | None) -> bool:
+    """Whether a request may be sent twice: an idempotent method or an Idempotency-Key, and a
+    body still at hand. (Asked only on the rare resend, not on every request.)"""
+    return stream is None and (method in IDEMPOTENT or b"idempotency-key:" in headers.lower())
+
+
 class Pool:
     def __init__(
         self,
@@ -476,9 +482,6 @@ class Pool:
         lines (``Name: value\\r\\n`` each) without Host and Content-Length, which this adds.
         The body is ``body``, or ``stream`` (of ``length`` bytes; chunked when None), sent as
         it is produced; an exception from ``stream`` aborts the request."""
-        may_repeat = stream is None and (
-            method in IDEMPOTENT or b"idempotency-key:" in headers.lower()
-        )
         while True:
             conn = await self._acquire(origin)
             try:
@@ -493,7 +496,7 @@ class Pool:
                     await conn.wait()
             except ServerClosed:
                 self._discard(conn)
-                if conn.reused and not conn.got_bytes and may_repeat:
+                if conn.reused and not conn.got_bytes and _may_repeat(method, headers, stream):
                     continue  # closed while idle: the request never reached a live server
                 raise
             except BaseException:
