@@ -153,7 +153,7 @@ class LoopDetectorConfig:
     scope: str = "org"  # "org": suspend the org; "fingerprint": refuse only that request
     allow_fingerprints: frozenset[str] = frozenset()
     exempt_header: str = ""  # a request carrying this header (non-empty) is not counted
-    max_tracked: int = 250_000  # distinct fingerprints per generation (two are kept)
+    max_tracked: int = 250_000  # about how many distinct fingerprints one window holds
 
 
 @dataclass(frozen=True, slots=True)

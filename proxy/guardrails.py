@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -168,70 +169,139 @@ class Trip:
 
 
 class LoopDetector:
-    """Counts identical requests in a sliding window; O(1) per request, bounded memory.
+    """Counts identical requests in a sliding window, exactly, in 20-30 bytes per fingerprint.
 
-    Keys are the 64-bit xxh3 hash of the fingerprint (a collision among a million fingerprints has
-    odds near 1 in 36 million). Each key holds the times of its last ``threshold - 1`` occurrences
-    (one float for the usual single occurrence). Two generations of keys are kept, each at most
-    ``window_seconds`` old: when the current one is a window old, the previous one (whose keys all
-    fell out of the window) is dropped whole, so memory is bounded by the distinct fingerprints of
-    the last two windows, and never more than ``max_tracked`` (past it a generation is retired
-    early: repeats older than that are forgotten, which can only let a loop run longer, never
-    refuse an honest request).
+    A fingerprint is known by the 8-byte xxh3 digest of its text (a collision among a million
+    fingerprints has odds near 1 in 36 million). Almost every fingerprint is seen only once, so
+    it is kept as a 16-byte record (the digest, then the time as a double) in one of a few
+    thousand ``bytearray`` buckets chosen by the digest's first bytes, and looked up with
+    ``bytearray.find``: C speed, and no Python object per fingerprint (a dict of them cost about
+    110 bytes each). Records are appended as they are seen, so a bucket is in time order and the
+    ones that have left the window are at its front; they are cut off as the bucket grows.
+    A fingerprint seen again within the window moves to a dict that holds the times of its last
+    ``threshold - 1`` occurrences. There are two generations of that dict, each at most
+    ``window_seconds`` old: when the current one is a window old, the previous one (all of whose
+    times have left the window) is dropped whole, and so are all buckets once the newest record
+    is a window old. Every time is compared with the window on use, so what is kept beyond it
+    never counts.
+
+    Memory is bounded: a bucket holds at most ``_BUCKET_CAP`` records (two to four times its
+    share of ``max_tracked``; past it its oldest record is forgotten), and a generation of
+    repeats at most ``max_tracked`` (past it the generation is retired early). Forgetting can
+    only let a loop run longer, never refuse an honest request. Nothing is ever rehashed, so no
+    call stalls the event loop.
     """
 
     def __init__(self, config: LoopDetectorConfig) -> None:
-        self._current: dict[int, Any] = {}
-        self._previous: dict[int, Any] = {}
+        self._repeats: dict[bytes, tuple[float, ...]] = {}
+        self._previous: dict[bytes, tuple[float, ...]] = {}
+        self._buckets: list[bytearray | None] = []
+        self._mask = 0
         self._started = -math.inf  # the first observation starts the first generation
-        self.early_rotations = 0
+        self._newest = -math.inf  # when the newest record was added
+        self.forgotten = 0  # fingerprints dropped early by a memory bound
         self.configure(config)
 
     def configure(self, config: LoopDetectorConfig) -> None:
-        """New thresholds take effect at once; what was counted so far is kept."""
+        """New thresholds take effect at once; what was counted so far is kept (but a new
+        ``max_tracked`` that changes the number of buckets starts the records afresh)."""
         self.threshold = config.threshold
         self.window = config.window_seconds
         self.max_tracked = config.max_tracked
-        self.allow = frozenset(
-            xxhash.xxh3_64_intdigest(f.encode()) for f in config.allow_fingerprints
-        )
+        self.allow = frozenset(_digest(f.encode()) for f in config.allow_fingerprints)
         self._label = f"{config.window_seconds:g}s"
+        count = 1 << max(6, min(16, (config.max_tracked // _BUCKET_SHARE).bit_length()))
+        if len(self._buckets) != count:
+            self._buckets = [None] * count
+            self._mask = count - 1
 
     def __len__(self) -> int:
-        return len(self._current) + len(self._previous)
+        singles = sum(len(b) for b in self._buckets if b) // _RECORD
+        return singles + len(self._repeats) + len(self._previous)
 
     def observe(self, fingerprint: str, now: float | None = None) -> Trip | None:
         """Count one occurrence; a Trip when it is the threshold-th within the window."""
-        key = xxhash.xxh3_64_intdigest(fingerprint.encode())
-        if key in self.allow:
+        digest = _digest(fingerprint.encode())
+        if digest in self.allow:
             return None
         now = time.monotonic() if now is None else now
-        if now - self._started >= self.window or len(self._current) >= self.max_tracked:
+        if now - self._started >= self.window:
             self._rotate(now)
-        current = self._current
-        seen = current.get(key)
-        if seen is None:
-            seen = self._previous.pop(key, None)
-        if seen is None:
-            current[key] = now
-            return None
-        times = (seen,) if isinstance(seen, float) else seen
+        times = self._repeats.pop(digest, None)
+        if times is None and self._previous:
+            times = self._previous.pop(digest, None)
+        if times is None:
+            index = (digest[0] << 8 | digest[1]) & self._mask
+            bucket = self._buckets[index]
+            if bucket is None:  # the usual case for a new fingerprint: seen once
+                self._buckets[index] = bytearray(_record(digest, now))
+                self._newest = now
+                return None
+            at = bucket.find(digest)
+            if at & 15 and at > 0:  # matched bytes that straddle two records: look on
+                at = _aligned_find(bucket, digest, at)
+            if at < 0:
+                if not len(bucket) & _TRIM_EVERY:  # every 8th record: cut what has expired
+                    self._trim(bucket, now - self.window)
+                bucket += _record(digest, now)
+                self._newest = now
+                return None
+            times = _time_at(bucket, at + 8)
+            del bucket[at : at + _RECORD]
         cutoff = now - self.window
         recent = tuple(t for t in times if t > cutoff)
         count = len(recent) + 1
-        if count >= self.threshold:
-            current.pop(key, None)  # start over: the next window counts afresh
+        if count >= self.threshold:  # and it is forgotten: the next window counts afresh
             return Trip(count, f"fingerprint {fingerprint} seen {count} times in {self._label}")
-        kept = recent[-(self.threshold - 2) :] + (now,) if self.threshold > 2 else (now,)
-        current[key] = kept[0] if len(kept) == 1 else kept
+        if not recent:  # the earlier occurrences have all left the window: seen once again
+            index = (digest[0] << 8 | digest[1]) & self._mask
+            bucket = self._buckets[index]
+            if bucket is None:
+                self._buckets[index] = bytearray(_record(digest, now))
+            else:
+                bucket += _record(digest, now)
+            self._newest = now
+            return None
+        if len(self._repeats) >= self.max_tracked:
+            self.forgotten += len(self._previous)
+            self._rotate(now)
+        self._repeats[digest] = recent[-(self.threshold - 2) :] + (now,)
         return None
 
+    def _trim(self, bucket: bytearray, cutoff: float) -> None:
+        """Cut the records that have left the window off the front of a growing bucket, and
+        the oldest one if it is still full."""
+        end, size = 0, len(bucket)
+        while end < size and _time_at(bucket, end + 8)[0] <= cutoff:
+            end += _RECORD
+        if end == 0 and size >= _BUCKET_CAP * _RECORD:
+            end = _RECORD
+            self.forgotten += 1
+        if end:
+            del bucket[:end]
+
     def _rotate(self, now: float) -> None:
-        if now - self._started < self.window:
-            self.early_rotations += 1
-        self._previous = self._current
-        self._current = {}
+        self._previous = self._repeats
+        self._repeats = {}
         self._started = now
+        if now - self._newest >= self.window:  # every record has left the window
+            self._buckets = [None] * len(self._buckets)
+
+
+_digest = xxhash.xxh3_64_digest
+_record = struct.Struct("<8sd").pack  # the digest, then the time
+_time_at = struct.Struct("<d").unpack_from
+_RECORD = 16
+_BUCKET_SHARE = 32  # buckets: a power of two above max_tracked / 32 (8,192 for 250,000)
+_BUCKET_CAP = 2 * _BUCKET_SHARE  # records in a bucket at most
+_TRIM_EVERY = 8 * _RECORD - 1  # a mask: a bucket is trimmed each time it reaches 8n records
+
+
+def _aligned_find(bucket: bytearray, digest: bytes, at: int) -> int:
+    """The record holding ``digest``, when a find matched bytes that straddle two records."""
+    while at >= 0 and at % _RECORD:
+        at = bucket.find(digest, at + 1)
+    return at
 
 
 # --------------------------------------------------------------------------- spend cap

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from typing import Any
 
@@ -12,6 +13,8 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.config import LoopDetectorConfig
 from proxy.guardrails import LoopDetector
@@ -178,19 +181,108 @@ async def test_polling_a_free_endpoint_is_not_a_loop(
     assert d.daemon.kill.status == "ok"
 
 
+class Reference:
+    """The loop detector's contract, naively: every occurrence's time, per fingerprint."""
+
+    def __init__(self, threshold: int, window: float) -> None:
+        self.threshold, self.window = threshold, window
+        self.times: dict[str, list[float]] = {}
+
+    def observe(self, fingerprint: str, now: float) -> int | None:
+        recent = [t for t in self.times.get(fingerprint, []) if t > now - self.window]
+        if len(recent) + 1 >= self.threshold:
+            self.times.pop(fingerprint, None)  # a trip starts the count afresh
+            return len(recent) + 1
+        self.times[fingerprint] = [*recent, now]
+        return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    threshold=st.integers(2, 5),
+    window=st.sampled_from([1.0, 2.5, 10.0]),
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 400),  # which fingerprint: a few hot ones among many seen once
+            st.sampled_from([0.0, 0.001, 0.1, 0.5, 1.0, 2.5, 3.0, 25.0]),  # time since the last
+        ),
+        max_size=400,
+    ),
+)
+def test_detector_counts_exactly_like_the_naive_window(
+    threshold: int, window: float, steps: list[tuple[int, float]]
+) -> None:
+    detector = LoopDetector(
+        LoopDetectorConfig(threshold=threshold, window_seconds=window, max_tracked=1000)
+    )
+    reference = Reference(threshold, window)
+    now = 1000.0
+    for which, gap in steps:
+        now += gap
+        fingerprint = f"sha256:{which % 7 if which < 200 else which:064x}"
+        trip = detector.observe(fingerprint, now=now)
+        assert (trip and trip.count) == reference.observe(fingerprint, now), (fingerprint, now)
+    assert detector.forgotten == 0
+
+
+@pytest.mark.parametrize("threshold", [2, 4])
+def test_detector_counts_exactly_over_a_long_run(threshold: int) -> None:
+    # Long enough for full buckets (about 2,000 fingerprints in the window, 64 buckets): records
+    # are cut off as buckets grow, and repeats rotate through their generations.
+    rng = random.Random(threshold)
+    detector = LoopDetector(
+        LoopDetectorConfig(threshold=threshold, window_seconds=2.0, max_tracked=1000)
+    )
+    reference = Reference(threshold, 2.0)
+    now, trips = 0.0, 0
+    for i in range(100_000):
+        now += rng.choice((0.0, 0.0005, 0.001, 0.002))
+        hot = rng.random() < 0.02
+        fingerprint = f"sha256:{rng.randrange(50) if hot else i + 1000:064x}"
+        trip = detector.observe(fingerprint, now=now)
+        expected = reference.observe(fingerprint, now)
+        assert (trip and trip.count) == expected, (i, fingerprint, now)
+        trips += expected is not None
+    assert trips > 50
+    assert detector.forgotten == 0
+    assert len(detector) <= 1.2 * sum(1 for t in reference.times.values() if t[-1] > now - 2)
+
+
+def test_detector_finds_a_record_only_at_a_record_boundary() -> None:
+    from proxy.guardrails import _aligned_find
+
+    digest = bytes(range(1, 9))
+    # The digest's bytes also appear straddling the first two records (offset 4).
+    bucket = bytearray(b"\xaa" * 4 + digest + b"\xbb" * 4 + b"\xcc" * 16 + digest + b"\0" * 8)
+    assert bucket.find(digest) == 4
+    assert _aligned_find(bucket, digest, 4) == 32
+    assert _aligned_find(bucket[:32], digest, 4) == -1
+
+
 def test_detector_memory_is_bounded() -> None:
-    detector = LoopDetector(LoopDetectorConfig(window_seconds=10, max_tracked=5000))
+    # A flood of distinct fingerprints within one window: buckets keep at most 64 records each.
+    detector = LoopDetector(LoopDetectorConfig(window_seconds=60, max_tracked=1000))
     for i in range(20_000):
         assert detector.observe(f"sha256:{i:064x}", now=float(i) / 1000) is None
-    assert len(detector) <= 10_000  # two generations of at most max_tracked
-    assert detector.early_rotations >= 2
-    # Normal rotation drops a whole generation once it is a window old.
+    assert len(detector) <= 64 * 64
+    assert detector.forgotten >= 20_000 - 64 * 64
+    loop = "sha256:" + "a" * 64  # and a loop in the middle of the flood is still caught
+    assert [detector.observe(loop, now=20.0) for _ in range(4)][-1] is not None
+    # A flood of fingerprints seen twice: a generation of repeats holds at most max_tracked.
+    for i in range(5_000):
+        for _ in range(2):
+            assert detector.observe(f"sha256:{i + 100_000:064x}", now=21.0) is None
+    assert len(detector._repeats) <= 1000
+    # Two windows after the traffic stops, one observation lets everything go.
     detector = LoopDetector(LoopDetectorConfig(window_seconds=10))
     for i in range(1000):
         detector.observe(f"sha256:{i:064x}", now=0.0)
-    detector.observe("sha256:" + "f" * 64, now=10.0)
-    detector.observe("sha256:" + "e" * 64, now=20.0)
-    assert len(detector) == 2
+    for i in range(10):
+        detector.observe(f"sha256:{i:064x}", now=1.0)  # repeats
+    assert len(detector) == 1000
+    detector.observe("sha256:" + "f" * 64, now=11.0)
+    detector.observe("sha256:" + "e" * 64, now=22.0)
+    assert len(detector) == 1
 
 
 # --------------------------------------------------------------------------- the enforce API
