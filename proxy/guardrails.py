@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -169,21 +168,24 @@ class Trip:
 
 
 class LoopDetector:
-    """Counts identical requests in a sliding window, exactly, in 20-30 bytes per fingerprint.
+    """Counts identical requests in a sliding window, to the microsecond, in about 20 bytes per
+    fingerprint.
 
-    A fingerprint is known by the 8-byte xxh3 digest of its text (a collision among a million
-    fingerprints has odds near 1 in 36 million). Almost every fingerprint is seen only once, so
-    it is kept as a 16-byte record (the digest, then the time as a double) in one of a few
-    thousand ``bytearray`` buckets chosen by the digest's first bytes, and looked up with
-    ``bytearray.find``: C speed, and no Python object per fingerprint (a dict of them cost about
-    110 bytes each). Records are appended as they are seen, so a bucket is in time order and the
-    ones that have left the window are at its front; they are cut off as the bucket grows.
-    A fingerprint seen again within the window moves to a dict that holds the times of its last
-    ``threshold - 1`` occurrences. There are two generations of that dict, each at most
-    ``window_seconds`` old: when the current one is a window old, the previous one (all of whose
-    times have left the window) is dropped whole, and so are all buckets once the newest record
-    is a window old. Every time is compared with the window on use, so what is kept beyond it
-    never counts.
+    A fingerprint is known by the 64-bit xxh3 hash of its text. Almost every fingerprint is seen
+    only once, so it is kept as a 12-byte record in one of a few thousand ``bytearray`` buckets,
+    chosen by the hash's low bits: the hash's top 48 bits, then the time in microseconds (48
+    bits). So 61 bits tell two fingerprints apart (48 and the 13 bits of 8,192 buckets): a
+    collision among a million fingerprints has odds near 1 in 4 million, and it counts one
+    occurrence too many, where a trip needs ``threshold - 1`` of them.
+    Records are looked up with ``bytearray.find``: C speed, and no Python object per fingerprint
+    (a dict of them cost about 110 bytes each). They are appended as they are seen, so a bucket
+    is in time order and the ones that have left the window are at its front; they are cut off
+    as the bucket grows. A fingerprint seen again within the window moves to a dict that holds
+    the times of its last ``threshold - 1`` occurrences. There are two generations of that dict,
+    each at most ``window_seconds`` old: when the current one is a window old, the previous one
+    (all of whose times have left the window) is dropped whole, and so are all buckets once the
+    newest record is a window old. Every time is compared with the window on use, so what is kept
+    beyond it never counts.
 
     Memory is bounded: a bucket holds at most ``_BUCKET_CAP`` records (two to four times its
     share of ``max_tracked``; past it its oldest record is forgotten), and a generation of
@@ -193,12 +195,13 @@ class LoopDetector:
     """
 
     def __init__(self, config: LoopDetectorConfig) -> None:
-        self._repeats: dict[bytes, tuple[float, ...]] = {}
-        self._previous: dict[bytes, tuple[float, ...]] = {}
+        self._repeats: dict[int, tuple[int, ...]] = {}
+        self._previous: dict[int, tuple[int, ...]] = {}
         self._buckets: list[bytearray | None] = []
         self._mask = 0
-        self._started = -math.inf  # the first observation starts the first generation
-        self._newest = -math.inf  # when the newest record was added
+        self._epoch = 0  # microseconds subtracted from every time, so that it fits 48 bits
+        self._started = -_US_LIMIT  # when the current generation of repeats started
+        self._newest = -_US_LIMIT  # when the newest record was added
         self.forgotten = 0  # fingerprints dropped early by a memory bound
         self.configure(config)
 
@@ -206,9 +209,9 @@ class LoopDetector:
         """New thresholds take effect at once; what was counted so far is kept (but a new
         ``max_tracked`` that changes the number of buckets starts the records afresh)."""
         self.threshold = config.threshold
-        self.window = config.window_seconds
+        self._window = round(config.window_seconds * 1_000_000)
         self.max_tracked = config.max_tracked
-        self.allow = frozenset(_digest(f.encode()) for f in config.allow_fingerprints)
+        self.allow = frozenset(_hash(f.encode()) for f in config.allow_fingerprints)
         self._label = f"{config.window_seconds:g}s"
         count = 1 << max(6, min(16, (config.max_tracked // _BUCKET_SHARE).bit_length()))
         if len(self._buckets) != count:
@@ -221,58 +224,63 @@ class LoopDetector:
 
     def observe(self, fingerprint: str, now: float | None = None) -> Trip | None:
         """Count one occurrence; a Trip when it is the threshold-th within the window."""
-        digest = _digest(fingerprint.encode())
-        if digest in self.allow:
+        key = _hash(fingerprint.encode())
+        if key in self.allow:
             return None
-        now = time.monotonic() if now is None else now
-        if now - self._started >= self.window:
-            self._rotate(now)
-        times = self._repeats.pop(digest, None)
+        if now is None:
+            us = time.monotonic_ns() // 1000 - self._epoch
+        else:
+            us = int(now * 1_000_000) - self._epoch
+        if us - self._started >= self._window:
+            us = self._rotate(us)
+        times = self._repeats.pop(key, None)
         if times is None and self._previous:
-            times = self._previous.pop(digest, None)
+            times = self._previous.pop(key, None)
         if times is None:
-            index = (digest[0] << 8 | digest[1]) & self._mask
+            index = key & self._mask
             bucket = self._buckets[index]
-            if bucket is None:  # the usual case for a new fingerprint: seen once
-                self._buckets[index] = bytearray(_record(digest, now))
-                self._newest = now
+            needle = (key >> 16).to_bytes(6, "little")
+            if bucket is None:  # the bucket's first record
+                self._buckets[index] = bytearray(needle + us.to_bytes(6, "little"))
+                self._newest = us
                 return None
-            at = bucket.find(digest)
-            if at & 15 and at > 0:  # matched bytes that straddle two records: look on
-                at = _aligned_find(bucket, digest, at)
-            if at < 0:
-                if not len(bucket) & _TRIM_EVERY:  # every 8th record: cut what has expired
-                    self._trim(bucket, now - self.window)
-                bucket += _record(digest, now)
-                self._newest = now
+            at = bucket.find(needle)
+            if at % _RECORD and at > 0:  # matched bytes that straddle two records: look on
+                at = _aligned_find(bucket, needle, at)
+            if at < 0:  # the usual case: a fingerprint not seen in the window
+                if not len(bucket) % _TRIM_EVERY:  # every 8th record: cut what has expired
+                    self._trim(bucket, us - self._window)
+                bucket += needle + us.to_bytes(6, "little")
+                self._newest = us
                 return None
-            times = _time_at(bucket, at + 8)
+            times = (int.from_bytes(bucket[at + 6 : at + _RECORD], "little"),)
             del bucket[at : at + _RECORD]
-        cutoff = now - self.window
+        cutoff = us - self._window
         recent = tuple(t for t in times if t > cutoff)
         count = len(recent) + 1
         if count >= self.threshold:  # and it is forgotten: the next window counts afresh
             return Trip(count, f"fingerprint {fingerprint} seen {count} times in {self._label}")
         if not recent:  # the earlier occurrences have all left the window: seen once again
-            index = (digest[0] << 8 | digest[1]) & self._mask
+            index = key & self._mask
+            record = (key >> 16).to_bytes(6, "little") + us.to_bytes(6, "little")
             bucket = self._buckets[index]
             if bucket is None:
-                self._buckets[index] = bytearray(_record(digest, now))
+                self._buckets[index] = bytearray(record)
             else:
-                bucket += _record(digest, now)
-            self._newest = now
+                bucket += record
+            self._newest = us
             return None
         if len(self._repeats) >= self.max_tracked:
             self.forgotten += len(self._previous)
-            self._rotate(now)
-        self._repeats[digest] = recent[-(self.threshold - 2) :] + (now,)
+            self._rotate(us)
+        self._repeats[key] = recent[-(self.threshold - 2) :] + (us,)
         return None
 
-    def _trim(self, bucket: bytearray, cutoff: float) -> None:
+    def _trim(self, bucket: bytearray, cutoff: int) -> None:
         """Cut the records that have left the window off the front of a growing bucket, and
         the oldest one if it is still full."""
         end, size = 0, len(bucket)
-        while end < size and _time_at(bucket, end + 8)[0] <= cutoff:
+        while end < size and int.from_bytes(bucket[end + 6 : end + _RECORD], "little") <= cutoff:
             end += _RECORD
         if end == 0 and size >= _BUCKET_CAP * _RECORD:
             end = _RECORD
@@ -280,27 +288,35 @@ class LoopDetector:
         if end:
             del bucket[:end]
 
-    def _rotate(self, now: float) -> None:
+    def _rotate(self, us: int) -> int:
+        """Start a new generation of repeats at ``us``; the time, which changes only when the
+        epoch has to move (every 4.4 years of monotonic time)."""
         self._previous = self._repeats
         self._repeats = {}
-        self._started = now
-        if now - self._newest >= self.window:  # every record has left the window
+        if us - self._newest >= self._window:  # every record has left the window
             self._buckets = [None] * len(self._buckets)
+        if us >= _US_LIMIT:
+            self.forgotten += len(self)
+            self._epoch += us
+            self._previous, self._buckets = {}, [None] * len(self._buckets)
+            us = 0
+            self._newest = -_US_LIMIT
+        self._started = us
+        return us
 
 
-_digest = xxhash.xxh3_64_digest
-_record = struct.Struct("<8sd").pack  # the digest, then the time
-_time_at = struct.Struct("<d").unpack_from
-_RECORD = 16
+_hash = xxhash.xxh3_64_intdigest
+_RECORD = 12  # the hash's top 48 bits, then the time in microseconds (48 bits)
+_US_LIMIT = 1 << 47  # times stay below 2**47 microseconds (4.4 years) from the epoch
 _BUCKET_SHARE = 32  # buckets: a power of two above max_tracked / 32 (8,192 for 250,000)
 _BUCKET_CAP = 2 * _BUCKET_SHARE  # records in a bucket at most
-_TRIM_EVERY = 8 * _RECORD - 1  # a mask: a bucket is trimmed each time it reaches 8n records
+_TRIM_EVERY = 8 * _RECORD  # a bucket is trimmed each time it reaches 8n records
 
 
-def _aligned_find(bucket: bytearray, digest: bytes, at: int) -> int:
-    """The record holding ``digest``, when a find matched bytes that straddle two records."""
+def _aligned_find(bucket: bytearray, needle: bytes, at: int) -> int:
+    """The record starting with ``needle``, when a find matched bytes straddling two records."""
     while at >= 0 and at % _RECORD:
-        at = bucket.find(digest, at + 1)
+        at = bucket.find(needle, at + 1)
     return at
 
 

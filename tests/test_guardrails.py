@@ -182,18 +182,20 @@ async def test_polling_a_free_endpoint_is_not_a_loop(
 
 
 class Reference:
-    """The loop detector's contract, naively: every occurrence's time, per fingerprint."""
+    """The loop detector's contract, naively: every occurrence's time (to the microsecond, as
+    the detector keeps it), per fingerprint."""
 
     def __init__(self, threshold: int, window: float) -> None:
-        self.threshold, self.window = threshold, window
-        self.times: dict[str, list[float]] = {}
+        self.threshold, self.window = threshold, round(window * 1_000_000)
+        self.times: dict[str, list[int]] = {}
 
     def observe(self, fingerprint: str, now: float) -> int | None:
-        recent = [t for t in self.times.get(fingerprint, []) if t > now - self.window]
+        us = int(now * 1_000_000)
+        recent = [t for t in self.times.get(fingerprint, []) if t > us - self.window]
         if len(recent) + 1 >= self.threshold:
             self.times.pop(fingerprint, None)  # a trip starts the count afresh
             return len(recent) + 1
-        self.times[fingerprint] = [*recent, now]
+        self.times[fingerprint] = [*recent, us]
         return None
 
 
@@ -248,15 +250,37 @@ def test_detector_counts_exactly_over_a_long_run(threshold: int) -> None:
     assert len(detector) <= 1.2 * sum(1 for t in reference.times.values() if t[-1] > now - 2)
 
 
+def test_detector_window_edge_to_the_microsecond() -> None:
+    detector = LoopDetector(LoopDetectorConfig(threshold=2, window_seconds=2.5))
+    a, b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    assert detector.observe(a, now=1000.0) is None
+    assert detector.observe(b, now=1001.0) is None
+    assert detector.observe(a, now=1002.5) is None  # exactly a window later: outside it
+    assert detector.observe(b, now=1003.499999) is not None  # a microsecond inside it
+    trip = detector.observe(a, now=1004.999999)
+    assert trip is not None and trip.count == 2
+
+
 def test_detector_finds_a_record_only_at_a_record_boundary() -> None:
     from proxy.guardrails import _aligned_find
 
-    digest = bytes(range(1, 9))
-    # The digest's bytes also appear straddling the first two records (offset 4).
-    bucket = bytearray(b"\xaa" * 4 + digest + b"\xbb" * 4 + b"\xcc" * 16 + digest + b"\0" * 8)
-    assert bucket.find(digest) == 4
-    assert _aligned_find(bucket, digest, 4) == 32
-    assert _aligned_find(bucket[:32], digest, 4) == -1
+    needle = bytes(range(1, 7))  # a record is 12 bytes and starts with its 6-byte key
+    # The needle's bytes also appear straddling the first two records (offset 9).
+    bucket = bytearray(b"\xaa" * 9 + needle + b"\xbb" * 9 + needle + b"\0" * 6)
+    assert bucket.find(needle) == 9
+    assert _aligned_find(bucket, needle, 9) == 24
+    assert _aligned_find(bucket[:24], needle, 9) == -1
+
+
+def test_detector_keeps_counting_across_its_epoch() -> None:
+    # Times are kept as 48-bit microseconds from an epoch that moves every 4.4 years of
+    # monotonic time (a machine's uptime can be longer).
+    detector = LoopDetector(LoopDetectorConfig(window_seconds=60))
+    loop = "sha256:" + "b" * 64
+    for start in (10.0, 2.0**47 / 1e6 - 30, 2.0**48 / 1e6, 2.0**49 / 1e6 + 0.5):
+        seen = [detector.observe(loop, now=start + i * 10) for i in range(4)]
+        assert seen[:3] == [None, None, None] and seen[3] is not None, start
+        assert detector.observe("sha256:" + "c" * 64, now=start + 100) is None
 
 
 def test_detector_memory_is_bounded() -> None:
