@@ -297,7 +297,9 @@ class Relay:
         ):
             asking = adapter.with_stream_usage(meta, parsed)
             if asking is not None:
-                sent = orjson.dumps(asking)
+                # A right-sized copy: orjson's buffer is several times the output, and this
+                # one is held for as long as the stream lasts.
+                sent = bytes(memoryview(orjson.dumps(asking)))
                 ex.asked_usage = True
         try:
             up = ex.up = await self._send(request, route, sent, ex.asked_usage, ex, stream, length)
