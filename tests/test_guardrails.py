@@ -284,6 +284,22 @@ def test_detector_keeps_counting_across_its_epoch() -> None:
         assert detector.observe("sha256:" + "c" * 64, now=start + 100) is None
 
 
+def test_detector_reconfigured_keeps_its_counts() -> None:
+    detector = LoopDetector(LoopDetectorConfig(threshold=3))
+    once, twice = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    for fingerprint in (once, twice, twice):
+        assert detector.observe(fingerprint, now=1.0) is None
+    detector.configure(LoopDetectorConfig(threshold=3, window_seconds=30))  # same buckets
+    assert detector.observe(once, now=2.0) is None
+    assert detector.observe(once, now=2.0) is not None  # its first occurrence was kept
+    # A max_tracked that changes the number of buckets starts what was seen once afresh,
+    # and keeps the repeats.
+    detector.observe(once, now=3.0)
+    detector.configure(LoopDetectorConfig(threshold=3, max_tracked=1_000_000))
+    assert [detector.observe(once, now=4.0) for _ in range(2)] == [None, None]
+    assert detector.observe(twice, now=4.0) is not None
+
+
 def test_detector_memory_is_bounded() -> None:
     # A flood of distinct fingerprints within one window: buckets keep at most 64 records each.
     detector = LoopDetector(LoopDetectorConfig(window_seconds=60, max_tracked=1000))
