@@ -28,6 +28,7 @@ from pathlib import Path
 import aiohttp
 import uvloop
 
+from . import wrk
 from .servers import CHAT, stream_events
 
 ROOT = Path(__file__).parent.parent
@@ -427,9 +428,73 @@ async def idle_rss(tmp: Path) -> float:
         proc.wait(timeout=30)
 
 
+async def run_wrk_scenario(
+    s: Scenario, loop_detector: bool, tmp: Path, seconds: float
+) -> list[tuple[str, str, wrk.WrkRound, str]]:
+    """Scenario ``s`` (not streaming) with wrk as the client: interleaved rounds per target."""
+    names = ("direct", "pass-through", "atlasburn-proxy")
+    rounds: dict[str, list[wrk.WrkRound]] = {name: [] for name in names}
+    completed = 0
+    async with Targets(s, loop_detector, tmp) as targets:
+        for name in names:  # warm-up with the Python client
+            await load(targets.urls[name], Scenario(s.name, 8, 200, body_bytes=s.body_bytes), 0)
+        for r in range(s.rounds):
+            for name in names:
+                proc = targets.procs.get(name)
+                cpu0 = cpu_seconds(proc.pid) if proc else 0.0
+                n, secs, p50, p99 = await wrk.run(
+                    targets.urls[name],
+                    s.concurrency,
+                    s.body_bytes,
+                    seconds,
+                    10**6 * (len(names) * r + names.index(name) + 1),
+                    tmp,
+                    OTHER_CPU,
+                )
+                cpu = (cpu_seconds(proc.pid) - cpu0) / n * 1e6 if proc else None
+                rounds[name].append(wrk.WrkRound(n, secs, p50, p99, cpu))
+                if name == "atlasburn-proxy":
+                    completed += n
+        daemon = targets.urls["atlasburn-proxy"]
+        deadline = time.monotonic() + 30
+        while True:  # every event the daemon recorded reaches the ingest
+            recorded, received = await wrk.committed_events(daemon), await targets.events()
+            if received >= recorded or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+    events = (
+        f"the ingest received {received:,} of the {recorded:,} events the daemon recorded "
+        f"(wrk completed {completed:,} requests + 200 warm-up; a request cut when wrk stops is "
+        "recorded too)"
+    )
+    return [
+        (s.name, name, wrk.median_round(rounds[name]), events if name == names[-1] else "")
+        for name in names
+    ]
+
+
 async def main(args: argparse.Namespace) -> None:
     os.sched_setaffinity(0, {int(OTHER_CPU)})  # the client shares CPU 1 with the provider
     chosen = [s for s in scenarios(args.full) if not args.only or s.name in args.only]
+    if args.wrk:
+        if not wrk.available():
+            sys.exit("python -m bench --wrk needs wrk (Debian: apt-get install wrk)")
+        rows: list[tuple[str, str, wrk.WrkRound, str]] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for s in chosen:
+                if s.stream or s.name.startswith("soak"):
+                    continue  # wrk mode: the non-streaming request/answer scenarios
+                print(
+                    f"... {s.name} with wrk: {s.note}, concurrency {s.concurrency}, "
+                    f"{s.rounds} x {args.wrk_seconds:g} s per target",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                rows += await run_wrk_scenario(
+                    s, not args.no_loop_detector, Path(tmp), args.wrk_seconds
+                )
+        print(wrk.table(rows))
+        return
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
         idle = await idle_rss(Path(tmp))
@@ -448,5 +513,9 @@ if __name__ == "__main__":
     parser.add_argument("--full", action="store_true", help="the real sizes (slow)")
     parser.add_argument("--only", nargs="*", help="scenario names")
     parser.add_argument("--no-loop-detector", action="store_true")
+    parser.add_argument(
+        "--wrk", action="store_true", help="the non-streaming scenarios with wrk as the client"
+    )
+    parser.add_argument("--wrk-seconds", type=float, default=10.0, help="per target and round")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main(parser.parse_args()))
