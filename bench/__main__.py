@@ -240,7 +240,7 @@ async def load(url: str, s: Scenario, start_nonce: int) -> tuple[float, list[flo
 
     async def worker(session: aiohttp.ClientSession) -> None:
         for nonce in counter:
-            body = {
+            body: dict[str, object] = {
                 "model": "gpt-4o-mini",
                 "messages": [{"role": "user", "content": f"nonce {nonce} {pad}"}],
             }
@@ -352,6 +352,7 @@ def table(results: list[Result], idle_rss: float | None) -> str:
         "target",
         "req/s",
         "p50 ms",
+        "p90 ms",
         "p99 ms",
         "+p50 ms",
         "+p99 ms",
@@ -381,6 +382,7 @@ def table(results: list[Result], idle_rss: float | None) -> str:
                     target,
                     f"{r.rps:,.0f}",
                     f"{r.pct(0.5):.2f}",
+                    f"{r.pct(0.9):.2f}",
                     f"{r.pct(0.99):.2f}",
                     "" if target == "direct" else f"{r.pct(0.5) - direct.pct(0.5):+.2f}",
                     "" if target == "direct" else f"{r.pct(0.99) - direct.pct(0.99):+.2f}",
@@ -442,7 +444,7 @@ async def run_wrk_scenario(
             for name in names:
                 proc = targets.procs.get(name)
                 cpu0 = cpu_seconds(proc.pid) if proc else 0.0
-                n, secs, p50, p99 = await wrk.run(
+                n, secs, p50, p90, p99 = await wrk.run(
                     targets.urls[name],
                     s.concurrency,
                     s.body_bytes,
@@ -452,7 +454,7 @@ async def run_wrk_scenario(
                     OTHER_CPU,
                 )
                 cpu = (cpu_seconds(proc.pid) - cpu0) / n * 1e6 if proc else None
-                rounds[name].append(wrk.WrkRound(n, secs, p50, p99, cpu))
+                rounds[name].append(wrk.WrkRound(n, secs, p50, p90, p99, cpu))
                 if name == "atlasburn-proxy":
                     completed += n
         daemon = targets.urls["atlasburn-proxy"]

@@ -54,9 +54,9 @@ function done(summary, latency, requests)
     wrong_all = wrong_all + t:get("wrong")
   end
   local e = summary.errors
-  io.write(string.format("WRK %d %d %d %d %d %d %d %d\n", summary.requests, summary.duration,
-    checked_all, wrong_all, latency:percentile(50), latency:percentile(99),
-    e.connect + e.read + e.write + e.timeout, e.status))
+  io.write(string.format("WRK %d %d %d %d %d %d %d %d %d\n", summary.requests, summary.duration,
+    checked_all, wrong_all, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), e.connect + e.read + e.write + e.timeout, e.status))
 end
 """
 
@@ -66,6 +66,7 @@ class WrkRound:
     requests: int
     seconds: float
     p50_ms: float
+    p90_ms: float
     p99_ms: float
     cpu_us: float | None
 
@@ -86,8 +87,8 @@ async def run(
     nonce: int,
     tmp: Path,
     cpu: str,
-) -> tuple[int, float, float, float]:
-    """One wrk run: (requests, seconds, p50 ms, p99 ms); raises if any answer was wrong."""
+) -> tuple[int, float, float, float, float]:
+    """One wrk run: (requests, seconds, p50, p90, p99 in ms); raises if any answer was wrong."""
     script, expected = tmp / "bench.lua", tmp / "expected.json"
     script.write_text(_SCRIPT)
     expected.write_bytes(CHAT)
@@ -99,10 +100,10 @@ async def run(
         stderr=subprocess.PIPE,
     )  # fmt: skip
     out, err = await proc.communicate()
-    match = re.search(rb"^WRK (\d+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)$", out, re.M)
+    match = re.search(rb"^WRK" + rb" (\d+)" * 9 + rb"$", out, re.M)
     if proc.returncode != 0 or match is None:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {err.decode()[-500:]}")
-    requests, micros, checked, wrong, p50, p99, socket_errors, status_errors = map(
+    requests, micros, checked, wrong, p50, p90, p99, socket_errors, status_errors = map(
         int, match.groups()
     )
     if wrong or status_errors or socket_errors:
@@ -110,7 +111,7 @@ async def run(
             f"{url}: {wrong} wrong answers of {checked}, {status_errors} non-2xx, "
             f"{socket_errors} socket errors"
         )
-    return requests, micros / 1e6, p50 / 1000, p99 / 1000
+    return requests, micros / 1e6, p50 / 1000, p90 / 1000, p99 / 1000
 
 
 def median_round(rounds: list[WrkRound]) -> WrkRound:
@@ -119,6 +120,7 @@ def median_round(rounds: list[WrkRound]) -> WrkRound:
         requests=sum(r.requests for r in rounds),
         seconds=sum(r.requests for r in rounds) / statistics.median(r.rps for r in rounds),
         p50_ms=statistics.median(r.p50_ms for r in rounds),
+        p90_ms=statistics.median(r.p90_ms for r in rounds),
         p99_ms=statistics.median(r.p99_ms for r in rounds),
         cpu_us=statistics.median(cpus) if cpus else None,
     )
@@ -135,7 +137,18 @@ async def committed_events(url: str) -> int:
 
 def table(rows: list[tuple[str, str, WrkRound, str]]) -> str:
     """rows: (scenario, target, median round, events)."""
-    head = ("scenario", "target", "req/s", "p50 ms", "p99 ms", "+p50 ms", "vs pass", "CPU µs/req")
+    head = (
+        "scenario",
+        "target",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "+p50 ms",
+        "+p99 ms",
+        "vs pass",
+        "CPU µs/req",
+    )
     out = [head]
     by: dict[str, dict[str, WrkRound]] = {}
     for scenario, target, r, _ in rows:
@@ -148,8 +161,10 @@ def table(rows: list[tuple[str, str, WrkRound, str]]) -> str:
                 target,
                 f"{r.rps:,.0f}",
                 f"{r.p50_ms:.2f}",
+                f"{r.p90_ms:.2f}",
                 f"{r.p99_ms:.2f}",
                 "" if target == "direct" else f"{r.p50_ms - direct.p50_ms:+.2f}",
+                "" if target == "direct" else f"{r.p99_ms - direct.p99_ms:+.2f}",
                 "" if target == "direct" else f"{r.rps / passthrough.rps:.2f}x",
                 "" if r.cpu_us is None else f"{r.cpu_us:,.0f}",
             )
