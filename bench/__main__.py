@@ -22,14 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
 import uvloop
 
 from . import wrk
-from .servers import CHAT, stream_events
+from .servers import chat_answer, stream_events
 
 ROOT = Path(__file__).parent.parent
 EXTRA_CONFIG = os.environ.get("BENCH_DAEMON_CONFIG", "").replace("\\n", "\n")
@@ -49,6 +49,7 @@ class Scenario:
     delay_ms: float = 2.0
     note: str = ""
     rounds: int = 1  # interleaved rounds (direct, pass-through, daemon, direct, ...)
+    answer_bytes: int = 0  # the provider's JSON answer padded to about this size
 
 
 def scenarios(full: bool) -> list[Scenario]:
@@ -180,6 +181,8 @@ class Targets:
             str(s.chunks),
             "--delay-ms",
             str(s.delay_ms),
+            "--answer-bytes",
+            str(s.answer_bytes),
         )
         self.procs["ingest"] = spawn(
             OTHER_CPU, "-m", "bench.servers", "ingest", "--port", str(i_port)
@@ -230,7 +233,9 @@ class Targets:
 
 async def load(url: str, s: Scenario, start_nonce: int) -> tuple[float, list[float], list[float]]:
     """Closed loop: ``concurrency`` workers, ``requests`` in all; every answer checked."""
-    expected = b"".join(stream_events(s.chunks, usage=False)) if s.stream else CHAT
+    expected = (
+        b"".join(stream_events(s.chunks, usage=False)) if s.stream else chat_answer(s.answer_bytes)
+    )
     pad = "x" * max(0, s.body_bytes - 200)
     latencies: list[float] = []
     ttfbs: list[float] = []
@@ -283,14 +288,8 @@ async def run_scenario(s: Scenario, loop_detector: bool, tmp: Path) -> list[Resu
         warmed = 0
         for name in names:
             slow = s.chunks * s.delay_ms > 500  # a warm-up of long streams needs few
-            warm = Scenario(
-                s.name,
-                min(s.concurrency, 8),
-                8 if slow else min(200, s.requests),
-                s.stream,
-                s.body_bytes,
-                s.chunks,
-                s.delay_ms,
+            warm = replace(
+                s, concurrency=min(s.concurrency, 8), requests=8 if slow else min(200, s.requests)
             )
             await load(targets.urls[name], warm, 10**9 + nonce)
             warmed = warm.requests
@@ -326,11 +325,11 @@ async def measure(s: Scenario, name: str, targets: Targets, nonce: int) -> Resul
     mid = None
     if s.name.startswith("soak") and proc is not None:
         # Growth is measured over the last 90%: the first 10% fill caches and pools.
-        first = Scenario(s.name, s.concurrency, s.requests // 10)
+        first = replace(s, requests=s.requests // 10)
         t = time.perf_counter()
         _, lat1, _ = await load(url, first, nonce)
         mid = rss_mb(proc.pid)
-        rest = Scenario(s.name, s.concurrency, s.requests - first.requests)
+        rest = replace(s, requests=s.requests - first.requests)
         _, lat2, ttfb = await load(url, rest, nonce + first.requests)
         seconds, latencies = time.perf_counter() - t, lat1 + lat2
     else:
@@ -439,7 +438,8 @@ async def run_wrk_scenario(
     completed = 0
     async with Targets(s, loop_detector, tmp) as targets:
         for name in names:  # warm-up with the Python client
-            await load(targets.urls[name], Scenario(s.name, 8, 200, body_bytes=s.body_bytes), 0)
+            warm = Scenario(s.name, 8, 200, body_bytes=s.body_bytes, answer_bytes=s.answer_bytes)
+            await load(targets.urls[name], warm, 0)
         for r in range(s.rounds):
             for name in names:
                 proc = targets.procs.get(name)
@@ -448,6 +448,7 @@ async def run_wrk_scenario(
                     targets.urls[name],
                     s.concurrency,
                     s.body_bytes,
+                    s.answer_bytes,
                     seconds,
                     10**6 * (len(names) * r + names.index(name) + 1),
                     tmp,
@@ -478,6 +479,8 @@ async def run_wrk_scenario(
 async def main(args: argparse.Namespace) -> None:
     os.sched_setaffinity(0, {int(OTHER_CPU)})  # the client shares CPU 1 with the provider
     chosen = [s for s in scenarios(args.full) if not args.only or s.name in args.only]
+    if args.answer_bytes:
+        chosen = [s if s.stream else replace(s, answer_bytes=args.answer_bytes) for s in chosen]
     if args.wrk:
         if not wrk.available():
             sys.exit("python -m bench --wrk needs wrk (Debian: apt-get install wrk)")
@@ -519,5 +522,8 @@ if __name__ == "__main__":
         "--wrk", action="store_true", help="the non-streaming scenarios with wrk as the client"
     )
     parser.add_argument("--wrk-seconds", type=float, default=10.0, help="per target and round")
+    parser.add_argument(
+        "--answer-bytes", type=int, default=0, help="pad the provider's JSON answer to this size"
+    )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main(parser.parse_args()))

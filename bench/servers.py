@@ -1,7 +1,8 @@
 """The servers of the benchmark, each run as its own process (``python -m bench.servers KIND``).
 
-- ``provider``: a fast fake LLM provider. Answers are precomputed: a chat completion JSON body,
-  and an SSE stream of ``chunks`` events sent ``delay_ms`` apart. It reads every request body.
+- ``provider``: a fast fake LLM provider. Answers are precomputed: a chat completion JSON body
+  (padded to ``--answer-bytes``), and an SSE stream of ``chunks`` events sent ``delay_ms``
+  apart. It reads every request body.
 - ``passthrough``: the reference: a minimal aiohttp + uvloop reverse proxy with no telemetry,
   streaming every body chunk by chunk.
 - ``ingest``: a fake AtlasBurn ingest API that counts the events (and distinct fingerprints) it
@@ -18,8 +19,18 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
-CHAT = json.dumps(
-    {
+
+def chat_answer(size: int = 0) -> bytes:
+    """The chat completion JSON answer; with ``size``, its message is padded so that the answer
+    is about ``size`` bytes."""
+    small = _chat("Hello! How can I help?")
+    if size <= len(small):
+        return small
+    return _chat("Hello! How can I help? " + "x" * (size - len(small) - 1))
+
+
+def _chat(content: str) -> bytes:
+    body = {
         "id": "chatcmpl-bench",
         "object": "chat.completion",
         "created": 1769090400,
@@ -29,7 +40,7 @@ CHAT = json.dumps(
                 "index": 0,
                 "message": {
                     "role": "assistant",
-                    "content": "Hello! How can I help?",
+                    "content": content,
                     "refusal": None,
                     "annotations": [],
                 },
@@ -51,9 +62,8 @@ CHAT = json.dumps(
         },
         "service_tier": "default",
         "system_fingerprint": "fp_bench",
-    },
-    separators=(",", ":"),
-).encode()
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def chunk(i: int, usage: bool, last: bool = False) -> bytes:
@@ -94,7 +104,8 @@ def stream_events(n: int, usage: bool) -> list[bytes]:
     return events
 
 
-def provider_app(chunks: int, delay_ms: float) -> web.Application:
+def provider_app(chunks: int, delay_ms: float, answer_bytes: int = 0) -> web.Application:
+    answer = chat_answer(answer_bytes)
     plain = stream_events(chunks, usage=False)
     with_usage = stream_events(chunks, usage=True)
     delay = delay_ms / 1000
@@ -102,7 +113,7 @@ def provider_app(chunks: int, delay_ms: float) -> web.Application:
     async def chat(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         if b'"stream":true' not in raw:
-            return web.Response(body=CHAT, content_type="application/json")
+            return web.Response(body=answer, content_type="application/json")
         events = with_usage if b'"include_usage":true' in raw else plain
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
@@ -188,9 +199,10 @@ def main() -> None:
     parser.add_argument("--upstream", default="")
     parser.add_argument("--chunks", type=int, default=50)
     parser.add_argument("--delay-ms", type=float, default=2.0)
+    parser.add_argument("--answer-bytes", type=int, default=0, help="pad the JSON answer to this")
     args = parser.parse_args()
     if args.kind == "provider":
-        app = provider_app(args.chunks, args.delay_ms)
+        app = provider_app(args.chunks, args.delay_ms, args.answer_bytes)
     elif args.kind == "passthrough":
         app = passthrough_app(args.upstream)
     else:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiohttp
 
-from .servers import CHAT
+from .servers import chat_answer
 
 _SCRIPT = r"""
 -- Unique nonces per thread; every answer compared with the expected body.
@@ -83,6 +83,7 @@ async def run(
     url: str,
     concurrency: int,
     body_bytes: int,
+    answer_bytes: int,
     seconds: float,
     nonce: int,
     tmp: Path,
@@ -91,7 +92,7 @@ async def run(
     """One wrk run: (requests, seconds, p50, p90, p99 in ms); raises if any answer was wrong."""
     script, expected = tmp / "bench.lua", tmp / "expected.json"
     script.write_text(_SCRIPT)
-    expected.write_bytes(CHAT)
+    expected.write_bytes(chat_answer(answer_bytes))
     pad = max(0, body_bytes - 200)
     proc = await asyncio.create_subprocess_exec(
         "taskset", "-c", cpu, "wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s",
