@@ -438,7 +438,7 @@ async def run_wrk_scenario(
     completed = 0
     async with Targets(s, loop_detector, tmp) as targets:
         for name in names:  # warm-up with the Python client
-            warm = Scenario(s.name, 8, 200, body_bytes=s.body_bytes, answer_bytes=s.answer_bytes)
+            warm = replace(s, concurrency=8, requests=200)
             await load(targets.urls[name], warm, 0)
         for r in range(s.rounds):
             for name in names:
