@@ -28,7 +28,7 @@ from pathlib import Path
 import aiohttp
 import uvloop
 
-from . import wrk
+from . import TIMING_HEAD, markdown, timing_cells, wrk
 from .servers import chat_answer, stream_events
 
 ROOT = Path(__file__).parent.parent
@@ -112,6 +112,18 @@ class Result:
             self.rss_mb = max(self.rss_mb or 0.0, other.rss_mb)
         cpus = [c for _, c in self.rounds if c is not None]
         self.cpu_us = statistics.median(cpus) if cpus else None
+
+    @property
+    def p50_ms(self) -> float:
+        return self.pct(0.5)
+
+    @property
+    def p90_ms(self) -> float:
+        return self.pct(0.9)
+
+    @property
+    def p99_ms(self) -> float:
+        return self.pct(0.99)
 
     def pct(self, q: float, xs: list[float] | None = None) -> float:
         data = sorted(self.latencies if xs is None else xs)
@@ -346,23 +358,7 @@ async def measure(s: Scenario, name: str, targets: Targets, nonce: int) -> Resul
 
 
 def table(results: list[Result], idle_rss: float | None) -> str:
-    head = (
-        "scenario",
-        "target",
-        "req/s",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "+p50 ms",
-        "+p99 ms",
-        "vs pass",
-        "CPU µs/req",
-        "RSS MB",
-        "TTFB p50",
-        "+TTFB",
-        "events",
-    )
-    rows = [head]
+    rows = [[*TIMING_HEAD, "RSS MB", "TTFB p50", "+TTFB", "events"]]
     by_scenario: dict[str, dict[str, Result]] = {}
     for r in results:
         by_scenario.setdefault(r.scenario.name, {})[r.target] = r
@@ -376,30 +372,15 @@ def table(results: list[Result], idle_rss: float | None) -> str:
                 else ""
             )
             rows.append(
-                (
-                    name if target == "direct" else "",
-                    target,
-                    f"{r.rps:,.0f}",
-                    f"{r.pct(0.5):.2f}",
-                    f"{r.pct(0.9):.2f}",
-                    f"{r.pct(0.99):.2f}",
-                    "" if target == "direct" else f"{r.pct(0.5) - direct.pct(0.5):+.2f}",
-                    "" if target == "direct" else f"{r.pct(0.99) - direct.pct(0.99):+.2f}",
-                    "" if target == "direct" else f"{r.rps / passthrough.rps:.2f}x",
-                    "" if r.cpu_us is None else f"{r.cpu_us:,.0f}",
+                [
+                    *timing_cells(name, target, r, direct, passthrough),
                     "" if r.rss_mb is None else f"{r.rss_mb:.0f}",
                     ttfb,
                     add_ttfb,
                     "" if r.events is None else f"{r.events}/{r.served}",
-                )
+                ]
             )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
-    lines = [
-        "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-        for row in rows
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    out = "\n".join(lines)
+    out = markdown(rows)
     soak = [
         r for r in results if r.scenario.name.startswith("soak") and r.target == "atlasburn-proxy"
     ]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 
+from . import TIMING_HEAD, markdown, timing_cells
 from .servers import chat_answer
 
 _SCRIPT = r"""
@@ -138,41 +139,12 @@ async def committed_events(url: str) -> int:
 
 def table(rows: list[tuple[str, str, WrkRound, str]]) -> str:
     """rows: (scenario, target, median round, events)."""
-    head = (
-        "scenario",
-        "target",
-        "req/s",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "+p50 ms",
-        "+p99 ms",
-        "vs pass",
-        "CPU µs/req",
-    )
-    out = [head]
     by: dict[str, dict[str, WrkRound]] = {}
     for scenario, target, r, _ in rows:
         by.setdefault(scenario, {})[target] = r
+    out = [list(TIMING_HEAD)]
     for scenario, target, r, _ in rows:
-        direct, passthrough = by[scenario]["direct"], by[scenario]["pass-through"]
-        out.append(
-            (
-                scenario if target == "direct" else "",
-                target,
-                f"{r.rps:,.0f}",
-                f"{r.p50_ms:.2f}",
-                f"{r.p90_ms:.2f}",
-                f"{r.p99_ms:.2f}",
-                "" if target == "direct" else f"{r.p50_ms - direct.p50_ms:+.2f}",
-                "" if target == "direct" else f"{r.p99_ms - direct.p99_ms:+.2f}",
-                "" if target == "direct" else f"{r.rps / passthrough.rps:.2f}x",
-                "" if r.cpu_us is None else f"{r.cpu_us:,.0f}",
-            )
-        )
-    widths = [max(len(row[i]) for row in out) for i in range(len(head))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-             for row in out]  # fmt: skip
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    notes = [f"{s}: {events}" for s, t, _, events in rows if events]
-    return "\n".join(lines) + "\n\nevents: " + "; ".join(notes)
+        group = by[scenario]
+        out.append(timing_cells(scenario, target, r, group["direct"], group["pass-through"]))
+    notes = [f"{s}: {events}" for s, _, _, events in rows if events]
+    return markdown(out) + "\n\nevents: " + "; ".join(notes)
