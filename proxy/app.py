@@ -18,14 +18,14 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
+from aiohttp.typedefs import Handler
 
 from . import __version__
 from .api import GuardrailsAPI, LocalAPI, error
 from .auth import KeyChecker, local_key
+from .browsers import BrowserGuard
 from .config import Config
+from .errors import ClientBodyTimeout
 from .events import Event, Recorder
 from .guardrails import KillSwitch, LoopGuard, SpendCap
 from .http1 import Pool
@@ -33,6 +33,7 @@ from .logs import AccessLog, setup_logging
 from .metrics import CONTENT_TYPE, Metrics
 from .pricing import Pricer
 from .relay import Relay
+from .server import Runner
 from .shipper import Shipper
 from .store import Store
 
@@ -48,6 +49,25 @@ KILL = web.AppKey("kill", KillSwitch)
 API = web.AppKey("api", LocalAPI)
 GUARDRAILS_API = web.AppKey("guardrails_api", GuardrailsAPI)
 SHIPPER = web.AppKey("shipper", Shipper)
+BROWSERS = web.AppKey("browsers", BrowserGuard)
+
+
+@web.middleware
+async def _refuse_web_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request passes the Host and Origin checks first (``browsers``): a web page's
+    request is refused before any route, key check or guardrail counts it. A request body that
+    times out where no handler answers for it gets 408 here."""
+    refused = request.app[BROWSERS].refusal(request.headers)
+    if refused is not None:
+        code, message = refused
+        request.app[METRICS].limit_hit("foreign_host" if code == "forbidden_host" else "cross_site")
+        return error(403, code, message)
+    try:
+        return await handler(request)
+    except ClientBodyTimeout as exc:  # a body read by the local API (the relay answers its own)
+        response = error(408, "request_timeout", f"request body timed out: {exc}")
+        response.force_close()
+        return response
 
 
 def make_pool(config: Config) -> Pool:
@@ -61,15 +81,19 @@ def make_pool(config: Config) -> Pool:
         connect_timeout=up.connect_timeout_seconds,
         read_timeout=up.read_timeout_seconds,
         keepalive=30.0,
+        pool_timeout=up.pool_timeout_seconds,
     )
 
 
 def make_app(config: Config, record: Recorder | None = None) -> web.Application:
     """The application; ``record`` (tests) also sees every event the store is given."""
-    app = web.Application(client_max_size=config.server.max_body_bytes)
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes, middlewares=[_refuse_web_pages]
+    )
     app[CONFIG] = config
     app[READY] = asyncio.Event()
     app[METRICS] = Metrics()
+    app[BROWSERS] = BrowserGuard(config.server)
 
     async def services(app: web.Application) -> AsyncIterator[None]:
         ship = bool(config.atlasburn.api_base)
@@ -193,6 +217,11 @@ LIVE_KEYS = (
     "server.max_buffered_body_bytes",
     "server.forwarded_for",
     "server.drain_seconds",
+    "server.allowed_hosts",
+    "server.allowed_origins",
+    "server.header_timeout_seconds",
+    "server.body_timeout_seconds",
+    "server.max_client_connections",
 )
 
 
@@ -242,6 +271,7 @@ async def reload(app: web.Application, new: Config) -> tuple[list[str], list[str
     relay.access.enabled = new.logging.access
     relay.access.json = new.logging.format == "json"
     relay.configure(new, pricer)
+    app[BROWSERS] = BrowserGuard(new.server)
     if any(k.startswith("logging.") for k in live):
         setup_logging(new.logging.level, new.logging.format)
     app[CONFIG] = _keep(old, new, restart)
@@ -258,6 +288,7 @@ def _keep(old: Config, new: Config, restart: list[str]) -> Config:
             new.server,
             listen=old.server.listen,
             shutdown_grace_seconds=old.server.shutdown_grace_seconds,
+            keepalive_timeout_seconds=old.server.keepalive_timeout_seconds,
         )
     return replace(new, server=server, **kept)
 
@@ -274,75 +305,19 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
 
-# Limits of the request head. A request line longer than MAX_LINE is 414; a header line longer
-# than MAX_FIELD, or more than MAX_HEADERS headers, is 431. (Different numbers: aiohttp's parser
-# raises the same exception for both, with the limit it hit.)
-MAX_LINE = 16384
-MAX_FIELD = 8190
-MAX_HEADERS = 128
-# A request body is read from the socket until this much (x2) waits unread: with large uploads
-# streamed upstream, this (not the body size) is what each one holds.
-READ_BUFFER = 16384
-
-
-class _Handler(RequestHandler):
-    """aiohttp's connection handler, with errors about the request head that say what went wrong,
-    in JSON: 414 and 431 instead of a plain-text 400."""
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if status != 400 or request.writer.output_size > 0:
-            return super().handle_error(request, status, exc, message)
-        if isinstance(exc, LineTooLong):
-            if exc.args[1:2] == (MAX_LINE,):
-                status, code, text = 414, "uri_too_long", f"request line over {MAX_LINE} bytes"
-            else:
-                status, code = 431, "header_fields_too_large"
-                text = f"a request header over {MAX_FIELD} bytes"
-        elif isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
-            status, code, text = 431, "header_fields_too_large", f"over {MAX_HEADERS} headers"
-        else:
-            code, text = "bad_request", f"malformed HTTP request: {message or exc}"
-        # The log names the kind of error only: the parser's message may quote the request.
-        log.info("refused a malformed request from %s: %s", request.remote, code)
-        resp = error(status, code, text)
-        resp.force_close()
-        return resp
-
-
-class _Server(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _Handler(self, loop=self._loop, **self._kwargs)
-
-
-class _Runner(web.AppRunner):
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _Server  # the same server, making _Handler connections
-        return server
-
-
 class Daemon:
     """One running daemon: ``start`` binds and serves, ``stop`` drains and closes."""
 
     def __init__(self, config: Config, record: Recorder | None = None) -> None:
         self.config = config
         self.app = make_app(config, record)
-        self.runner = _Runner(
-            self.app,
-            handle_signals=False,
-            access_log=None,
-            handler_cancellation=True,
-            shutdown_timeout=config.server.shutdown_grace_seconds,
-            max_line_size=MAX_LINE,
-            max_field_size=MAX_FIELD,
-            max_headers=MAX_HEADERS,
-            read_bufsize=READ_BUFFER,
+        self.runner = Runner(self.app, config.server, self.app[METRICS])
+        limits = self.runner.limits
+        self.app[METRICS].add_state(
+            lambda: {
+                "atlasburn_client_connections": float(len(limits.open)),
+                "atlasburn_client_connections_limit": float(limits.max_connections),
+            }
         )
         self.port = 0
 
@@ -379,7 +354,9 @@ class Daemon:
         await self.stop()
 
     async def reload(self, config: Config) -> tuple[list[str], list[str]]:
-        return await reload(self.app, config)
+        applied = await reload(self.app, config)
+        self.runner.limits.configure(self.app[CONFIG].server)
+        return applied
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, then close."""

@@ -94,6 +94,22 @@ class ServerConfig:
     # On SIGTERM, answer /readyz with 503 this long before closing the listener (load balancers
     # and Kubernetes stop sending new requests), then drain.
     drain_seconds: float = 0.0
+    # A request head must arrive whole within this long (from its first byte, or from the
+    # connection's start); a request body may pause this long between two reads; a keep-alive
+    # connection may wait this long for its next request. (nginx: client_header_timeout 60 s,
+    # client_body_timeout 60 s, keepalive_timeout 75 s.)
+    header_timeout_seconds: float = 60.0
+    body_timeout_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 75.0
+    # Open client connections at most; past it the oldest idle ones (then the oldest still
+    # sending a request head) are closed to make room. 0: derived from the open-file limit.
+    max_client_connections: int = 0
+    # Host header values served besides IP addresses and loopback names (DNS rebinding):
+    # e.g. a sidecar's service name. ".example" matches every subdomain; "*" any host.
+    allowed_hosts: tuple[str, ...] = ()
+    # Origins of web pages that may call the daemon (e.g. "http://localhost:3000"); a request
+    # from any other page (a foreign Origin, or Sec-Fetch-Site: cross-site) is refused.
+    allowed_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +117,9 @@ class UpstreamConfig:
     connect_timeout_seconds: float = 10.0
     read_timeout_seconds: float = 600.0
     max_connections: int = 1000
+    # A request that cannot get one of max_connections within this long gets 503 (HAProxy:
+    # "timeout queue", which defaults to its connect timeout).
+    pool_timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,9 +440,75 @@ def _server(t: _Table) -> ServerConfig:
             "shutdown_grace_seconds", float, d.shutdown_grace_seconds, _between(0, 3600)
         ),
         drain_seconds=t.get("drain_seconds", float, d.drain_seconds, _between(0, 600)),
+        header_timeout_seconds=t.get(
+            "header_timeout_seconds", float, d.header_timeout_seconds, _between(0.1, 3600)
+        ),
+        body_timeout_seconds=t.get(
+            "body_timeout_seconds", float, d.body_timeout_seconds, _between(0.1, 3600)
+        ),
+        keepalive_timeout_seconds=t.get(
+            "keepalive_timeout_seconds", float, d.keepalive_timeout_seconds, _between(0.1, 86400)
+        ),
+        max_client_connections=t.get(
+            "max_client_connections", int, d.max_client_connections, _between(0, 1_000_000)
+        ),
+        allowed_hosts=t.get("allowed_hosts", list, d.allowed_hosts, _hosts),
+        allowed_origins=t.get("allowed_origins", list, d.allowed_origins, _origins),
     )
     t.done()
     return cfg
+
+
+_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+_HOST_NAME = re.compile(rf"^\.?{_LABEL}(\.{_LABEL})*$")
+
+
+def _hosts(values: list[Any]) -> tuple[str, ...]:
+    out = []
+    for value in values:
+        if not isinstance(value, str):
+            raise ValueError(f"expected host names (strings), got {_describe(value)}")
+        host = value.strip().lower().rstrip(".")
+        if host != "*" and not _HOST_NAME.match(host):
+            raise ValueError(
+                f"expected a host name without port (e.g. 'atlasburn-proxy', '.svc.cluster.local'"
+                f" or '*'), got {value!r}"
+            )
+        out.append(host)
+    return tuple(out)
+
+
+def _origins(values: list[Any]) -> tuple[str, ...]:
+    out = []
+    for value in values:
+        if not isinstance(value, str):
+            raise ValueError(f"expected origins (strings), got {_describe(value)}")
+        url = URL(value) if "://" in value else None
+        if (
+            url is None
+            or url.scheme not in ("http", "https")
+            or not url.host
+            or url.path not in ("", "/")
+            or url.query_string
+            or url.fragment
+            or url.user is not None
+        ):
+            raise ValueError(
+                "expected an origin like 'http://localhost:3000' (scheme, host, port),"
+                f" got {value!r}"
+            )
+        out.append(origin_of(url))
+    return tuple(out)
+
+
+def origin_of(url: URL) -> str:
+    """The serialised origin of an http(s) URL, as browsers send it in ``Origin``:
+    ``scheme://host`` with ``:port`` unless it is the scheme's default."""
+    host = url.host or ""
+    shown = f"[{host}]" if ":" in host else host
+    port = url.port
+    default = 443 if url.scheme == "https" else 80
+    return f"{url.scheme}://{shown}" + ("" if port in (None, default) else f":{port}")
 
 
 def _upstream(t: _Table) -> UpstreamConfig:
@@ -436,6 +521,9 @@ def _upstream(t: _Table) -> UpstreamConfig:
             "read_timeout_seconds", float, d.read_timeout_seconds, _between(0.001, 86400)
         ),
         max_connections=t.get("max_connections", int, d.max_connections, _between(1, 100_000)),
+        pool_timeout_seconds=t.get(
+            "pool_timeout_seconds", float, d.pool_timeout_seconds, _between(0.001, 3600)
+        ),
     )
     t.done()
     return cfg
@@ -667,7 +755,8 @@ def load_config(
     """Load ``path`` (or the embedded defaults when None) and apply the overrides.
 
     Precedence, highest first: the command line (``listen``), the environment
-    (``ATLASBURN_PROXY_LISTEN``, ``ATLASBURN_API_KEY``), a systemd credential
+    (``ATLASBURN_PROXY_LISTEN``, ``ATLASBURN_PROXY_ALLOWED_HOSTS``: comma-separated,
+    ``ATLASBURN_API_KEY``), a systemd credential
     (``$CREDENTIALS_DIRECTORY/atlasburn-api-key``), the file, the defaults. (The file itself is
     the command line's ``--config``, else ``ATLASBURN_PROXY_CONFIG``: see ``config_path``.)
     """
@@ -684,6 +773,10 @@ def load_config(
     listen = listen or env.get("ATLASBURN_PROXY_LISTEN") or None
     if listen is not None:
         data = _override(data, "server", "listen", listen)
+    hosts = env.get("ATLASBURN_PROXY_ALLOWED_HOSTS")
+    if hosts:  # a container's service name, without a config file
+        names = [h.strip() for h in hosts.split(",") if h.strip()]
+        data = _override(data, "server", "allowed_hosts", names)
     key = env.get("ATLASBURN_API_KEY") or _credential(env, "atlasburn-api-key")
     if key:
         data = _override(data, "atlasburn", "api_key", key.replace("$", "$$"))
@@ -696,7 +789,7 @@ def config_path(cli: str | None, env: Mapping[str, str] | None = None) -> str | 
     return cli or env.get("ATLASBURN_PROXY_CONFIG") or None
 
 
-def _override(data: dict[str, Any], section: str, key: str, value: str) -> dict[str, Any]:
+def _override(data: dict[str, Any], section: str, key: str, value: Any) -> dict[str, Any]:
     table = data.get(section)
     table = dict(table) if isinstance(table, dict) else {}
     table[key] = value

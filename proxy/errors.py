@@ -3,8 +3,10 @@
     ProxyError                 base of everything the daemon raises on purpose
     ├── ConfigError            the configuration is invalid; carries every problem, each prefixed
     │                          with its dotted key (``providers.openai.base_url: ...``)
-    └── UpstreamError          the provider could not be reached or stopped answering
-        └── UpstreamTimeout    the provider did not connect or went silent for too long
+    ├── UpstreamError          the provider could not be reached or stopped answering
+    │   ├── UpstreamTimeout    the provider did not connect or went silent for too long
+    │   └── UpstreamBusy       no connection to the provider came free in time (503)
+    └── ClientBodyTimeout      a client's request body stopped coming (answered as 408)
 
 Foreign exceptions (the upstream client's, OSError, asyncio timeouts) are translated into these at
 one boundary in ``relay.py``; everything else in the daemon only ever sees this tree.
@@ -31,3 +33,13 @@ class UpstreamError(ProxyError):
 
 class UpstreamTimeout(UpstreamError):
     """The upstream provider timed out connecting or between reads (answered as 504)."""
+
+
+class UpstreamBusy(UpstreamError):
+    """Every upstream connection the daemon may open is in use, and none came free within
+    ``upstream.pool_timeout_seconds`` (answered as 503 with Retry-After)."""
+
+
+class ClientBodyTimeout(ProxyError):
+    """A client paused its request body too long, or sent it too slowly (answered as 408).
+    Raised from the reads of the request body (``server.body_timeout_seconds``)."""

@@ -13,7 +13,11 @@ What it does and does not do:
 - One exchange at a time per connection; a connection goes back to the pool only after its answer
   was read to the end and both sides keep it alive. Idle connections are kept ``keepalive``
   seconds, most recently used first, and closed by a sweep after that.
-- At most ``limit`` connections are in use at once; further requests wait for one.
+- At most ``limit`` connections are in use at once; further requests wait for one, at most
+  ``pool_timeout`` seconds (then ``PoolTimeout``).
+- An answer's head may be at most ``MAX_HEAD_BYTES`` long (1xx interim heads included) with at
+  most ``MAX_HEADERS`` header lines; past either, ``AnswerHeadTooLarge`` (Envoy's defaults for
+  upstream answers: 60 KiB, 100 headers; nginx: its 4-8 KiB proxy buffer).
 - Timeouts: ``connect_timeout`` for TCP + TLS, ``read_timeout`` for silence while the caller waits
   for the head or the next body bytes (never the total time of a long stream; not while the caller
   itself is slow and reading is paused).
@@ -38,6 +42,8 @@ from typing import Literal, cast
 import httptools
 
 HIGH_WATER = 64 * 1024  # bytes buffered before the socket stops being read
+MAX_HEAD_BYTES = 64 * 1024  # an answer's head, interim (1xx) heads included
+MAX_HEADERS = 128
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _NO_LENGTH = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE", "CONNECT"})
 
@@ -58,6 +64,14 @@ class ServerClosed(HTTPClientError):
 
 class ProtocolError(HTTPClientError):
     """The server sent something that is not HTTP/1.1 as this client speaks it."""
+
+
+class AnswerHeadTooLarge(ProtocolError):
+    """The answer's head passed ``MAX_HEAD_BYTES`` or ``MAX_HEADERS``."""
+
+
+class PoolTimeout(HTTPClientError):
+    """No connection came free within the pool's ``pool_timeout``."""
 
 
 class PoolClosed(HTTPClientError):
@@ -112,6 +126,9 @@ class _Conn(asyncio.Protocol):
         self.skip_body = skip_body
         self.no_reuse = skip_body  # after a HEAD the parser's framing is not to be trusted
         self.interim = False
+        self.head_bytes = 0  # bytes received while the final head was incomplete
+        self.header_bytes = 0  # bytes of the header lines parsed (interim heads included)
+        self.header_count = 0
         self.last_data = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
@@ -139,11 +156,23 @@ class _Conn(asyncio.Protocol):
         self.last_data = self.loop.time()
         try:
             parser.feed_data(data)
+            if not self.head:
+                # llhttp holds a header's bytes until its line ends: bound what it may hold.
+                self.head_bytes += len(data)
+                if self.head_bytes > MAX_HEAD_BYTES:
+                    raise AnswerHeadTooLarge(f"answer head over {MAX_HEAD_BYTES} bytes")
         except httptools.HttpParserUpgrade:
             self._fail(ProtocolError("the server switched protocols"))
             self._close()
+        except AnswerHeadTooLarge as exc:
+            self._fail(exc)
+            self._close()
         except httptools.HttpParserError as exc:
-            self._fail(ProtocolError(f"malformed HTTP answer: {exc}"))
+            cause = exc.__context__
+            if isinstance(cause, AnswerHeadTooLarge):  # raised in on_header
+                self._fail(cause)
+            else:
+                self._fail(ProtocolError(f"malformed HTTP answer: {exc}"))
             self._close()
         else:
             if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
@@ -175,6 +204,12 @@ class _Conn(asyncio.Protocol):
         self.reason = reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1
+        if self.header_count > MAX_HEADERS:
+            raise AnswerHeadTooLarge(f"answer head over {MAX_HEADERS} headers")
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_HEAD_BYTES:
+            raise AnswerHeadTooLarge(f"answer head over {MAX_HEAD_BYTES} bytes")
         self.headers.append(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         )
@@ -186,7 +221,7 @@ class _Conn(asyncio.Protocol):
             self.interim = True  # 100 Continue, 103 Early Hints: the real answer follows
             self.headers = []
             self.reason = ""
-            return
+            return  # (head_bytes and header_count go on: interim heads count)
         self.status = status
         self.head = True
         if not self.parser.should_keep_alive():  # HTTP/1.0, or Connection: close
@@ -435,10 +470,12 @@ class Pool:
         connect_timeout: float | None,
         read_timeout: float | None,
         keepalive: float = 30.0,
+        pool_timeout: float | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.limit = limit
+        self.pool_timeout = pool_timeout
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.keepalive = keepalive
@@ -507,16 +544,15 @@ class Pool:
     async def _acquire(self, origin: Origin) -> _Conn:
         if self._closed:
             raise PoolClosed("the upstream pool is closed")
-        while len(self._busy) >= self.limit:
-            waiter = self.loop.create_future()
-            self._waiters.append(waiter)
+        if len(self._busy) >= self.limit:
             try:
-                await waiter
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-            if self._closed:
-                raise PoolClosed("the upstream pool is closed")
+                async with asyncio.timeout(self.pool_timeout):
+                    await self._wait_for_room()
+            except TimeoutError:
+                raise PoolTimeout(
+                    f"no upstream connection came free within {self.pool_timeout:g}s "
+                    f"({self.limit} in use: upstream.max_connections)"
+                ) from None
         idle = self._idle.get(origin)
         if idle:
             now = self.loop.time()
@@ -539,6 +575,22 @@ class Pool:
         self.opened += 1
         self.opened_to[origin] = self.opened_to.get(origin, 0) + 1
         return conn
+
+    async def _wait_for_room(self) -> None:
+        while len(self._busy) >= self.limit:
+            waiter = self.loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_waiter()  # woken for a free connection, but leaving: pass it on
+                raise
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            if self._closed:
+                raise PoolClosed("the upstream pool is closed")
 
     async def _connect(self, conn: _Conn) -> None:
         origin = conn.origin

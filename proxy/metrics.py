@@ -83,6 +83,17 @@ class Metrics:
             buckets=_OVERHEAD_BUCKETS,
             registry=r,
         )
+        self.limits = Counter(
+            "atlasburn_limit_hits",
+            "Times a limit or protection acted, by limit: header_timeout, body_timeout, "
+            "client_connections (a connection closed to stay under the bound), pool_timeout "
+            "(503: no upstream connection in time), foreign_host (DNS rebinding), cross_site "
+            "(a web page's request), inflate (a compressed answer metered only in part), "
+            "upstream_head (an answer head over its bounds)",
+            ["limit"],
+            registry=r,
+        )
+        self._limit_children: dict[str, Any] = {}
         self._children: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
         self._models: set[str] = set()
         self._upstream: dict[str, Any] = {}
@@ -128,6 +139,13 @@ class Metrics:
         if overhead is not None:
             self.overhead.observe(overhead)
 
+    def limit_hit(self, limit: str) -> None:
+        """Count one act of a limit (``limit`` is one of the daemon's own fixed names)."""
+        child = self._limit_children.get(limit)
+        if child is None:
+            child = self._limit_children[limit] = self.limits.labels(limit)
+        child.inc()
+
     def upstream(self, provider: str, seconds: float) -> None:
         child = self._upstream.get(provider)
         if child is None:
@@ -149,6 +167,11 @@ class Metrics:
 STATE: dict[str, tuple[str, str]] = {
     "atlasburn_ready": ("gauge", "1 when the store is open and the daemon is not draining"),
     "atlasburn_suspended": ("gauge", "1 while the org's kill flag is set"),
+    "atlasburn_client_connections": ("gauge", "Open client connections"),
+    "atlasburn_client_connections_limit": (
+        "gauge",
+        "The bound on open client connections (server.max_client_connections)",
+    ),
     "atlasburn_spool_pending_events": ("gauge", "Events in the spool waiting to be shipped"),
     "atlasburn_spool_queued_events": ("gauge", "Events in memory waiting for the next commit"),
     "atlasburn_spool_bytes": ("gauge", "Bytes of events in the spool"),

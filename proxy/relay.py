@@ -22,10 +22,11 @@ seen as partial usage.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -35,13 +36,21 @@ from aiohttp import hdrs, web
 from .adapters import ADAPTERS
 from .adapters.base import Meter, Metered, RequestMeta, StreamFilter, UsageSource, loads
 from .config import Config
-from .encoding import tap
-from .errors import UpstreamError, UpstreamTimeout
+from .encoding import decode_body, tap
+from .errors import ClientBodyTimeout, UpstreamBusy, UpstreamError, UpstreamTimeout
 from .events import Event, Recorder, iso_ms
 from .fingerprint import fingerprint, raw_hasher
 from .guardrails import SPEND_LAYER, KillSwitch, LoopGuard, SpendCap, Suspension
 from .headers import RESPONSE_DROP, filter_headers, request_head
-from .http1 import ConnectFailed, HTTPClientError, Pool, Response, ServerClosed
+from .http1 import (
+    AnswerHeadTooLarge,
+    ConnectFailed,
+    HTTPClientError,
+    Pool,
+    PoolTimeout,
+    Response,
+    ServerClosed,
+)
 from .logs import AccessLog, request_id
 from .metrics import Metrics
 from .pricing import Pricer
@@ -102,6 +111,10 @@ class Relay:
         self.poll_seconds = config.telemetry.poll_interval_seconds
         # Providers that refused an injected stream_options: not asked again until restart.
         self.refuses_stream_usage: set[str] = set()
+        # Bodies too large to hold stream upstream as the client sends them, so each holds an
+        # upstream connection at the client's pace: they may hold at most half of the pool.
+        self.uploads = asyncio.Semaphore(max(1, config.upstream.max_connections // 2))
+        self.pool_timeout = config.upstream.pool_timeout_seconds
         self.configure(config, pricer)
 
     def configure(self, config: Config, pricer: Pricer) -> None:
@@ -132,14 +145,22 @@ class Relay:
             read_body = time.perf_counter() - t0  # the client's upload: not our time
         except BodyTooLarge:
             return self._too_large(route)
+        except ClientBodyTimeout as exc:
+            return self._body_timeout(route, exc)
         if not whole:
             return await self._handle_streamed(request, route, body, started, t0, read_body)
 
         upstream = route.upstream
-        parsed = loads(body) if body else None
+        # A compressed body goes upstream as it came; the daemon reads a decoded copy (bounded
+        # like a plain body) for the model and the fingerprint, and never rewrites it.
+        plain = body
+        encoding = request.headers.get(hdrs.CONTENT_ENCODING)
+        if encoding is not None and body:
+            plain = decode_body(body, encoding, self.max_buffered) or b""
+        parsed = loads(plain) if plain else None
         meta = upstream.adapter.describe(route.path, parsed)
         canonical = meta.canonical if parsed is not None else None
-        fp = fingerprint(upstream.kind, meta.endpoint, canonical, body)
+        fp = fingerprint(upstream.kind, meta.endpoint, canonical, plain or body)
 
         suspension = self.kill.check(started)
         # Only POSTs are counted: they are what costs (a GET /v1/models poll is not a loop).
@@ -151,7 +172,9 @@ class Relay:
         ex = _Exchange()
         ex.waited = read_body
         try:
-            return await self._exchange(request, route, meta, body, parsed, ex)
+            # (Stream usage is asked for only in a body the daemon may rewrite: a plain one.)
+            asking = parsed if plain is body else None
+            return await self._exchange(request, route, meta, body, asking, ex)
         finally:
             self._finish(started, t0, route, meta, ex, fp)
 
@@ -167,7 +190,12 @@ class Relay:
         """A body too large to hold (over ``server.max_buffered_body_bytes``): it goes to the
         provider as it arrives. Its fingerprint is the hash of its raw bytes, known once it is
         sent, so the loop detector counts it then (a loop is refused from the next request on);
-        the model comes from the answer; stream usage is not asked for (the body is not read)."""
+        the model comes from the answer; stream usage is not asked for (the body is not read).
+
+        Such a request holds an upstream connection at the client's pace, so it takes one only
+        once its first body bytes are in (a client that announces a body and sends nothing
+        holds none), and uploads hold at most half of the pool (``self.uploads``); the body
+        timeouts of ``server`` end one that stops sending."""
         upstream = route.upstream
         meta = upstream.adapter.describe(route.path, None)
         hasher = raw_hasher(upstream.kind, meta.endpoint)
@@ -180,15 +208,36 @@ class Relay:
             return refusal
         ex = _Exchange()
         ex.waited = read_body
-        stream = _rest_of_body(request, first, self.max_body, hasher)
+        slot = False
         try:
+            if not first:
+                t = time.perf_counter()
+                first = await request.content.readany()
+                ex.waited += time.perf_counter() - t  # the client's pace: not our time
+            try:
+                async with asyncio.timeout(self.pool_timeout):
+                    slot = await self.uploads.acquire()
+            except TimeoutError:
+                raise UpstreamBusy(
+                    f"no upstream connection for an upload within {self.pool_timeout:g}s "
+                    "(uploads may hold half of upstream.max_connections)"
+                ) from None
+            stream = _rest_of_body(request, first, self.max_body, hasher)
             return await self._exchange(
                 request, route, meta, b"", None, ex, stream, request.content_length
             )
         except BodyTooLarge:
             ex.status = 413
             return self._too_large(route)
+        except ClientBodyTimeout as exc:
+            ex.status = 408
+            return self._body_timeout(route, exc)
+        except UpstreamBusy as exc:
+            ex.status = 503
+            return self._busy(route, exc)
         finally:
+            if slot:
+                self.uploads.release()
             fp = "sha256:" + hasher.hexdigest()
             self._finish(started, t0, route, meta, ex, fp)
             if self.loop.enabled and request.method == hdrs.METH_POST:
@@ -197,6 +246,19 @@ class Relay:
     def _too_large(self, route: Route) -> web.Response:
         resp = _error(route, 413, "body_too_large", f"request body over {self.max_body} bytes")
         resp.force_close()  # the rest of the body is not read
+        return resp
+
+    def _body_timeout(self, route: Route, exc: ClientBodyTimeout) -> web.Response:
+        resp = _error(route, 408, "request_timeout", f"request body timed out: {exc}")
+        resp.force_close()  # the rest of the body is not read
+        return resp
+
+    def _busy(self, route: Route, exc: UpstreamBusy) -> web.Response:
+        """503 with Retry-After: the SDKs retry it after a short wait."""
+        if self.metrics is not None:
+            self.metrics.limit_hit("pool_timeout")
+        resp = _error(route, 503, "upstream_busy", str(exc))
+        resp.headers["Retry-After"] = "1"
         return resp
 
     def _finish(
@@ -324,6 +386,9 @@ class Relay:
         except UpstreamTimeout as exc:
             ex.status = 504
             return _error(route, 504, "upstream_timeout", str(exc))
+        except UpstreamBusy as exc:
+            ex.status = 503
+            return self._busy(route, exc)
         except UpstreamError as exc:
             ex.status = 502
             return _error(route, 502, "upstream_unreachable", str(exc))
@@ -344,7 +409,7 @@ class Relay:
 
         encoding = up.header("content-encoding")
         ex.meter = adapter.meter(meta, content_type)
-        feed = tap(ex.meter, encoding)
+        feed = self._tap(ex.meter, encoding)
         hide: StreamFilter | None = None
         if ex.asked_usage and is_sse and up.status == 200:
             if encoding in (None, "", "identity"):
@@ -406,7 +471,7 @@ class Relay:
         up = ex.up
         assert up is not None
         ex.meter = route.upstream.adapter.meter(meta, up.header("content-type") or "")
-        tap(ex.meter, up.header("content-encoding"))(data)
+        self._tap(ex.meter, up.header("content-encoding"))(data)
         whole = web.Response(status=up.status, reason=up.reason, headers=_response_headers(up))
         whole.body = data
         ex.status = up.status
@@ -416,6 +481,12 @@ class Relay:
         ex.waited += time.perf_counter() - t
         ex.complete = True
         return whole
+
+    def _tap(self, meter: Meter, encoding: str | None) -> Callable[[bytes], None]:
+        metrics = self.metrics
+        if metrics is None:
+            return tap(meter, encoding)
+        return tap(meter, encoding, lambda: metrics.limit_hit("inflate"))
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """``Expect: 100-continue``: refuse an announced oversized body before the client sends
@@ -474,6 +545,8 @@ class Relay:
                 length,
             )
         except _UPSTREAM_ERRORS as exc:
+            if isinstance(exc, AnswerHeadTooLarge) and self.metrics is not None:
+                self.metrics.limit_hit("upstream_head")
             raise _upstream_error(exc, upstream.name) from None
         finally:
             elapsed = time.perf_counter() - t
@@ -584,6 +657,8 @@ def _upstream_error(exc: BaseException, provider: str) -> UpstreamError:
     """The one place transport exceptions become the daemon's own."""
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout(_describe(exc, provider))
+    if isinstance(exc, PoolTimeout):
+        return UpstreamBusy(str(exc))
     return UpstreamError(_describe(exc, provider))
 
 

@@ -108,7 +108,7 @@ async def test_no_headers_added_to_the_request(fake: FakeProvider, daemon: Runni
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.port)
     body = b'{"model":"m"}'
     writer.write(
-        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nX-Only: 1\r\n"
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nX-Only: 1\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
     await writer.drain()
@@ -166,7 +166,7 @@ async def test_query_string_and_path_kept(fake: FakeProvider, daemon: RunningDae
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.port)
     writer.write(
         b"GET /openai/v1/models/ft%3Agpt-4o%2Fx?limit=2&after=a%20b&x=%2F&k=%7E HTTP/1.1"
-        b"\r\nHost: x\r\nConnection: close\r\n\r\n"
+        b"\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )
     assert (await reader.read()).startswith(b"HTTP/1.1 200")
     writer.close()
@@ -215,7 +215,7 @@ async def test_unknown_route_is_404_json(
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.port)
     writer.write(
-        f"GET {target} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".encode()
+        f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
     )
     response = await reader.read()
     writer.close()
@@ -237,7 +237,7 @@ async def test_absolute_form_target_never_chooses_the_host(
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.port)
     writer.write(
-        f"GET {target} HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".encode()
+        f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
     )
     response = await reader.read()
     writer.close()
@@ -261,7 +261,7 @@ async def test_absolute_form_target_never_chooses_the_host(
 )
 async def test_dot_segments_refused(fake: FakeProvider, daemon: RunningDaemon, path: str) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
     response = await reader.read()
     writer.close()
     assert response.split(b"\r\n", 1)[0] in (b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 404 Not Found")
@@ -411,7 +411,7 @@ async def test_expect_100_continue(fake: FakeProvider, start_daemon: StartDaemon
     d = await start_daemon(server={"max_body_bytes": 1000})
     reader, writer = await asyncio.open_connection("127.0.0.1", d.daemon.port)
     writer.write(
-        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n"
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000000\r\n"
         b"Expect: 100-continue\r\n\r\n"
     )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -421,7 +421,7 @@ async def test_expect_100_continue(fake: FakeProvider, start_daemon: StartDaemon
     reader, writer = await asyncio.open_connection("127.0.0.1", d.daemon.port)
     body = b'{"model":"m","input":"hi"}'
     writer.write(
-        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n"
         b"Expect: 100-continue\r\n\r\n" % len(body)
     )
     assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == (

@@ -27,7 +27,7 @@ async def test_oversized_body_is_413_before_any_upstream_connection(
     port = port_of(p.url)
     # Announced by Content-Length: refused from the head, the body never read.
     head = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: 5000000\r\n\r\n"
     )
     status, body = status_and_json(await raw_request(port, head + b"{" * 1000))
@@ -54,11 +54,11 @@ async def test_oversized_head_is_431_or_414_in_json(
 ) -> None:
     p = await start_proxy()
     port = port_of(p.url)
-    base = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+    base = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n"
     cases = {
         "one header of 9000 bytes": base + b"X-Big: " + b"a" * 9000 + b"\r\n\r\n{}",
         "200 headers": base + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n{}",
-        "a 20000-byte path": b"GET /v1/" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        "a 20000-byte path": b"GET /v1/" + b"a" * 20000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
     }
     got = {}
     for name, data in cases.items():

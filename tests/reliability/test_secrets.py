@@ -103,7 +103,7 @@ async def test_no_secret_in_logs_store_or_metrics(
             scraped = await r.text()
     # A request head too large, with a canary in it: 431, and the canary stays out of the log.
     oversized = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
         + canaries["oversized_header"].encode()
         + b"x" * 9000
         + b"\r\n\r\n"

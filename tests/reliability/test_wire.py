@@ -71,7 +71,7 @@ async def test_hop_by_hop_and_proxy_headers_never_reach_upstream(
     p = await start_proxy()
     body = json.dumps(CHAT).encode()
     request = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Connection: keep-alive, X-Foo\r\nX-Foo: per-hop\r\nKeep-Alive: timeout=5\r\n"
         b"TE: trailers\r\nProxy-Authorization: Basic c2VjcmV0\r\nProxy-Connection: keep-alive\r\n"
         b"Trailer: X-T\r\nX-End: end-to-end\r\nContent-Length: %d\r\n\r\n" % len(body)
@@ -92,7 +92,7 @@ async def test_hop_by_hop_and_proxy_headers_never_reach_upstream(
     assert leaked == set() and "x-end" in seen
     # Upgrade is hop-by-hop too: the daemon answers plain HTTP and does not pass it on.
     upgrade = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
         b"Upgrade: websocket\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
         % len(body)
     ) + body
@@ -156,10 +156,10 @@ async def test_no_open_proxy(
         "Host: 169.254.169.254\r\n\r\n",
         "CONNECT": f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n",
         "spoofed Host": f"GET /v1/models HTTP/1.1\r\nHost: {target}\r\n\r\n",
-        "//host path": f"GET //{target}/v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
-        "host as provider": f"GET /{target}/v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
-        "encoded ..": "GET /openai/%2e%2e/%2E%2E/v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
-        "@ userinfo": f"GET /openai@{target}/v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+        "//host path": f"GET //{target}/v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "host as provider": f"GET /{target}/v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "encoded ..": "GET /openai/%2e%2e/%2E%2E/v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "@ userinfo": f"GET /openai@{target}/v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n",
     }
     statuses = {}
     for name, request in attempts.items():
