@@ -6,7 +6,9 @@ complete events come out as ``(event, data)`` byte pairs. Lines end in LF, CRLF 
 because nothing here needs them; an event the stream ends without terminating is never returned,
 as the spec says. Only the bytes of the current unfinished line or event are held, and at most
 ``MAX_HELD`` of them: a longer line or event (a broken or hostile stream) is skipped up to the
-next blank line, so memory stays bounded whatever the upstream sends.
+next blank line, so memory stays bounded whatever the upstream sends. The pieces of a long line
+are kept as they came and joined once, when the line ends (joining them at every piece would
+cost time quadratic in the line's length).
 """
 
 from __future__ import annotations
@@ -17,16 +19,35 @@ MAX_HELD = 16 * 1024 * 1024  # larger than any real event (a Responses terminal 
 
 
 class SSEParser:
-    __slots__ = ("_buf", "_event", "_data", "_size", "_skipping")
+    __slots__ = ("_buf", "_held", "_held_size", "_event", "_data", "_size", "_skipping")
 
     def __init__(self) -> None:
         self._buf = b""
+        self._held: list[bytes] = []  # pieces of the unfinished line after _buf: no line end
+        self._held_size = 0
         self._event = b""
         self._data: list[bytes] = []
         self._size = 0  # bytes in _data
         self._skipping = False  # an oversized line or event: ignored up to the next blank line
 
     def feed(self, chunk: bytes) -> list[Event]:
+        if b"\n" not in chunk and b"\r" not in chunk and not self._buf.endswith(b"\r"):
+            # The chunk only continues the current line: hold it (or, inside a skipped line,
+            # only its last byte: the line is not blank, and no more of it matters).
+            if self._skipping:
+                if chunk:
+                    self._buf, self._held, self._held_size = chunk[-1:], [], 0
+                return []
+            self._held.append(chunk)
+            self._held_size += len(chunk)
+            if len(self._buf) + self._held_size > MAX_HELD:
+                self._buf, self._held, self._held_size = chunk[-1:], [], 0
+                self._data = []
+                self._skipping = True
+            return []
+        if self._held:
+            self._buf += b"".join(self._held)
+            self._held, self._held_size = [], 0
         buf = self._buf + chunk if self._buf else chunk
         if b"\r" in buf:
             # A CR at the very end may be the first half of a CRLF: wait for the next byte.
@@ -37,9 +58,10 @@ class SSEParser:
         else:
             held = b""
         lines = buf.split(b"\n")
-        rest = lines.pop() + held
+        line = lines.pop()
+        rest = line + held
         if len(rest) > MAX_HELD:
-            rest = b""
+            rest = line[:1] + held  # (not blank: its bytes no longer matter)
             self._data = []
             self._skipping = True
         self._buf = rest
@@ -73,7 +95,13 @@ class SSEParser:
 
     def idle(self) -> bool:
         """True between events: nothing of an unfinished line or event is held."""
-        return not self._buf and not self._data and not self._event and not self._skipping
+        return (
+            not self._buf
+            and not self._held
+            and not self._data
+            and not self._event
+            and not self._skipping
+        )
 
     def end(self) -> list[Event]:
         """End of stream: a CR held back as a possible half of CRLF was a line end after all."""

@@ -79,9 +79,13 @@ def test_an_oversized_line_or_event_is_skipped_and_memory_stays_bounded() -> Non
     # One line that never ends: the parser holds at most the limit, then drops it.
     for _ in range(limit // len(piece) + 2):
         assert p.feed(piece) == []
-        assert len(p._buf) <= limit
+        assert len(p._buf) + p._held_size <= limit
     # Its end, then a normal event: the oversized one is not returned, the next one is.
     assert p.feed(b"\n\n" + b"data: ok\n\n") == [(b"", b"ok")]
+    # The end of a dropped line is not a blank line: the rest of its event goes with it.
+    for _ in range(limit // len(piece) + 2):
+        p.feed(piece)
+    assert p.feed(b"\ndata: same event\n\ndata: next\n\n") == [(b"", b"next")]
     # An event of many data lines past the limit: skipped, the next one parsed.
     big = b"data: " + b"y" * 1_000_000 + b"\n"
     events = []
