@@ -247,9 +247,11 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 async def serve(config: Config, path: str | None = None, listen: str | None = None) -> int:
     from .app import Daemon  # imported here so check-config stays light
+    from .server import raise_open_file_limit
     from .systemd import notify, watchdog, watchdog_interval
     from .tasks import spawn
 
+    raise_open_file_limit()  # before the connection bound is derived from it
     daemon = Daemon(config)
     try:
         await daemon.start()

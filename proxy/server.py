@@ -17,9 +17,11 @@ bounds it:
 - Idle. A keep-alive connection waits at most ``keepalive_timeout`` for its next request
   (nginx's ``keepalive_timeout``); once its first byte is in, the head timeout applies instead.
 - Count. At most ``max_connections`` client connections are open. A new connection past the
-  bound closes the oldest idle keep-alive connection, else the oldest one still sending its
-  head (a slow client's, most likely an attack's); a connection with a request under way is
-  never closed for room, so when every one is busy the new connection is closed instead. The
+  bound closes the oldest idle keep-alive connection, else the one that has been slow for the
+  longest: still sending its head, or sending its body below the minimum pace (a slow
+  client's, most likely an attack's; a new connection is the newest of those). A connection
+  whose request is read or being answered is never closed for room, so when every one is busy
+  the new connection is closed instead. The
   default bound comes from the open-file limit: half of it, since each request under way also
   holds a connection to the provider.
 - Stop. A graceful stop gives in-flight requests ``shutdown_grace_seconds`` in all, then cancels
@@ -119,9 +121,13 @@ class _Limits:
         self.open[new] = None
         if len(self.open) <= self.max_connections:
             return
+        # The oldest idle connection; else the one slow for the longest: sending its head, or
+        # its body below the minimum pace (a new connection, whose head is just arriving, is
+        # the newest of those).
         idle: _Handler | None = None
-        heading: _Handler | None = None
-        idle_at = heading_at = float("inf")
+        slow: _Handler | None = None
+        idle_at = slow_at = float("inf")
+        now = new.last_rx
         for conn in self.open:
             if conn is new:
                 continue
@@ -129,15 +135,19 @@ class _Limits:
                 if conn.last_rx < idle_at:
                     idle, idle_at = conn, conn.last_rx
             elif conn.head_since is not None and not conn.busy():
-                if conn.head_since < heading_at:
-                    heading, heading_at = conn, conn.head_since
-        victim, why = (idle, "idle") if idle is not None else (heading, "slow head")
-        if victim is None:
-            victim, why = new, "every connection busy"
+                if conn.head_since < slow_at:
+                    slow, slow_at = conn, conn.head_since
+            elif conn.slow_body(now) and conn.body_since < slow_at:
+                slow, slow_at = conn, conn.body_since
+        victim, why = new, "every connection busy"
+        if idle is not None:
+            victim, why = idle, "idle"
+        elif slow is not None:
+            victim, why = slow, "slow"
         self.hit("client_connections")
-        now = time.monotonic()
-        if now - self._warned >= 60:
-            self._warned = now
+        clock = time.monotonic()
+        if clock - self._warned >= 60:
+            self._warned = clock
             log.warning(
                 "client connections at server.max_client_connections (%d): closing one (%s); "
                 "further closings this minute are counted in atlasburn_limit_hits_total",
@@ -162,7 +172,7 @@ class _Handler(RequestHandler):
         self.head_since: float | None = None  # a request head is (or may be) on its way
         self.last_rx = 0.0  # when bytes last arrived
         self._body: StreamReader | None = None  # the current request's unfinished body
-        self._body_since = 0.0  # when it began (moved on by the time reading was paused)
+        self.body_since = 0.0  # when it began (moved on by the time reading was paused)
         self._body_bytes = 0
         self._paused_at: float | None = None  # when the daemon stopped reading it
         self._timer: asyncio.TimerHandle | None = None
@@ -176,6 +186,17 @@ class _Handler(RequestHandler):
     def is_idle(self) -> bool:
         """A keep-alive connection between requests, with no byte of the next one."""
         return self.head_since is None and not self.busy() and self._request_count > 0
+
+    def slow_body(self, now: float) -> bool:
+        """A request body on its way slower than ``BODY_MIN_RATE`` (before the first
+        ``body_timeout`` has passed too: for making room, the allowance does not apply)."""
+        body = self._body
+        return (
+            body is not None
+            and not body.is_eof()
+            and self._paused_at is None
+            and self._body_bytes < (now - self.body_since) * BODY_MIN_RATE
+        )
 
     # -- aiohttp's hooks
 
@@ -211,7 +232,7 @@ class _Handler(RequestHandler):
             payload = self._messages[-1][1]
             if isinstance(payload, StreamReader) and not payload.is_eof():
                 self._body = payload
-                self._body_since = now
+                self.body_since = now
                 self._body_bytes = 0
                 self._paused_at = None
                 self._arm(now + self.limits.body_timeout)
@@ -237,7 +258,7 @@ class _Handler(RequestHandler):
     def _resumed(self) -> None:
         if self._paused_at is not None:
             now = self._loop.time()
-            self._body_since += now - self._paused_at  # the daemon's pause is not the client's
+            self.body_since += now - self._paused_at  # the daemon's pause is not the client's
             self.last_rx = max(self.last_rx, now)
             self._paused_at = None
 
@@ -286,7 +307,7 @@ class _Handler(RequestHandler):
             self._arm(now + limits.body_timeout)
             return
         silent = self.last_rx + limits.body_timeout
-        slow = self._body_since + limits.body_timeout + self._body_bytes / BODY_MIN_RATE
+        slow = self.body_since + limits.body_timeout + self._body_bytes / BODY_MIN_RATE
         due = min(silent, slow)
         if now < due:
             self._arm(due)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -46,8 +47,16 @@ class DaemonProcess:
         return code
 
 
-async def spawn_daemon(*args: str, env: dict[str, str] | None = None) -> DaemonProcess:
-    """``atlasburn-proxy run ARGS...``, returned once it says it is ready."""
+async def spawn_daemon(
+    *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+) -> DaemonProcess:
+    """``atlasburn-proxy run ARGS...``, returned once it says it is ready; ``nofile`` limits
+    its open files (soft and hard, as ``ulimit -n``)."""
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -58,6 +67,7 @@ async def spawn_daemon(*args: str, env: dict[str, str] | None = None) -> DaemonP
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        preexec_fn=limit if nofile is not None else None,
     )
     SPAWNED.append(proc)
     assert proc.stderr is not None

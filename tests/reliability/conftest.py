@@ -159,7 +159,9 @@ async def start_proxy(
     ingest (unless ``ship=False``), and ``overrides`` merge over that config."""
     running: list[Proxy] = []
 
-    async def _start(ship: bool = True, spool: Path | None = None, **overrides: Any) -> Proxy:
+    async def _start(
+        ship: bool = True, spool: Path | None = None, nofile: int | None = None, **overrides: Any
+    ) -> Proxy:
         spool = spool or tmp_path / "state" / "spool.sqlite3"
         base: dict[str, Any] = {
             "server": {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 5},
@@ -177,7 +179,7 @@ async def start_proxy(
         config = tmp_path / f"config{len(running)}.toml"
         config.write_text(toml(merge(base, overrides)))
         env = {**os.environ, "STATE_DIRECTORY": str(tmp_path / "state")}
-        process = await spawn_daemon("--config", str(config), env=env)
+        process = await spawn_daemon("--config", str(config), env=env, nofile=nofile)
         proxy = Proxy(process, spool)
         running.append(proxy)
         return proxy

@@ -27,7 +27,8 @@ async def test_oversized_body_is_413_before_any_upstream_connection(
     port = port_of(p.url)
     # Announced by Content-Length: refused from the head, the body never read.
     head = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\n"
         b"Content-Length: 5000000\r\n\r\n"
     )
     status, body = status_and_json(await raw_request(port, head + b"{" * 1000))

@@ -71,7 +71,8 @@ async def test_hop_by_hop_and_proxy_headers_never_reach_upstream(
     p = await start_proxy()
     body = json.dumps(CHAT).encode()
     request = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\n"
         b"Connection: keep-alive, X-Foo\r\nX-Foo: per-hop\r\nKeep-Alive: timeout=5\r\n"
         b"TE: trailers\r\nProxy-Authorization: Basic c2VjcmV0\r\nProxy-Connection: keep-alive\r\n"
         b"Trailer: X-T\r\nX-End: end-to-end\r\nContent-Length: %d\r\n\r\n" % len(body)
