@@ -9,7 +9,9 @@ request headers inject faults:
 - ``x-fake-status: N`` answer N with the recorded error body;
 - ``x-fake-fault``: ``hang`` (never answer), ``stall`` (send the first event, then go silent),
   ``cut`` (send half the events, then drop the connection), ``gzip`` / ``gzip-chunked`` /
-  ``deflate`` (compress the body, with Content-Length / chunked), ``redirect`` (302 elsewhere),
+  ``deflate`` (compress the body, with Content-Length / chunked), ``bomb`` / ``bomb-sse`` (a
+  JSON / SSE answer of about 1 MiB of gzip that inflates to 1 GiB of zeros: ``gzip_bomb``),
+  ``redirect`` (302 elsewhere),
   ``reject-stream-options`` (400 for a body with ``stream_options``),
   ``echo-headers`` (answer the request headers as JSON), ``hop-response`` (answer with hop-by-hop
   headers);
@@ -28,6 +30,7 @@ whether the peer went away (``"disconnected"``) or it was sent in full (``"done"
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import hashlib
 import json
@@ -61,6 +64,18 @@ COMPRESS = {
     "br": brotli.compress,
     "identity": lambda data: data,
 }
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """About 1 MiB of gzip that inflates to 1 GiB of zeros (made in milliseconds: one block
+    compressed once and repeated; the trailer's checksum is not that of the whole, which no
+    bounded reader ever reaches)."""
+    zeros = bytes(4 << 20)
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    first = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)  # the same bytes every time now
+    return first + block * 255 + c.flush()
 
 
 def long_stream_events(n: int) -> list[bytes]:
@@ -188,6 +203,11 @@ class FakeProvider:
         fault = request.headers.get("x-fake-fault", "")
         if fault == "hang":
             await asyncio.sleep(3600)
+        if fault in ("bomb", "bomb-sse"):
+            kind = "application/json" if fault == "bomb" else "text/event-stream"
+            return web.Response(
+                body=gzip_bomb(), headers={"Content-Type": kind, "Content-Encoding": "gzip"}
+            )
         if fault == "redirect":
             raise web.HTTPFound(request.headers.get("x-fake-location", "http://127.0.0.2:9/stolen"))
         if "x-fake-chunks" in request.headers or "x-fake-bytes" in request.headers:

@@ -1,0 +1,151 @@
+"""Case 17: a hostile (or broken) upstream. What a provider sends is bounded before the daemon
+holds it: a compressed answer is inflated for the meter only so far (the client still gets every
+byte), and an answer head past 64 KiB or 128 headers is refused as malformed (502). Meanwhile
+the daemon stays responsive: ``/healthz`` is polled throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+
+from ..fakes.provider import FakeProvider, gzip_bomb
+from .conftest import Figures, Proxy, StartProxy
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+class Watch:
+    """Polls the daemon's /healthz and RSS every 20 ms until stopped: the slowest answer and
+    the highest RSS seen."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.worst = 0.0
+        self.rss = proxy.rss_mb()
+        self._stop = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        async with aiohttp.ClientSession() as s:
+            while not self._stop.is_set():
+                t = time.monotonic()
+                async with s.get(self.proxy.url + "/healthz") as r:
+                    await r.read()
+                self.worst = max(self.worst, time.monotonic() - t)
+                self.rss = max(self.rss, self.proxy.rss_mb())
+                await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self._task
+
+
+@pytest.mark.parametrize("fault", ["bomb", "bomb-sse"])
+async def test_a_compression_bomb_is_relayed_whole_and_metered_within_bounds(
+    start_proxy: StartProxy, fake: FakeProvider, figures: Figures, fault: str
+) -> None:
+    p = await start_proxy(ship=False)
+    rss0 = p.rss_mb()
+    watch = Watch(p)
+    bomb = gzip_bomb()
+    t = time.monotonic()
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.post(
+            p.url + "/v1/chat/completions", json=CHAT, headers={"x-fake-fault": fault}
+        ) as r:
+            data = await r.read()
+            encoding = r.headers.get("Content-Encoding")
+    took = time.monotonic() - t
+    await asyncio.sleep(0.2)
+    await watch.stop()
+    metrics = await p.metrics()
+    figures(f"{fault}: answer", f"{len(bomb):,} bytes of gzip inflating to 1 GiB, in {took:.2f} s")
+    figures(f"{fault}: RSS before / highest during (MB)", f"{rss0:.0f} / {watch.rss:.0f}")
+    figures(f"{fault}: slowest /healthz meanwhile (ms)", f"{watch.worst * 1000:.0f}")
+    assert hashlib.sha256(data).digest() == hashlib.sha256(bomb).digest()  # relayed untouched
+    assert encoding == "gzip"
+    assert metrics['atlasburn_limit_hits_total{limit="inflate"}'] == 1
+    assert watch.rss - rss0 < 100
+    assert watch.worst < 1.5
+
+
+class RawUpstream:
+    """A TCP server that answers every request with ``answer()``'s bytes, as they come."""
+
+    def __init__(self, answer: Callable[[], AsyncIterator[bytes]]) -> None:
+        self.answer = answer
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> RawUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            async for piece in self.answer():
+                writer.write(piece)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def long_header() -> AsyncIterator[bytes]:
+    yield b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Long: "
+    for _ in range(20 * 16):  # 20 MiB of one header line
+        yield b"a" * 65536
+    yield b"\r\nContent-Length: 2\r\n\r\n{}"
+
+
+async def many_headers() -> AsyncIterator[bytes]:
+    yield b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    for i in range(0, 100_000, 1000):
+        yield b"".join(b"X-H%d: v\r\n" % n for n in range(i, i + 1000))
+    yield b"Content-Length: 2\r\n\r\n{}"
+
+
+async def endless_interim() -> AsyncIterator[bytes]:
+    for _ in range(200):
+        yield b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" * 500
+    yield b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+
+
+@pytest.mark.parametrize("answer", [long_header, many_headers, endless_interim])
+async def test_an_oversized_answer_head_is_a_bad_gateway(
+    start_proxy: StartProxy,
+    figures: Figures,
+    answer: Callable[[], AsyncIterator[bytes]],
+) -> None:
+    upstream = await RawUpstream(answer).start()
+    try:
+        p = await start_proxy(ship=False, providers={"openai": {"base_url": upstream.url}})
+        rss0 = p.rss_mb()
+        t = time.monotonic()
+        async with aiohttp.ClientSession() as s:
+            async with s.post(p.url + "/v1/chat/completions", json=CHAT) as r:
+                status, body = r.status, await r.json()
+        took = time.monotonic() - t
+        growth = p.rss_mb() - rss0
+        metrics = await p.metrics()
+    finally:
+        await upstream.stop()
+    figures(f"{answer.__name__}: answer", f"{status} {body['error']['code']} in {took:.2f} s")
+    figures(f"{answer.__name__}: RSS growth (MB)", f"{growth:.1f}")
+    assert status == 502
+    assert "answer head over" in body["error"]["message"]
+    assert metrics['atlasburn_limit_hits_total{limit="upstream_head"}'] == 1
+    assert growth < 20
