@@ -28,7 +28,12 @@ class ConfigError(ProxyError):
 
 
 class UpstreamError(ProxyError):
-    """The upstream provider could not be reached (answered as 502)."""
+    """The upstream provider could not be reached, or answered something that is not HTTP
+    (answered as 502 with ``code``)."""
+
+    def __init__(self, message: str, code: str = "upstream_unreachable") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class UpstreamTimeout(UpstreamError):

@@ -48,6 +48,7 @@ from .http1 import (
     HTTPClientError,
     Pool,
     PoolTimeout,
+    ProtocolError,
     Response,
     ServerClosed,
 )
@@ -391,7 +392,7 @@ class Relay:
             return self._busy(route, exc)
         except UpstreamError as exc:
             ex.status = 502
-            return _error(route, 502, "upstream_unreachable", str(exc))
+            return _error(route, 502, exc.code, str(exc))
 
         content_type = up.header("content-type") or ""
         is_sse = content_type.startswith("text/event-stream")
@@ -659,6 +660,8 @@ def _upstream_error(exc: BaseException, provider: str) -> UpstreamError:
         return UpstreamTimeout(_describe(exc, provider))
     if isinstance(exc, PoolTimeout):
         return UpstreamBusy(str(exc))
+    if isinstance(exc, ProtocolError):
+        return UpstreamError(_describe(exc, provider), "upstream_bad_answer")
     return UpstreamError(_describe(exc, provider))
 
 

@@ -349,15 +349,8 @@ class _Handler(RequestHandler):
         if self._current_request is not None:
             self._current_request._cancel(asyncio.CancelledError())
         if task is not None and not task.done():
-            try:
-                async with asyncio.timeout(CANCEL_GRACE):
-                    await asyncio.shield(task)
-            except (TimeoutError, asyncio.CancelledError):
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
-        if self._task_handler is not None:
-            self._task_handler.cancel()
+            task.cancel()  # the request's handler with it: its cleanup records the event
+            await asyncio.wait({task}, timeout=CANCEL_GRACE)
         self.force_close()
 
     # -- errors about the request head

@@ -26,7 +26,11 @@ async def start(
 ) -> Running:
     """``on_connection`` is called for every TCP connection accepted."""
     runner = web.AppRunner(
-        app, access_log=None, handler_cancellation=True, shutdown_timeout=shutdown_timeout
+        app,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=shutdown_timeout,
+        auto_decompress=False,  # request bodies are kept as they arrived (as sent by the daemon)
     )
     await runner.setup()
     if on_connection is not None:

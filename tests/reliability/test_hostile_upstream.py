@@ -146,6 +146,7 @@ async def test_an_oversized_answer_head_is_a_bad_gateway(
     figures(f"{answer.__name__}: answer", f"{status} {body['error']['code']} in {took:.2f} s")
     figures(f"{answer.__name__}: RSS growth (MB)", f"{growth:.1f}")
     assert status == 502
+    assert body["error"]["code"] == "upstream_bad_answer"
     assert "answer head over" in body["error"]["message"]
     assert metrics['atlasburn_limit_hits_total{limit="upstream_head"}'] == 1
     assert growth < 20

@@ -6,6 +6,7 @@ an event."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import statistics
 import time
 
@@ -157,3 +158,28 @@ async def test_aborted_streams_close_upstream_and_leave_events(
     figures("last upstream close after the last client left (s)", f"{lag:.3f}")
     figures("events with partial usage", f"{len(events)}/{n}")
     figures("upstream connections in use afterwards", int(in_use))
+
+
+async def test_sigterm_cuts_an_open_stream_at_the_grace(
+    start_proxy: StartProxy, fake: FakeProvider, figures: Figures
+) -> None:
+    """``shutdown_grace_seconds`` is the time a stream still gets after SIGTERM, once."""
+    grace = 3.0
+    p = await start_proxy(ship=False, server={"shutdown_grace_seconds": grace})
+    headers = {"x-fake-chunks": "600", "x-fake-delay-ms": "100"}  # a minute of stream
+    async with aiohttp.ClientSession() as s:
+        async with s.post(p.url + "/v1/chat/completions", json=chat(0), headers=headers) as r:
+            await r.content.readany()
+            p.process.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            try:
+                while await r.content.readany():
+                    pass
+            except aiohttp.ClientPayloadError:
+                pass
+            cut = time.monotonic() - signalled
+    code = await p.process.stop(signal_it=False)
+    figures(f"with shutdown_grace_seconds = {grace:g}, the stream was cut after (s)", f"{cut:.1f}")
+    assert code == 0
+    assert grace - 0.3 <= cut <= grace + 1.0
+    assert "usage=partial" in p.process.log  # the cut stream still left its event

@@ -1,10 +1,12 @@
 """Cases 8, 9 and 11: what crosses the wire. Compressed answers keep headers and bytes consistent;
-hop-by-hop and spoofable headers never reach the provider (X-Forwarded-For as configured); no
-request can make the daemon connect anywhere but its configured upstreams."""
+compressed requests reach the provider as they were sent; hop-by-hop and spoofable headers never
+reach the provider (X-Forwarded-For as configured); no request can make the daemon connect
+anywhere but its configured upstreams."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import zlib
 from collections.abc import AsyncIterator
@@ -15,7 +17,7 @@ import pytest
 
 from ..conftest import eventually
 from ..fakes.ingest import FakeIngest
-from ..fakes.provider import FakeProvider, fixture
+from ..fakes.provider import FakeProvider, fixture, gzip_bomb
 from ..fakes.server import start
 from .conftest import Figures, StartProxy, port_of, raw_request
 
@@ -63,6 +65,42 @@ async def test_compression_matrix_headers_match_bodies(
     assert all(e["tokens_in"] > 0 for e in ingest.delivered())
     figures("combinations", n)
     figures("mismatches", len(mismatches))
+
+
+async def test_compressed_requests_are_relayed_as_sent(
+    start_proxy: StartProxy, fake: FakeProvider, figures: Figures
+) -> None:
+    p = await start_proxy(ship=False)
+    body = {**CHAT, "messages": [{"role": "user", "content": "compressed"}]}
+    plain = json.dumps(body).encode()
+    packed = gzip.compress(plain)
+    statuses = []
+    async with aiohttp.ClientSession() as s:
+        # The issue's bomb as a request body: about 1 MiB of gzip that inflates to 1 GiB.
+        bomb = gzip_bomb()
+        rss0 = p.rss_mb()
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        async with s.post(p.url + "/v1/chat/completions", data=bomb, headers=headers) as r:
+            bomb_status = r.status
+        growth = p.rss_mb() - rss0
+        seen = fake.requests[-1]
+        # The same request twice compressed and twice plain: one fingerprint, so the fourth is
+        # refused as a loop (the daemon fingerprints what the body says, not how it is packed).
+        for data, encoding in ((packed, "gzip"), (plain, None), (packed, "gzip"), (plain, None)):
+            headers = {"Content-Type": "application/json"}
+            if encoding:
+                headers["Content-Encoding"] = encoding
+            async with s.post(p.url + "/v1/chat/completions", data=data, headers=headers) as r:
+                statuses.append(r.status)
+        gzipped = [seen for seen in fake.requests[1:] if seen.header("Content-Encoding") == "gzip"]
+    figures("statuses: gzip, plain, gzip, plain of one request", statuses)
+    figures("a 1 MiB gzip request inflating to 1 GiB", f"{bomb_status}, RSS +{growth:.1f} MB")
+    assert statuses == [200, 200, 200, 429]
+    assert [g.body for g in gzipped] == [packed, packed]  # as sent, still labelled gzip
+    assert (seen.size, seen.digest) == (len(bomb), hashlib.sha256(bomb).hexdigest())
+    assert seen.header("Content-Encoding") == "gzip"
+    assert bomb_status == 200
+    assert growth < 30
 
 
 async def test_hop_by_hop_and_proxy_headers_never_reach_upstream(
