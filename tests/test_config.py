@@ -160,6 +160,33 @@ def test_errors_name_the_dotted_key_and_all_are_reported() -> None:
             "atlasburn.org_id: must be 1-128 characters of letters, digits and _ . : -, "
             "got 'has space'",
         ),
+        (
+            {"server": {"allowed_hosts": ["atlasburn-proxy:8787"]}},
+            "server.allowed_hosts: expected a host name without port (e.g. 'atlasburn-proxy', "
+            "'.svc.cluster.local' or '*'), got 'atlasburn-proxy:8787'",
+        ),
+        (
+            {"server": {"allowed_origins": ["localhost:3000"]}},
+            "server.allowed_origins: expected an origin like 'http://localhost:3000' (scheme, "
+            "host, port), got 'localhost:3000'",
+        ),
+        (
+            {"server": {"allowed_origins": ["http://localhost:3000/app"]}},
+            "server.allowed_origins: expected an origin like 'http://localhost:3000' (scheme, "
+            "host, port), got 'http://localhost:3000/app'",
+        ),
+        (
+            {"server": {"header_timeout_seconds": 0}},
+            "server.header_timeout_seconds: must be between 0.1 and 3600, got 0.0",
+        ),
+        (
+            {"server": {"max_client_connections": -1}},
+            "server.max_client_connections: must be between 0 and 1000000, got -1",
+        ),
+        (
+            {"upstream": {"pool_timeout_seconds": 0}},
+            "upstream.pool_timeout_seconds: must be between 0.001 and 3600, got 0.0",
+        ),
     ],
 )
 def test_single_errors(data: dict[str, object], expected: str) -> None:
@@ -245,6 +272,22 @@ def test_listen_override_and_ipv6() -> None:
     assert cfg.server.listen == Listen("::1", 0)
     assert str(cfg.server.listen) == "[::1]:0"
     assert parse_listen("0.0.0.0:8787") == Listen("0.0.0.0", 8787)
+
+
+def test_allowed_hosts_and_origins_are_normalised_and_come_from_the_environment() -> None:
+    cfg = parse_config(
+        {
+            "server": {
+                "allowed_hosts": ["Atlasburn-Proxy.", ".svc.cluster.local"],
+                "allowed_origins": ["HTTP://LocalHost:3000", "https://app.example:443"],
+            }
+        },
+        env={},
+    )
+    assert cfg.server.allowed_hosts == ("atlasburn-proxy", ".svc.cluster.local")
+    assert cfg.server.allowed_origins == ("http://localhost:3000", "https://app.example")
+    env = {"ATLASBURN_PROXY_ALLOWED_HOSTS": "atlasburn-proxy, proxy.internal"}
+    assert load_config(None, env=env).server.allowed_hosts == ("atlasburn-proxy", "proxy.internal")
 
 
 def test_file_errors(tmp_path: Path) -> None:

@@ -9,9 +9,13 @@ import pytest
 from aiohttp import web
 
 from proxy.http1 import (
+    MAX_HEAD_BYTES,
+    MAX_HEADERS,
+    AnswerHeadTooLarge,
     ConnectFailed,
     Origin,
     Pool,
+    PoolTimeout,
     ProtocolError,
     ServerClosed,
 )
@@ -362,5 +366,65 @@ async def test_connection_reused_after_an_answer_that_paused_reading(raw) -> Non
             assert await r.read() == big
             r.release()
         assert rs.connections == 1
+    finally:
+        await p.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "fits"),
+    [
+        (b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * (MAX_HEAD_BYTES - 2000) + b"\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * (MAX_HEAD_BYTES + 1) + b"\r\n", False),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-H: v\r\n" * (MAX_HEADERS - 1), True),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-H: v\r\n" * (MAX_HEADERS + 1), False),
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 3000 + b"HTTP/1.1 200 OK\r\n", False),
+    ],
+    ids=["60 KiB head", "a line over 64 KiB", "127 headers", "129 headers", "3,000 interim heads"],
+)
+async def test_an_answer_head_is_bounded(raw, pool, head: bytes, fits: bool) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await rs.read_request(reader)
+        writer.write(head + b"Content-Length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    rs = await raw(handler)
+    if fits:
+        r = await pool.request(rs.origin, "POST", "/", b"", b"{}")
+        assert (r.status, await r.read()) == (200, b"{}")
+        r.release()
+    else:
+        with pytest.raises(AnswerHeadTooLarge):
+            await pool.request(rs.origin, "POST", "/", b"", b"{}")
+    assert pool.in_use == 0
+
+
+async def test_waiting_for_a_connection_ends_after_the_pool_timeout(raw) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await rs.read_request(reader)
+        if b"/hang" in head:
+            await reader.read()
+            return
+        writer.write(OK)
+        await writer.drain()
+
+    rs = await raw(handler)
+    p = Pool(limit=2, connect_timeout=2, read_timeout=30, pool_timeout=0.2)
+    try:
+        hanging = [
+            asyncio.ensure_future(p.request(rs.origin, "POST", "/hang", b"", b"{}"))
+            for _ in range(2)
+        ]
+        await asyncio.sleep(0.1)
+        assert p.in_use == 2
+        with pytest.raises(PoolTimeout, match="within 0.2s"):
+            await p.request(rs.origin, "POST", "/", b"", b"{}")
+        # A waiter that leaves passes its turn on: a freed connection still serves the next.
+        waiting = asyncio.ensure_future(p.request(rs.origin, "POST", "/", b"", b"{}"))
+        await asyncio.sleep(0.05)
+        hanging[0].cancel()
+        r = await asyncio.wait_for(waiting, 1)
+        assert await r.read() == b"{}"
+        r.release()
+        hanging[1].cancel()
     finally:
         await p.close()

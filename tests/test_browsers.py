@@ -1,0 +1,74 @@
+"""The Host and Origin checks (``proxy.browsers``): what a browser's request may carry."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.browsers import BrowserGuard
+from proxy.config import parse_config
+
+
+def guard(**server: object) -> BrowserGuard:
+    return BrowserGuard(parse_config({"server": server}, env={}).server)
+
+
+@pytest.mark.parametrize(
+    ("host", "served"),
+    [
+        ("127.0.0.1:8787", True),
+        ("127.0.0.1", True),
+        ("[::1]:8787", True),
+        ("10.1.2.3:8787", True),  # an address is never an attacker's name
+        ("localhost:8787", True),
+        ("LOCALHOST.:8787", True),
+        ("app.localhost:8787", True),
+        ("evil.example:8787", False),
+        ("rebind.127.0.0.1.nip.io:8787", False),
+        ("x", False),  # single-label names resolve through search domains and LLMNR
+        ("localhost.evil.example", False),
+        ("[::1", False),
+        ("[::1]junk", False),
+        ("127.0.0.1:http", False),
+    ],
+)
+def test_hosts_served_by_default(host: str, served: bool) -> None:
+    assert (guard().refusal({"Host": host}) is None) is served
+
+
+def test_configured_hosts() -> None:
+    g = guard(allowed_hosts=["atlasburn-proxy", ".svc.cluster.local"])
+    assert g.refusal({"Host": "atlasburn-proxy:8787"}) is None
+    assert g.refusal({"Host": "proxy.ns.svc.cluster.local:8787"}) is None
+    assert g.refusal({"Host": "svc.cluster.local"}) is None
+    assert g.refusal({"Host": "evil-svc.cluster.local"}) is not None
+    assert guard(allowed_hosts=["*"]).refusal({"Host": "anything.example"}) is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, None),  # SDKs, curl: neither header
+        (
+            {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+            "cross_origin_request",
+        ),
+        ({"Origin": "null"}, "cross_origin_request"),  # sandboxed frames, file: pages
+        ({"Origin": "http://127.0.0.1:9999"}, "cross_origin_request"),  # another local port
+        ({"Origin": "https://127.0.0.1:8787"}, "cross_origin_request"),  # another scheme
+        ({"Sec-Fetch-Site": "cross-site"}, "cross_site_request"),  # <img>, <script>
+        ({"Sec-Fetch-Site": "same-site"}, "cross_site_request"),
+        ({"Origin": "http://127.0.0.1:8787", "Sec-Fetch-Site": "same-origin"}, None),
+        ({"Sec-Fetch-Site": "none"}, None),  # typed into the address bar
+        ({"Sec-Fetch-Site": "same-origin"}, None),
+        ({"Origin": "http://localhost:3000", "Sec-Fetch-Site": "same-site"}, None),
+    ],
+)
+def test_origins(headers: dict[str, str], code: str | None) -> None:
+    g = guard(allowed_origins=["http://localhost:3000"])
+    refused = g.refusal({"Host": "127.0.0.1:8787", **headers})
+    assert (refused[0] if refused else None) == code
+
+
+def test_the_host_is_checked_before_the_origin() -> None:
+    refused = guard().refusal({"Host": "evil.example:8787", "Origin": "http://evil.example:8787"})
+    assert refused is not None and refused[0] == "forbidden_host"
