@@ -22,8 +22,8 @@ bounds it:
   client's, most likely an attack's; a new connection is the newest of those). A connection
   whose request is read or being answered is never closed for room, so when every one is busy
   the new connection is closed instead. The
-  default bound comes from the open-file limit: half of it, since each request under way also
-  holds a connection to the provider.
+  default bound comes from the open-file limit: half of it (each request under way also holds a
+  connection to the provider), at most 4,096.
 - Stop. A graceful stop gives in-flight requests ``shutdown_grace_seconds`` in all, then cancels
   them (each still records its event) and closes.
 
@@ -69,6 +69,9 @@ CANCEL_GRACE = 1.0
 # File descriptors kept aside from the client connections' share: the listener, the store and
 # its WAL, logs, the shipper, idle upstream connections beyond the busy ones.
 RESERVED_FDS = 64
+# The derived bound stops here (systemd's hard limit of 524,288 would allow 262,112 connections,
+# each a few KiB of buffers): four times the default upstream pool, for keep-alive clients.
+AUTO_MAX_CONNECTIONS = 4096
 
 
 def raise_open_file_limit() -> int:
@@ -87,13 +90,14 @@ def raise_open_file_limit() -> int:
 
 
 def client_connection_limit(configured: int) -> int:
-    """``server.max_client_connections``, or (0) half the open files this process may have."""
+    """``server.max_client_connections``, or (0) half the open files this process may have, at
+    most ``AUTO_MAX_CONNECTIONS``."""
     if configured:
         return configured
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1_048_576
-    return max(16, (soft - RESERVED_FDS) // 2)
+    return max(16, min(AUTO_MAX_CONNECTIONS, (soft - RESERVED_FDS) // 2))
 
 
 class _Limits:
