@@ -20,29 +20,33 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 class Watch:
-    """Polls the daemon's /healthz and RSS every 20 ms until stopped: the slowest answer and
-    the highest RSS seen."""
+    """Until stopped: polls the daemon's /healthz every 20 ms (the slowest answer), and reads its
+    RSS from /proc every 10 ms on its own (the highest), also while /healthz waits."""
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.worst = 0.0
         self.rss = proxy.rss_mb()
         self._stop = asyncio.Event()
-        self._task = asyncio.ensure_future(self._run())
+        self._tasks = [asyncio.ensure_future(self._health()), asyncio.ensure_future(self._mem())]
 
-    async def _run(self) -> None:
+    async def _health(self) -> None:
         async with aiohttp.ClientSession() as s:
             while not self._stop.is_set():
                 t = time.monotonic()
                 async with s.get(self.proxy.url + "/healthz") as r:
                     await r.read()
                 self.worst = max(self.worst, time.monotonic() - t)
-                self.rss = max(self.rss, self.proxy.rss_mb())
                 await asyncio.sleep(0.02)
+
+    async def _mem(self) -> None:
+        while not self._stop.is_set():
+            self.rss = max(self.rss, self.proxy.rss_mb())
+            await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
         self._stop.set()
-        await self._task
+        await asyncio.gather(*self._tasks)
 
 
 @pytest.mark.parametrize("fault", ["bomb", "bomb-sse"])
