@@ -70,6 +70,10 @@ class AnswerHeadTooLarge(ProtocolError):
     """The answer's head passed ``MAX_HEAD_BYTES`` or ``MAX_HEADERS``."""
 
 
+class AnswerTooLarge(ProtocolError):
+    """An answer read whole passed the size it was allowed."""
+
+
 class PoolTimeout(HTTPClientError):
     """No connection came free within the pool's ``pool_timeout``."""
 
@@ -436,10 +440,14 @@ class Response:
                 raise conn.error
             await conn.wait()
 
-    async def read(self) -> bytes:
-        """The rest of the body, whole."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The rest of the body, whole; ``AnswerTooLarge`` once it passes ``limit`` bytes."""
         parts = []
+        size = 0
         while chunk := await self.readany():
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise AnswerTooLarge(f"answer body over {limit} bytes")
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 

@@ -368,7 +368,7 @@ class Relay:
             up = ex.up = await self._send(request, route, sent, ex.asked_usage, ex, stream, length)
             if ex.asked_usage and up.status in (400, 422):
                 try:
-                    error = await up.read()
+                    error = await up.read(BUFFER_LIMIT)
                 except _UPSTREAM_ERRORS as exc:
                     raise _upstream_error(exc, upstream.name) from None
                 if b"stream_options" not in error:

@@ -154,3 +154,30 @@ async def test_an_oversized_answer_head_is_a_bad_gateway(
     assert "answer head over" in body["error"]["message"]
     assert metrics['atlasburn_limit_hits_total{limit="upstream_head"}'] == 1
     assert growth < 20
+
+
+async def endless_error() -> AsyncIterator[bytes]:
+    yield b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+    yield b"Transfer-Encoding: chunked\r\n\r\n"
+    for _ in range(64 * 16):  # 64 MiB of an error body, chunked
+        yield b"10000\r\n" + b" " * 65536 + b"\r\n"
+    yield b"0\r\n\r\n"
+
+
+async def test_an_error_read_whole_is_bounded(start_proxy: StartProxy, figures: Figures) -> None:
+    """The daemon reads a 400 to a stream it asked usage for whole (to see whether the provider
+    refused ``stream_options``): only up to 4 MiB."""
+    upstream = await RawUpstream(endless_error).start()
+    try:
+        p = await start_proxy(ship=False, providers={"openai": {"base_url": upstream.url}})
+        rss0 = p.rss_mb()
+        async with aiohttp.ClientSession() as s:
+            async with s.post(p.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                status, body = r.status, await r.json()
+        growth = p.rss_mb() - rss0
+    finally:
+        await upstream.stop()
+    figures("a 64 MiB error to a stream asked for its usage", f"{status}, RSS +{growth:.1f} MB")
+    assert (status, body["error"]["code"]) == (502, "upstream_bad_answer")
+    assert "answer body over 4194304 bytes" in body["error"]["message"]
+    assert growth < 30
