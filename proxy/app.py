@@ -52,22 +52,27 @@ SHIPPER = web.AppKey("shipper", Shipper)
 BROWSERS = web.AppKey("browsers", BrowserGuard)
 
 
-@web.middleware
-async def _refuse_web_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every request passes the Host and Origin checks first (``browsers``): a web page's
-    request is refused before any route, key check or guardrail counts it. A request body that
-    times out where no handler answers for it gets 408 here."""
-    refused = request.app[BROWSERS].refusal(request.headers)
-    if refused is not None:
-        code, message = refused
-        request.app[METRICS].limit_hit("foreign_host" if code == "forbidden_host" else "cross_site")
-        return error(403, code, message)
-    try:
-        return await handler(request)
-    except ClientBodyTimeout as exc:  # a body read by the local API (the relay answers its own)
-        response = error(408, "request_timeout", f"request body timed out: {exc}")
-        response.force_close()
-        return response
+def _guarded(handler: Handler) -> Handler:
+    """``handler`` behind the Host and Origin checks (``browsers``): a web page's request is
+    refused before any route, key check or guardrail counts it. A request body that times out
+    where no handler answers for it gets 408 here. (Each route's handler is wrapped once, where
+    an aiohttp middleware would build a wrapper for every request.)"""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        refused = request.app[BROWSERS].refusal(request.headers)
+        if refused is not None:
+            code, message = refused
+            limit = "foreign_host" if code == "forbidden_host" else "cross_site"
+            request.app[METRICS].limit_hit(limit)
+            return error(403, code, message)
+        try:
+            return await handler(request)
+        except ClientBodyTimeout as exc:  # a body read by the local API (the relay answers)
+            response = error(408, "request_timeout", f"request body timed out: {exc}")
+            response.force_close()
+            return response
+
+    return guarded
 
 
 def make_pool(config: Config) -> Pool:
@@ -87,9 +92,7 @@ def make_pool(config: Config) -> Pool:
 
 def make_app(config: Config, record: Recorder | None = None) -> web.Application:
     """The application; ``record`` (tests) also sees every event the store is given."""
-    app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[_refuse_web_pages]
-    )
+    app = web.Application(client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[READY] = asyncio.Event()
     app[METRICS] = Metrics()
@@ -165,16 +168,16 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
         body = request.app[METRICS].render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", _guarded(healthz))
+    app.router.add_get("/readyz", _guarded(readyz))
+    app.router.add_get("/metrics", _guarded(metrics))
 
     async def enforce(request: web.Request) -> web.StreamResponse:
         return await request.app[GUARDRAILS_API].handle(request)
 
-    app.router.add_route("*", "/api/ingest", ingest)
-    app.router.add_route("*", "/api/guardrails/enforce", enforce)
-    app.router.add_route("*", "/{tail:.*}", relay, expect_handler=expect)
+    app.router.add_route("*", "/api/ingest", _guarded(ingest))
+    app.router.add_route("*", "/api/guardrails/enforce", _guarded(enforce))
+    app.router.add_route("*", "/{tail:.*}", _guarded(relay), expect_handler=expect)
     return app
 
 
