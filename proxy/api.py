@@ -21,6 +21,7 @@ from .auth import HEADER, KeyChecker
 from .events import InvalidEvent, parse_event
 from .guardrails import KillSwitch, LoopGuard
 from .store import Store
+from .text import inert
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,19 @@ def _field(body: dict[str, Any], name: str, kind: type, default: Any = _Bad) -> 
     return value
 
 
+MAX_REASON = 1000
+
+
+def _reason(body: dict[str, Any]) -> str:
+    """The ``reason`` as it is kept: up to 1000 characters are accepted (400 beyond), and what is
+    stored, logged, shown by ``status`` and put into 429 messages is ``inert`` (at most 256
+    printable characters, a longer one cut with a trailing ``…``)."""
+    reason = _field(body, "reason", str, "")
+    if len(reason) > MAX_REASON:
+        raise _Bad(f"reason: at most {MAX_REASON} characters")
+    return inert(reason)
+
+
 class GuardrailsAPI:
     """``/api/guardrails/enforce``: POST suspends, DELETE resumes, GET reads (DESIGN.md)."""
 
@@ -224,9 +238,7 @@ class GuardrailsAPI:
         ttl = _field(body, "ttl_seconds", float)
         if not 0 < ttl <= MAX_TTL:
             raise _Bad(f"ttl_seconds: expected more than 0 and at most {MAX_TTL}")
-        reason = _field(body, "reason", str, "")
-        if len(reason) > 1000:
-            raise _Bad("reason: at most 1000 characters")
+        reason = _reason(body)
         await self._kill.suspend(layer, reason, float(ttl), "api")
         await self._audit("suspend", layer, float(ttl), reason)
         return web.json_response(self._state(details=False))
@@ -235,9 +247,7 @@ class GuardrailsAPI:
         extra = sorted(set(body) - _DELETE_FIELDS)
         if extra:
             raise _Bad(f"unknown field(s): {', '.join(extra)}")
-        reason = _field(body, "reason", str, "")
-        if len(reason) > 1000:
-            raise _Bad("reason: at most 1000 characters")
+        reason = _reason(body)
         await self._kill.clear(reason, "api")
         await self._audit("resume", None, None, reason)
         return web.json_response(self._state(details=False))

@@ -28,6 +28,7 @@ import xxhash
 from .config import LoopDetectorConfig, SpendCapConfig
 from .events import iso_ms
 from .store import GuardrailRow, Store
+from .text import inert
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,13 @@ class KillSwitch:
         for row in await self._store.load_guardrails():
             if row.org_id != self.org_id or row.state != "suspended":
                 continue
+            # Inert: a spool written by an older version may hold any reason a client sent.
             suspension = Suspension(
-                row.org_id, row.layer or "", row.reason or "", row.source or "", row.expires_at
+                row.org_id,
+                inert(row.layer or ""),
+                inert(row.reason or ""),
+                row.source or "",
+                row.expires_at,
             )
             if suspension.expires_at is None or suspension.expires_at > time.time():
                 self._set(suspension)
@@ -104,7 +110,8 @@ class KillSwitch:
         from .tasks import spawn
 
         expires = None if ttl_seconds is None else time.time() + ttl_seconds
-        suspension = Suspension(self.org_id, layer, reason, source, expires)
+        # The reason is logged, stored, shipped and put into every refusal: bounded, inert.
+        suspension = Suspension(self.org_id, inert(layer), inert(reason), source, expires)
         self._set(suspension)
         log.warning(
             "guardrail: org %s suspended by %s (%s) until %s",
@@ -126,6 +133,7 @@ class KillSwitch:
         return suspension
 
     async def clear(self, reason: str, source: str) -> None:
+        reason = inert(reason)
         previous = self._current
         self._current, self._until = None, 0.0
         log.warning("guardrail: org %s resumed by %s (%s)", self.org_id, source, reason)

@@ -28,6 +28,7 @@ from typing import Any
 
 from .adapters.base import Usage
 from .config import PriceOverride, ProviderConfig
+from .text import inert
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,11 @@ class Pricer:
         return cls(providers, overrides, catalog)
 
     def rates(self, provider: str, model: str, service_tier: str | None = None) -> Rates | None:
+        """The rates for (provider, model, tier), or None for an unknown price. The model and
+        tier come from clients and providers: the cache keys them bounded (``proxy.text``)."""
+        model = inert(model)
+        if service_tier is not None:
+            service_tier = inert(service_tier)
         key = (provider, model, service_tier)
         if key in self._cache:
             rates = self._cache[key]
@@ -264,6 +270,7 @@ class Pricer:
         """The cost of ``usage``; never raises (a pricing failure is logged and counted)."""
         if usage.cost_usd is not None:  # the host reported its own price (OpenRouter)
             return Price(usage.cost_usd, True)
+        model = inert(model)  # it is logged and remembered below
         try:
             rates = self.rates(provider, model, usage.service_tier)
             if rates is None:

@@ -46,6 +46,7 @@ from .logs import AccessLog, request_id
 from .metrics import Metrics
 from .pricing import Pricer
 from .routes import BadPath, Route, Router
+from .text import inert
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ class Relay:
             Event(
                 ts=iso_ms(started),
                 provider=route.upstream.name,
-                model=meta.model or "",
+                model=inert(meta.model or ""),  # the client chose it: bounded before it is kept
                 endpoint=meta.endpoint,
                 status=429,
                 tokens_in=0,
@@ -492,7 +493,9 @@ class Relay:
         fp: str,
     ) -> Event:
         usage = metered.usage
-        model = meta.model or metered.model or ""
+        # Client- and provider-chosen names are bounded before they are labelled, logged,
+        # stored, shipped or used as a price cache key (proxy.text).
+        model = inert(meta.model or metered.model or "")
         if usage is None:
             source = UsageSource.MISSING if ex.complete else UsageSource.PARTIAL
             tokens_in = tokens_out = 0
@@ -506,7 +509,8 @@ class Relay:
                 source = UsageSource.REPORTED
             tokens_in, tokens_out = usage.input_tokens, usage.output_tokens
             # The response names the exact model that served (a dated snapshot): price that.
-            price = self.pricer.price(route.upstream.name, metered.model or model, usage)
+            served = inert(metered.model) if metered.model else model
+            price = self.pricer.price(route.upstream.name, served, usage)
             cost, priced = price.cost_usd, price.priced
         return Event(
             ts=iso_ms(started),

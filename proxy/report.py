@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .events import iso_ms
 from .store import REFUSED, UNPRICED
+from .text import inert
 
 GROUPS = ("provider", "model", "endpoint", "fingerprint")
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -75,7 +76,8 @@ def query(path: Path, by: str, since_seconds: float | None) -> list[Row]:
         db.close()
     return [
         Row(
-            key=str(r[0]),
+            # Inert: a spool written by an older version may hold any model a client sent.
+            key=inert(str(r[0])),
             requests=int(r[1] or 0),
             refused=int(r[2] or 0),
             errors=int(r[3] or 0),
@@ -116,7 +118,7 @@ def render(rows: list[Row], by: str, since: str, since_seconds: float | None) ->
     )
     cells = [header] + [
         (
-            r.key if len(r.key) <= 48 else r.key[:45] + "...",
+            inert(r.key, 48),
             f"{r.requests:,}",
             f"{r.refused:,}",
             f"{r.errors:,}",

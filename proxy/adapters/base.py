@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Protocol
 import orjson
 
 from ..sse import SSEParser
+from ..text import inert
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,8 @@ def operation_path(path: str) -> str:
     ``/v1/chat/completions`` -> ``/chat/completions``; ``/v1/responses/resp_123/cancel`` ->
     ``/responses/cancel``; a segment ``name:method`` keeps only ``:method``, glued to the segment
     before it (``/v1beta/models/gemini-2.0-flash:generateContent`` -> ``/models:generateContent``).
+    The client chose the path (up to 16 KiB of it): the result is ``inert``, at most 256
+    characters.
     """
     out: list[str] = []
     for seg in path.split("/"):
@@ -140,7 +143,7 @@ def operation_path(path: str) -> str:
                 out[-1] += ":" + method
             else:
                 out.append(":" + method)
-    return "/" + "/".join(out)
+    return inert("/" + "/".join(out))
 
 
 def without_keys(body: Any, drop: frozenset[str]) -> Any:
