@@ -268,7 +268,7 @@ class Relay:
                 latency_ms=round((time.perf_counter() - t0) * 1000),
                 fingerprint=fp,
                 stream=meta.stream,
-                usage_source=UsageSource.REPORTED,  # exactly nothing: it never left the host
+                usage_source=UsageSource.NONE,  # it never left the host: nothing was metered
                 priced=True,
                 refused_by=suspension.layer,
             ),
@@ -497,7 +497,10 @@ class Relay:
         # stored, shipped or used as a price cache key (proxy.text).
         model = inert(meta.model or metered.model or "")
         if usage is None:
-            source = UsageSource.MISSING if ex.complete else UsageSource.PARTIAL
+            if ex.meter is None:  # no answer reached the meter: a daemon-made error, or 499
+                source = UsageSource.NONE
+            else:
+                source = UsageSource.MISSING if ex.complete else UsageSource.PARTIAL
             tokens_in = tokens_out = 0
             cost, priced = 0.0, False
         else:

@@ -53,8 +53,12 @@ class UsageSource(StrEnum):
 
     REPORTED = "reported"  # the provider reported usage in the response the client asked for
     REQUESTED = "requested"  # the daemon asked for stream usage the client did not ask for
-    PARTIAL = "partial"  # the response was cut (client gone, upstream cut) before usage arrived
-    MISSING = "missing"  # the response ended normally but carried no usage
+    PARTIAL = "partial"  # an answer began but was cut (client gone, upstream cut) before its usage
+    MISSING = "missing"  # the answer ended normally but carried no usage
+    # No answer was metered: a guardrail refusal, an error the daemon made before any answer
+    # (502, 504, 413), a client that left before any answer (499). Its tokens are 0 because
+    # nothing was counted, not because a provider said so.
+    NONE = "none"
 
 
 @dataclass(frozen=True, slots=True)
