@@ -2,9 +2,10 @@
 
 Every call needs ``AtlasBurn-API-Key`` (401 without the right one). Ingest: The body is one event or
 ``{"events": [...]}``; each event is validated on its own: good ones are spooled (and shipped
-like the daemon's own), bad ones are counted in ``rejected`` with the reason, never stored. A body
-that is not JSON, or not an event or batch, is 400; a body over the limit is 413; another org is
-403. Nothing a client sends makes this answer 500.
+like the daemon's own) and fed to the loop detector at their own ``ts`` (a repeat of the same
+event once: ``LoopGuard.observe_ingested``), bad ones are counted in ``rejected`` with the
+reason, never stored. A body that is not JSON, or not an event or batch, is 400; a body over the
+limit is 413; another org is 403. Nothing a client sends makes this answer 500.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class LocalAPI:
                 continue
             self._store.enqueue(event)
             if self._loop is not None and self._loop.enabled:
-                self._loop.observe(event.fingerprint)
+                self._loop.observe_ingested(event)  # at its own ts, a repeat once
             accepted += 1
         return web.Response(
             body=orjson.dumps(

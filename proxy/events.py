@@ -14,7 +14,7 @@ import reprlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from .adapters.base import UsageSource
@@ -111,6 +111,14 @@ def _shown(value: Any) -> str:
     """A rejected value as an error message shows it: its repr, at most 60 characters, inert
     (an answer echoes no megabytes, and nothing that moves a terminal's cursor)."""
     return inert(_REPR.repr(value), 60)
+
+
+def ts_epoch(ts: str) -> float:
+    """Epoch seconds of an event's ``ts`` (``2026-11-29T01:55:24.123Z``, 0 to 6 fractional
+    digits, as ``parse_event`` accepts it). Raises ValueError for anything else."""
+    if not _TS.match(ts):
+        raise ValueError(f"not an event timestamp: {_shown(ts)}")
+    return datetime.fromisoformat(ts[:-1]).replace(tzinfo=UTC).timestamp()
 
 
 def _int(obj: dict[str, Any], key: str, low: int, high: int) -> int:
