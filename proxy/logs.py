@@ -188,8 +188,7 @@ class AccessLog:
                     "usage": event.usage_source.value,
                     "refused_by": event.refused_by,
                 }
-            ).decode()
-            line = _printable_json(line)
+            ).decode()  # (every string in it is inert already: proxy.text)
         else:
             line = (
                 f"ts={ts} level=info logger=atlasburn.access msg=request request_id={rid}"

@@ -511,9 +511,9 @@ class Relay:
             else:
                 source = UsageSource.REPORTED
             tokens_in, tokens_out = usage.input_tokens, usage.output_tokens
-            # The response names the exact model that served (a dated snapshot): price that.
-            served = inert(metered.model) if metered.model else model
-            price = self.pricer.price(route.upstream.name, served, usage)
+            # The response names the exact model that served (a dated snapshot): price that
+            # (the pricer bounds it like ``model`` before it is a cache key or logged).
+            price = self.pricer.price(route.upstream.name, metered.model or model, usage)
             cost, priced = price.cost_usd, price.priced
         return Event(
             ts=iso_ms(started),

@@ -11,7 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.adapters.base import Usage
+from proxy.config import parse_config
 from proxy.logs import JSONFormatter, LogfmtFormatter, _logfmt_value
+from proxy.pricing import Pricer
 from proxy.text import inert
 
 
@@ -135,3 +138,27 @@ def test_log_lines_carry_no_raw_control_character() -> None:
     line = JSONFormatter().format(_record(msg))
     assert line.isprintable()
     assert orjson.loads(line)["msg"] == msg
+
+
+# --------------------------------------------------------------------------- the pricer
+
+
+def test_the_pricer_keys_and_logs_bounded_names(caplog: pytest.LogCaptureFixture) -> None:
+    """Model names and service tiers come from clients and providers; the pricer caches rates
+    per name and warns once per unknown name: both hold the bounded name."""
+    config = parse_config({}, env={})
+    pricer = Pricer.from_config(config.providers, config.pricing)
+    huge = "\x1b[2J" + "m" * (2 << 20)
+    tier = "\n" + "t" * (2 << 20)
+    with caplog.at_level(logging.WARNING, logger="proxy.pricing"):
+        for _ in range(3):
+            price = pricer.price("openai", huge, Usage(10, 10, service_tier=tier))
+            assert (price.cost_usd, price.priced) == (0.0, False)
+    model = "\\x1b[2J" + "m" * 248 + "…"
+    assert list(pricer._cache) == [("openai", model, "\\x0a" + "t" * 251 + "…")]
+    [warning] = caplog.messages
+    assert warning == (
+        f"no price known for openai model {model!r}: its events cost 0 and are marked unpriced;"
+        f' add [pricing."{model}"] to the config to price it'
+    )
+    assert pricer.unpriced_total == 3
