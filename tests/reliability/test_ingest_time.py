@@ -69,14 +69,15 @@ async def test_ingested_events_count_at_their_own_time_once(
         # The same event posted four times: an ingest retry.
         retried = [await post(ingest_event(2, ts=iso(now))) for _ in range(4)]
         between = await state()
-        # Four distinct events of one fingerprint inside the window, out of order.
-        ages = (10.0, 50.0, 1.0, 30.0)
+        # Four distinct events of one fingerprint inside the window, out of order; one of them
+        # 2 s ahead of this host's clock (a small lead counts as now).
+        ages = (10.0, 50.0, -2.0, 30.0)
         looping = [await post(ingest_event(3, ts=iso(time.time() - age))) for age in ages]
         after = await state()
 
     figures("guardrail_status: four events an hour apart", hourly)
     figures("guardrail_status: one event posted four times", retried)
-    figures("guardrail_status: four events in the window, ages 10, 50, 1, 30 s", looping)
+    figures("guardrail_status: four events in the window, ages 10, 50, -2, 30 s", looping)
     assert hourly == ["ok"] * 4
     assert retried == ["ok"] * 4
     assert between["state"] == "ok"
