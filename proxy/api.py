@@ -2,9 +2,10 @@
 
 Every call needs ``AtlasBurn-API-Key`` (401 without the right one). Ingest: The body is one event or
 ``{"events": [...]}``; each event is validated on its own: good ones are spooled (and shipped
-like the daemon's own), bad ones are counted in ``rejected`` with the reason, never stored. A body
-that is not JSON, or not an event or batch, is 400; a body over the limit is 413; another org is
-403. Nothing a client sends makes this answer 500.
+like the daemon's own) and fed to the loop detector at their own ``ts`` (a repeat of the same
+event once: ``LoopGuard.observe_ingested``), bad ones are counted in ``rejected`` with the
+reason, never stored. A body that is not JSON, or not an event or batch, is 400; a body over the
+limit is 413; another org is 403. Nothing a client sends makes this answer 500.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .auth import HEADER, KeyChecker
 from .events import InvalidEvent, parse_event
 from .guardrails import KillSwitch, LoopGuard
 from .store import Store
+from .text import inert
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ class LocalAPI:
                 continue
             self._store.enqueue(event)
             if self._loop is not None and self._loop.enabled:
-                self._loop.observe(event.fingerprint)
+                self._loop.observe_ingested(event)  # at its own ts, a repeat once
             accepted += 1
         return web.Response(
             body=orjson.dumps(
@@ -155,6 +157,19 @@ def _field(body: dict[str, Any], name: str, kind: type, default: Any = _Bad) -> 
     if not ok:
         raise _Bad(f"{name}: expected {'a number' if kind is float else 'a string'}")
     return value
+
+
+MAX_REASON = 1000
+
+
+def _reason(body: dict[str, Any]) -> str:
+    """The ``reason`` as it is kept: up to 1000 characters are accepted (400 beyond), and what is
+    stored, logged, shown by ``status`` and put into 429 messages is ``inert`` (at most 256
+    printable characters, a longer one cut with a trailing ``…``)."""
+    reason = _field(body, "reason", str, "")
+    if len(reason) > MAX_REASON:
+        raise _Bad(f"reason: at most {MAX_REASON} characters")
+    return inert(reason)
 
 
 class GuardrailsAPI:
@@ -224,9 +239,7 @@ class GuardrailsAPI:
         ttl = _field(body, "ttl_seconds", float)
         if not 0 < ttl <= MAX_TTL:
             raise _Bad(f"ttl_seconds: expected more than 0 and at most {MAX_TTL}")
-        reason = _field(body, "reason", str, "")
-        if len(reason) > 1000:
-            raise _Bad("reason: at most 1000 characters")
+        reason = _reason(body)
         await self._kill.suspend(layer, reason, float(ttl), "api")
         await self._audit("suspend", layer, float(ttl), reason)
         return web.json_response(self._state(details=False))
@@ -235,9 +248,7 @@ class GuardrailsAPI:
         extra = sorted(set(body) - _DELETE_FIELDS)
         if extra:
             raise _Bad(f"unknown field(s): {', '.join(extra)}")
-        reason = _field(body, "reason", str, "")
-        if len(reason) > 1000:
-            raise _Bad("reason: at most 1000 characters")
+        reason = _reason(body)
         await self._kill.clear(reason, "api")
         await self._audit("resume", None, None, reason)
         return web.json_response(self._state(details=False))

@@ -15,6 +15,7 @@ from typing import Any
 
 from .auth import HEADER, local_key
 from .config import Config
+from .text import inert
 
 TIMEOUT = 10.0
 
@@ -52,9 +53,9 @@ def call(config: Config, method: str, body: dict[str, Any] | None = None) -> dic
             return answer
     except urllib.error.HTTPError as exc:
         try:
-            detail = json.loads(exc.read())["error"]["message"]
+            detail = inert(str(json.loads(exc.read())["error"]["message"]))
         except (ValueError, KeyError, TypeError):
-            detail = exc.reason
+            detail = inert(str(exc.reason))
         raise OperatorError(f"the daemon answered {exc.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -62,13 +63,19 @@ def call(config: Config, method: str, body: dict[str, Any] | None = None) -> dic
 
 
 def describe(config: Config, answer: dict[str, Any]) -> str:
+    """One line for the terminal. What the daemon answers is shown inert (``proxy.text``): a
+    reason stored by an older version may hold escape sequences or megabytes."""
     org = config.atlasburn.org_id
     if answer.get("state") != "suspended":
-        return f"org {org}: ok ({answer.get('kv_key')})"
-    until = answer.get("expires_at") or "the AtlasBurn API resumes it"
+        return f"org {org}: ok ({_shown(answer.get('kv_key'))})"
+    until = _shown(answer.get("expires_at") or "the AtlasBurn API resumes it")
     text = f"org {org}: SUSPENDED until {until}"
     if answer.get("layer"):
-        text += f" by {answer['layer']}"
+        text += f" by {_shown(answer['layer'])}"
     if answer.get("reason"):
-        text += f": {answer['reason']}"
+        text += f": {_shown(answer['reason'])}"
     return text
+
+
+def _shown(value: object) -> str:
+    return inert(str(value))

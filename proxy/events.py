@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from .adapters.base import UsageSource
+from .text import LIMIT, inert
 
 
 # Not frozen: a frozen dataclass sets each of its 15 fields through object.__setattr__, which
@@ -101,15 +103,36 @@ class InvalidEvent(ValueError):
     """An ingested event that cannot be stored; the message names the field."""
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _shown(value: Any) -> str:
+    """A rejected value as an error message shows it: its repr, at most 60 characters, inert
+    (an answer echoes no megabytes, and nothing that moves a terminal's cursor)."""
+    return inert(_REPR.repr(value), 60)
+
+
+def ts_epoch(ts: str) -> float:
+    """Epoch seconds of an event's ``ts`` (``2026-11-29T01:55:24.123Z``, 0 to 6 fractional
+    digits, as ``parse_event`` accepts it). Raises ValueError for anything else."""
+    if not _TS.match(ts):
+        raise ValueError(f"not an event timestamp: {_shown(ts)}")
+    return datetime.fromisoformat(ts[:-1]).replace(tzinfo=UTC).timestamp()
+
+
 def _int(obj: dict[str, Any], key: str, low: int, high: int) -> int:
     value = obj[key]
     if type(value) is not int or not low <= value <= high:
-        raise InvalidEvent(f"{key}: expected an integer from {low} to {high}, got {value!r}")
+        raise InvalidEvent(f"{key}: expected an integer from {low} to {high}, got {_shown(value)}")
     return value
 
 
 def parse_event(obj: Any) -> Event:
-    """A validated ``Event`` from one ingested JSON object, or InvalidEvent naming the field."""
+    """A validated ``Event`` from one ingested JSON object, or InvalidEvent naming the field.
+
+    ``model`` and ``endpoint`` over 256 characters are refused; what is kept of them is inert
+    (``proxy.text``: non-printable characters escaped, so at most 256 characters still)."""
     if not isinstance(obj, dict):
         raise InvalidEvent(f"expected an event object, got {type(obj).__name__}")
     missing = [key for key in FIELDS if key not in obj]
@@ -120,40 +143,45 @@ def parse_event(obj: Any) -> Event:
         raise InvalidEvent(f"unknown field(s): {', '.join(unknown)}")
     ts = obj["ts"]
     if not isinstance(ts, str) or not _TS.match(ts):
-        raise InvalidEvent(f"ts: expected ISO 8601 UTC like 2026-11-29T01:55:24.123Z, got {ts!r}")
+        raise InvalidEvent(
+            f"ts: expected ISO 8601 UTC like 2026-11-29T01:55:24.123Z, got {_shown(ts)}"
+        )
     try:
         datetime.fromisoformat(ts[:-1])
     except ValueError:
-        raise InvalidEvent(f"ts: not a real date and time: {ts!r}") from None
+        raise InvalidEvent(f"ts: not a real date and time: {_shown(ts)}") from None
     provider = obj["provider"]
     if not isinstance(provider, str) or not _NAME.match(provider):
-        raise InvalidEvent(f"provider: expected a name (1-64 characters), got {provider!r}")
+        raise InvalidEvent(f"provider: expected a name (1-64 characters), got {_shown(provider)}")
     model = obj["model"]
-    if not isinstance(model, str) or len(model) > 256:
-        raise InvalidEvent("model: expected a string of at most 256 characters")
+    if not isinstance(model, str) or len(model) > LIMIT:
+        raise InvalidEvent(f"model: expected a string of at most {LIMIT} characters")
     endpoint = obj["endpoint"]
-    if not isinstance(endpoint, str) or not endpoint.startswith("/") or len(endpoint) > 256:
-        raise InvalidEvent(f"endpoint: expected a path starting with '/', got {endpoint!r}")
+    if not isinstance(endpoint, str) or not endpoint.startswith("/") or len(endpoint) > LIMIT:
+        raise InvalidEvent(
+            f"endpoint: expected a path starting with '/' (at most {LIMIT} characters),"
+            f" got {_shown(endpoint)}"
+        )
     status = _int(obj, "status", 100, 599)
     tokens_in = _int(obj, "tokens_in", 0, _MAX_TOKENS)
     tokens_out = _int(obj, "tokens_out", 0, _MAX_TOKENS)
     cost = obj["cost_usd"]
     if type(cost) not in (int, float) or not math.isfinite(cost) or not 0 <= cost <= _MAX_COST:
-        raise InvalidEvent(f"cost_usd: expected a number from 0 to {_MAX_COST}, got {cost!r}")
+        raise InvalidEvent(f"cost_usd: expected a number from 0 to {_MAX_COST}, got {_shown(cost)}")
     latency = obj["latency_ms"]
     if type(latency) not in (int, float) or not math.isfinite(latency) or not 0 <= latency:
-        raise InvalidEvent(f"latency_ms: expected a non-negative number, got {latency!r}")
+        raise InvalidEvent(f"latency_ms: expected a non-negative number, got {_shown(latency)}")
     fingerprint = obj["fingerprint"]
     if not isinstance(fingerprint, str) or not _FINGERPRINT.match(fingerprint):
         raise InvalidEvent("fingerprint: expected 'sha256:' and 64 lowercase hex digits")
     stream = obj["stream"]
     if type(stream) is not bool:
-        raise InvalidEvent(f"stream: expected true or false, got {stream!r}")
+        raise InvalidEvent(f"stream: expected true or false, got {_shown(stream)}")
     return Event(
         ts=ts,
         provider=provider,
-        model=model,
-        endpoint=endpoint,
+        model=inert(model),
+        endpoint=inert(endpoint),
         status=status,
         tokens_in=tokens_in,
         tokens_out=tokens_out,

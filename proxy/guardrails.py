@@ -15,6 +15,7 @@ USD sums of the daemon's own priced events in minute buckets.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -23,11 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import xxhash
 
 from .config import LoopDetectorConfig, SpendCapConfig
-from .events import iso_ms
+from .events import Event, iso_ms, ts_epoch
 from .store import GuardrailRow, Store
+from .text import inert
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,13 @@ class KillSwitch:
         for row in await self._store.load_guardrails():
             if row.org_id != self.org_id or row.state != "suspended":
                 continue
+            # Inert: a spool written by an older version may hold any reason a client sent.
             suspension = Suspension(
-                row.org_id, row.layer or "", row.reason or "", row.source or "", row.expires_at
+                row.org_id,
+                inert(row.layer or ""),
+                inert(row.reason or ""),
+                row.source or "",
+                row.expires_at,
             )
             if suspension.expires_at is None or suspension.expires_at > time.time():
                 self._set(suspension)
@@ -104,7 +112,8 @@ class KillSwitch:
         from .tasks import spawn
 
         expires = None if ttl_seconds is None else time.time() + ttl_seconds
-        suspension = Suspension(self.org_id, layer, reason, source, expires)
+        # The reason is logged, stored, shipped and put into every refusal: bounded, inert.
+        suspension = Suspension(self.org_id, inert(layer), inert(reason), source, expires)
         self._set(suspension)
         log.warning(
             "guardrail: org %s suspended by %s (%s) until %s",
@@ -126,6 +135,7 @@ class KillSwitch:
         return suspension
 
     async def clear(self, reason: str, source: str) -> None:
+        reason = inert(reason)
         previous = self._current
         self._current, self._until = None, 0.0
         log.warning("guardrail: org %s resumed by %s (%s)", self.org_id, source, reason)
@@ -187,6 +197,11 @@ class LoopDetector:
     newest record is a window old. Every time is compared with the window on use, so what is kept
     beyond it never counts.
 
+    An occurrence may be counted late (an event posted to the local ingest, at its own time):
+    it is stored at its own time, the window is still the one ending at the clock's time, and
+    generations rotate on the clock, so counts stay exact in any arrival order. (A late record
+    in a bucket can hold back the trimming of expired ones behind it; they still never count.)
+
     Memory is bounded: a bucket holds at most ``_BUCKET_CAP`` records (two to four times its
     share of ``max_tracked``; past it its oldest record is forgotten), and a generation of
     repeats at most ``max_tracked`` (past it the generation is retired early). Forgetting can
@@ -199,7 +214,9 @@ class LoopDetector:
         self._previous: dict[int, tuple[int, ...]] = {}
         self._buckets: list[bytearray | None] = []
         self._mask = 0
-        self._epoch = 0  # microseconds subtracted from every time, so that it fits 48 bits
+        # Microseconds subtracted from every time, so that it fits 48 bits; it starts (and moves)
+        # so that a time a whole window before the clock's is still positive.
+        self._epoch = -_HEADROOM
         self._started = -_US_LIMIT  # when the current generation of repeats started
         self._newest = -_US_LIMIT  # when the newest record was added
         self.forgotten = 0  # fingerprints dropped early by a memory bound
@@ -222,8 +239,18 @@ class LoopDetector:
         singles = sum(len(b) for b in self._buckets if b) // _RECORD
         return singles + len(self._repeats) + len(self._previous)
 
-    def observe(self, fingerprint: str, now: float | None = None) -> Trip | None:
-        """Count one occurrence; a Trip when it is the threshold-th within the window."""
+    @property
+    def window_seconds(self) -> float:
+        return self._window / 1_000_000
+
+    def observe(self, fingerprint: str, now: float | None = None, age: float = 0.0) -> Trip | None:
+        """Count one occurrence; a Trip when it is the threshold-th within the window.
+
+        ``now``: the monotonic clock in seconds (read when None). ``age``: how many seconds
+        before ``now`` the occurrence happened (0 on the relay's path; an ingested event's
+        own time otherwise). The window is always the one that ends ``now``: an occurrence
+        older than it is not counted, and one counted late leaves it at its own time.
+        """
         key = _hash(fingerprint.encode())
         if key in self.allow:
             return None
@@ -231,8 +258,16 @@ class LoopDetector:
             us = time.monotonic_ns() // 1000 - self._epoch
         else:
             us = int(now * 1_000_000) - self._epoch
+        # Generations rotate on the clock, never on a late occurrence's time: a generation then
+        # holds only times from before the next one started, so dropping it a window after
+        # that start drops nothing inside the window.
         if us - self._started >= self._window:
             us = self._rotate(us)
+        at = us
+        if age:
+            at = us - round(age * 1_000_000)
+            if at <= us - self._window:
+                return None
         times = self._repeats.pop(key, None)
         if times is None and self._previous:
             times = self._previous.pop(key, None)
@@ -241,20 +276,20 @@ class LoopDetector:
             bucket = self._buckets[index]
             needle = (key >> 16).to_bytes(6, "little")
             if bucket is None:  # the bucket's first record
-                self._buckets[index] = bytearray(needle + us.to_bytes(6, "little"))
-                self._newest = us
+                self._buckets[index] = bytearray(needle + at.to_bytes(6, "little"))
+                self._newest = us  # (not ``at``: the clock, which never goes back)
                 return None
-            at = bucket.find(needle)
-            if at % _RECORD and at > 0:  # matched bytes that straddle two records: look on
-                at = _aligned_find(bucket, needle, at)
-            if at < 0:  # the usual case: a fingerprint not seen in the window
+            pos = bucket.find(needle)
+            if pos % _RECORD and pos > 0:  # matched bytes that straddle two records: look on
+                pos = _aligned_find(bucket, needle, pos)
+            if pos < 0:  # the usual case: a fingerprint not seen in the window
                 if not len(bucket) % _TRIM_EVERY:  # every 8th record: cut what has expired
                     self._trim(bucket, us - self._window)
-                bucket += needle + us.to_bytes(6, "little")
+                bucket += needle + at.to_bytes(6, "little")
                 self._newest = us
                 return None
-            times = (int.from_bytes(bucket[at + 6 : at + _RECORD], "little"),)
-            del bucket[at : at + _RECORD]
+            times = (int.from_bytes(bucket[pos + 6 : pos + _RECORD], "little"),)
+            del bucket[pos : pos + _RECORD]
         cutoff = us - self._window
         recent = tuple(t for t in times if t > cutoff)
         count = len(recent) + 1
@@ -262,7 +297,7 @@ class LoopDetector:
             return Trip(count, f"fingerprint {fingerprint} seen {count} times in {self._label}")
         if not recent:  # the earlier occurrences have all left the window: seen once again
             index = key & self._mask
-            record = (key >> 16).to_bytes(6, "little") + us.to_bytes(6, "little")
+            record = (key >> 16).to_bytes(6, "little") + at.to_bytes(6, "little")
             bucket = self._buckets[index]
             if bucket is None:
                 self._buckets[index] = bytearray(record)
@@ -273,7 +308,9 @@ class LoopDetector:
         if len(self._repeats) >= self.max_tracked:
             self.forgotten += len(self._previous)
             self._rotate(us)
-        self._repeats[key] = recent[-(self.threshold - 2) :] + (us,)
+        # Every time inside the window is kept (at most threshold - 2 of them before this one,
+        # or it would have tripped), so the order they arrived in never changes a count.
+        self._repeats[key] = recent[-(self.threshold - 2) :] + (at,)
         return None
 
     def _trim(self, bucket: bytearray, cutoff: int) -> None:
@@ -297,9 +334,9 @@ class LoopDetector:
             self._buckets = [None] * len(self._buckets)
         if us >= _US_LIMIT:
             self.forgotten += len(self)
-            self._epoch += us
+            self._epoch += us - _HEADROOM
             self._previous, self._buckets = {}, [None] * len(self._buckets)
-            us = 0
+            us = _HEADROOM
             self._newest = -_US_LIMIT
         self._started = us
         return us
@@ -308,6 +345,7 @@ class LoopDetector:
 _hash = xxhash.xxh3_64_intdigest
 _RECORD = 12  # the hash's top 48 bits, then the time in microseconds (48 bits)
 _US_LIMIT = 1 << 47  # times stay below 2**47 microseconds (4.4 years) from the epoch
+_HEADROOM = 86_400 * 1_000_000  # the longest window (config allows a day): late times stay >= 0
 _BUCKET_SHARE = 32  # buckets: a power of two above max_tracked / 32 (8,192 for 250,000)
 _BUCKET_CAP = 2 * _BUCKET_SHARE  # records in a bucket at most
 _TRIM_EVERY = 8 * _RECORD  # a bucket is trimmed each time it reaches 8n records
@@ -387,6 +425,36 @@ LOOP_LAYER = "dumb_loop_detector"
 SPEND_LAYER = "spend_cap"
 RETRY_HEADER = "x-stainless-retry-count"
 _MAX_BLOCKED = 100_000
+# An ingested event's ts up to this far ahead of this host's clock counts as now (clocks
+# differ a little); further ahead, it is not counted.
+FUTURE_SKEW_SECONDS = 5.0
+MAX_INGESTED = 100_000  # ingested events remembered (to count a repeat once), at most
+
+
+class RecentKeys:
+    """Keys remembered until their own expiry (monotonic seconds), at most ``limit`` of them:
+    past it, the expired ones are dropped, then the oldest remembered half."""
+
+    def __init__(self, limit: int = MAX_INGESTED) -> None:
+        self.limit = limit
+        self._until: dict[int, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def add(self, key: int, until: float, now: float) -> bool:
+        """Remember ``key`` until ``until``; False when it was already remembered (and not
+        expired), True when it is new."""
+        known = self._until.get(key)
+        if known is not None and known > now:
+            return False
+        if known is None and len(self._until) >= self.limit:
+            kept = {k: t for k, t in self._until.items() if t > now}
+            if len(kept) >= self.limit:  # insertion order: the first ones counted are dropped
+                kept = dict(itertools.islice(kept.items(), len(kept) // 2, None))
+            self._until = kept
+        self._until[key] = until
+        return True
 
 
 class LoopGuard:
@@ -398,6 +466,7 @@ class LoopGuard:
         self.detector = LoopDetector(config)
         self.kill = kill
         self.blocked: dict[str, Suspension] = {}  # scope "fingerprint" only
+        self.ingested = RecentKeys()  # events posted to the local ingest, counted once each
         self.configure(config)
 
     def configure(self, config: LoopDetectorConfig) -> None:
@@ -422,8 +491,30 @@ class LoopGuard:
             return None  # an SDK's retry of one call is not a new occurrence
         return self.observe(fingerprint)
 
-    def observe(self, fingerprint: str) -> Suspension | None:
-        trip = self.detector.observe(fingerprint)
+    def observe_ingested(self, event: Event) -> Suspension | None:
+        """An event posted to the local /api/ingest: counted at its own ``ts`` when that is
+        inside the window (not older than ``window_seconds``; not further ahead of this host's
+        clock than ``FUTURE_SKEW_SECONDS``, a smaller lead counting as now), and once however
+        often the same event is posted (an ingest retry; the same event is the same ingest
+        fields, compared by their 64-bit xxh3). The refusal, if it trips the detector."""
+        age = time.time() - ts_epoch(event.ts)
+        if age < -FUTURE_SKEW_SECONDS:
+            return None
+        age = max(age, 0.0)
+        window = self.detector.window_seconds
+        if age >= window:
+            return None
+        now = time.monotonic()
+        # Remembered while the event's time is inside the window: a repeat after it has left
+        # would not be counted anyway.
+        if not self.ingested.add(_hash(orjson.dumps(event.to_ingest())), now - age + window, now):
+            return None
+        return self.observe(event.fingerprint, age)
+
+    def observe(self, fingerprint: str, age: float = 0.0) -> Suspension | None:
+        """Count one occurrence (``age`` seconds ago; see ``LoopDetector.observe``); the
+        refusal when it trips the detector."""
+        trip = self.detector.observe(fingerprint, age=age)
         if trip is None:
             return None
         if not self.per_fingerprint:

@@ -24,6 +24,8 @@ ACCESS = logging.getLogger("atlasburn.access")
 
 
 def _logfmt_value(value: Any) -> str:
+    """A logfmt value: bare when it is printable and has no space, ``=``, ``"`` or backslash,
+    else quoted with ``\\`` and ``\"`` escaped and every non-printable character escaped."""
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -31,10 +33,39 @@ def _logfmt_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value) if isinstance(value, float) else str(value)
     text = str(value)
-    if text and not any(c in text for c in ' ="\\\n') and text.isprintable():
-        return text
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    if text.isprintable():
+        if text and not any(c in text for c in ' ="\\'):
+            return text
+        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    else:
+        escaped = "".join(c if c.isprintable() and c not in '"\\' else _escape(c) for c in text)
     return f'"{escaped}"'
+
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(ch: str) -> str:
+    """One character as a JSON-style escape (``\\n``, ``\\u001b``; a UTF-16 surrogate pair above
+    the BMP), which logfmt readers (go-logfmt, Loki) decode: nothing a client chose can end the
+    line, move a terminal's cursor or reorder what an operator reads."""
+    known = _ESCAPES.get(ch)
+    if known is not None:
+        return known
+    code = ord(ch)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def _printable_json(line: str) -> str:
+    """A JSON text with every non-printable character escaped (orjson escapes only C0 controls:
+    DEL, C1 controls such as U+009B, bidi and other format characters and U+2028 would reach the
+    terminal raw). Such characters only occur inside strings, where ``\\uNNNN`` means the same."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else _escape(c) for c in line)
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -72,7 +103,7 @@ class JSONFormatter(logging.Formatter):
             out.update(fields)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        return _printable_json(orjson.dumps(out, default=str).decode())
 
 
 def setup_logging(level: str, fmt: str = "logfmt") -> None:
@@ -157,7 +188,7 @@ class AccessLog:
                     "usage": event.usage_source.value,
                     "refused_by": event.refused_by,
                 }
-            ).decode()
+            ).decode()  # (every string in it is inert already: proxy.text)
         else:
             line = (
                 f"ts={ts} level=info logger=atlasburn.access msg=request request_id={rid}"

@@ -4,7 +4,8 @@ Per-request numbers are counted as each request ends (label children cached, so 
 few dictionary lookups); the state of the spool, shipper, pricer and guardrails is read only when
 scraped. Label values are bounded: provider (configured names), status (HTTP codes), layer and
 model — at most ``MAX_MODELS`` model names get a label of their own, the rest count as ``other``.
-No fingerprint, key or free text is ever a label.
+No fingerprint, key or free text is ever a label, and a model label is at most 256 printable
+characters (``proxy.text.inert``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .events import Event
+from .text import inert
 
 MAX_MODELS = 200
 MAX_LAYERS = 32
@@ -100,6 +102,7 @@ class Metrics:
         self._layers: set[str] = set()
 
     def _model(self, model: str) -> str:
+        model = inert(model)  # the relay bounds it already; an ingested or older event too
         if model in self._models:
             return model
         if len(self._models) < MAX_MODELS:

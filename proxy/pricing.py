@@ -28,6 +28,7 @@ from typing import Any
 
 from .adapters.base import Usage
 from .config import PriceOverride, ProviderConfig
+from .text import inert
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,10 @@ class Price:
 UNPRICED = Price(0.0, False)
 
 
+def _tier(service_tier: str | None) -> str | None:
+    return None if service_tier is None else inert(service_tier)
+
+
 class Pricer:
     """Prices usage for (provider, model); rates cached per (provider, model, service tier)."""
 
@@ -249,6 +254,12 @@ class Pricer:
         return cls(providers, overrides, catalog)
 
     def rates(self, provider: str, model: str, service_tier: str | None = None) -> Rates | None:
+        """The rates for (provider, model, tier), or None for an unknown price. The model and
+        tier come from clients and providers: they are cache keys, so they are bounded first
+        (``proxy.text.inert``)."""
+        return self._rates(provider, inert(model), _tier(service_tier))
+
+    def _rates(self, provider: str, model: str, service_tier: str | None) -> Rates | None:
         key = (provider, model, service_tier)
         if key in self._cache:
             rates = self._cache[key]
@@ -264,8 +275,9 @@ class Pricer:
         """The cost of ``usage``; never raises (a pricing failure is logged and counted)."""
         if usage.cost_usd is not None:  # the host reported its own price (OpenRouter)
             return Price(usage.cost_usd, True)
+        model = inert(model)  # it is a cache key, logged and remembered below
         try:
-            rates = self.rates(provider, model, usage.service_tier)
+            rates = self._rates(provider, model, _tier(usage.service_tier))
             if rates is None:
                 self._unpriced(provider, model)
                 return UNPRICED

@@ -56,6 +56,7 @@ from .logs import AccessLog, request_id
 from .metrics import Metrics
 from .pricing import Pricer
 from .routes import BadPath, Route, Router
+from .text import inert
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ class Relay:
             Event(
                 ts=iso_ms(started),
                 provider=route.upstream.name,
-                model=meta.model or "",
+                model=inert(meta.model or ""),  # the client chose it: bounded before it is kept
                 endpoint=meta.endpoint,
                 status=429,
                 tokens_in=0,
@@ -330,7 +331,7 @@ class Relay:
                 latency_ms=round((time.perf_counter() - t0) * 1000),
                 fingerprint=fp,
                 stream=meta.stream,
-                usage_source=UsageSource.REPORTED,  # exactly nothing: it never left the host
+                usage_source=UsageSource.NONE,  # it never left the host: nothing was metered
                 priced=True,
                 refused_by=suspension.layer,
             ),
@@ -566,9 +567,14 @@ class Relay:
         fp: str,
     ) -> Event:
         usage = metered.usage
-        model = meta.model or metered.model or ""
+        # Client- and provider-chosen names are bounded before they are labelled, logged,
+        # stored, shipped or used as a price cache key (proxy.text).
+        model = inert(meta.model or metered.model or "")
         if usage is None:
-            source = UsageSource.MISSING if ex.complete else UsageSource.PARTIAL
+            if ex.meter is None:  # no answer reached the meter: a daemon-made error, or 499
+                source = UsageSource.NONE
+            else:
+                source = UsageSource.MISSING if ex.complete else UsageSource.PARTIAL
             tokens_in = tokens_out = 0
             cost, priced = 0.0, False
         else:
@@ -579,7 +585,8 @@ class Relay:
             else:
                 source = UsageSource.REPORTED
             tokens_in, tokens_out = usage.input_tokens, usage.output_tokens
-            # The response names the exact model that served (a dated snapshot): price that.
+            # The response names the exact model that served (a dated snapshot): price that
+            # (the pricer bounds it like ``model`` before it is a cache key or logged).
             price = self.pricer.price(route.upstream.name, metered.model or model, usage)
             cost, priced = price.cost_usd, price.priced
         return Event(

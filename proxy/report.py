@@ -1,15 +1,21 @@
-"""``atlasburn-proxy report``: spend, tokens, requests and refusals from the local store."""
+"""``atlasburn-proxy report``: spend, tokens, requests and refusals from the local store.
+
+``--since`` selects events by their own time (the event's ``ts``: when the request started, or
+what a client posted to the local /api/ingest), not by when they reached the store, to the
+second: the cutoff is rounded down to a whole second, so an event of the cutoff's second counts.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .events import iso_ms
 from .store import REFUSED, UNPRICED
+from .text import inert
 
 GROUPS = ("provider", "model", "endpoint", "fingerprint")
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -50,13 +56,28 @@ class Row:
         }
 
 
-def query(path: Path, by: str, since_seconds: float | None) -> list[Row]:
-    """Rows grouped ``by`` one column, biggest spend first. Raises FileNotFoundError."""
+def cutoff_ts(since_seconds: float, now: float | None = None) -> str:
+    """The first second ``--since`` covers, as the start of an event ts
+    (``2026-11-29T01:55:24``): ``since_seconds`` before ``now`` (epoch seconds; the clock when
+    None), rounded down to a whole second.
+
+    Event timestamps (``...:24Z``, ``...:24.1Z`` ... ``...:24.123456Z``) compare as text in
+    time order except within one second (``...:24Z`` sorts after ``...:24.5Z``). Against this
+    19-character prefix every form compares right: a ts of the cutoff's second or later starts
+    with it or sorts after it, an earlier one sorts before it."""
+    start = (time.time() if now is None else now) - since_seconds
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(math.floor(start)))
+
+
+def query(path: Path, by: str, since_seconds: float | None, now: float | None = None) -> list[Row]:
+    """Rows grouped ``by`` one column, biggest spend first, of the events whose ``ts`` is at
+    most ``since_seconds`` before ``now`` (epoch seconds; the clock when None), to the second
+    (``cutoff_ts``); every event for None. Raises FileNotFoundError, ValueError for ``by``."""
     if by not in GROUPS:
         raise ValueError(f"--by must be one of {', '.join(GROUPS)}")
     if not path.exists():
         raise FileNotFoundError(path)
-    cutoff = 0.0 if since_seconds is None else time.time() - since_seconds
+    cutoff = "" if since_seconds is None else cutoff_ts(since_seconds, now)
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         # The event fields are read from the stored ingest body (JSON text in a BLOB: cast, or
@@ -67,7 +88,8 @@ def query(path: Path, by: str, since_seconds: float | None) -> list[Row]:
             f"SUM(json_extract(j, '$.status') >= 400 AND flags & {REFUSED} = 0), "
             "SUM(json_extract(j, '$.tokens_in')), SUM(json_extract(j, '$.tokens_out')), "
             f"SUM(json_extract(j, '$.cost_usd')), SUM(flags & {UNPRICED} != 0) "
-            "FROM (SELECT CAST(body AS TEXT) AS j, flags FROM events WHERE created >= ?) "
+            "FROM (SELECT CAST(body AS TEXT) AS j, flags FROM events) "
+            "WHERE json_extract(j, '$.ts') >= ? "
             "GROUP BY 1 ORDER BY 7 DESC, 2 DESC, 1",
             (cutoff,),
         ).fetchall()
@@ -75,7 +97,8 @@ def query(path: Path, by: str, since_seconds: float | None) -> list[Row]:
         db.close()
     return [
         Row(
-            key=str(r[0]),
+            # Inert: a spool written by an older version may hold any model a client sent.
+            key=inert(str(r[0])),
             requests=int(r[1] or 0),
             refused=int(r[2] or 0),
             errors=int(r[3] or 0),
@@ -101,8 +124,12 @@ def total(rows: list[Row]) -> Row:
     )
 
 
-def render(rows: list[Row], by: str, since: str, since_seconds: float | None) -> str:
-    start = "the beginning" if since_seconds is None else iso_ms(time.time() - since_seconds)
+def render(
+    rows: list[Row], by: str, since: str, since_seconds: float | None, now: float | None = None
+) -> str:
+    """The report as a table for a terminal: ``since`` as the user gave it, the first second
+    covered (``cutoff_ts``), one line per row and the total; keys cut to 48 characters."""
+    start = "the beginning" if since_seconds is None else cutoff_ts(since_seconds, now) + "Z"
     lines = [f"Spend since {start} ({since}), by {by}"]
     header = (
         by,
@@ -116,7 +143,7 @@ def render(rows: list[Row], by: str, since: str, since_seconds: float | None) ->
     )
     cells = [header] + [
         (
-            r.key if len(r.key) <= 48 else r.key[:45] + "...",
+            inert(r.key, 48),
             f"{r.requests:,}",
             f"{r.refused:,}",
             f"{r.errors:,}",

@@ -99,7 +99,20 @@ async def test_single_event_and_batch(api: RunningDaemon) -> None:
             "fingerprint: expected 'sha256:' and 64 lowercase hex digits",
         ),
         ({"stream": "yes"}, "stream: expected true or false, got 'yes'"),
-        ({"endpoint": "chat"}, "endpoint: expected a path starting with '/', got 'chat'"),
+        (
+            {"endpoint": "chat"},
+            "endpoint: expected a path starting with '/' (at most 256 characters), got 'chat'",
+        ),
+        (
+            {"endpoint": "/" + "a" * 300},
+            "endpoint: expected a path starting with '/' (at most 256 characters),"
+            " got '/" + "a" * 26 + "..." + "a" * 28 + "'",
+        ),
+        (
+            {"ts": "\x1b[2J" * 1000},  # echoed bounded and inert
+            "ts: expected ISO 8601 UTC like 2026-11-29T01:55:24.123Z,"
+            " got '" + "\\x1b[2J" * 3 + "\\x1b[2..." + "\\x1b[2J" * 4 + "'",
+        ),
         ({"provider": ""}, "provider: expected a name (1-64 characters), got ''"),
         ({"extra": 1}, "unknown field(s): extra"),
     ],

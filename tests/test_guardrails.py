@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.config import LoopDetectorConfig
+from proxy.events import iso_ms
 from proxy.guardrails import LoopDetector
 
 from .conftest import RunningDaemon, StartDaemon, eventually, shipping
@@ -570,13 +571,23 @@ async def test_local_trip_is_reported_to_the_api(
 async def test_ingested_fingerprints_feed_the_detector(
     fake: FakeProvider, api: RunningDaemon
 ) -> None:
-    event = ingest_event(
-        tokens_in=1, tokens_out=1, cost_usd=0.0, latency_ms=1, fingerprint="sha256:" + "ab" * 32
-    )
+    # Four distinct events of one fingerprint, at their own times inside the window (the same
+    # event posted again, or one outside the window, is not a new occurrence: issue 13 F2).
+    events = [
+        ingest_event(
+            tokens_in=1,
+            tokens_out=1,
+            cost_usd=0.0,
+            latency_ms=1,
+            fingerprint="sha256:" + "ab" * 32,
+            ts=iso_ms(time.time() - seconds),
+        )
+        for seconds in (3, 2, 1, 0)
+    ]
     async with aiohttp.ClientSession() as s:
         async with s.post(
             api.url + "/api/ingest",
-            json={"events": [event] * 4},
+            json={"events": events},
             headers={"AtlasBurn-API-Key": KEY},
         ) as r:
             answer = await r.json()

@@ -402,7 +402,7 @@ async def test_client_gone_before_the_answer_is_recorded_as_499(
             break
         await asyncio.sleep(0.01)
     [event] = daemon.events
-    assert (event.status, event.tokens_in, event.usage_source) == (499, 0, UsageSource.PARTIAL)
+    assert (event.status, event.tokens_in, event.usage_source) == (499, 0, UsageSource.NONE)
     assert len(fake.requests) == 1
 
 

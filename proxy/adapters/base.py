@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Protocol
 import orjson
 
 from ..sse import SSEParser
+from ..text import inert
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +53,12 @@ class UsageSource(StrEnum):
 
     REPORTED = "reported"  # the provider reported usage in the response the client asked for
     REQUESTED = "requested"  # the daemon asked for stream usage the client did not ask for
-    PARTIAL = "partial"  # the response was cut (client gone, upstream cut) before usage arrived
-    MISSING = "missing"  # the response ended normally but carried no usage
+    PARTIAL = "partial"  # an answer began but was cut (client gone, upstream cut) before its usage
+    MISSING = "missing"  # the answer ended normally but carried no usage
+    # No answer was metered: a guardrail refusal, an error the daemon made before any answer
+    # (502, 504, 413), a client that left before any answer (499). Its tokens are 0 because
+    # nothing was counted, not because a provider said so.
+    NONE = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +132,8 @@ def operation_path(path: str) -> str:
     ``/v1/chat/completions`` -> ``/chat/completions``; ``/v1/responses/resp_123/cancel`` ->
     ``/responses/cancel``; a segment ``name:method`` keeps only ``:method``, glued to the segment
     before it (``/v1beta/models/gemini-2.0-flash:generateContent`` -> ``/models:generateContent``).
+    The client chose the path (up to 16 KiB of it): the result is ``inert``, at most 256
+    characters.
     """
     out: list[str] = []
     for seg in path.split("/"):
@@ -140,7 +147,7 @@ def operation_path(path: str) -> str:
                 out[-1] += ":" + method
             else:
                 out.append(":" + method)
-    return "/" + "/".join(out)
+    return inert("/" + "/".join(out))
 
 
 def without_keys(body: Any, drop: frozenset[str]) -> Any:
