@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 
 from .auth import HEADER, KeyChecker
+from .encoding import decode_body
 from .events import InvalidEvent, parse_event
 from .guardrails import KillSwitch, LoopGuard
 from .store import Store
@@ -63,7 +64,8 @@ class LocalAPI:
         return error(401, "unauthorized", f"wrong {HEADER}")
 
     async def read_json(self, request: web.Request) -> Any:
-        """The parsed body, or an error response (413, 400) to answer instead."""
+        """The parsed body (decoded first when it has a Content-Encoding: gzip, deflate, br), or
+        an error response (413, 400) to answer instead."""
         length = request.content_length
         if length is not None and length > self._max_body:
             raise _Refusal(error(413, "body_too_large", f"body over {self._max_body} bytes"))
@@ -74,8 +76,23 @@ class LocalAPI:
             if size > self._max_body:
                 raise _Refusal(error(413, "body_too_large", f"body over {self._max_body} bytes"))
             chunks.append(chunk)
+        body = b"".join(chunks)
+        encoding = request.headers.get("Content-Encoding")
+        if encoding is not None and body:
+            # (aiohttp no longer inflates request bodies: the same bound as a plain one)
+            plain = decode_body(body, encoding, self._max_body)
+            if plain is None:
+                raise _Refusal(
+                    error(
+                        400,
+                        "invalid_encoding",
+                        f"body is not valid {inert(encoding, 32)} or decodes to over "
+                        f"{self._max_body} bytes",
+                    )
+                )
+            body = plain
         try:
-            return orjson.loads(b"".join(chunks))
+            return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise _Refusal(error(400, "invalid_json", f"body is not JSON: {exc}")) from None
 

@@ -18,6 +18,7 @@ from .config import Config
 from .text import inert
 
 TIMEOUT = 10.0
+_MAX_ANSWER = 1 << 20  # bytes read of an answer (the daemon's are a few hundred)
 
 
 class OperatorError(Exception):
@@ -49,11 +50,11 @@ def call(config: Config, method: str, body: dict[str, Any] | None = None) -> dic
     )
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310
-            answer: dict[str, Any] = json.loads(response.read())
+            answer: dict[str, Any] = json.loads(response.read(_MAX_ANSWER))
             return answer
     except urllib.error.HTTPError as exc:
         try:
-            detail = inert(str(json.loads(exc.read())["error"]["message"]))
+            detail = inert(str(json.loads(exc.read(_MAX_ANSWER))["error"]["message"]))
         except (ValueError, KeyError, TypeError):
             detail = inert(str(exc.reason))
         raise OperatorError(f"the daemon answered {exc.code}: {detail}") from None

@@ -199,3 +199,46 @@ async def test_hostile_bodies_never_500(api: RunningDaemon, raw: bytes) -> None:
             assert r.status in (200, 400, 403, 413), await r.text()
         async with s.get(api.url + "/healthz") as r:
             assert r.status == 200
+
+
+async def test_compressed_bodies_are_read_within_the_body_limit(api: RunningDaemon) -> None:
+    import gzip
+
+    from .fakes.provider import gzip_bomb
+
+    packed = gzip.compress(json.dumps({"events": [good(1), good(2)]}).encode())
+    headers = {"AtlasBurn-API-Key": KEY, "Content-Encoding": "gzip"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(api.url + "/api/ingest", data=packed, headers=headers) as r:
+            assert (r.status, (await r.json())["accepted"]) == (200, 2)
+        # About 1 MiB on the wire: over the 200,000-byte limit before it is even decoded.
+        async with s.post(api.url + "/api/ingest", data=gzip_bomb(), headers=headers) as r:
+            assert r.status == 413
+        # Small on the wire, 1 GiB decoded: refused once it decodes past the limit.
+        small_bomb = gzip.compress(b"\0" * 10_000_000)
+        async with s.post(api.url + "/api/ingest", data=small_bomb, headers=headers) as r:
+            assert (r.status, await r.json()) == (
+                400,
+                {
+                    "error": {
+                        "code": "invalid_encoding",
+                        "message": "body is not valid gzip or decodes to over 200000 bytes",
+                    }
+                },
+            )
+
+
+async def test_a_body_that_stops_coming_is_408(start_daemon: StartDaemon) -> None:
+    import asyncio
+
+    d = await start_daemon(atlasburn={"api_key": KEY}, server={"body_timeout_seconds": 0.5})
+    reader, writer = await asyncio.open_connection("127.0.0.1", d.daemon.port)
+    writer.write(
+        f"POST /api/ingest HTTP/1.1\r\nHost: localhost\r\nAtlasBurn-API-Key: {KEY}\r\n"
+        "Content-Length: 100\r\n\r\n{".encode()
+    )
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert json.loads(body)["error"]["code"] == "request_timeout"
