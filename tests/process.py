@@ -27,8 +27,14 @@ class DaemonProcess:
         self.reader = asyncio.ensure_future(self._read(proc.stderr))
 
     async def _read(self, stream: asyncio.StreamReader) -> None:
-        async for line in stream:
-            self.lines.append(line.decode())
+        # In pieces, not with readline: a line over the stream's 64 KiB limit would end the
+        # reading, and the daemon would then block on a full pipe.
+        partial = b""
+        while piece := await stream.read(65536):
+            *whole, partial = (partial + piece).split(b"\n")
+            self.lines.extend(line.decode("utf-8", "replace") + "\n" for line in whole)
+        if partial:
+            self.lines.append(partial.decode("utf-8", "replace"))
 
     @property
     def log(self) -> str:
