@@ -224,6 +224,7 @@ LIVE_KEYS = (
     "server.allowed_origins",
     "server.header_timeout_seconds",
     "server.body_timeout_seconds",
+    "server.send_timeout_seconds",
     "server.max_client_connections",
 )
 

@@ -101,6 +101,9 @@ class ServerConfig:
     header_timeout_seconds: float = 60.0
     body_timeout_seconds: float = 60.0
     keepalive_timeout_seconds: float = 75.0
+    # A client that takes no byte of its answer this long (while some waits for it) is closed
+    # (nginx: send_timeout 60 s).
+    send_timeout_seconds: float = 60.0
     # Open client connections at most; past it the oldest idle ones (then the oldest still
     # sending a request head) are closed to make room. 0: derived from the open-file limit.
     max_client_connections: int = 0
@@ -448,6 +451,9 @@ def _server(t: _Table) -> ServerConfig:
         ),
         keepalive_timeout_seconds=t.get(
             "keepalive_timeout_seconds", float, d.keepalive_timeout_seconds, _between(0.1, 86400)
+        ),
+        send_timeout_seconds=t.get(
+            "send_timeout_seconds", float, d.send_timeout_seconds, _between(0.1, 86400)
         ),
         max_client_connections=t.get(
             "max_client_connections", int, d.max_client_connections, _between(0, 1_000_000)

@@ -88,6 +88,7 @@ class Metrics:
         self.limits = Counter(
             "atlasburn_limit_hits",
             "Times a limit or protection acted, by limit: header_timeout, body_timeout, "
+            "send_timeout (a client that took none of its answer), "
             "client_connections (a connection closed to stay under the bound), pool_timeout "
             "(503: no upstream connection in time), foreign_host (DNS rebinding), cross_site "
             "(a web page's request), inflate (a compressed answer metered only in part), "

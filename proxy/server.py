@@ -16,6 +16,10 @@ bounds it:
   ``ClientBodyTimeout`` and answers 408.
 - Idle. A keep-alive connection waits at most ``keepalive_timeout`` for its next request
   (nginx's ``keepalive_timeout``); once its first byte is in, the head timeout applies instead.
+- Answer. A client that takes no byte of its answer for ``send_timeout`` while the daemon has
+  some waiting for it is closed (nginx's ``send_timeout``): a client that stops reading a stream
+  would otherwise hold its connection to the provider for as long as it likes. Its request is
+  recorded like any client that left.
 - Count. At most ``max_connections`` client connections are open. A new connection past the
   bound closes the oldest idle keep-alive connection, else the one that has been slow for the
   longest: still sending its head, or sending its body below the minimum pace (a slow
@@ -114,6 +118,7 @@ class _Limits:
         """What a reload changes (connections already open keep their armed deadlines)."""
         self.header_timeout = config.header_timeout_seconds
         self.body_timeout = config.body_timeout_seconds
+        self.send_timeout = config.send_timeout_seconds
         self.max_connections = client_connection_limit(config.max_client_connections)
 
     def hit(self, limit: str) -> None:
@@ -179,6 +184,8 @@ class _Handler(RequestHandler):
         self.body_since = 0.0  # when it began (moved on by the time reading was paused)
         self._body_bytes = 0
         self._paused_at: float | None = None  # when the daemon stopped reading it
+        self._unsent = 0  # bytes waiting for the client when writing was last seen to progress
+        self._sent_at: float | None = None  # when that was (None: the client takes what it gets)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
@@ -259,6 +266,21 @@ class _Handler(RequestHandler):
             self._paused_at = self._loop.time()
         super()._pause_reading_for_buffer()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        now = self._loop.time()
+        self._sent_at = now
+        self._unsent = self._write_buffer()
+        self._arm(now + self.limits.send_timeout)
+
+    def resume_writing(self) -> None:
+        self._sent_at = None
+        super().resume_writing()
+
+    def _write_buffer(self) -> int:
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
     def _resumed(self) -> None:
         if self._paused_at is not None:
             now = self._loop.time()
@@ -290,6 +312,23 @@ class _Handler(RequestHandler):
             return
         now = self._loop.time()
         limits = self.limits
+        if self._sent_at is not None:  # the client is not taking its answer as fast as it comes
+            unsent = self._write_buffer()
+            if unsent < self._unsent:  # it took some since: progress
+                self._unsent, self._sent_at = unsent, now
+            elif now >= self._sent_at + limits.send_timeout:
+                limits.hit("send_timeout")
+                log.info(
+                    "closed a connection from %s: it took none of its answer for %gs",
+                    self._peer(),
+                    limits.send_timeout,
+                )
+                # abort, not close: close would wait for the unsent answer to be taken first
+                if self.transport is not None:
+                    self.transport.abort()
+                self.force_close()
+                return
+            self._arm(self._sent_at + limits.send_timeout)
         if self.head_since is not None:
             due = self.head_since + limits.header_timeout
             if now >= due:

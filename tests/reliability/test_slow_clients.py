@@ -231,3 +231,35 @@ async def test_idle_keepalive_connections_are_closed(
     figures("an idle keep-alive connection closed after (s)", f"{idle:.1f}")
     assert closed == b""
     assert keepalive - 0.5 <= idle <= keepalive + 5
+
+
+async def test_a_client_that_stops_reading_is_closed(
+    start_proxy: StartProxy, fake: FakeProvider, figures: Figures, long: bool
+) -> None:
+    """A client that stops reading a stream would hold the provider's stream (and a connection
+    of the pool) for as long as it likes: after ``send_timeout_seconds`` without taking a byte,
+    it is closed, and so is the stream upstream."""
+    send_timeout = 60.0 if long else 2.0
+    p = await start_proxy(ship=False, server={"send_timeout_seconds": send_timeout})
+    body = b'{"model": "gpt-4o-mini", "stream": true, "messages": []}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(p.url))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nx-fake-bytes: 104857600\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await reader.read(65536)  # the answer has begun; from now on nothing is read
+    stopped = time.monotonic()
+    try:
+        while not fake.stream_ends:
+            assert time.monotonic() - stopped < send_timeout + 20, "the stream was never closed"
+            await asyncio.sleep(0.05)
+        ended = fake.stream_ends[0].at - stopped
+    finally:
+        writer.close()
+    metrics = await p.metrics()
+    figures("a client that stopped reading a 100 MB stream: closed after (s)", f"{ended:.1f}")
+    assert fake.stream_ends[0].how == "disconnected"
+    assert send_timeout - 0.5 <= ended <= send_timeout + 10
+    assert metrics['atlasburn_limit_hits_total{limit="send_timeout"}'] == 1
+    assert sum(v for k, v in metrics.items() if k.startswith(IN_USE)) == 0
