@@ -70,11 +70,13 @@ def assert_same_upstream_request(fake: FakeProvider) -> None:
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs, to fill the disk for real (needs root to mount)."""
+    """A 2 MiB tmpfs, to fill the disk for real (needs root to mount). Private (mode 0700): a
+    tmpfs is world-writable (1777) by default, which the daemon refuses as a state directory."""
     mount = tmp_path / "small"
     mount.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
     )
     if done.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (not root)")

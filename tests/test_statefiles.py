@@ -5,7 +5,9 @@ The tests run as root; "another user" is uid 65534 (nobody), made the owner with
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from proxy.auth import local_key
+from proxy.config import StorageConfig
 from proxy.errors import StateFileError
 from proxy.statefiles import StateDir
+from proxy.store import Store
 
 NOBODY = 65534
 
@@ -305,6 +309,91 @@ def test_a_key_file_of_ours_without_a_key_is_replaced(state: StateDir) -> None:
     assert mode(state.real / "local-api-key") == 0o600
     assert sorted(p.name for p in state.real.iterdir()) == ["local-api-key"]
     assert local_key("", state.given, create=True) == key
+
+
+# ---------------------------------------------------------------------------- the database
+
+
+def storage(path: Path) -> StorageConfig:
+    return StorageConfig(path=path, commit_interval_ms=20)
+
+
+async def open_refused(path: Path) -> str:
+    """The message Store.open refuses with (a store that opens is closed, then fails the test:
+    an open store's SQLite thread would keep the test process alive)."""
+    try:
+        store = await Store.open(storage(path), ship=False)
+    except StateFileError as exc:
+        return str(exc)
+    await store.close()
+    raise AssertionError(f"the store at {path} opened")
+
+
+async def test_a_new_store_and_sqlites_companions_are_private(tmp_path: Path) -> None:
+    assert os.umask(os.umask(0o022)) == 0o022  # the test process's: not the daemon's 077
+    path = tmp_path / "state" / "spool.sqlite3"
+    store = await Store.open(storage(path), ship=False)
+    try:
+        modes = {p.name: mode(p) for p in path.parent.iterdir()}
+        assert modes == {
+            "spool.sqlite3": 0o600,
+            "spool.sqlite3-wal": 0o600,
+            "spool.sqlite3-shm": 0o600,
+        }
+        assert mode(path.parent) == 0o700
+    finally:
+        await store.close()
+
+
+async def test_an_older_versions_open_spool_is_made_private_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state" / "spool.sqlite3"
+    store = await Store.open(storage(path), ship=False)
+    await store.close()
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="proxy.statefiles"):
+        store = await Store.open(storage(path), ship=False)
+    try:
+        assert mode(path) == 0o600
+        assert [r.getMessage() for r in caplog.records] == [
+            f"storage.path: {path} was open to other users (mode 0644); it is now private (0600)"
+        ]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm", "-journal"])
+async def test_a_linked_database_file_is_refused(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / "state" / "spool.sqlite3"
+    path.parent.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    victim.chmod(0o644)
+    os.symlink(victim, f"{path}{suffix}")
+    assert await open_refused(path) == (
+        f"storage.path: {path}{suffix} is a symbolic link (to {victim}); the daemon never "
+        "follows links in its state directory: remove it"
+    )
+    assert (victim.read_bytes(), mode(victim)) == (b"precious", 0o644)
+
+
+@pytest.mark.parametrize("suffix", ["", "-wal"])
+async def test_a_database_file_of_another_user_is_refused(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / "state" / "spool.sqlite3"
+    path.parent.mkdir(mode=0o700)
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE t (x)")
+    db.close()
+    planted = f"{path}{suffix}"
+    os.close(os.open(planted, os.O_WRONLY | os.O_CREAT, 0o644))
+    os.chmod(planted, 0o644)
+    os.chown(planted, NOBODY, NOBODY)
+    assert await open_refused(path) == (
+        f"storage.path: {planted} belongs to another user: nobody (uid 65534), mode 0644; a "
+        "file planted in the state directory is never trusted: remove it"
+    )
+    assert mode(Path(planted)) == 0o644
 
 
 # ---------------------------------------------------------------------------- the operator CLI
