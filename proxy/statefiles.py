@@ -312,10 +312,16 @@ class StateDir:
         return _cannot("open", self.given / name, exc)
 
     def _sync(self) -> None:
-        """fsync the directory, so a new name survives a power loss."""
-        fd = os.open(self.real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        """fsync the directory, so a new name survives a power loss. Best effort: some file
+        systems refuse to fsync a directory (EINVAL), and the file itself is on disk already."""
+        try:
+            fd = os.open(self.real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return
         try:
             os.fsync(fd)
+        except OSError:
+            pass
         finally:
             os.close(fd)
 
