@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ..conftest import eventually, eventually_async
+from ..conftest import cpu_wait, eventually, eventually_async
 from ..fakes.ingest import FakeIngest
 from ..fakes.provider import FakeProvider
 from .conftest import Figures, StartProxy, Traffic, embedding_fingerprint, port_of
+
+IN_FLIGHT = 16
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -30,12 +32,13 @@ async def test_soak_with_a_flapping_api(
     port = port_of(p.url)
     # At most 16 requests wait for an answer at once: on a busy machine the rate drops instead
     # of hundreds of requests piling up, whose buffers the memory bound would count.
-    traffic = Traffic(p.url, rate=100, max_in_flight=16).start()
+    traffic = Traffic(p.url, rate=100, max_in_flight=IN_FLIGHT).start()
     await eventually(lambda: traffic.served >= 500, within=120)  # warm: pools, caches
     files0 = p.other_fds()
     start = time.monotonic()
     samples: list[tuple[float, float]] = []
     drained_after: list[float] = []
+    starved: list[float] = []
     fingerprints: dict[int, str] = {}
 
     def answered_before(t: float) -> set[str]:
@@ -51,12 +54,14 @@ async def test_soak_with_a_flapping_api(
             samples.append((time.monotonic() - start, p.rss_mb()))
             await asyncio.sleep(1)
         ingest.down = False
-        up_at = time.monotonic()
+        up_at, waited = time.monotonic(), p.cpu_wait() + cpu_wait()
         # The outage's backlog (every request answered before the API came back) drains while
-        # traffic goes on; the next outage waits for it. (120 s: a backlog that never drains.)
+        # traffic goes on, within a period but for the time the daemon (or this process, which
+        # hosts the fake API) waited for a CPU; the next outage waits for it.
         backlog = answered_before(up_at)
         await eventually(lambda b=backlog: b <= ingest.delivered_fingerprints(), 120, every=0.2)
         drained_after.append(time.monotonic() - up_at)
+        starved.append(p.cpu_wait() + cpu_wait() - waited)
         while time.monotonic() - phase_start < period:
             samples.append((time.monotonic() - start, p.rss_mb()))
             await asyncio.sleep(1)
@@ -100,9 +105,14 @@ async def test_soak_with_a_flapping_api(
     figures("descriptors but TCP sockets: after warm-up / end", f"{files0} / {files1}")
     figures("CLOSE_WAIT sockets at the end", close_wait)
     figures("backlog drained after each outage (s)", [round(x, 1) for x in drained_after])
+    figures("of which waiting for a CPU (s)", [round(x, 1) for x in starved])
     assert len(served) == traffic.served == len(traffic.log)  # every request succeeded
     assert close_wait == 0
-    assert len(upstream) == pooled  # no upstream socket the pool has lost track of
+    assert all(d - w < period for d, w in zip(drained_after, starved, strict=True))
+    # No upstream socket the pool has lost track of, and no more than were ever needed at once:
+    # 16 requests in flight, and as many the client has its answer to but the daemon has yet to
+    # hand its connection back (it does so right after the last byte).
+    assert len(upstream) == pooled <= 2 * IN_FLIGHT
     assert len(to_ingest) <= 2 and others == []
     assert files1 == files0
     if long:
