@@ -100,6 +100,9 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
 
     async def services(app: web.Application) -> AsyncIterator[None]:
         ship = bool(config.atlasburn.api_base)
+        # The key first: a refused key file (StateFileError) must not leave the store open.
+        key = local_key(config.atlasburn.api_key.reveal(), config.storage.path.parent, create=True)
+        assert key is not None
         store = await Store.open(config.storage, ship=ship)
         store.start()
         app[STORE] = store
@@ -111,8 +114,6 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
         spend = SpendCap(guards.spend_cap)
         if spend.enabled:
             spend.restore(await store.spend_buckets(86400))
-        key = local_key(config.atlasburn.api_key.reveal(), config.storage.path.parent, create=True)
-        assert key is not None
         keys = KeyChecker(key)
         app[API] = LocalAPI(
             keys, store, kill, config.atlasburn.org_id, config.server.max_body_bytes, loop

@@ -6,7 +6,9 @@ memory dump of the checker reveals the key.
 
 The key is the configured ``atlasburn.api_key``; in local-only mode without one, the daemon
 generates a key on first start and keeps it in ``local-api-key`` (mode 0600) in the state
-directory, where the operator CLI finds it. The local API is never open.
+directory, where the operator CLI finds it. The local API is never open. The key file is read and
+written through ``statefiles``: a key planted by another user, or a link in its place, is refused
+(``StateFileError``), never trusted or written through.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import logging
 import os
 import secrets
 from pathlib import Path
+
+from .errors import StateFileError
+from .statefiles import StateDir
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +52,46 @@ def key_file(state_dir: Path) -> Path:
 
 
 def local_key(configured: str, state_dir: Path, *, create: bool) -> str | None:
-    """The configured key, else the state directory's generated key (created when asked)."""
+    """The configured key, else the state directory's generated key; None if there is none.
+
+    ``create=True`` (the daemon): a missing key is generated and written (mode 0600, never over
+    an existing name); a file of ours that holds no key (an interrupted first start) is replaced.
+    ``create=False`` (operator commands): only read. Either way the directory and the file are
+    checked first (``statefiles``): a key file that is a link, another user's, or readable by
+    others raises ``StateFileError`` and is never used.
+    """
     if configured:
         return configured
-    path = key_file(state_dir)
-    try:
-        key = path.read_text().strip()
-        if key.startswith("abn_"):
-            return key
-    except FileNotFoundError:
-        pass
-    if not create:
+    state = StateDir.check(state_dir, create=create)
+    if state is None:
         return None
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = "abn_local_" + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    os.chmod(path, 0o600)
-    log.warning("no atlasburn.api_key configured: generated a key for the local API in %s", path)
-    return key
+    path = key_file(state_dir)
+    # Twice at most: a key that another process (a second daemon on the same state directory)
+    # wrote between our read and our create is read, not overwritten.
+    for _ in range(2):
+        data = state.read(KEY_FILE)
+        key = _parse(data) if data is not None else None
+        if key is not None or not create:
+            return key
+        key = "abn_local_" + secrets.token_urlsafe(32)
+        if data is not None:
+            state.replace(KEY_FILE, (key + "\n").encode())
+            log.warning("%s held no key: generated a new key for the local API", path)
+            return key
+        try:
+            state.create(KEY_FILE, (key + "\n").encode())
+        except FileExistsError:
+            continue
+        log.warning(
+            "no atlasburn.api_key configured: generated a key for the local API in %s", path
+        )
+        return key
+    raise StateFileError(
+        f"storage.path: {path} keeps changing while it is read; is another "
+        "daemon using the same storage.path?"
+    )
+
+
+def _parse(data: bytes) -> str | None:
+    key = data.decode("utf-8", "replace").strip()
+    return key if key.startswith("abn_") else None

@@ -1,7 +1,7 @@
 """Command line: ``atlasburn-proxy run | check-config`` (also ``python -m proxy``).
 
-Exit codes: 0 clean stop, 1 runtime failure (e.g. the address is taken), 2 bad configuration
-(the systemd unit does not restart on 2: restarting cannot fix a config file).
+Exit codes: 0 clean stop, 1 runtime failure (e.g. the address is taken), 2 bad configuration or
+an unsafe state directory (the systemd unit does not restart on 2: restarting cannot fix either).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from . import __version__
 from .config import Config, load_config
 from .config import config_path as resolve_config_path
-from .errors import ConfigError
+from .errors import ConfigError, StateFileError
 from .logs import setup_logging
 
 log = logging.getLogger("proxy")
@@ -215,11 +215,18 @@ def operate(args: argparse.Namespace) -> int:
     except control.OperatorError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_FAILURE
+    except StateFileError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
     print(control.describe(config, answer))
     return EXIT_OK
 
 
 def run(config_path: str | None, listen: str | None) -> int:
+    # Whatever the daemon creates (state directory, spool, SQLite's -wal and -shm, key file) is
+    # for its own user only, also where a mode is not passed explicitly. Here, not in library
+    # code: tests and tools import that in-process.
+    os.umask(0o077)
     config_path = resolve_config_path(config_path)
     try:
         config = load_config(config_path, listen=listen)
@@ -255,6 +262,11 @@ async def serve(config: Config, path: str | None = None, listen: str | None = No
     daemon = Daemon(config)
     try:
         await daemon.start()
+    except StateFileError as exc:
+        # Before binding, like a bad config: the unit does not restart on it.
+        log.error("refusing to start: %s", exc)
+        await daemon.stop()
+        return EXIT_CONFIG
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.server.listen, exc.strerror or exc)
         await daemon.stop()

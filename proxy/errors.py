@@ -3,6 +3,8 @@
     ProxyError                 base of everything the daemon raises on purpose
     ├── ConfigError            the configuration is invalid; carries every problem, each prefixed
     │                          with its dotted key (``providers.openai.base_url: ...``)
+    ├── StateFileError         the state directory or a file in it is unsafe: another user could
+    │                          plant, redirect or read it (``storage.path: ...``)
     ├── UpstreamError          the provider could not be reached or stopped answering
     │   ├── UpstreamTimeout    the provider did not connect or went silent for too long
     │   └── UpstreamBusy       no connection to the provider came free in time (503)
@@ -25,6 +27,12 @@ class ConfigError(ProxyError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class StateFileError(ProxyError):
+    """The state directory or a file in it is not safe to use (``statefiles.py``); the message
+    names ``storage.path``, what is wrong, whose the file is and how to fix it. ``run`` exits 2
+    on it before binding: like a bad config, restarting cannot fix it."""
 
 
 class UpstreamError(ProxyError):

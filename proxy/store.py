@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import sqlite3
 import time
 import uuid
@@ -45,6 +44,7 @@ import orjson
 from .adapters.base import UsageSource
 from .config import StorageConfig
 from .events import Event
+from .statefiles import StateDir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -225,8 +225,13 @@ class Store:
 
     @classmethod
     async def open(cls, config: StorageConfig, *, ship: bool) -> Store:
+        """Open (or create) the store at ``storage.path``. Events name models and spend: the
+        directory and the files are checked and made private before SQLite opens them
+        (``statefiles``; ``StateFileError`` if they are not safe to use)."""
         path = Path(config.path)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        state = StateDir.check(path.parent, create=True)
+        assert state is not None  # create=True never gives None
+        state.prepare_database(path.name)
         db = await aiosqlite.connect(path, isolation_level=None)
         try:
             for pragma in (
@@ -243,7 +248,6 @@ class Store:
         except BaseException:
             await db.close()
             raise
-        os.chmod(path, 0o600)  # events name models and spend: not for other users
         return store
 
     async def _load_totals(self) -> None:

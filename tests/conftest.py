@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -70,11 +71,13 @@ def assert_same_upstream_request(fake: FakeProvider) -> None:
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs, to fill the disk for real (needs root to mount)."""
+    """A 2 MiB tmpfs, to fill the disk for real (needs root to mount). Private (mode 0700): a
+    tmpfs is world-writable (1777) by default, which the daemon refuses as a state directory."""
     mount = tmp_path / "small"
     mount.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
     )
     if done.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (not root)")
@@ -188,8 +191,9 @@ def shipping(ingest: FakeIngest, **telemetry: Any) -> dict[str, Any]:
     }
 
 
-async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait until ``check()`` holds (a test of background work), or fail after ``within`` s."""
+async def eventually(check: Callable[[], bool], within: float = 5.0, every: float = 0.01) -> None:
+    """Wait until ``check()`` holds (a test of background work), or fail after ``within`` s;
+    ``check`` runs every ``every`` s (more for one that costs: it competes with the daemon)."""
     import asyncio
     import time
 
@@ -197,4 +201,54 @@ async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
     while not check():
         if time.monotonic() > deadline:
             raise AssertionError(f"still not true after {within}s")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(every)
+
+
+async def eventually_async(
+    check: Callable[[], Awaitable[bool]], within: float = 5.0, every: float = 0.1
+) -> None:
+    """``eventually`` for a check that awaits (e.g. reads a daemon's /metrics)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"still not true after {within}s")
+        await asyncio.sleep(every)
+
+
+def committed_fingerprints(spool: Path, scratch: Path) -> set[str]:
+    """The fingerprints of every event committed to ``spool`` (a daemon's, after it was killed):
+    read from a copy of the file and its WAL, so the spool is left exactly as the daemon will
+    find it when it starts again."""
+    import shutil
+    import sqlite3
+
+    scratch.mkdir(exist_ok=True)
+    copy = scratch / spool.name
+    for suffix in ("", "-wal"):
+        source = Path(f"{spool}{suffix}")
+        target = Path(f"{copy}{suffix}")
+        target.unlink(missing_ok=True)
+        if source.exists():
+            shutil.copyfile(source, target)
+    Path(f"{copy}-shm").unlink(missing_ok=True)
+    db = sqlite3.connect(copy)
+    try:
+        return {
+            json.loads(body)["fingerprint"] for (body,) in db.execute("SELECT body FROM events")
+        }
+    finally:
+        db.close()
+
+
+def cpu_wait(pid: int | str = "self") -> float:
+    """Seconds the threads of process ``pid`` (this one by default) have spent runnable but
+    waiting for a CPU, from /proc/<pid>/task/*/schedstat: time a busy machine took from it.
+    A bound on how long something takes may leave that out (and only that: time spent
+    computing, or blocked, still counts)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[1])
+        except (OSError, IndexError):
+            continue  # the thread ended meanwhile
+    return total / 1e9

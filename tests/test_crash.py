@@ -15,7 +15,7 @@ import aiohttp
 from proxy.adapters import ADAPTERS
 from proxy.fingerprint import fingerprint
 
-from .conftest import eventually
+from .conftest import committed_fingerprints, cpu_wait, eventually, eventually_async
 from .fakes.ingest import FakeIngest
 from .fakes.provider import FakeProvider
 from .process import spawn_daemon
@@ -50,6 +50,14 @@ async def traffic(url: str, start: int, done: dict[str, float], stop: asyncio.Ev
                 return  # the daemon is gone
 
 
+async def committed_at_least(url: str, n: int) -> bool:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/metrics") as r:
+            text = await r.text()
+    line = next(x for x in text.splitlines() if x.startswith("atlasburn_events_committed_total "))
+    return float(line.split()[1]) >= n
+
+
 async def test_kill_9_loses_no_committed_event(
     fake: FakeProvider, ingest: FakeIngest, tmp_path: Path
 ) -> None:
@@ -69,21 +77,28 @@ async def test_kill_9_loses_no_committed_event(
         proc, url = d.proc, d.url
         done: dict[str, float] = {}
         stop = asyncio.Event()
+        waited = cpu_wait(proc.pid)
         clients = [
             asyncio.ensure_future(traffic(url, (round_ * 4 + k) * 100_000, done, stop))
             for k in range(4)
         ]
-        await asyncio.sleep(1.0)
+        # Until the daemon says it has committed 20 events (by count: a busy machine is slower).
+        await eventually_async(lambda u=url: committed_at_least(u, 20), within=60)
+        waited = cpu_wait(proc.pid) - waited
         killed_at = time.monotonic()
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         stop.set()
         await asyncio.gather(*clients)
-        # Finished more than one commit interval before the kill, plus the time one group commit
-        # (with its fsync) may take on a loaded machine: committed, so it must arrive.
-        settled = {f for f, t in done.items() if t < killed_at - (COMMIT_MS + 400) / 1000}
-        assert len(settled) > 20
-        must_arrive |= settled
+        # What the kill found committed (read from a copy of the spool) must all arrive ...
+        committed = committed_fingerprints(spool, tmp_path / "copy")
+        assert len(committed - must_arrive) >= 20
+        # ... and it holds everything finished more than one commit interval before the kill,
+        # plus the time one group commit (with its fsync) may take on a loaded machine, plus the
+        # time the daemon waited for a CPU meanwhile.
+        before = killed_at - (COMMIT_MS + 400) / 1000 - waited
+        assert {f for f, t in done.items() if t < before} <= committed
+        must_arrive |= committed
     ingest.down = False
     d = await spawn_daemon("--config", str(config), "--listen", "127.0.0.1:0", env=env)
     proc, url = d.proc, d.url

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 from typing import Any
@@ -496,13 +497,26 @@ async def test_enforce_bad_requests(
 
 
 async def test_ttl_expiry(fake: FakeProvider, api: RunningDaemon) -> None:
-    await call(api, "POST", {"org_id": "org_local", "action": "suspend", "ttl_seconds": 0.5})
+    """A 2 s suspension refuses until it expires by itself, then lets requests through: judged by
+    when each request was sent (not by sleeping a fixed time), so it holds on a busy machine."""
+    asked = time.monotonic()
+    await call(api, "POST", {"org_id": "org_local", "action": "suspend", "ttl_seconds": 2})
+    latest = time.monotonic() + 2  # set between asking and the answer: it expires by then
+    answers = []
     async with aiohttp.ClientSession() as s:
-        async with s.post(api.url + "/v1/embeddings", json={"model": "m", "input": "a"}) as r:
-            assert r.status == 429 and r.headers["Retry-After"] == "1"
-        await asyncio.sleep(0.6)
-        async with s.post(api.url + "/v1/embeddings", json={"model": "m", "input": "b"}) as r:
-            assert r.status == 200
+        for n in range(1000):
+            sent = time.monotonic()
+            async with s.post(api.url + "/v1/embeddings", json={"model": "m", "input": n}) as r:
+                answers.append((sent, time.monotonic(), r.status, r.headers.get("Retry-After")))
+            if r.status == 200:
+                break
+            await asyncio.sleep(0.05)
+    sent, answered, status, retry_after = answers[0]
+    assert status == 429 and math.ceil(2 - (answered - asked)) <= int(retry_after or 0) <= 2
+    assert all(status == 429 and sent < latest for sent, _, status, _ in answers[:-1])
+    sent, answered, status, retry_after = answers[-1]
+    assert (status, retry_after) == (200, None)
+    assert answered >= asked + 2  # not before it expired
     assert (await call(api, "GET"))[1]["state"] == "ok"
 
 

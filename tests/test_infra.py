@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Listen, load_config
 
-from .conftest import SPAWNED, RunningDaemon, StartDaemon, eventually
+from .conftest import SPAWNED, RunningDaemon, StartDaemon, eventually, eventually_async
 from .fakes.provider import FakeProvider
 from .process import spawn_daemon
 
@@ -132,6 +132,11 @@ async def test_metrics_move_with_traffic(fake: FakeProvider, start_daemon: Start
 # --------------------------------------------------------------------------- readiness
 
 
+async def readyz(s: aiohttp.ClientSession, url: str) -> tuple[int, object]:
+    async with s.get(url + "/readyz") as r:
+        return r.status, await r.json()
+
+
 async def test_readiness_flips_during_shutdown(
     fake: FakeProvider, tmp_path: Path, env: dict[str, str]
 ) -> None:
@@ -142,9 +147,14 @@ async def test_readiness_flips_during_shutdown(
         async with s.get(d.url + "/readyz") as r:
             assert (r.status, await r.json()) == (200, {"status": "ready"})
         d.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
-        async with s.get(d.url + "/readyz") as r:
-            assert (r.status, await r.json()) == (503, {"status": "draining"})
+        answers = []
+
+        async def flipped() -> bool:  # once the daemon has handled the signal
+            answers.append(await readyz(s, d.url))
+            return answers[-1] != (200, {"status": "ready"})
+
+        await eventually_async(flipped, within=10, every=0.02)
+        assert answers[-1] == (503, {"status": "draining"})
         async with s.get(d.url + "/healthz") as r:
             assert r.status == 200  # alive, and still serving while it drains
     assert await d.stop(signal_it=False) == 0
@@ -172,9 +182,9 @@ async def test_sighup_reload_changes_a_threshold(
         "[storage]\ncommit_interval_ms = 50\n"
     )
     d.proc.send_signal(signal.SIGHUP)
-    await eventually(lambda: "reload: applied" in d.log)
+    # Two lines, one after the other: wait for the second (it may not have been read yet).
+    await eventually(lambda: "need a restart: storage.commit_interval_ms" in d.log)
     assert "reload: applied guardrails.dumb_loop_detector" in d.log
-    assert "need a restart: storage.commit_interval_ms" in d.log
     assert await post() == 429  # the 3rd identical request now trips it
     # A broken config on reload is refused; the running one stays.
     config.write_text('[server]\nmax_body_bytes = "big"\n')

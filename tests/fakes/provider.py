@@ -8,6 +8,7 @@ request headers inject faults:
 
 - ``x-fake-status: N`` answer N with the recorded error body;
 - ``x-fake-fault``: ``hang`` (never answer), ``stall`` (send the first event, then go silent),
+  ``gate`` (send the first event, then the rest once the test sets ``gate``),
   ``cut`` (send half the events, then drop the connection), ``gzip`` / ``gzip-chunked`` /
   ``deflate`` (compress the body, with Content-Length / chunked), ``bomb`` / ``bomb-sse`` (a
   JSON / SSE answer of about 1 MiB of gzip that inflates to 1 GiB of zeros: ``gzip_bomb``),
@@ -124,6 +125,8 @@ class FakeProvider:
     requests: list[Seen] = field(default_factory=list)
     stream_ends: list[StreamEnd] = field(default_factory=list)
     connections: int = 0
+    gate: asyncio.Event = field(default_factory=asyncio.Event)  # for x-fake-fault: gate
+    sent: int = 0  # SSE events written (for gate: what the provider has let go of so far)
 
     def connected(self) -> None:
         self.connections += 1
@@ -344,8 +347,11 @@ class FakeProvider:
                     how = "cut"
                     return resp
                 await resp.write(event)
+                self.sent += 1
                 if fault == "stall" and i == 0:
                     await asyncio.sleep(3600)
+                if fault == "gate" and i == 0:
+                    await self.gate.wait()
                 if delay:
                     await asyncio.sleep(delay)
             await resp.write_eof()

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..conftest import FIGURES
+from ..conftest import FIGURES, cpu_wait
 from ..fakes.ingest import FakeIngest
 from ..fakes.provider import FakeProvider
 from ..process import DaemonProcess, spawn_daemon
@@ -111,14 +111,12 @@ class Proxy:
     def close_wait_ports(self) -> list[tuple[int, int]]:
         """(local, remote) ports of this process's sockets in CLOSE_WAIT (the peer closed, we
         did not)."""
-        inodes = set()
-        for fd in os.listdir(f"/proc/{self.pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
+        return [(local, remote) for local, remote, state in self.tcp() if state == "08"]
+
+    def tcp(self) -> list[tuple[int, int, str]]:
+        """This process's TCP sockets: (local port, remote port, state as in /proc/net/tcp:
+        "01" established, "08" CLOSE_WAIT, "0A" listening, ...)."""
+        inodes = self._socket_inodes()
         found = []
         for table in ("tcp", "tcp6"):
             path = Path(f"/proc/{self.pid}/net/{table}")
@@ -126,11 +124,46 @@ class Proxy:
                 continue
             for line in path.read_text().splitlines()[1:]:
                 fields = line.split()
-                if fields[3] == "08" and fields[9] in inodes:  # 08 = CLOSE_WAIT
+                if fields[9] in inodes:
                     local = int(fields[1].rsplit(":", 1)[1], 16)
                     remote = int(fields[2].rsplit(":", 1)[1], 16)
-                    found.append((local, remote))
+                    found.append((local, remote, fields[3]))
         return found
+
+    def other_fds(self) -> int:
+        """Open descriptors that are not TCP sockets: files (the spool, its -wal and -shm),
+        pipes, the event loop's own."""
+        tcp = self._tcp_inodes()
+        return sum(1 for target in self._fd_targets() if target not in tcp)
+
+    def cpu_wait(self) -> float:
+        """Seconds the daemon's threads have spent waiting for a CPU (``cpu_wait``)."""
+        return cpu_wait(self.pid)
+
+    def _fd_targets(self) -> list[str]:
+        out = []
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                out.append(os.readlink(f"/proc/{self.pid}/fd/{fd}"))
+            except OSError:
+                continue
+        return out
+
+    def _socket_inodes(self) -> set[str]:
+        return {t[8:-1] for t in self._fd_targets() if t.startswith("socket:[")}
+
+    def _tcp_inodes(self) -> set[str]:
+        """fd targets (``socket:[inode]``) of this process's TCP sockets."""
+        inodes = self._socket_inodes()
+        tcp = set()
+        for table in ("tcp", "tcp6"):
+            path = Path(f"/proc/{self.pid}/net/{table}")
+            if path.exists():
+                for line in path.read_text().splitlines()[1:]:
+                    inode = line.split()[9]
+                    if inode in inodes:
+                        tcp.add(f"socket:[{inode}]")
+        return tcp
 
     async def metrics(self) -> dict[str, float]:
         """Every sample of /metrics, keyed ``name{label="v",...}`` (labels sorted)."""
@@ -221,9 +254,20 @@ def free_port() -> int:
 
 class Traffic:
     """Steady traffic: ``rate`` requests a second (small embeddings, each with its own nonce, so
-    each has its own fingerprint), until ``stop()``; every answer's (time, status, latency)."""
+    each has its own fingerprint), until ``stop()``; every answer's (time, status, latency).
 
-    def __init__(self, url: str, rate: float, nonce: int = 0, path: str = "/v1/embeddings") -> None:
+    ``max_in_flight`` bounds the requests waiting for an answer: past it the next one waits (the
+    rate drops), so that a machine too busy to answer 100 a second does not pile up hundreds of
+    open requests, whose buffers a memory bound would then count."""
+
+    def __init__(
+        self,
+        url: str,
+        rate: float,
+        nonce: int = 0,
+        path: str = "/v1/embeddings",
+        max_in_flight: int | None = None,
+    ) -> None:
         self.url = url + path
         self.rate = rate
         self.nonce = nonce
@@ -231,6 +275,7 @@ class Traffic:
         self.done: dict[int, float] = {}  # nonce -> when its 200 answer was read
         self._stop = asyncio.Event()
         self._task: asyncio.Future[None] | None = None
+        self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
 
     def start(self) -> Traffic:
         self._task = asyncio.ensure_future(self._run())
@@ -243,6 +288,8 @@ class Traffic:
             t0 = loop.time()
             k = 0
             while not self._stop.is_set():
+                if self._slots is not None:
+                    await self._slots.acquire()
                 k += 1
                 pending.add(asyncio.ensure_future(self._one(s, self.nonce + k)))
                 pending = {f for f in pending if not f.done()}
@@ -265,6 +312,9 @@ class Traffic:
                 status = r.status
         except aiohttp.ClientError:
             status = 0
+        finally:
+            if self._slots is not None:
+                self._slots.release()
         end = time.monotonic()
         self.log.append((t, status, end - t))
         if status == 200:

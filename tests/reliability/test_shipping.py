@@ -10,10 +10,18 @@ from collections import Counter
 
 import aiohttp
 
-from ..conftest import eventually
+from ..conftest import eventually, eventually_async
 from ..fakes.ingest import FakeIngest
 from ..fakes.provider import FakeProvider
 from .conftest import Figures, StartProxy, Traffic
+
+
+def starved(waited: list[tuple[float, float]], a: float, b: float) -> float:
+    """At most how long the daemon waited for a CPU between ``a`` and ``b`` (monotonic), from
+    samples (when, its total wait so far) taken around them."""
+    before = max((w for t, w in waited if t <= a), default=waited[0][1])
+    after = min((w for t, w in waited if t >= b), default=waited[-1][1])
+    return max(0.0, after - before)
 
 
 async def test_ingest_outage_loses_nothing_and_traffic_does_not_notice(
@@ -30,9 +38,11 @@ async def test_ingest_outage_loses_nothing_and_traffic_does_not_notice(
     down_at = time.monotonic()
     ingest.down = True
     spool_peak = 0.0
+    waited = [(down_at, p.cpu_wait())]  # (when, the daemon's time waiting for a CPU so far)
     while time.monotonic() - down_at < outage:
         await asyncio.sleep(1)
         spool_peak = max(spool_peak, (await p.metrics())["atlasburn_spool_bytes"])
+        waited.append((time.monotonic(), p.cpu_wait()))
     up_at = time.monotonic()
     ingest.down = False
     await asyncio.sleep(5)
@@ -55,16 +65,22 @@ async def test_ingest_outage_loses_nothing_and_traffic_does_not_notice(
     duplicates = len(delivered) - served
     assert duplicates <= allowed
     assert spool_peak <= 64 * 1024 * 1024
-    assert (await p.metrics())["atlasburn_spool_pending_events"] == 0
 
-    # Backoff during the outage: each wait within [c/2, c] of c = min(cap, 1, 2, 4 ... s).
+    async def spool_empty() -> bool:
+        # The ingest has the last batch a moment before the daemon has read the answer.
+        return (await p.metrics())["atlasburn_spool_pending_events"] == 0
+
+    await eventually_async(spool_empty, within=30)
+
+    # Backoff during the outage: each wait within [c/2, c] of c = min(cap, 1, 2, 4 ... s), the
+    # time the daemon waited for a CPU meanwhile (a busy machine's, not the shipper's) aside.
     attempts = [c.at for c in ingest.calls if down_at <= c.at < up_at]
     waits = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
     bad = []
-    for k, wait in enumerate(waits, start=1):
+    for k, (a, b) in enumerate(zip(attempts, attempts[1:], strict=False), start=1):
         ceiling = min(cap, 2.0 ** (k - 1))
-        if not ceiling / 2 - 0.2 <= wait <= ceiling + 0.5:
-            bad.append((k, round(wait, 2), ceiling))
+        if not ceiling / 2 - 0.2 <= b - a <= ceiling + 0.5 + starved(waited, a, b):
+            bad.append((k, round(b - a, 2), ceiling))
     assert bad == []
     assert max(waits) >= cap / 2 - 0.2  # the cap was reached
 
@@ -88,11 +104,19 @@ async def test_retry_after_is_honored(
     async with aiohttp.ClientSession() as s:
         async with s.post(p.url + "/v1/embeddings", json={"model": "m", "input": "x"}) as r:
             assert r.status == 200
-    await eventually(lambda: len(ingest.delivered()) == 1, within=15)
+    waited = [(time.monotonic(), p.cpu_wait())]
+
+    def sample() -> bool:
+        waited.append((time.monotonic(), p.cpu_wait()))
+        return len(ingest.delivered()) == 1
+
+    await eventually(sample, within=15, every=0.1)
     t = [c.at for c in ingest.calls]
     waits = [t[1] - t[0], t[2] - t[1]]
     figures("waits after Retry-After 3 and 2 (s)", [round(w, 2) for w in waits])
-    assert 2.7 <= waits[0] <= 3.3 and 1.8 <= waits[1] <= 2.2
+    # Late only by as much as the daemon waited for a CPU meanwhile (a busy machine's time).
+    assert 2.7 <= waits[0] <= 3.3 + starved(waited, t[0], t[1])
+    assert 1.8 <= waits[1] <= 2.2 + starved(waited, t[1], t[2])
 
 
 async def test_refused_key_is_loud_and_retried_once_a_minute(
@@ -148,4 +172,9 @@ async def test_one_poisoned_event_is_alone_within_three_refusals(
         "from the first refusal to the event alone (s)", f"{refusals[-1].at - refusals[0].at:.2f}"
     )
     assert 1 <= len(refusals) <= 3 and len(refusals[-1].events) == 1
+
+    async def poisoned() -> bool:  # the daemon counts it once it has read the 422
+        return (await p.metrics())["atlasburn_events_poisoned_total"] > 0
+
+    await eventually_async(poisoned, within=30)
     assert (await p.metrics())["atlasburn_events_poisoned_total"] == 1
