@@ -186,12 +186,9 @@ class StateDir:
         """The content of the private file ``name`` (at most 64 KiB), or None if it does not
         exist. Raises ``StateFileError`` if it is a link, not a regular file, another user's,
         or open to group or others (a planted or exposed file is never used)."""
-        try:
-            fd = os.open(self.real / name, os.O_RDONLY | _OPEN_EXISTING)
-        except FileNotFoundError:
+        fd = self._open_existing(name)
+        if fd is None:
             return None
-        except OSError as exc:
-            raise self._refuse_open(name, exc) from None
         try:
             st = os.fstat(fd)
             self._judge(name, st, self.owners)
@@ -247,12 +244,9 @@ class StateDir:
         that is too open (an older version's 0644) with ``fchmod`` on a descriptor opened
         without following links, logged once. False if it does not exist. Raises
         ``StateFileError`` for a link, another kind of file, or another user's file."""
-        try:
-            fd = os.open(self.real / name, os.O_RDONLY | _OPEN_EXISTING)
-        except FileNotFoundError:
+        fd = self._open_existing(name)
+        if fd is None:
             return False
-        except OSError as exc:
-            raise self._refuse_open(name, exc) from None
         try:
             st = os.fstat(fd)
             self._judge(name, st, frozenset({os.geteuid()}))
@@ -296,6 +290,16 @@ class StateDir:
                 f"{_user(st.st_uid)}, {_mode(st)}; a file planted in the state directory is "
                 "never trusted: remove it"
             )
+
+    def _open_existing(self, name: str) -> int | None:
+        """A read-only descriptor of ``name`` opened without following a link, or None if it
+        does not exist; ``StateFileError`` when it cannot be opened (a link: ELOOP)."""
+        try:
+            return os.open(self.real / name, os.O_RDONLY | _OPEN_EXISTING)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._refuse_open(name, exc) from None
 
     def _refuse_open(self, name: str, exc: OSError) -> StateFileError:
         path = self.real / name

@@ -356,6 +356,17 @@ async def enforce(url: str, key: str, method: str, **body: object) -> int:
             return r.status
 
 
+async def guardrail_state(url: str, key: str) -> tuple[int, dict[str, Any]]:
+    """``GET /api/guardrails/enforce`` for the default org with ``key``: (status, answer)."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(
+            url + "/api/guardrails/enforce",
+            params={"org_id": "org_local"},
+            headers={"AtlasBurn-API-Key": key},
+        ) as r:
+            return r.status, await r.json()
+
+
 async def suspend(url: str, key: str, ttl_seconds: float) -> int:
     return await enforce(
         url, key, "POST", action="suspend", layer="operator", ttl_seconds=ttl_seconds

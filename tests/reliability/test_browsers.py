@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 
-import aiohttp
 import openai
 
 from ..fakes.ingest import FakeIngest
 from ..fakes.provider import FakeProvider
-from .conftest import Figures, StartProxy, port_of, raw_request
+from .conftest import Figures, StartProxy, guardrail_state, port_of, raw_request
 
 
 def browser_fetch(port: int, origin: str, site: str, host: str = "", body: str = "x") -> bytes:
@@ -53,16 +52,6 @@ def status_and_code(answer: bytes) -> tuple[int, str]:
     return status, str(code)
 
 
-async def org_state(url: str, key: str) -> str:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(
-            url + "/api/guardrails/enforce",
-            params={"org_id": "org_local"},
-            headers={"AtlasBurn-API-Key": key},
-        ) as r:
-            return str((await r.json())["state"])
-
-
 async def test_cross_site_pages_cannot_trip_the_loop_detector(
     start_proxy: StartProxy, fake: FakeProvider, ingest: FakeIngest, figures: Figures
 ) -> None:
@@ -79,7 +68,7 @@ async def test_cross_site_pages_cannot_trip_the_loop_detector(
     ).encode()
     answers.append(status_and_code(await raw_request(port, img)))
     await asyncio.sleep(0.5)
-    state = await org_state(p.url, ingest.api_key)
+    state = (await guardrail_state(p.url, ingest.api_key))[1]["state"]
     metrics = await p.metrics()
     figures("answers to 10 cross-site fetches and one cross-site <img>", sorted(set(answers)))
     figures("org state afterwards", state)

@@ -13,11 +13,9 @@ import re
 import sys
 from pathlib import Path
 
-import aiohttp
-
 from ..conftest import SPAWNED
 from ..process import ROOT
-from .conftest import Figures, StartProxy, toml
+from .conftest import Figures, StartProxy, guardrail_state, toml
 
 NOBODY = 65534
 LINE = re.compile(r'ts=\S+ level=error logger=proxy msg="refusing to start: (.*)"\n')
@@ -64,16 +62,6 @@ async def refused(tmp_path: Path, state: Path) -> tuple[int, str]:
     return code, match.group(1).replace('\\"', '"')
 
 
-async def status_with(url: str, key: str) -> int:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(
-            url + "/api/guardrails/enforce",
-            params={"org_id": "org_local"},
-            headers={"AtlasBurn-API-Key": key},
-        ) as r:
-            return r.status
-
-
 def plant(path: Path, text: str, mode: int) -> None:
     """A file made by the other user."""
     path.write_text(text)
@@ -112,8 +100,8 @@ async def test_a_key_planted_by_another_user_is_never_accepted(
     proxy = await start_proxy(ship=False, atlasburn={"api_key": ""})
     generated = planted.read_text().strip()
     assert generated.startswith("abn_local_") and os.stat(planted).st_uid == os.geteuid()
-    refusal = await status_with(proxy.url, "abn_test_planted_by_nobody")
-    assert (refusal, await status_with(proxy.url, generated)) == (401, 200)
+    refusal = (await guardrail_state(proxy.url, "abn_test_planted_by_nobody"))[0]
+    assert (refusal, (await guardrail_state(proxy.url, generated))[0]) == (401, 200)
     figures("the planted key, once the daemon runs", refusal)
 
 
