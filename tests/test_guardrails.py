@@ -265,7 +265,7 @@ def test_detector_window_edge_to_the_microsecond() -> None:
 
 
 def test_detector_finds_a_record_only_at_a_record_boundary() -> None:
-    from proxy.guardrails import _aligned_find
+    from proxy.guardrails.dumb_loop import _aligned_find
 
     needle = bytes(range(1, 7))  # a record is 12 bytes and starts with its 6-byte key
     # The needle's bytes also appear straddling the first two records (offset 9).

@@ -1,175 +1,27 @@
-"""Guardrails: the kill switch, the dumb loop detector and the spend cap.
-
-``KillSwitch`` is the org's flag. It lives in memory for the hot path — a check is one float
-comparison — and in the store, so a suspension survives restarts. It expires by itself at
-``expires_at`` (never extended locally); a suspension by the AtlasBurn API (``guardrail_status:
-"suspended"`` in an ingest answer) has no expiry and lasts until the API answers ``ok`` again.
-Changing it is synchronous in memory (the very next request sees it); persisting follows in the
-background, or is awaited where an answer promises it (the local API).
+"""The dumb loop detector: identical requests in a sliding window.
 
 ``LoopDetector`` counts identical requests (by fingerprint) in a sliding window: the
-``threshold``-th within ``window_seconds`` trips it. ``SpendCap`` keeps rolling hourly and daily
-USD sums of the daemon's own priced events in minute buckets.
+``threshold``-th within ``window_seconds`` trips it. ``LoopGuard`` puts it in front of the relay
+and the local ingest: exemptions, SDK retries, ingested events at their own time, and what a trip
+does (suspend the org, or refuse only that fingerprint).
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import math
 import time
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import xxhash
 
-from .config import LoopDetectorConfig, SpendCapConfig
-from .events import Event, iso_ms, ts_epoch
-from .store import GuardrailRow, Store
-from .text import inert
+from ..config import LoopDetectorConfig
+from ..events import Event, ts_epoch
+from .kill_switch import KillSwitch, Suspension
 
 log = logging.getLogger(__name__)
-
-SERVER_LAYER = "atlasburn_api"
-
-
-@dataclass(frozen=True, slots=True)
-class Suspension:
-    org_id: str
-    layer: str
-    reason: str
-    source: str  # "server" (the AtlasBurn API), "local" (a local layer), "api" (an operator)
-    expires_at: float | None  # epoch seconds; None: until cleared
-
-    def seconds_left(self, now: float) -> float | None:
-        return None if self.expires_at is None else max(0.0, self.expires_at - now)
-
-    def expires_iso(self) -> str | None:
-        return None if self.expires_at is None else iso_ms(self.expires_at)
-
-
-class KillSwitch:
-    """The org's kill flag: ``check()`` on the hot path, ``suspend``/``clear`` to change it."""
-
-    def __init__(self, org_id: str, store: Store | None) -> None:
-        self.org_id = org_id
-        self._store = store
-        self._current: Suspension | None = None
-        self._until = 0.0  # fast path: 0 = not suspended; inf = until cleared
-        # Called with each new local suspension (the shipper reports them to the API).
-        self.listeners: list[Callable[[Suspension], None]] = []
-
-    @property
-    def key(self) -> str:
-        return f"guardrail:{self.org_id}"
-
-    async def load(self) -> None:
-        """Restore the flag from the store (an expired one stays off)."""
-        if self._store is None:
-            return
-        for row in await self._store.load_guardrails():
-            if row.org_id != self.org_id or row.state != "suspended":
-                continue
-            # Inert: a spool written by an older version may hold any reason a client sent.
-            suspension = Suspension(
-                row.org_id,
-                inert(row.layer or ""),
-                inert(row.reason or ""),
-                row.source or "",
-                row.expires_at,
-            )
-            if suspension.expires_at is None or suspension.expires_at > time.time():
-                self._set(suspension)
-                log.warning(
-                    "org %s is suspended (%s: %s) until %s",
-                    self.org_id,
-                    suspension.layer,
-                    suspension.reason,
-                    suspension.expires_iso() or "the AtlasBurn API resumes it",
-                )
-
-    def check(self, now: float | None = None) -> Suspension | None:
-        """The suspension in force, or None (one float comparison when there is none)."""
-        if not self._until:
-            return None
-        if (time.time() if now is None else now) >= self._until:
-            self._current, self._until = None, 0.0
-            return None
-        return self._current
-
-    @property
-    def status(self) -> str:
-        return "suspended" if self.check() is not None else "ok"
-
-    def suspend_now(
-        self, layer: str, reason: str, ttl_seconds: float | None, source: str
-    ) -> tuple[Suspension, asyncio.Task[None]]:
-        """Suspend at once (the next request is refused); the task persists it."""
-        from .tasks import spawn
-
-        expires = None if ttl_seconds is None else time.time() + ttl_seconds
-        # The reason is logged, stored, shipped and put into every refusal: bounded, inert.
-        suspension = Suspension(self.org_id, inert(layer), inert(reason), source, expires)
-        self._set(suspension)
-        log.warning(
-            "guardrail: org %s suspended by %s (%s) until %s",
-            self.org_id,
-            layer,
-            reason,
-            suspension.expires_iso() or "resumed",
-        )
-        for listener in self.listeners:
-            listener(suspension)
-        return suspension, spawn(self._persist("suspended", suspension), name="persist-kill")
-
-    async def suspend(
-        self, layer: str, reason: str, ttl_seconds: float | None, source: str
-    ) -> Suspension:
-        """Suspend, and return once the flag is also on disk."""
-        suspension, persisted = self.suspend_now(layer, reason, ttl_seconds, source)
-        await persisted
-        return suspension
-
-    async def clear(self, reason: str, source: str) -> None:
-        reason = inert(reason)
-        previous = self._current
-        self._current, self._until = None, 0.0
-        log.warning("guardrail: org %s resumed by %s (%s)", self.org_id, source, reason)
-        await self._persist("ok", previous, reason=reason, source=source)
-
-    def _set(self, suspension: Suspension) -> None:
-        self._current = suspension
-        self._until = math.inf if suspension.expires_at is None else suspension.expires_at
-
-    async def _persist(
-        self,
-        state: str,
-        suspension: Suspension | None,
-        reason: str | None = None,
-        source: str | None = None,
-    ) -> None:
-        if self._store is None:
-            return
-        row = GuardrailRow(
-            org_id=self.org_id,
-            state=state,
-            expires_at=suspension.expires_at if suspension and state == "suspended" else None,
-            layer=suspension.layer if suspension else None,
-            reason=reason if reason is not None else (suspension.reason if suspension else None),
-            source=source if source is not None else (suspension.source if suspension else None),
-        )
-        try:
-            await self._store.save_guardrail(row)
-        except Exception:  # the flag still holds in memory; say that it will not survive
-            log.exception("guardrail: could not persist the kill flag; it holds until restart")
-
-
-# --------------------------------------------------------------------------- loop detector
-
 
 @dataclass(frozen=True, slots=True)
 class Trip:
@@ -358,71 +210,7 @@ def _aligned_find(bucket: bytearray, needle: bytes, at: int) -> int:
     return at
 
 
-# --------------------------------------------------------------------------- spend cap
-
-
-class SpendCap:
-    """Rolling hourly and daily spend in minute buckets; ``add`` says when a cap is crossed."""
-
-    def __init__(self, config: SpendCapConfig) -> None:
-        self._buckets: deque[list[float]] = deque()  # [minute start (epoch), usd], oldest first
-        self.configure(config)
-
-    def configure(self, config: SpendCapConfig) -> None:
-        self.enabled = config.enabled
-        self.limits = tuple(
-            (seconds, limit, label)
-            for seconds, limit, label in (
-                (3600, config.max_usd_per_hour, "hour"),
-                (86400, config.max_usd_per_day, "day"),
-            )
-            if limit > 0
-        )
-
-    def restore(self, buckets: list[tuple[float, float]]) -> None:
-        """Minute buckets (start, usd) from the store, oldest first."""
-        self._buckets = deque([m, usd] for m, usd in buckets)
-
-    def add(self, usd: float, now: float | None = None) -> tuple[str, float] | None:
-        """Add spend; (reason, seconds until the window allows again) when over a cap."""
-        now = time.time() if now is None else now
-        minute = now - now % 60
-        buckets = self._buckets
-        if buckets and buckets[-1][0] == minute:
-            buckets[-1][1] += usd
-        else:
-            buckets.append([minute, usd])
-        while buckets and buckets[0][0] <= now - 86400:
-            buckets.popleft()
-        for seconds, limit, label in self.limits:
-            spent, ttl = self._window(now, seconds, limit)
-            if spent > limit:
-                return (
-                    f"spent {_usd(spent)} in the last {label}, over the cap of {_usd(limit)}",
-                    ttl,
-                )
-        return None
-
-    def _window(self, now: float, seconds: float, limit: float) -> tuple[float, float]:
-        """(spend in the window, seconds until enough of it has aged out to be under limit)."""
-        inside = [(m, usd) for m, usd in self._buckets if m > now - seconds]
-        spent = sum(usd for _, usd in inside)
-        if spent <= limit:
-            return spent, 0.0
-        left = spent
-        for m, usd in inside:
-            left -= usd
-            if left <= limit:  # once this minute has aged out of the window
-                return spent, max(m + seconds - now, 1.0)
-        return spent, 60.0
-
-
-def _usd(amount: float) -> str:
-    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.6f}"
-
-
 LOOP_LAYER = "dumb_loop_detector"
-SPEND_LAYER = "spend_cap"
 RETRY_HEADER = "x-stainless-retry-count"
 _MAX_BLOCKED = 100_000
 # An ingested event's ts up to this far ahead of this host's clock counts as now (clocks

@@ -1,0 +1,29 @@
+"""Guardrails: the layers that refuse requests, one module each.
+
+- ``kill_switch``: the org's kill flag (``KillSwitch``), checked first on every request; every
+  other layer trips by setting it (or, scoped, by refusing only what it matched).
+- ``dumb_loop``: the dumb loop detector (``LoopDetector``, ``LoopGuard``): the
+  ``threshold``-th identical request (by fingerprint) within ``window_seconds`` trips it.
+- ``spend``: the spend cap (``SpendCap``): rolling hourly and daily USD sums of the daemon's
+  own priced events in minute buckets.
+
+The relay, the local API and the shipper import what they need from here.
+"""
+
+from .dumb_loop import LOOP_LAYER, RETRY_HEADER, LoopDetector, LoopGuard, RecentKeys, Trip
+from .kill_switch import SERVER_LAYER, KillSwitch, Suspension
+from .spend import SPEND_LAYER, SpendCap
+
+__all__ = [
+    "LOOP_LAYER",
+    "RETRY_HEADER",
+    "SERVER_LAYER",
+    "SPEND_LAYER",
+    "KillSwitch",
+    "LoopDetector",
+    "LoopGuard",
+    "RecentKeys",
+    "SpendCap",
+    "Suspension",
+    "Trip",
+]
