@@ -9,7 +9,9 @@ inflates to 1 GB), so nothing here ever inflates without a bound:
   they are handed on before the next are made;
 - an answer is metered up to ``METER_FLOOR`` decoded bytes plus ``METER_RATIO`` times the bytes
   that arrived (Envoy's decompressor stops at a ratio of 100); past that the meter stops, and
-  the request is recorded without the usage it could not read (logged, counted);
+  the request is recorded without the usage it could not read (logged, counted). What the
+  meter holds and parses is so tied to what arrived: an answer held open cannot pin more than
+  1 MiB plus 16 times its own size;
 - a request body is decoded for the fingerprint only up to ``server.max_buffered_body_bytes``
   (what the daemon would hold of a plain body); past it the body is treated like one too large
   to hold: fingerprinted from its raw bytes.
@@ -35,8 +37,8 @@ _BOUNDED = "can_accept_more_data"
 _BrotliError: type[Exception] = brotli.error if brotli is not None else ValueError
 
 STEP = 256 * 1024  # decoded bytes produced at a time
-METER_FLOOR = 16 * 1024 * 1024  # an answer may always decode to this much for the meter ...
-METER_RATIO = 32  # ... plus this many bytes for each byte that arrived
+METER_FLOOR = 1024 * 1024  # an answer may always decode to this much for the meter ...
+METER_RATIO = 16  # ... plus this many bytes for each byte that arrived
 
 
 class DecodeLimit(Exception):
@@ -143,10 +145,9 @@ def tap(
     decoded = 0
 
     def feed(chunk: bytes) -> None:
-        nonlocal broken, received, decoded
-        if broken:
+        nonlocal broken, received, decoded, inflater
+        if broken or inflater is None:
             return
-        assert inflater is not None
         received += len(chunk)
         budget = METER_FLOOR + METER_RATIO * received
         try:
@@ -157,6 +158,10 @@ def tap(
                 meter.feed(piece)
         except DecodeLimit:
             broken = True
+            # What the decoder and the meter hold for this body is no use any more: let it go
+            # now, not when the answer ends (a brotli decoder's window alone may be 16 MiB).
+            inflater = None
+            meter.abandon()
             log.warning(
                 "a response body (encoding %r) decodes to over %d bytes from %d: metered only "
                 "in part",

@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -173,9 +174,13 @@ class Relay:
 
         ex = _Exchange()
         ex.waited = read_body
+        # (Stream usage is asked for only in a body the daemon may rewrite: a plain one.)
+        asking = self._asking_usage(route, meta, parsed, ex) if plain is body else None
+        # What was parsed is not needed past here: let it go before waiting on the provider (a
+        # large conversation's objects take several times its size, for as long as it streams).
+        del parsed, plain, canonical
+        meta = replace(meta, canonical=None)
         try:
-            # (Stream usage is asked for only in a body the daemon may rewrite: a plain one.)
-            asking = parsed if plain is body else None
             return await self._exchange(request, route, meta, body, asking, ex)
         finally:
             self._finish(started, t0, route, meta, ex, fp)
@@ -244,6 +249,22 @@ class Relay:
             self._finish(started, t0, route, meta, ex, fp)
             if self.loop.enabled and request.method == hdrs.METH_POST:
                 self.loop.check(fp, request.headers)
+
+    def _asking_usage(
+        self, route: Route, meta: RequestMeta, parsed: Any, ex: _Exchange
+    ) -> bytes | None:
+        """The body that asks for stream usage the client did not ask for (and
+        ``ex.asked_usage``), or None when there is nothing to ask for."""
+        upstream = route.upstream
+        if not upstream.inject_stream_usage or upstream.name in self.refuses_stream_usage:
+            return None
+        asking = upstream.adapter.with_stream_usage(meta, parsed)
+        if asking is None:
+            return None
+        ex.asked_usage = True
+        # A right-sized copy: orjson's buffer is several times the output, and this one is held
+        # for as long as the stream lasts.
+        return bytes(memoryview(orjson.dumps(asking)))
 
     def _too_large(self, route: Route) -> web.Response:
         resp = _error(route, 413, "body_too_large", f"request body over {self.max_body} bytes")
@@ -346,25 +367,16 @@ class Relay:
         route: Route,
         meta: RequestMeta,
         body: bytes,
-        parsed: object,
+        asking: bytes | None,
         ex: _Exchange,
         stream: AsyncIterator[bytes] | None = None,
         length: int | None = None,
     ) -> web.StreamResponse:
+        """Send the request (``asking``: the body rewritten to ask for stream usage, or None for
+        ``body`` as it came; ``stream``: a body that streams upstream) and relay the answer."""
         upstream = route.upstream
         adapter = upstream.adapter
-        sent = body
-        if (
-            stream is None
-            and upstream.inject_stream_usage
-            and upstream.name not in self.refuses_stream_usage
-        ):
-            asking = adapter.with_stream_usage(meta, parsed)
-            if asking is not None:
-                # A right-sized copy: orjson's buffer is several times the output, and this
-                # one is held for as long as the stream lasts.
-                sent = bytes(memoryview(orjson.dumps(asking)))
-                ex.asked_usage = True
+        sent = body if asking is None else asking
         try:
             up = ex.up = await self._send(request, route, sent, ex.asked_usage, ex, stream, length)
             if ex.asked_usage and up.status in (400, 422):

@@ -46,9 +46,13 @@ def test_a_request_body_decodes_only_within_its_limit() -> None:
 class Collect:
     def __init__(self) -> None:
         self.size = 0
+        self.abandoned = False
 
     def feed(self, chunk: bytes) -> None:
         self.size += len(chunk)
+
+    def abandon(self) -> None:
+        self.abandoned = True
 
 
 def test_the_meter_inflates_a_bomb_only_within_its_budget() -> None:
@@ -60,7 +64,7 @@ def test_the_meter_inflates_a_bomb_only_within_its_budget() -> None:
     # The first 64 KiB already inflate past the budget they allow: metering stops there.
     budget = METER_FLOOR + METER_RATIO * 65536
     assert budget - 2 * STEP < meter.size <= budget
-    assert hits == [1]
+    assert hits == [1] and meter.abandoned
     # A plain answer's bytes all pass.
     meter = Collect()
     tap(meter, None)(bytes(50_000_000))  # type: ignore[arg-type]

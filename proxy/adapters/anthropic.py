@@ -148,7 +148,7 @@ class AnthropicAdapter(UsageInStream):
             return MessagesStreamMeter()
         if meta.endpoint == "/messages/count_tokens":
             return JSONMeter(_read_count_tokens)
-        return JSONMeter(_read_body)
+        return JSONMeter(_read_body, tail_keys=("usage", "model"))
 
     def error_body(self, status: int, message: str, code: str) -> bytes:
         error_type = _ERROR_TYPES.get(status, "api_error")

@@ -85,6 +85,10 @@ class Meter(Protocol):
 
     def result(self) -> Metered: ...
 
+    def abandon(self) -> None:
+        """No more of the body will be fed (it could not be decoded within its bound): let go
+        of what is held for it; ``result`` says only what was already seen."""
+
 
 class StreamFilter(Protocol):
     """Rewrites a response body on its way to the client: bytes in, bytes out, as they pass."""
@@ -162,38 +166,143 @@ def as_int(value: Any) -> int:
     return value if type(value) is int and value > 0 else 0
 
 
+# A JSON document is parsed only if it holds at most this many values, counted (cheaply, before
+# parsing) as its "{", "[" and "," bytes: parsed, a document of tiny values ("{},{},...") takes
+# about 25 times its size in Python objects (a 4 MiB one, 100 MB, and 50 ms of the event loop).
+# Real bodies hold a few values per KiB of text: a 1 MiB agent conversation some thousands.
+MAX_JSON_VALUES = 1 << 18
+# A document shorter than this cannot hold more values (each takes two bytes or more).
+_DENSE_FROM = 2 * MAX_JSON_VALUES
+
+
+def json_values(data: bytes) -> int:
+    """About how many values a JSON document holds (an upper bound: commas in strings count)."""
+    return data.count(b"{") + data.count(b"[") + data.count(b",")
+
+
 def loads(data: bytes) -> Any:
-    """Parse JSON, or None when it is not JSON (a meter never raises on a provider's bytes)."""
+    """Parse JSON, or None when it is not JSON (a meter never raises on a provider's bytes) or
+    holds more than ``MAX_JSON_VALUES`` values (it is then not parsed at all)."""
+    if len(data) > _DENSE_FROM and json_values(data) > MAX_JSON_VALUES:
+        return None
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
 
 
+TAIL = 64 * 1024  # bytes of a document's end searched by ``tail_members``
+
+
+def tail_members(data: bytes, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The members ``keys`` found in the last ``TAIL`` bytes of a JSON object too large (or too
+    dense) to parse whole: for each key its last ``"key": value`` there, the value parsed on its
+    own (an object or array by matching brackets, a string, a number or a literal). Answers put
+    their usage and model at the end (OpenAI, Gemini; Anthropic its usage): enough to price one
+    whose body is not kept. Keys not found are left out."""
+    tail = data[-TAIL:]
+    found: dict[str, Any] = {}
+    for key in keys:
+        needle = b'"' + key.encode() + b'"'
+        at = tail.rfind(needle)
+        while at >= 0:
+            value = _value_after(tail, at + len(needle))
+            if value is not _NONE:
+                found[key] = value
+                break
+            at = tail.rfind(needle, 0, at)
+    return found
+
+
+_NONE = object()
+
+
+def _value_after(data: bytes, i: int) -> Any:
+    """The JSON value after ``i`` (which must be followed by optional spaces and a colon), or
+    ``_NONE``."""
+    n = len(data)
+    while i < n and data[i] in b" \t\r\n":
+        i += 1
+    if i >= n or data[i] != 58:  # ":"
+        return _NONE
+    i += 1
+    while i < n and data[i] in b" \t\r\n":
+        i += 1
+    if i >= n:
+        return _NONE
+    start, first = i, data[i]
+    if first in b"{[":
+        depth, in_string = 0, False
+        while i < n:
+            c = data[i]
+            if in_string:
+                if c == 92:  # a backslash: skip what it escapes
+                    i += 1
+                elif c == 34:
+                    in_string = False
+            elif c == 34:
+                in_string = True
+            elif c in b"{[":
+                depth += 1
+            elif c in b"}]":
+                depth -= 1
+                if depth == 0:
+                    break
+            i += 1
+        end = i + 1
+    elif first == 34:
+        i += 1
+        while i < n and data[i] != 34:
+            i += 2 if data[i] == 92 else 1
+        end = i + 1
+    else:
+        while i < n and data[i] not in b",}] \t\r\n":
+            i += 1
+        end = i
+    try:
+        return orjson.loads(data[start:end])
+    except orjson.JSONDecodeError:
+        return _NONE
+
+
 class JSONMeter:
     """Buffers a JSON response body (up to ``limit`` bytes) and reads usage from it at the end.
 
     ``read`` maps the parsed body (any JSON value but null) to ``Metered``; it is the only
-    provider-specific part.
+    provider-specific part. A body over ``limit`` (or too dense to parse: ``MAX_JSON_VALUES``)
+    is not parsed: its last ``TAIL`` bytes are kept, and ``read`` gets the members ``tail_keys``
+    found there (``tail_members``).
     """
 
-    __slots__ = ("_chunks", "_size", "_limit", "_read")
+    __slots__ = ("_chunks", "_size", "_limit", "_read", "_tail_keys")
 
-    def __init__(self, read: Any, limit: int = 16 * 1024 * 1024) -> None:
+    def __init__(
+        self, read: Any, limit: int = 16 * 1024 * 1024, tail_keys: tuple[str, ...] = ()
+    ) -> None:
         self._chunks: list[bytes] = []
         self._size = 0
         self._limit = limit
         self._read = read
+        self._tail_keys = tail_keys
 
     def feed(self, chunk: bytes) -> None:
         self._size += len(chunk)
         if self._size <= self._limit:
             self._chunks.append(chunk)
+        else:  # past the limit: only the end is kept, for tail_members
+            tail = b"".join(self._chunks)[-TAIL:] if len(self._chunks) != 1 else self._chunks[0]
+            self._chunks = [(tail + chunk)[-TAIL:]]
+
+    def abandon(self) -> None:
+        self._chunks = []  # an unfinished document says nothing
 
     def result(self) -> Metered:
-        if not self._chunks or self._size > self._limit:
+        if not self._chunks:
             return Metered(None, None)
-        body = loads(b"".join(self._chunks))
+        data = b"".join(self._chunks)
+        body = loads(data) if self._size <= self._limit else None
+        if body is None and self._tail_keys and len(data) >= _DENSE_FROM // 8:
+            body = tail_members(data, self._tail_keys) or None
         if body is None:
             return Metered(None, None)
         result: Metered = self._read(body)
@@ -212,6 +321,9 @@ class SSEMeter(ABC):
     def feed(self, chunk: bytes) -> None:
         for event, data in self._parser.feed(chunk):
             self.on_event(event, data)
+
+    def abandon(self) -> None:
+        self._parser = SSEParser()  # the events seen so far stay counted; their bytes go
 
     def result(self) -> Metered:
         for event, data in self._parser.end():

@@ -134,7 +134,7 @@ class GeminiAdapter(UsageInStream):
     def meter(self, meta: RequestMeta, content_type: str) -> Meter:
         if content_type.startswith("text/event-stream"):
             return GeminiStreamMeter()
-        return JSONMeter(_read_body)
+        return JSONMeter(_read_body, tail_keys=("usageMetadata", "modelVersion"))
 
     def error_body(self, status: int, message: str, code: str) -> bytes:
         state = _STATUS.get(status, "INTERNAL")

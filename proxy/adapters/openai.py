@@ -307,7 +307,7 @@ class OpenAIAdapter:
             if meta.endpoint == "/responses":
                 return ResponsesStreamMeter()
             return ChatStreamMeter()
-        return JSONMeter(_read_body)
+        return JSONMeter(_read_body, tail_keys=("usage", "service_tier", "model"))
 
     def error_body(self, status: int, message: str, code: str) -> bytes:
         error_type = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "api_error")

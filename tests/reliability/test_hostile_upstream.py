@@ -181,3 +181,50 @@ async def test_an_error_read_whole_is_bounded(start_proxy: StartProxy, figures: 
     assert (status, body["error"]["code"]) == (502, "upstream_bad_answer")
     assert "answer body over 4194304 bytes" in body["error"]["message"]
     assert growth < 30
+
+
+def held_open(encoding: str) -> Callable[[], AsyncIterator[bytes]]:
+    """An answer whose body inflates to 64 MiB, sent but for its last bytes, then held open."""
+    import brotli
+
+    raw = b'{"usage":{"prompt_tokens":1,"completion_tokens":1},"x":"' + b"A" * (64 << 20) + b'"}'
+    packed = bytes(brotli.compress(raw, quality=5))[:-64]
+
+    async def answer() -> AsyncIterator[bytes]:
+        yield (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Encoding: " + encoding.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        yield b"%x\r\n%s\r\n" % (len(packed), packed)
+        await asyncio.sleep(3600)
+
+    return answer
+
+
+async def test_answers_held_open_pin_no_more_than_they_brought(
+    start_proxy: StartProxy, figures: Figures
+) -> None:
+    """Sixty answers of about 200 bytes of brotli, each inflating to 64 MiB and held open: what
+    the meter keeps is bound to what arrived (1 MiB + 16 times it), not 16 MiB each."""
+    upstream = await RawUpstream(held_open("br")).start()
+    try:
+        p = await start_proxy(ship=False, providers={"openai": {"base_url": upstream.url}})
+        rss0 = p.rss_mb()
+        async with aiohttp.ClientSession() as s:
+
+            async def one(i: int) -> None:
+                body = {**CHAT, "seed": i}
+                async with s.post(p.url + "/v1/chat/completions", json=body) as r:
+                    await r.read()
+
+            pending = [asyncio.ensure_future(one(i)) for i in range(60)]
+            try:
+                await asyncio.sleep(2.0)
+                peak = p.rss_mb()
+            finally:
+                for f in pending:
+                    f.cancel()
+    finally:
+        await upstream.stop()
+    figures("60 answers held open: RSS before / with them (MB)", f"{rss0:.0f} / {peak:.0f}")
+    assert peak - rss0 < 150

@@ -125,3 +125,53 @@ async def test_concurrent_large_uploads_stream_through(
 
 
 MIB = b"x" * (1 << 20)
+
+
+def dense_body(nonce: int) -> bytes:
+    """The attack review's body: 4 MiB of tiny JSON objects, brotli: about 100 bytes that parse
+    to about 100 MB of Python objects."""
+    import brotli
+
+    start = b'{"model":"gpt-4o-mini","nonce":%d,"messages":[' % nonce
+    plain = start + b"{}," * ((4194304 - len(start) - 10) // 3) + b"{}]}"
+    return bytes(brotli.compress(plain, quality=5))
+
+
+async def test_dense_json_bodies_are_not_parsed_into_memory(
+    start_proxy: StartProxy, fake: FakeProvider, figures: Figures
+) -> None:
+    """Twenty requests of about 100 bytes each (brotli of 4 MiB of ``{},``), held open by a
+    provider that does not answer: the daemon does not parse them (too many values), holds no
+    parse tree while it waits, and stays responsive."""
+    p = await start_proxy(ship=False)
+    rss0 = p.rss_mb()
+    bodies = [dense_body(i) for i in range(20)]
+    headers = {
+        "Content-Type": "application/json",
+        "Content-Encoding": "br",
+        "x-fake-fault": "hang",
+    }
+    async with aiohttp.ClientSession() as s:
+        pending = [
+            asyncio.ensure_future(s.post(p.url + "/v1/chat/completions", data=b, headers=headers))
+            for b in bodies
+        ]
+        try:
+            worst = 0.0
+            for _ in range(20):
+                t = asyncio.get_running_loop().time()
+                async with s.get(p.url + "/healthz") as r:
+                    await r.read()
+                worst = max(worst, asyncio.get_running_loop().time() - t)
+                await asyncio.sleep(0.05)
+            arrived = sum(1 for seen in fake.requests if seen.header("Content-Encoding") == "br")
+            peak = p.rss_mb()
+        finally:
+            for f in pending:
+                f.cancel()
+    figures("requests of ~100 bytes held open", f"{len(bodies)} ({len(bodies[0])} bytes each)")
+    figures("RSS before / while they wait (MB)", f"{rss0:.0f} / {peak:.0f}")
+    figures("slowest /healthz meanwhile (ms)", f"{worst * 1000:.0f}")
+    assert arrived == 20  # relayed as sent, all waiting on the provider
+    assert peak - rss0 < 60
+    assert worst < 1.0
