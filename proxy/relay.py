@@ -35,7 +35,15 @@ import orjson
 from aiohttp import hdrs, web
 
 from .adapters import ADAPTERS
-from .adapters.base import Meter, Metered, RequestMeta, StreamFilter, UsageSource, loads
+from .adapters.base import (
+    Adapter,
+    Meter,
+    Metered,
+    RequestMeta,
+    StreamFilter,
+    UsageSource,
+    loads,
+)
 from .config import Config
 from .encoding import decode_body, tap
 from .errors import ClientBodyTimeout, UpstreamBusy, UpstreamError, UpstreamTimeout
@@ -166,8 +174,8 @@ class Relay:
         fp = fingerprint(upstream.kind, meta.endpoint, canonical, plain or body)
 
         suspension = self.kill.check(started)
-        # Only POSTs are counted: they are what costs (a GET /v1/models poll is not a loop).
-        if suspension is None and self.loop.enabled and request.method == hdrs.METH_POST:
+        counted = suspension is None and self._loops(request, upstream.adapter, meta)
+        if counted:
             suspension = self.loop.check(fp, request.headers)
         if suspension is not None:
             return self._refuse(started, t0, read_body, route, meta, fp, suspension)
@@ -184,6 +192,17 @@ class Relay:
             return await self._exchange(request, route, meta, body, asking, ex)
         finally:
             self._finish(started, t0, route, meta, ex, fp)
+            if counted and 200 <= ex.status < 300 and self.loop.counts(request.headers):
+                self.loop.record(fp)  # an answered request: the loop detector's occurrence
+
+    def _loops(self, request: web.Request, adapter: Adapter, meta: RequestMeta) -> bool:
+        """Whether the loop detector looks at this request: a POST (what costs: a GET
+        /v1/models poll is not a loop) to an endpoint that is not free (count_tokens)."""
+        return (
+            self.loop.enabled
+            and request.method == hdrs.METH_POST
+            and meta.endpoint not in adapter.free_endpoints
+        )
 
     async def _handle_streamed(
         self,
@@ -247,8 +266,12 @@ class Relay:
                 self.uploads.release()
             fp = "sha256:" + hasher.hexdigest()
             self._finish(started, t0, route, meta, ex, fp)
-            if self.loop.enabled and request.method == hdrs.METH_POST:
-                self.loop.check(fp, request.headers)
+            if (
+                200 <= ex.status < 300
+                and self._loops(request, upstream.adapter, meta)
+                and self.loop.counts(request.headers)
+            ):
+                self.loop.observe(fp)  # known only now: a loop is refused from the next one
 
     def _asking_usage(
         self, route: Route, meta: RequestMeta, parsed: Any, ex: _Exchange

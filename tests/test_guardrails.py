@@ -183,6 +183,41 @@ async def test_polling_a_free_endpoint_is_not_a_loop(
     assert d.daemon.kill.status == "ok"
 
 
+async def test_requests_the_provider_refuses_are_not_a_loop(
+    fake: FakeProvider, start_daemon: StartDaemon
+) -> None:
+    """Attack review M3: four identical requests that the provider answers 401 (a neighbour on
+    the host with no provider key) suspended the org for two hours. Only answered (2xx)
+    requests are occurrences; the fourth answered one is still refused."""
+    d = await start_daemon()
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    no_key = {"x-fake-status": "401"}
+    async with aiohttp.ClientSession() as s:
+        for _ in range(6):
+            async with s.post(d.url + "/v1/chat/completions", json=body, headers=no_key) as r:
+                assert r.status == 401
+        assert d.daemon.kill.status == "ok"
+        statuses = []
+        for _ in range(4):
+            async with s.post(d.url + "/v1/chat/completions", json=body) as r:
+                statuses.append(r.status)
+    assert statuses == [200, 200, 200, 429]
+    assert len(fake.requests) == 9
+
+
+async def test_counting_tokens_is_not_a_loop(fake: FakeProvider, start_daemon: StartDaemon) -> None:
+    """count_tokens costs nothing: an agent that counts before every turn is no loop."""
+    d = await start_daemon()
+    async with anthropic.AsyncAnthropic(
+        base_url=d.url, api_key="sk-ant-test", max_retries=0
+    ) as c:
+        for _ in range(6):
+            counted = await c.messages.count_tokens(model="claude-sonnet-4-5", messages=MESSAGES)
+            assert counted.input_tokens > 0
+    assert d.daemon.kill.status == "ok"
+    assert len(fake.requests) == 6
+
+
 class Reference:
     """The loop detector's contract, naively: every occurrence's time (to the microsecond, as
     the detector keeps it), per fingerprint."""

@@ -128,6 +128,7 @@ _ERROR_TYPES = {
 
 class AnthropicAdapter(UsageInStream):
     kind: ClassVar[str] = "anthropic"
+    free_endpoints: ClassVar[frozenset[str]] = frozenset({"/messages/count_tokens"})
 
     def endpoint(self, path: str) -> str:
         return operation_path(path)

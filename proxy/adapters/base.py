@@ -100,6 +100,8 @@ class StreamFilter(Protocol):
 
 class Adapter(Protocol):
     kind: ClassVar[str]
+    # Endpoints that cost nothing (counting tokens, moderation): never a loop to stop.
+    free_endpoints: ClassVar[frozenset[str]]
 
     def endpoint(self, path: str) -> str: ...
 

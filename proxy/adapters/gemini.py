@@ -113,6 +113,7 @@ _STATUS = {
 
 class GeminiAdapter(UsageInStream):
     kind: ClassVar[str] = "gemini"
+    free_endpoints: ClassVar[frozenset[str]] = frozenset({"/models:countTokens"})
 
     def endpoint(self, path: str) -> str:
         return operation_path(path)

@@ -272,6 +272,9 @@ _ERROR_TYPES = {
 
 class OpenAIAdapter:
     kind: ClassVar[str] = "openai"
+    free_endpoints: ClassVar[frozenset[str]] = frozenset(
+        {"/moderations", "/responses/input_tokens"}
+    )
 
     def endpoint(self, path: str) -> str:
         return _endpoint(path)

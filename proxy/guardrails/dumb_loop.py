@@ -95,13 +95,44 @@ class LoopDetector:
     def window_seconds(self) -> float:
         return self._window / 1_000_000
 
-    def observe(self, fingerprint: str, now: float | None = None, age: float = 0.0) -> Trip | None:
+    def peek(self, fingerprint: str, now: float | None = None) -> int:
+        """How many occurrences of ``fingerprint`` the window (ending ``now``, the monotonic
+        clock in seconds) holds; nothing is counted or changed."""
+        key = _hash(fingerprint.encode())
+        if key in self.allow:
+            return 0
+        if now is None:
+            us = time.monotonic_ns() // 1000 - self._epoch
+        else:
+            us = int(now * 1_000_000) - self._epoch
+        cutoff = us - self._window
+        times = self._repeats.get(key)
+        if times is None and self._previous:
+            times = self._previous.get(key)
+        if times is not None:
+            return sum(1 for t in times if t > cutoff)
+        bucket = self._buckets[key & self._mask]
+        if bucket is None:
+            return 0
+        needle = (key >> 16).to_bytes(6, "little")
+        pos = bucket.find(needle)
+        if pos % _RECORD and pos > 0:
+            pos = _aligned_find(bucket, needle, pos)
+        if pos < 0:
+            return 0
+        return int(int.from_bytes(bucket[pos + 6 : pos + _RECORD], "little") > cutoff)
+
+    def observe(
+        self, fingerprint: str, now: float | None = None, age: float = 0.0, trip: bool = True
+    ) -> Trip | None:
         """Count one occurrence; a Trip when it is the threshold-th within the window.
 
         ``now``: the monotonic clock in seconds (read when None). ``age``: how many seconds
         before ``now`` the occurrence happened (0 on the relay's path; an ingested event's
         own time otherwise). The window is always the one that ends ``now``: an occurrence
         older than it is not counted, and one counted late leaves it at its own time.
+        ``trip=False`` only counts (the relay records an answered request; the next one is
+        judged by ``peek``): the latest ``threshold - 1`` times are kept, never a Trip.
         """
         key = _hash(fingerprint.encode())
         if key in self.allow:
@@ -145,8 +176,12 @@ class LoopDetector:
         cutoff = us - self._window
         recent = tuple(t for t in times if t > cutoff)
         count = len(recent) + 1
-        if count >= self.threshold:  # and it is forgotten: the next window counts afresh
-            return Trip(count, f"fingerprint {fingerprint} seen {count} times in {self._label}")
+        if count >= self.threshold:
+            if trip:  # and it is forgotten: the next window counts afresh
+                return Trip(
+                    count, f"fingerprint {fingerprint} seen {count} times in {self._label}"
+                )
+            recent = tuple(sorted(recent))[count - self.threshold + 1 :]
         if not recent:  # the earlier occurrences have all left the window: seen once again
             index = key & self._mask
             record = (key >> 16).to_bytes(6, "little") + at.to_bytes(6, "little")
@@ -248,7 +283,13 @@ class RecentKeys:
 class LoopGuard:
     """The loop detector in front of the relay: exemptions, SDK retries, and what a trip does
     (``scope = "org"``: the org is suspended for ``ttl_seconds``; ``"fingerprint"``: only that
-    request is refused until then)."""
+    request is refused until then).
+
+    What is counted is a request the provider answered (2xx): the relay asks ``check`` when a
+    request arrives (refused when the answered ones in the window and it make ``threshold``)
+    and ``record``s it once it is answered. A request the provider refuses or that fails costs
+    nothing and is no loop; and a neighbour without a provider key, whose requests all get 401,
+    cannot suspend the org by sending four of them."""
 
     def __init__(self, config: LoopDetectorConfig, kill: KillSwitch) -> None:
         self.detector = LoopDetector(config)
@@ -264,27 +305,44 @@ class LoopGuard:
         self.per_fingerprint = config.scope == "fingerprint"
         self.exempt_header = config.exempt_header
 
-    def check(self, fingerprint: str, headers: Any) -> Suspension | None:
-        """The refusal for this request, if the loop detector has one."""
+    def counts(self, headers: Any) -> bool:
+        """Whether a request with these headers is an occurrence: not exempt (``exempt_header``)
+        and not an SDK's retry of one call (``x-stainless-retry-count`` of 1 or more)."""
         if self.exempt_header and headers.get(self.exempt_header):
-            return None
+            return False
+        retry = headers.get(RETRY_HEADER)
+        return not retry or retry == "0"
+
+    def check(self, fingerprint: str, headers: Any) -> Suspension | None:
+        """The refusal for a request arriving, if the loop detector has one: its fingerprint is
+        refused (scope ``fingerprint``), or with the answered occurrences in the window it is
+        the ``threshold``-th (which trips: the org is suspended, or the fingerprint refused)."""
         if self.blocked:
             blocked = self.blocked.get(fingerprint)
             if blocked is not None:
                 if blocked.expires_at is not None and blocked.expires_at > time.time():
                     return blocked
                 del self.blocked[fingerprint]
-        retry = headers.get(RETRY_HEADER)
-        if retry and retry != "0":
-            return None  # an SDK's retry of one call is not a new occurrence
+        if not self.counts(headers):
+            return None
+        if self.detector.peek(fingerprint) + 1 < self.detector.threshold:
+            return None
         return self.observe(fingerprint)
 
+    def record(self, fingerprint: str) -> None:
+        """A request that ``check`` let through was answered (2xx): count it (never a trip
+        here: the next one is refused by ``check``)."""
+        self.detector.observe(fingerprint, trip=False)
+
     def observe_ingested(self, event: Event) -> Suspension | None:
-        """An event posted to the local /api/ingest: counted at its own ``ts`` when that is
-        inside the window (not older than ``window_seconds``; not further ahead of this host's
-        clock than ``FUTURE_SKEW_SECONDS``, a smaller lead counting as now), and once however
+        """An event posted to the local /api/ingest with a 2xx status: counted at its own
+        ``ts`` when that is inside the window (not older than ``window_seconds``; not further
+        ahead of this host's clock than ``FUTURE_SKEW_SECONDS``, a smaller lead counting as
+        now), and once however
         often the same event is posted (an ingest retry; the same event is the same ingest
         fields, compared by their 64-bit xxh3). The refusal, if it trips the detector."""
+        if not 200 <= event.status < 300:
+            return None  # only what the provider answered is an occurrence (see the class)
         age = time.time() - ts_epoch(event.ts)
         if age < -FUTURE_SKEW_SECONDS:
             return None

@@ -80,3 +80,18 @@ def test_meter_ignores_wrong_types(kind: str, ctype: str, data: bytes) -> None:
 )
 def test_operation_path(path: str, op: str) -> None:
     assert operation_path(path) == op
+
+
+@pytest.mark.parametrize(
+    ("kind", "path"),
+    [
+        ("openai", "/v1/moderations"),
+        ("openai", "/v1/responses/input_tokens"),
+        ("anthropic", "/v1/messages/count_tokens"),
+        ("gemini", "/v1beta/models/gemini-2.0-flash:countTokens"),
+    ],
+)
+def test_free_endpoints_are_what_the_real_paths_name(kind: str, path: str) -> None:
+    # The loop detector skips these: each must be the endpoint its real path gives.
+    adapter = ADAPTERS[kind]
+    assert adapter.endpoint(path) in adapter.free_endpoints
