@@ -151,7 +151,7 @@ class _Refusal(Exception):
         self.response = response
 
 
-_LAYER = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_LAYER = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_TTL = 30 * 86400
 _POST_FIELDS = {"org_id", "action", "layer", "ttl_seconds", "reason"}
 _DELETE_FIELDS = {"org_id", "reason"}
@@ -251,7 +251,7 @@ class GuardrailsAPI:
         if _field(body, "action", str) != "suspend":
             raise _Bad("action: expected 'suspend' (DELETE resumes)")
         layer = _field(body, "layer", str, "manual")
-        if not _LAYER.match(layer):
+        if not _LAYER.fullmatch(layer):
             raise _Bad("layer: 1-64 characters of letters, digits and _ . : -")
         ttl = _field(body, "ttl_seconds", float)
         if not 0 < ttl <= MAX_TTL:

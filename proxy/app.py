@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 from aiohttp import web
@@ -140,12 +140,20 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             yield
         finally:
             app[READY].clear()
-            await access.stop()
-            await store.flush()
+            # Each step runs even if one before it raised (logged; the first is raised at the
+            # end): above all the store closes, or aiosqlite's thread keeps the process alive.
+            steps: list[Callable[[], Awaitable[object]]] = [access.stop, store.flush]
             if shipper is not None:
-                await shipper.stop()
-            await store.close()
-            await pool.close()
+                steps.append(shipper.stop)
+            failed: Exception | None = None
+            for step in (*steps, store.close, pool.close):
+                try:
+                    await step()
+                except Exception as exc:
+                    log.exception("stopping: %s failed", getattr(step, "__qualname__", step))
+                    failed = failed or exc
+            if failed is not None:
+                raise failed
 
     app.cleanup_ctx.append(services)
 

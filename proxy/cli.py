@@ -310,8 +310,15 @@ async def serve(config: Config, path: str | None = None, listen: str | None = No
     notify("READY=1\nSTATUS=serving on " + daemon.url)
     log.info("atlasburn-proxy %s ready on %s", __version__, daemon.url)
     await stop.wait()
-    await daemon.drain()
+    code = EXIT_OK
+    try:
+        await daemon.drain()
+    except Exception:
+        # Each failed step of the stop was logged where it failed, and the steps after it still
+        # ran (the store and the pool are closed): exit, with a code that says so.
+        log.error("stopped, with errors (above)")
+        code = EXIT_FAILURE
     if pinger is not None:
         pinger.cancel()
     log.info("stopped")
-    return EXIT_OK
+    return code

@@ -31,9 +31,9 @@ DEFAULT_LISTEN = "127.0.0.1:8787"
 
 # Route prefixes the daemon serves itself; a provider may not shadow them.
 RESERVED_PROVIDER_NAMES = frozenset({"api", "healthz", "readyz", "metrics", "v1"})
-_PROVIDER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-_ORG_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-_FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
+_PROVIDER_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+_ORG_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 _ENV_REF = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -466,7 +466,7 @@ def _server(t: _Table) -> ServerConfig:
 
 
 _LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
-_HOST_NAME = re.compile(rf"^\.?{_LABEL}(\.{_LABEL})*$")
+_HOST_NAME = re.compile(rf"\.?{_LABEL}(\.{_LABEL})*")
 
 
 def _hosts(values: list[Any]) -> tuple[str, ...]:
@@ -475,7 +475,7 @@ def _hosts(values: list[Any]) -> tuple[str, ...]:
         if not isinstance(value, str):
             raise ValueError(f"expected host names (strings), got {_describe(value)}")
         host = value.strip().lower().rstrip(".")
-        if host != "*" and not _HOST_NAME.match(host):
+        if host != "*" and not _HOST_NAME.fullmatch(host):
             raise ValueError(
                 f"expected a host name without port (e.g. 'atlasburn-proxy', '.svc.cluster.local'"
                 f" or '*'), got {value!r}"
@@ -573,7 +573,7 @@ def _atlasburn(t: _Table) -> AtlasBurnConfig:
         return Secret(value)
 
     def org_id(value: str) -> str:
-        if not _ORG_ID.match(value):
+        if not _ORG_ID.fullmatch(value):
             raise ValueError(
                 f"must be 1-128 characters of letters, digits and _ . : -, got {value!r}"
             )
@@ -617,13 +617,13 @@ def _telemetry(t: _Table) -> TelemetryConfig:
 
 def _fingerprints(values: list[Any]) -> frozenset[str]:
     for value in values:
-        if not isinstance(value, str) or not _FINGERPRINT.match(value):
+        if not isinstance(value, str) or not _FINGERPRINT.fullmatch(value):
             raise ValueError(f"expected fingerprints like 'sha256:<64 hex digits>', got {value!r}")
     return frozenset(values)
 
 
 def _header_name(value: str) -> str:
-    if value and not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", value):
+    if value and not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
         raise ValueError(f"not a header name: {value!r}")
     return value
 
@@ -666,7 +666,7 @@ def _providers(t: _Table) -> dict[str, ProviderConfig]:
     providers = _default_providers()
     for name, pt in t.tables().items():
         known = providers.get(name)
-        if not _PROVIDER_NAME.match(name):
+        if not _PROVIDER_NAME.fullmatch(name):
             t.problem(name, "a provider name is lowercase letters, digits, '_' and '-'")
         elif name in RESERVED_PROVIDER_NAMES:
             t.problem(name, f"'{name}' is a route the daemon serves itself; pick another name")
@@ -690,7 +690,7 @@ def _providers(t: _Table) -> dict[str, ProviderConfig]:
 
 
 def _price_as(value: str) -> str:
-    if value and not re.match(r"^[a-z0-9][a-z0-9_.-]*$", value):
+    if value and not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", value):
         raise ValueError(
             f"expected a genai-prices provider id (e.g. 'openai') or 'none', got {value!r}"
         )

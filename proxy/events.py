@@ -3,7 +3,9 @@
 ``Event`` holds the schema's fields plus local-only ones (``usage_source``, ``priced``,
 ``refused_by``, ``origin``) that say how its numbers were obtained and where it came from;
 ``to_ingest`` gives the shipped form without them. ``parse_event`` validates an event that arrives
-at the local ``/api/ingest``: every field checked, the reason named when one is wrong.
+at the local ``/api/ingest``: every field checked and bounded, the reason named when one is wrong,
+and the whole event encoded once (``check_encodable``), so that nothing it accepts can fail later in
+the store, the shipper or the loop detector, which all encode it again.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from .adapters.base import UsageSource
 from .text import LIMIT, inert
@@ -79,9 +83,11 @@ def iso_ms(epoch: float) -> str:
 
 # --------------------------------------------------------------------------- validation
 
-_TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
-_FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9_.:/@+-]{1,64}$")
+# Matched whole (``fullmatch``): ``$`` would also match before a final newline, and let
+# ``"openai\n"`` through as a provider of its own.
+_TS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
+_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9_.:/@+-]{1,64}")
 FIELDS = (
     "ts",
     "provider",
@@ -97,6 +103,10 @@ FIELDS = (
 )
 _MAX_TOKENS = 10**12
 _MAX_COST = 10**9
+MAX_LATENCY_MS = 30 * 86400 * 1000  # 30 days: 2,592,000,000 ms
+# An ingested event's ts may be at most this far ahead of this host's clock (clocks differ a
+# little; an event a year ahead would show in every ``report --since`` for a year).
+MAX_TS_AHEAD_SECONDS = 300
 
 
 class InvalidEvent(ValueError):
@@ -116,7 +126,7 @@ def _shown(value: Any) -> str:
 def ts_epoch(ts: str) -> float:
     """Epoch seconds of an event's ``ts`` (``2026-11-29T01:55:24.123Z``, 0 to 6 fractional
     digits, as ``parse_event`` accepts it). Raises ValueError for anything else."""
-    if not _TS.match(ts):
+    if not _TS.fullmatch(ts):
         raise ValueError(f"not an event timestamp: {_shown(ts)}")
     return datetime.fromisoformat(ts[:-1]).replace(tzinfo=UTC).timestamp()
 
@@ -128,11 +138,32 @@ def _int(obj: dict[str, Any], key: str, low: int, high: int) -> int:
     return value
 
 
-def parse_event(obj: Any) -> Event:
+def check_encodable(event: Event) -> None:
+    """Encode ``event``'s ingest form as the store and the shipper will (orjson); InvalidEvent
+    naming the first field that cannot be encoded (e.g. an integer past 64 bits: ``latency_ms:
+    cannot be encoded as JSON: Integer exceeds 64-bit range``)."""
+    fields = event.to_ingest()
+    try:
+        orjson.dumps(fields)
+    except orjson.JSONEncodeError:
+        for key, value in fields.items():
+            try:
+                orjson.dumps(value)
+            except orjson.JSONEncodeError as exc:
+                raise InvalidEvent(f"{key}: cannot be encoded as JSON: {exc}") from None
+        raise  # pragma: no cover - the whole fails only where a field does
+
+
+def parse_event(obj: Any, now: float | None = None) -> Event:
     """A validated ``Event`` from one ingested JSON object, or InvalidEvent naming the field.
 
-    ``model`` and ``endpoint`` over 256 characters are refused; what is kept of them is inert
-    (``proxy.text``: non-printable characters escaped, so at most 256 characters still)."""
+    Every number is bounded: ``status`` 100-599, ``tokens_in`` / ``tokens_out`` integers from 0
+    to 10**12, ``cost_usd`` 0 to 10**9 USD, ``latency_ms`` a whole number of milliseconds from 0
+    to 30 days (``812`` or ``812.0``); ``ts`` is at most ``MAX_TS_AHEAD_SECONDS`` (5 minutes)
+    ahead of ``now`` (epoch seconds; this host's clock unless given). ``model`` and ``endpoint``
+    over 256 characters are refused; what is kept of them is inert (``proxy.text``: non-printable
+    characters escaped, so at most 256 characters still). The event is then encoded once
+    (``check_encodable``): what this accepts, the store can always write."""
     if not isinstance(obj, dict):
         raise InvalidEvent(f"expected an event object, got {type(obj).__name__}")
     missing = [key for key in FIELDS if key not in obj]
@@ -142,16 +173,21 @@ def parse_event(obj: Any) -> Event:
     if unknown:
         raise InvalidEvent(f"unknown field(s): {', '.join(unknown)}")
     ts = obj["ts"]
-    if not isinstance(ts, str) or not _TS.match(ts):
+    if not isinstance(ts, str) or not _TS.fullmatch(ts):
         raise InvalidEvent(
             f"ts: expected ISO 8601 UTC like 2026-11-29T01:55:24.123Z, got {_shown(ts)}"
         )
     try:
-        datetime.fromisoformat(ts[:-1])
+        epoch = ts_epoch(ts)
     except ValueError:
         raise InvalidEvent(f"ts: not a real date and time: {_shown(ts)}") from None
+    if epoch > (time.time() if now is None else now) + MAX_TS_AHEAD_SECONDS:
+        raise InvalidEvent(
+            f"ts: more than {MAX_TS_AHEAD_SECONDS // 60} minutes ahead of this host's clock,"
+            f" got {_shown(ts)}"
+        )
     provider = obj["provider"]
-    if not isinstance(provider, str) or not _NAME.match(provider):
+    if not isinstance(provider, str) or not _NAME.fullmatch(provider):
         raise InvalidEvent(f"provider: expected a name (1-64 characters), got {_shown(provider)}")
     model = obj["model"]
     if not isinstance(model, str) or len(model) > LIMIT:
@@ -169,15 +205,22 @@ def parse_event(obj: Any) -> Event:
     if type(cost) not in (int, float) or not math.isfinite(cost) or not 0 <= cost <= _MAX_COST:
         raise InvalidEvent(f"cost_usd: expected a number from 0 to {_MAX_COST}, got {_shown(cost)}")
     latency = obj["latency_ms"]
-    if type(latency) not in (int, float) or not math.isfinite(latency) or not 0 <= latency:
-        raise InvalidEvent(f"latency_ms: expected a non-negative number, got {_shown(latency)}")
+    if (
+        type(latency) not in (int, float)
+        or not 0 <= latency <= MAX_LATENCY_MS  # NaN fails this too
+        or latency != int(latency)
+    ):
+        raise InvalidEvent(
+            f"latency_ms: expected a whole number of milliseconds from 0 to {MAX_LATENCY_MS},"
+            f" got {_shown(latency)}"
+        )
     fingerprint = obj["fingerprint"]
-    if not isinstance(fingerprint, str) or not _FINGERPRINT.match(fingerprint):
+    if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
         raise InvalidEvent("fingerprint: expected 'sha256:' and 64 lowercase hex digits")
     stream = obj["stream"]
     if type(stream) is not bool:
         raise InvalidEvent(f"stream: expected true or false, got {_shown(stream)}")
-    return Event(
+    event = Event(
         ts=ts,
         provider=provider,
         model=inert(model),
@@ -186,10 +229,12 @@ def parse_event(obj: Any) -> Event:
         tokens_in=tokens_in,
         tokens_out=tokens_out,
         cost_usd=float(cost),
-        latency_ms=round(latency),
+        latency_ms=int(latency),
         fingerprint=fingerprint,
         stream=stream,
         usage_source=UsageSource.REPORTED,
         priced=True,
         origin="ingest",
     )
+    check_encodable(event)
+    return event

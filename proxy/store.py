@@ -11,7 +11,11 @@ after a process crash and after a power loss alike.
 Nothing here may break traffic: a failed write (disk full, I/O error, locked file) is logged and
 counted, and the events stay queued for the next attempt; only past ``max_pending_events`` in
 memory, or past ``max_spool_mb`` on disk, are events dropped, oldest first, each one counted and
-logged — never silently. Shipped events go before unshipped ones.
+logged — never silently. Shipped events go before unshipped ones. An event that cannot be encoded
+(which ``events.parse_event`` never lets in) is quarantined: dropped, counted and logged with the
+reason, while the events around it are written. The writer task survives whatever one of its
+rounds raises (logged, counted as a write error, retried after a back-off): it never leaves the
+daemon serving with a spool that silently stopped.
 
 Event states: PENDING (to ship), SHIPPED (delivered; kept for reports until retention ends),
 LOCAL (local-only mode: kept for reports), POISONED (the API refused it alone; kept for
@@ -27,13 +31,14 @@ Rows need no time index: ids grow with time, so a time bound is found by a binar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import sqlite3
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,7 +48,7 @@ import orjson
 
 from .adapters.base import UsageSource
 from .config import StorageConfig
-from .events import Event
+from .events import Event, InvalidEvent, check_encodable
 from .statefiles import StateDir
 
 log = logging.getLogger(__name__)
@@ -112,6 +117,7 @@ _HAS_USAGE = frozenset({UsageSource.REPORTED, UsageSource.REQUESTED})
 _SPEND_KEPT_SECONDS = 2 * 86400
 
 _CHUNK = 5000
+_MAX_WRITE_DELAY = 5.0  # seconds between attempts while writes keep failing
 # After a checkpoint, SQLite trims the WAL file down to this size.
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 _MAINTENANCE_SECONDS = 60.0
@@ -220,6 +226,8 @@ class Store:
         self.poisoned_total = 0
         self._last_maintenance = 0.0
         self._write_failing = False
+        self._writer_failing = False
+        self._counters_dirty = False  # dropped_total moved since the counters were saved
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -268,19 +276,42 @@ class Store:
         self._writer = spawn(self._write_loop(), name="store-writer")
 
     async def close(self) -> None:
-        """Commit what is queued (the writer drains), then close the file."""
+        """Commit what is queued (the writer drains), then close the file — always, even when
+        the last commit raised: aiosqlite's thread is not a daemon thread, and an open
+        connection would keep the process alive after SIGTERM. What the commit raised is raised
+        after the file is closed."""
         self._closing = True
         self._stop.set()
         self._wake.set()
-        if self._writer is not None:
-            await self._writer
-        await self.flush()
-        async with self._lock:
-            try:
-                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as exc:
-                log.warning("store: final checkpoint failed: %s", exc)
-            await self._db.close()
+        try:
+            if self._writer is not None:
+                await self._writer
+            await self.flush()
+        finally:
+            async with self._lock:
+                try:
+                    await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error as exc:
+                    log.warning("store: final checkpoint failed: %s", exc)
+                finally:
+                    await self._db.close()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; ``ROLLBACK`` when the body or the commit raised.
+        A transaction is never left open on the shared connection (every later ``BEGIN`` would
+        fail: the spool would stop for good). The caller holds ``_lock``."""
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            await self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                try:
+                    await self._db.execute("ROLLBACK")
+                except (sqlite3.Error, ValueError) as exc:  # ValueError: the connection is gone
+                    log.warning("store: rollback failed: %s", exc)
+            raise
 
     # ------------------------------------------------------------------ writing
 
@@ -302,15 +333,33 @@ class Store:
         interval = self._config.commit_interval_ms / 1000
         delay = interval
         while not self._closing:
-            if not self._queue:
-                self._wake.clear()
-                await self._pause(_MAINTENANCE_SECONDS, self._wake)
-            else:
-                # Group commit: let one interval's events gather (longer while writes fail).
+            try:
+                if not self._queue:
+                    self._wake.clear()
+                    await self._pause(_MAINTENANCE_SECONDS, self._wake)
+                else:
+                    # Group commit: let one interval's events gather (longer while writes fail).
+                    await self._pause(delay, self._stop)
+                    ok = await self.flush()
+                    delay = interval if ok else min(delay * 2, _MAX_WRITE_DELAY)
+                await self._maintain()
+                self._writer_failing = False
+            except Exception:
+                # Whatever a round raises (a bug, not a disk error: those are handled below),
+                # the writer goes on: a dead writer would leave the daemon ready while every
+                # later event silently piles up in memory.
+                self.write_errors_total += 1
+                delay = min(max(delay, interval) * 2, _MAX_WRITE_DELAY)
+                if not self._writer_failing:
+                    log.exception(
+                        "store: the writer failed; it goes on, retrying with a back-off of up to"
+                        " %.0f s",
+                        _MAX_WRITE_DELAY,
+                    )
+                else:
+                    log.error("store: the writer failed again (%d errors)", self.write_errors_total)
+                self._writer_failing = True
                 await self._pause(delay, self._stop)
-                ok = await self.flush()
-                delay = interval if ok else min(delay * 2, 5.0)
-            await self._maintain()
 
     @staticmethod
     async def _pause(seconds: float, until: asyncio.Event) -> None:
@@ -333,20 +382,30 @@ class Store:
         events = list(itertools.islice(self._queue, _CHUNK))
         now = time.time()
         state = PENDING if self._ship else LOCAL
-        rows = [self._row(e, now, state) for e in events]
+        rows: list[tuple[Any, ...]] = []
+        bad: list[tuple[Event, Exception]] = []
+        spent = 0.0
+        for e in events:
+            # Whatever one event makes fail is that event's: it is quarantined, not the batch.
+            try:
+                row = self._row(e, now, state)
+                cost = float(e.cost_usd) if e.origin == "proxy" else 0.0
+            except Exception as exc:
+                bad.append((e, exc))
+                continue
+            rows.append(row)
+            spent += cost
+        if bad:
+            # (Even when no event is left: the transaction then saves the dropped count.)
+            events = self._quarantine(len(events), bad)
         size = sum(r[2] for r in rows)
-        spent = sum(e.cost_usd for e in events if e.origin == "proxy")
         try:
-            async with self._lock:
-                await self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    await self._db.executemany(_INSERT, rows)
-                    if spent > 0:
-                        await self._db.execute(_ADD_SPEND, (int(now // 60) * 60, spent))
-                    await self._db.execute("COMMIT")
-                except BaseException:
-                    await self._db.execute("ROLLBACK")
-                    raise
+            async with self._lock, self._transaction():
+                await self._db.executemany(_INSERT, rows)
+                if self._counters_dirty:
+                    await self._save_counters()
+                if spent > 0:
+                    await self._db.execute(_ADD_SPEND, (int(now // 60) * 60, spent))
         except (sqlite3.Error, OSError) as exc:
             self.write_errors_total += 1
             if not self._write_failing:
@@ -362,6 +421,7 @@ class Store:
             self._write_failing = False
         for _ in range(len(events)):
             self._queue.popleft()
+        self._counters_dirty = False
         self.committed_total += len(events)
         self.spool_bytes += size
         if self._ship:
@@ -383,6 +443,31 @@ class Store:
         if e.origin != "proxy":
             flags |= FROM_INGEST
         return (now, state, len(body) + _ROW_OVERHEAD, flags, body)
+
+    def _quarantine(self, head: int, bad: list[tuple[Event, Exception]]) -> list[Event]:
+        """Take the events that could not be encoded (each with what encoding raised) out of
+        the first ``head`` events of the queue, each counted as dropped and logged with the
+        reason; the others of those ``head``, in order. Nothing may await between reading the
+        head and this: the queue's head is rebuilt without them."""
+        for event, exc in bad:
+            why = f"{type(exc).__name__}: {exc}"
+            try:
+                check_encodable(event)  # names the field, where encoding is what failed
+            except InvalidEvent as invalid:
+                why = str(invalid)
+            except Exception:
+                pass
+            self._count_dropped(
+                1,
+                f"cannot encode it ({why}): {event.provider} {event.model!r}"
+                f" {event.endpoint} status {event.status} at {event.ts}",
+            )
+        dropped = {id(event) for event, _ in bad}
+        events = [self._queue.popleft() for _ in range(head)]
+        good = [event for event in events if id(event) not in dropped]
+        self._queue.extendleft(reversed(good))
+        self._counters_dirty = True  # saved with this flush's commit
+        return good
 
     def _count_dropped(self, n: int, why: str) -> None:
         self.dropped_total += n
@@ -420,9 +505,8 @@ class Store:
                 count += 1
                 pending += state == PENDING
         if ids:
-            await self._db.execute("BEGIN IMMEDIATE")
-            await self._db.executemany("DELETE FROM events WHERE id = ?", [(i,) for i in ids])
-            await self._db.execute("COMMIT")
+            async with self._transaction():
+                await self._db.executemany("DELETE FROM events WHERE id = ?", [(i,) for i in ids])
             self.spool_bytes -= freed
             self.pending_events -= pending
         return freed, count
@@ -468,11 +552,10 @@ class Store:
                 old = [(row_id, size) for row_id, size, created in rows if created < cutoff]
                 if not old:
                     break
-                await self._db.execute("BEGIN IMMEDIATE")
-                await self._db.executemany(
-                    "DELETE FROM events WHERE id = ?", [(i,) for i, _ in old]
-                )
-                await self._db.execute("COMMIT")
+                async with self._transaction():
+                    await self._db.executemany(
+                        "DELETE FROM events WHERE id = ?", [(i,) for i, _ in old]
+                    )
                 self.spool_bytes -= sum(size for _, size in old)
                 deleted += len(old)
                 if len(old) < len(rows):
@@ -527,17 +610,12 @@ class Store:
 
     async def _settle(self, batch: Batch, state: int) -> None:
         """The batch's events leave PENDING for ``state``, and the batch is done."""
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             await self._db.execute(
                 "UPDATE events SET state = ? WHERE state = ? AND id BETWEEN ? AND ?",
                 (state, PENDING, batch.event_ids[0], batch.event_ids[-1]),
             )
             await self._db.execute("DELETE FROM batches WHERE id = ?", (batch.id,))
-            await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
 
     async def delivered(self, batch: Batch) -> None:
         """The API took the batch (2xx): its events leave the spool (kept for reports)."""
@@ -563,13 +641,11 @@ class Store:
             end = start + size + (k < extra)
             ranges.append((uuid.uuid4().hex, ids[start], ids[end - 1]))
             start = end
-        async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
+        async with self._lock, self._transaction():
             await self._db.execute("DELETE FROM batches WHERE id = ?", (batch.id,))
             await self._db.executemany(
                 "INSERT INTO batches (id, first_id, last_id) VALUES (?, ?, ?)", ranges
             )
-            await self._db.execute("COMMIT")
         return [r[0] for r in ranges]
 
     async def poison(self, batch: Batch, why: str) -> None:

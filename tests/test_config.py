@@ -161,6 +161,12 @@ def test_errors_name_the_dotted_key_and_all_are_reported() -> None:
             "got 'has space'",
         ),
         (
+            # Matched whole: "$" let a final newline through.
+            {"atlasburn": {"org_id": "acme\n"}},
+            "atlasburn.org_id: must be 1-128 characters of letters, digits and _ . : -, "
+            "got 'acme\\n'",
+        ),
+        (
             {"server": {"allowed_hosts": ["atlasburn-proxy:8787"]}},
             "server.allowed_hosts: expected a host name without port (e.g. 'atlasburn-proxy', "
             "'.svc.cluster.local' or '*'), got 'atlasburn-proxy:8787'",

@@ -322,3 +322,98 @@ async def test_a_cancelled_shipping_step_leaves_no_transaction_open(store: Store
     assert following is not None and following.event_ids != batch.event_ids
     await store.delivered(following)  # "cannot start a transaction within a transaction" before
     assert await store.next_batch(5) is None
+
+
+def fingerprints(path: Path) -> list[str]:
+    return [
+        str(fp)
+        for (fp,) in rows(
+            path, "SELECT json_extract(CAST(body AS TEXT), '$.fingerprint') FROM events ORDER BY id"
+        )
+    ]
+
+
+async def test_an_event_that_cannot_be_encoded_is_dropped_and_the_rest_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attack review H2: an event the store cannot encode (an integer past 64 bits) stayed at
+    the head of the queue and killed the writer; every later event was lost silently."""
+    path = tmp_path / "s.sqlite3"
+    s = await Store.open(config(path), ship=True)
+    s.start()
+    poison = event(2)
+    poison.latency_ms = 2**70
+    for e in (event(1), poison, event(3)):
+        s.enqueue(e)
+    await eventually(lambda: s.committed_total == 2)
+    for i in range(4, 14):
+        s.enqueue(event(i))
+    await eventually(lambda: s.committed_total == 12)
+    assert (s.queued, s.dropped_total, s.write_errors_total) == (0, 1, 0)
+    assert s._writer is not None and not s._writer.done()
+    assert (
+        "store: dropped 1 event(s): cannot encode it (latency_ms: cannot be encoded as JSON:"
+        " Integer exceeds 64-bit range): openai 'gpt-4o-mini' /chat/completions status 200"
+        " at 2026-11-29T01:55:24.123Z (1 dropped in all)"
+    ) in caplog.messages
+    # A chunk of nothing but such events: dropped, and the count is saved all the same.
+    s.enqueue(poison)
+    await eventually(lambda: s.dropped_total == 2)
+    await s.close()  # returns: the file is closed
+    assert fingerprints(path) == ["sha256:" + f"{i:064x}" for i in (1, *range(3, 14))]
+    again = await Store.open(config(path), ship=True)
+    assert again.dropped_total == 2  # the count survives a restart
+    await again.close()
+
+
+async def test_close_closes_the_file_when_its_last_commit_raises(tmp_path: Path) -> None:
+    """Shutdown: whatever the last commit raises, the connection is closed (aiosqlite's
+    thread would keep the process alive), and the error still reaches the caller."""
+    path = tmp_path / "s.sqlite3"
+    s = await Store.open(config(path), ship=True)
+    s.enqueue(event(1))
+    db = s._db
+    spend = sqlite3.connect(path)
+    spend.execute("DROP TABLE spend")  # the commit's spend update now fails ...
+    spend.execute("CREATE VIEW spend AS SELECT 1 AS minute, 2 AS usd")  # ... not as a write error
+    spend.commit()
+    spend.close()
+    s.enqueue(event(5))
+    await s.close()
+    assert not db._running and db._connection is None
+
+
+async def test_the_writer_survives_a_round_that_raises(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A round of the writer that raises something unexpected (here the spool bound's delete,
+    refused by a trigger) is logged and counted, and the writer goes on: before, it ended, and
+    the daemon stayed ready while every later event piled up in memory."""
+    path = tmp_path / "s.sqlite3"
+    s = await Store.open(config(path, max_spool_mb=1.0), ship=True)
+    s.start()
+    db = sqlite3.connect(path)
+    db.execute("CREATE TRIGGER keep BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT, 'kept'); END")
+    db.commit()
+    per_event = 340  # bytes of a row, about
+    n = (1024 * 1024) // per_event + 500  # past the bound
+    for i in range(n):
+        s.enqueue(event(i))
+    await eventually(lambda: s.write_errors_total >= 1, within=10)
+    later = n + 100
+    for i in range(n, later):
+        s.enqueue(event(i))
+    await eventually(lambda: s.committed_total == later, within=10)
+    assert s._writer is not None and not s._writer.done()
+    assert any(
+        m.startswith("store: the writer failed; it goes on, retrying with a back-off of up to 5 s")
+        for m in caplog.messages
+    )
+    db.execute("DROP TRIGGER keep")
+    db.commit()
+    db.close()
+    s.enqueue(event(later))
+    await eventually(lambda: s.spool_bytes <= 1024 * 1024 and s.queued == 0, within=10)
+    assert s.dropped_total > 0  # the bound works again: the oldest unshipped went, counted
+    await s.close()
+    assert rows(path, "PRAGMA integrity_check") == [("ok",)]
