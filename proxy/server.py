@@ -365,6 +365,9 @@ class _Handler(RequestHandler):
         self._body = None
         if self._request_in_progress:
             body.set_exception(ClientBodyTimeout(why))  # the handler answers 408
+            # ... and the connection closes after it: aiohttp would otherwise linger to read
+            # the rest of the body, get the same exception and log it as unhandled.
+            self._force_close = True
         else:
             self.force_close()  # nobody reads it (a body after an answer)
 
