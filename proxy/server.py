@@ -22,10 +22,12 @@ bounds it:
   recorded like any client that left.
 - Count. At most ``max_connections`` client connections are open. A new connection past the
   bound closes the oldest idle keep-alive connection, else the one that has been slow for the
-  longest: still sending its head, or sending its body below the minimum pace (a slow
-  client's, most likely an attack's; a new connection is the newest of those). A connection
-  whose request is read or being answered is never closed for room, so when every one is busy
-  the new connection is closed instead. The
+  longest: still sending its head, or sending its body below the minimum pace, after ``SLOW_GRACE``
+  (a slow client's, most likely an attack's), else the body
+  arriving slowest if it averages under ``SHED_BODY_RATE`` (a body paced just above the
+  minimum must not lock everyone out). A connection whose request is read or being answered
+  is never closed for room, so when every one is busy the new connection gets a 503 with
+  ``Retry-After: 1`` (which the SDKs retry) and is closed. The
   default bound comes from the open-file limit: half of it (each request under way also holds a
   connection to the provider), at most 4,096.
 - Stop. A graceful stop gives in-flight requests ``shutdown_grace_seconds`` in all, then cancels
@@ -44,6 +46,7 @@ import resource
 import time
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.streams import StreamReader
@@ -68,6 +71,16 @@ MAX_HEADERS = 128
 READ_BUFFER = 16384
 # A body must average at least this many bytes a second once its first body_timeout is over.
 BODY_MIN_RATE = 500
+# When the connections are all taken and none is idle or below BODY_MIN_RATE, a body arriving
+# slower than this (bytes a second, averaged since its head) is closed to make room. Any client
+# on a host or in a cluster sends faster: 16 KiB/s is a 1 MB prompt in a minute.
+SHED_BODY_RATE = 16384
+# A request head or body is judged slow, for making room, once it has been arriving this long
+# (seconds): a newcomer does not close the one that opened, or sent its head, a moment before.
+SLOW_GRACE = 1.0
+# A connection refused for room is answered 503 and closed once the client closed its side, or
+# after this many seconds.
+REFUSED_LINGER = 1.0
 # After the grace period, a cancelled request may take this long to record its event.
 CANCEL_GRACE = 1.0
 # File descriptors kept aside from the client connections' share: the listener, the store and
@@ -135,7 +148,9 @@ class _Limits:
         # the newest of those).
         idle: _Handler | None = None
         slow: _Handler | None = None
+        paced: _Handler | None = None
         idle_at = slow_at = float("inf")
+        paced_rate: float = SHED_BODY_RATE
         now = new.last_rx
         for conn in self.open:
             if conn is new:
@@ -144,15 +159,22 @@ class _Limits:
                 if conn.last_rx < idle_at:
                     idle, idle_at = conn, conn.last_rx
             elif conn.head_since is not None and not conn.busy():
-                if conn.head_since < slow_at:
+                if conn.head_since < min(slow_at, now - SLOW_GRACE):
                     slow, slow_at = conn, conn.head_since
-            elif conn.slow_body(now) and conn.body_since < slow_at:
-                slow, slow_at = conn, conn.body_since
+            elif conn.slow_body(now):
+                if conn.body_since < slow_at:
+                    slow, slow_at = conn, conn.body_since
+            elif idle is None and slow is None:
+                rate = conn.body_rate(now)
+                if rate is not None and rate < paced_rate:
+                    paced, paced_rate = conn, rate
         victim, why = new, "every connection busy"
         if idle is not None:
             victim, why = idle, "idle"
         elif slow is not None:
             victim, why = slow, "slow"
+        elif paced is not None:
+            victim, why = paced, f"a body arriving at {paced_rate:.0f} bytes/s"
         self.hit("client_connections")
         clock = time.monotonic()
         if clock - self._warned >= 60:
@@ -163,11 +185,20 @@ class _Limits:
                 self.max_connections,
                 why,
             )
-        victim.force_close()
+        if victim is new:
+            new.refuse(self.max_connections)
+        else:
+            victim.force_close()
         self.open.pop(victim, None)
 
     def gone(self, conn: _Handler) -> None:
         self.open.pop(conn, None)
+
+
+_REFUSED_HEAD = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+)
 
 
 class _Handler(RequestHandler):
@@ -195,19 +226,60 @@ class _Handler(RequestHandler):
         return self._request_in_progress or bool(self._messages)
 
     def is_idle(self) -> bool:
-        """A keep-alive connection between requests, with no byte of the next one."""
-        return self.head_since is None and not self.busy() and self._request_count > 0
+        """A keep-alive connection between requests, with no byte of the next one: aiohttp
+        waits for its next request (not a request read and about to be handled)."""
+        waiter = self._waiter
+        return (
+            self.head_since is None
+            and waiter is not None
+            and not waiter.done()
+            and not self.busy()
+            and self._request_count > 0
+        )
 
     def slow_body(self, now: float) -> bool:
-        """A request body on its way slower than ``BODY_MIN_RATE`` (before the first
-        ``body_timeout`` has passed too: for making room, the allowance does not apply)."""
+        """A request body on its way slower than ``BODY_MIN_RATE`` for at least ``SLOW_GRACE``
+        (before the first ``body_timeout`` has passed too: for making room, the allowance does
+        not apply)."""
         body = self._body
         return (
             body is not None
             and not body.is_eof()
             and self._paused_at is None
+            and now - self.body_since >= SLOW_GRACE
             and self._body_bytes < (now - self.body_since) * BODY_MIN_RATE
         )
+
+    def body_rate(self, now: float) -> float | None:
+        """Bytes a second the current request body has averaged since its head (the daemon's
+        own pauses left out); None when no body is arriving, or for its first second."""
+        body = self._body
+        if body is None or body.is_eof() or self._paused_at is not None:
+            return None
+        elapsed = now - self.body_since
+        return self._body_bytes / elapsed if elapsed >= 1.0 else None
+
+    def refuse(self, limit: int) -> None:
+        """Answer a connection there is no room for with a 503 (JSON, ``Retry-After: 1``),
+        whatever it sends, and close it: at once for sending, after ``REFUSED_LINGER`` seconds
+        at most for reading (what it sends meanwhile is dropped; closing with its request
+        unread would reset the connection, and the client could lose the answer)."""
+        self._force_close = True  # aiohttp reads no request from it
+        transport = self.transport
+        if transport is not None:
+            body = orjson.dumps(
+                {
+                    "error": {
+                        "code": "too_many_connections",
+                        "message": f"the daemon has server.max_client_connections ({limit})"
+                        " client connections open, each one busy; retry shortly",
+                    }
+                }
+            )
+            transport.write(_REFUSED_HEAD % len(body) + body)
+            if transport.can_write_eof():
+                transport.write_eof()
+            self._loop.call_later(REFUSED_LINGER, transport.close)
 
     # -- aiohttp's hooks
 
@@ -226,6 +298,8 @@ class _Handler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._force_close:  # closing (or refused): nothing more is read
+            return
         if not data:  # aiohttp re-parses what it holds after a pause: nothing arrived
             super().data_received(data)
             return

@@ -13,7 +13,9 @@ import itertools
 import time
 
 import aiohttp
+import orjson
 
+from ..conftest import eventually
 from ..fakes.provider import FakeProvider
 from .conftest import Figures, StartProxy, port_of
 
@@ -30,13 +32,15 @@ SILENT_UPLOAD = (
 
 
 class Slow:
-    """One connection that sends ``head`` and then one byte every ``every`` seconds (never, for
-    0), and notes when the daemon answered or closed it, and the answer's status line."""
+    """One connection that sends ``head`` and then ``piece`` (one byte) every ``every`` seconds
+    (never, for 0), and notes when the daemon answered or closed it, and the answer's status
+    line."""
 
-    def __init__(self, port: int, head: bytes, every: float = 0.0) -> None:
+    def __init__(self, port: int, head: bytes, every: float = 0.0, piece: bytes = b"x") -> None:
         self.port = port
         self.head = head
         self.every = every
+        self.piece = piece
         self.opened = 0.0
         self.ended: float | None = None
         self.status_line = b""
@@ -57,7 +61,7 @@ class Slow:
                     done, _ = await asyncio.wait({read}, timeout=self.every)
                     if not done:
                         try:
-                            writer.write(b"x")
+                            writer.write(self.piece)
                             await writer.drain()
                         except ConnectionError:
                             await asyncio.wait({read})
@@ -203,12 +207,19 @@ async def test_slowloris_cannot_lock_out_clients(
         late = max(s.ended - s.opened for s in slow if s.ended is not None)
         figures("every slow connection closed within (s)", f"{late:.1f}")
         figures(
+            "answers to the slow heads",
+            sorted({s.status_line.decode() or "(closed to make room)" for s in heads}),
+        )
+        figures(
             "answers to the slow bodies",
             sorted({s.status_line.decode() or "(closed to make room)" for s in bodies}),
         )
         assert all(s.ended is not None for s in slow)
-        assert all(s.status_line == b"" for s in heads)  # a slow head is closed, not answered
-        assert {s.status_line for s in bodies} <= {b"", b"HTTP/1.1 408 Request Timeout"}
+        # A slow head is closed, not answered; a body gets its 408. Either, arriving while
+        # every connection was taken and none slow for a second yet, got a 503 at once.
+        refused = b"HTTP/1.1 503 Service Unavailable"
+        assert {s.status_line for s in heads} <= {b"", refused}
+        assert {s.status_line for s in bodies} <= {b"", b"HTTP/1.1 408 Request Timeout", refused}
         assert late <= timeout + 10
         assert (await chat(p.url))[0] == 200
     finally:
@@ -266,3 +277,76 @@ async def test_a_client_that_stops_reading_is_closed(
     assert send_timeout - 0.5 <= ended <= send_timeout + 10
     assert metrics['atlasburn_limit_hits_total{limit="send_timeout"}'] == 1
     assert sum(v for k, v in metrics.items() if k.startswith(IN_USE)) == 0
+
+
+async def test_bodies_paced_just_above_the_minimum_cannot_lock_out_clients(
+    start_proxy: StartProxy, fake: FakeProvider, figures: Figures
+) -> None:
+    """Attack review M2: bodies sent at 1 KiB/s (twice the minimum pace, so never timed out)
+    on every connection the daemon allows locked every newcomer out until they ended. When
+    nothing is idle or slow, the slowest body under 16 KiB/s is closed to make room."""
+    bound = 30
+    p = await start_proxy(
+        ship=False,
+        server={"max_client_connections": bound, "body_timeout_seconds": 60},
+    )
+    port = port_of(p.url)
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    paced = [Slow(port, head, 0.25, b" " * 256).start() for _ in range(bound)]
+    try:
+        await asyncio.sleep(2.0)  # each has averaged 1 KiB/s for over a second
+        results = await asyncio.gather(*(chat(p.url) for _ in range(5)))
+        metrics = await p.metrics()
+        closed = sum(1 for s in paced if s.ended is not None)
+        figures("paced bodies (1 KiB/s) / connection bound", f"{bound} / {bound}")
+        figures("legitimate requests served meanwhile", [status for status, _ in results])
+        figures("paced bodies closed to make room", closed)
+        assert [status for status, _ in results] == [200] * 5
+        assert closed == 5
+        assert metrics['atlasburn_limit_hits_total{limit="client_connections"}'] == 5
+    finally:
+        for s in paced:
+            s.stop()
+
+
+async def test_a_connection_past_the_bound_gets_a_503_when_every_one_is_busy(
+    start_proxy: StartProxy, fake: FakeProvider, figures: Figures
+) -> None:
+    """Every connection has a request the provider is answering: none is closed for room, and
+    the newcomer gets a 503 with Retry-After (the SDKs retry it), not a reset."""
+    bound = 10
+    p = await start_proxy(ship=False, server={"max_client_connections": bound})
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=30)
+    ) as s:
+        hung = [
+            asyncio.ensure_future(
+                s.post(
+                    p.url + "/v1/chat/completions",
+                    json={**CHAT, "seed": next(NONCE)},
+                    headers={"x-fake-fault": "hang"},
+                )
+            )
+            for _ in range(bound)
+        ]
+        try:
+            await eventually(lambda: len(fake.requests) >= bound, within=10)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(p.url))
+            writer.write(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+            )
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            figures("the newcomer's answer", head.split(b"\r\n")[0])
+            assert head.split(b"\r\n")[0] == b"HTTP/1.1 503 Service Unavailable"
+            assert b"Retry-After: 1" in head.split(b"\r\n")
+            assert orjson.loads(body)["error"]["code"] == "too_many_connections"
+            assert not any(h.done() for h in hung)  # none of the busy ones was closed
+        finally:
+            for h in hung:
+                h.cancel()
