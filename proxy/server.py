@@ -41,8 +41,11 @@ and at most two timer handles.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
+import socket
+import struct
 import time
 from typing import Any
 
@@ -397,9 +400,18 @@ class _Handler(RequestHandler):
                     self._peer(),
                     limits.send_timeout,
                 )
-                # abort, not close: close would wait for the unsent answer to be taken first
-                if self.transport is not None:
-                    self.transport.abort()
+                # abort, not close: close would wait for the unsent answer to be taken first;
+                # and a reset (SO_LINGER 0), not a FIN: the kernel would otherwise keep the
+                # unsent bytes, and retry them, for minutes after the socket is closed.
+                transport = self.transport
+                if transport is not None:
+                    sock = transport.get_extra_info("socket")
+                    if sock is not None:
+                        with contextlib.suppress(OSError):
+                            sock.setsockopt(
+                                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                            )
+                    transport.abort()
                 self.force_close()
                 return
             self._arm(self._sent_at + limits.send_timeout)

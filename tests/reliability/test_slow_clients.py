@@ -269,6 +269,16 @@ async def test_a_client_that_stops_reading_is_closed(
             assert time.monotonic() - stopped < send_timeout + 20, "the stream was never closed"
             await asyncio.sleep(0.05)
         ended = fake.stream_ends[0].at - stopped
+        # The daemon reset the connection: the kernel dropped the megabytes it still held for
+        # this client instead of retrying them for minutes after the socket was closed.
+        end = b"(end of stream)"
+        try:
+            while await reader.read(1 << 20):
+                pass
+        except ConnectionResetError as exc:
+            end = type(exc).__name__.encode()
+        figures("what the client sees once it reads again", end.decode())
+        assert end == b"ConnectionResetError"
     finally:
         writer.close()
     metrics = await p.metrics()
