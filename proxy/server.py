@@ -222,6 +222,7 @@ class _Handler(RequestHandler):
         self._sent_at: float | None = None  # when that was (None: the client takes what it gets)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._close_when_done = False  # the request's answer is the connection's last
 
     # -- states
 
@@ -285,6 +286,13 @@ class _Handler(RequestHandler):
             self._loop.call_later(REFUSED_LINGER, transport.close)
 
     # -- aiohttp's hooks
+
+    async def start(self) -> None:
+        await super().start()
+        # aiohttp leaves the transport to whoever set _force_close; here that is the timer,
+        # which let the handler answer first (408).
+        if self._close_when_done and self.transport is not None:
+            self.transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -453,7 +461,7 @@ class _Handler(RequestHandler):
             body.set_exception(ClientBodyTimeout(why))  # the handler answers 408
             # ... and the connection closes after it: aiohttp would otherwise linger to read
             # the rest of the body, get the same exception and log it as unhandled.
-            self._force_close = True
+            self._force_close = self._close_when_done = True
         else:
             self.force_close()  # nobody reads it (a body after an answer)
 
