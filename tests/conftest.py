@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from proxy.app import Daemon
 from proxy.config import parse_config
@@ -20,6 +21,11 @@ from proxy.events import Event
 from .fakes.ingest import FakeIngest
 from .fakes.provider import FakeProvider
 from .fakes.server import start
+
+# Property tests measure nothing about speed: on a busy two-core machine one example may take
+# longer than hypothesis's 200 ms deadline, which is no failure.
+settings.register_profile("atlasburn", deadline=None)
+settings.load_profile("atlasburn")
 
 # Daemons started as real processes; whatever a failing test leaves running is killed after it.
 SPAWNED: list[asyncio.subprocess.Process] = []
