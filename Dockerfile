@@ -1,7 +1,9 @@
 # atlasburn-proxy as a sidecar: slim Python, a non-root user, state on a volume.
 #   docker build -t atlasburn-proxy .
-#   docker run -p 8787:8787 -v atlasburn-state:/var/lib/atlasburn-proxy \
+#   docker run -p 127.0.0.1:8787:8787 -v atlasburn-state:/var/lib/atlasburn-proxy \
 #     -e ATLASBURN_API_KEY=abn_... atlasburn-proxy
+# Publish on 127.0.0.1: a bare -p 8787:8787 serves the daemon (its relay, /metrics, the local API)
+# on every interface of the host, and Docker's own iptables rules let it past firewalls like ufw.
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

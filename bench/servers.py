@@ -165,7 +165,7 @@ def passthrough_app(upstream: str) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
-    app.router.add_route("*", "/{tail:.*}", relay)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", relay)  # every path, as the daemon routes
     return app
 
 

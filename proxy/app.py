@@ -186,7 +186,9 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
 
     app.router.add_route("*", "/api/ingest", _guarded(ingest))
     app.router.add_route("*", "/api/guardrails/enforce", _guarded(enforce))
-    app.router.add_route("*", "/{tail:.*}", _guarded(relay), expect_handler=expect)
+    # [\s\S], not ".": a path may hold a newline (%0A decoded), and a path no route matches gets
+    # aiohttp's own text/plain 404 instead of the relay's answer in the provider's shape.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", _guarded(relay), expect_handler=expect)
     return app
 
 

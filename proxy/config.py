@@ -337,6 +337,9 @@ class _Table:
     def problem(self, name: str, message: str) -> None:
         self._problems.append(f"{self.key(name)}: {message}")
 
+    def warn(self, name: str, message: str) -> None:
+        self._warnings.append(f"{self.key(name)}: {message}")
+
     def has(self, name: str) -> bool:
         return name in self._data
 
@@ -548,8 +551,17 @@ def _logging(t: _Table) -> LoggingConfig:
 def _storage(t: _Table) -> StorageConfig:
     d = StorageConfig()
     raw = t.get("path", str, "")
+    path = Path(raw).expanduser() if raw else d.path
+    if not path.is_absolute():
+        # Relative to the working directory, which a shell and systemd (/) set differently: the
+        # same file would put the spool, and the local API's key, in another place.
+        t.warn(
+            "path",
+            f"{str(path)!r} is relative to the working directory; it resolved to "
+            f"{path.absolute()} (use an absolute path)",
+        )
     cfg = StorageConfig(
-        path=Path(raw).expanduser() if raw else d.path,
+        path=path,
         commit_interval_ms=t.get(
             "commit_interval_ms", int, d.commit_interval_ms, _between(1, 10_000)
         ),

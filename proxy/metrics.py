@@ -3,9 +3,12 @@
 Per-request numbers are counted as each request ends (label children cached, so a request costs a
 few dictionary lookups); the state of the spool, shipper, pricer and guardrails is read only when
 scraped. Label values are bounded: provider (configured names), status (HTTP codes), layer and
-model — at most ``MAX_MODELS`` model names get a label of their own, the rest count as ``other``.
-No fingerprint, key or free text is ever a label, and a model label is at most 256 printable
-characters (``proxy.text.inert``).
+model. A model gets a label of its own once its provider answered a request for it with 2xx, for
+at most ``MAX_MODELS`` (provider, model) pairs; from then on all its events use it, whatever
+their status. Before that, and past the bound, a model counts as ``other``: a name the provider
+refused (404 model_not_found, 401) is whatever a client sent, and random ones must not take the
+slots of the models really in use. No fingerprint, key or free text is ever a label, and a model
+label is at most 256 printable characters (``proxy.text.inert``).
 """
 
 from __future__ import annotations
@@ -98,16 +101,17 @@ class Metrics:
         )
         self._limit_children: dict[str, Any] = {}
         self._children: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
-        self._models: set[str] = set()
+        self._models: set[tuple[str, str]] = set()  # (provider, model) labelled: answered 2xx
         self._upstream: dict[str, Any] = {}
         self._layers: set[str] = set()
 
-    def _model(self, model: str) -> str:
+    def _model(self, provider: str, model: str, status: int) -> str:
         model = inert(model)  # the relay bounds it already; an ingested or older event too
-        if model in self._models:
+        key = (provider, model)
+        if key in self._models:
             return model
-        if len(self._models) < MAX_MODELS:
-            self._models.add(model)
+        if 200 <= status < 300 and len(self._models) < MAX_MODELS:
+            self._models.add(key)
             return model
         return "other"
 
@@ -115,14 +119,15 @@ class Metrics:
         key = (event.provider, event.model, event.status)
         children = self._children.get(key)
         if children is None:
-            model = self._model(event.model)
+            model = self._model(event.provider, event.model, event.status)
             children = (
                 self.requests.labels(event.provider, model, str(event.status)),
                 self.tokens.labels(event.provider, model, "in"),
                 self.tokens.labels(event.provider, model, "out"),
                 self.cost.labels(event.provider, model),
             )
-            if len(self._children) < MAX_MODELS * 50:
+            # Only a labelled model's: one counted as other may get its label with its next 2xx.
+            if model != "other" and len(self._children) < MAX_MODELS * 50:
                 self._children[key] = children
         requests, tokens_in, tokens_out, cost = children
         requests.inc()

@@ -4,6 +4,7 @@ process: signals, exit codes, crashes, sd_notify, reload."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import resource
 import signal
@@ -54,22 +55,28 @@ class DaemonProcess:
 
 
 async def spawn_daemon(
-    *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+    *args: str,
+    env: dict[str, str] | None = None,
+    nofile: int | None = None,
+    cwd: Path = ROOT,
 ) -> DaemonProcess:
     """``atlasburn-proxy run ARGS...``, returned once it says it is ready; ``nofile`` limits
-    its open files (soft and hard, as ``ulimit -n``)."""
+    its open files (soft and hard, as ``ulimit -n``); ``cwd`` is its working directory (this
+    checkout's ``proxy`` is run from any)."""
 
     def limit() -> None:
         if nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
+    if cwd != ROOT:
+        env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "proxy",
         "run",
         *args,
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from proxy.browsers import BrowserGuard
 from proxy.config import parse_config
+
+EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
 
 
 def guard(**server: object) -> BrowserGuard:
@@ -42,6 +47,29 @@ def test_configured_hosts() -> None:
     assert g.refusal({"Host": "svc.cluster.local"}) is None
     assert g.refusal({"Host": "evil-svc.cluster.local"}) is not None
     assert guard(allowed_hosts=["*"]).refusal({"Host": "anything.example"}) is None
+
+
+def commented_example(key: str) -> str:
+    """The commented-out ``key = [...]`` example of config.example.toml, uncommented."""
+    lines = EXAMPLE.read_text().splitlines()
+    start = lines.index(next(line for line in lines if line.startswith(f"# {key} = [")))
+    end = next(i for i in range(start, len(lines)) if lines[i].endswith("]"))
+    return "\n".join(line.removeprefix("#") for line in lines[start : end + 1])
+
+
+def test_the_example_allowed_hosts_serve_every_name_of_a_kubernetes_service() -> None:
+    """config.example.toml's example covers each name a pod reaches a Service by."""
+    g = guard(**tomllib.loads(commented_example("allowed_hosts")))
+    for name in (
+        "atlasburn-proxy",
+        "atlasburn-proxy.default",
+        "atlasburn-proxy.default.svc",
+        "atlasburn-proxy.default.svc.cluster.local",
+        "atlasburn-proxy.default.svc.cluster.local.",
+    ):
+        assert g.refusal({"Host": f"{name}:8787"}) is None, name
+    for name in ("evil.example", "other.default.svc", "atlasburn-proxy.evil.example"):
+        assert g.refusal({"Host": f"{name}:8787"}) is not None, name
 
 
 @pytest.mark.parametrize(

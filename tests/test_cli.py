@@ -122,6 +122,24 @@ async def test_sigint_also_stops_cleanly() -> None:
     assert "SIGINT: stopping" in rest and "msg=stopped" in rest
 
 
+async def test_run_names_a_relative_storage_path_and_where_it_resolved(tmp_path: Path) -> None:
+    """Started from another working directory (systemd's is /), a relative storage.path is
+    another file: `run` says which, once, at start."""
+    config = tmp_path / "c.toml"
+    config.write_text('[storage]\npath = "state/spool.db"\n')
+    p = await spawn_daemon("--config", str(config), "--listen", "127.0.0.1:0", cwd=tmp_path)
+    assert await p.stop() == 0
+    spool = tmp_path / "state" / "spool.db"
+    assert spool.is_file()
+    warned = [line for line in p.lines if "is relative to" in line]
+    assert len(warned) == 1, p.log
+    assert "level=warning" in warned[0]
+    assert (
+        "config: storage.path: 'state/spool.db' is relative to the working directory; "
+        f"it resolved to {spool} (use an absolute path)"
+    ) in warned[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -267,6 +267,21 @@ def test_unset_variable_is_empty_with_a_warning() -> None:
     )
 
 
+def test_relative_storage_path_is_named_with_the_path_it_resolved_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative storage.path depends on the working directory (a shell's is not systemd's)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config({"storage": {"path": "state/spool.db"}}, {})
+    assert cfg.storage.path == Path("state/spool.db")
+    assert cfg.warnings == (
+        f"storage.path: 'state/spool.db' is relative to the working directory; it resolved to "
+        f"{tmp_path}/state/spool.db (use an absolute path)",
+    )
+    for absolute in ("/var/lib/atlasburn-proxy/spool.db", "~/spool.db", ""):
+        assert parse_config({"storage": {"path": absolute}}, {}).warnings == ()
+
+
 def test_secret_never_shows() -> None:
     cfg = parse_config({"atlasburn": {"api_key": "abn_test_secretvalue"}}, {})
     assert "abn_test_secretvalue" not in repr(cfg)

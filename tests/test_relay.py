@@ -207,7 +207,14 @@ async def test_routes(
 
 @pytest.mark.parametrize(
     "target",
-    ["/", "/nope/v1/chat", "/api/unknown", "//evil.example/v1/models", "/v2/chat/completions"],
+    [
+        "/",
+        "/nope/v1/chat",
+        "/api/unknown",
+        "//evil.example/v1/models",
+        "/v2/chat/completions",
+        "/nope%0A/v1/chat",  # a newline in the path: still the relay's answer
+    ],
 )
 async def test_unknown_route_is_404_json(
     fake: FakeProvider, daemon: RunningDaemon, target: str
@@ -222,6 +229,22 @@ async def test_unknown_route_is_404_json(
     assert head.startswith(b"HTTP/1.1 404")
     assert json.loads(body)["error"]["code"] == "no_route"
     assert fake.requests == []
+
+
+async def test_a_path_with_an_encoded_newline_is_relayed(
+    fake: FakeProvider, daemon: RunningDaemon
+) -> None:
+    """%0A decodes to a newline, which a route's ``.*`` does not match: aiohttp answered its own
+    text/plain 404. The catch-all matches every path, so it goes where its route says."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.port)
+    writer.write(b"GET /v1/models%0Ax HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    response = await reader.read()
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"\r\ncontent-type: application/json" in head.lower()
+    json.loads(body)
+    assert fake.requests[-1].path == "/v1/models%0Ax"
 
 
 @pytest.mark.parametrize(

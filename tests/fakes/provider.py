@@ -133,7 +133,7 @@ class FakeProvider:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self.handle)  # "." misses a newline
         return app
 
     def pick(self, path: str, query: str, body: Any, fault: str) -> tuple[str, str, str]:
