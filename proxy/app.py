@@ -28,6 +28,7 @@ from .config import Config
 from .errors import ClientBodyTimeout
 from .events import Event, Recorder
 from .guardrails import KillSwitch, LoopGuard, SpendCap
+from .guardrails.fleet import Fleet
 from .http1 import Pool
 from .logs import AccessLog, setup_logging
 from .metrics import CONTENT_TYPE, Metrics
@@ -114,6 +115,10 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
         spend = SpendCap(guards.spend_cap)
         if spend.enabled:
             spend.restore(await store.spend_buckets(86400))
+        fleet = None
+        if config.fleet.redis_url:
+            fleet = Fleet(config.fleet, config.atlasburn.org_id, kill, loop, spend)
+            fleet.start()  # in the background: traffic never waits for Redis
         keys = KeyChecker(key)
         app[API] = LocalAPI(
             keys, store, kill, config.atlasburn.org_id, config.server.max_body_bytes, loop
@@ -133,7 +138,7 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             app[SHIPPER] = shipper
             shipper.start()
             kill.listeners.append(shipper.report_suspension)
-        metrics.add_state(lambda: _state(app, store, kill, loop, relay.pricer, shipper))
+        metrics.add_state(lambda: _state(app, store, kill, loop, relay.pricer, shipper, fleet))
         metrics.add_pool(pool.stats)
         app[READY].set()
         try:
@@ -145,6 +150,8 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             steps: list[Callable[[], Awaitable[object]]] = [access.stop, store.flush]
             if shipper is not None:
                 steps.append(shipper.stop)
+            if fleet is not None:
+                steps.append(fleet.stop)
             failed: Exception | None = None
             for step in (*steps, store.close, pool.close):
                 try:
@@ -199,6 +206,7 @@ def _state(
     loop: LoopGuard,
     pricer: Pricer,
     shipper: Shipper | None,
+    fleet: Fleet | None,
 ) -> dict[str, float]:
     values = {
         "atlasburn_ready": float(app[READY].is_set()),
@@ -218,6 +226,8 @@ def _state(
         values["atlasburn_ship_batches"] = shipper.batches_shipped
         values["atlasburn_ship_failures"] = shipper.failures_total
         values["atlasburn_events_shipped"] = shipper.events_shipped
+    if fleet is not None:
+        values.update(fleet.state())
     return {k: float(v) for k, v in values.items()}
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from yarl import URL
 
@@ -192,6 +193,14 @@ class GuardrailsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetConfig:
+    # redis://[user:pass@]host:port/db, rediss:// (TLS), unix:///path; empty: stand alone. A
+    # Secret: the password in it never shows in a log line.
+    redis_url: Secret = field(default_factory=lambda: Secret(""))
+    key_prefix: str = "atlasburn:"  # every key and channel starts with it
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderConfig:
     name: str
     kind: str
@@ -231,6 +240,7 @@ class Config:
     atlasburn: AtlasBurnConfig = field(default_factory=AtlasBurnConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     providers: Mapping[str, ProviderConfig] = field(default_factory=_default_providers)
     pricing: Mapping[str, PriceOverride] = field(default_factory=dict)
     # Non-fatal remarks found while loading (e.g. an unset environment variable), for the log.
@@ -668,6 +678,56 @@ def _guardrails(t: _Table) -> GuardrailsConfig:
     return GuardrailsConfig(dumb_loop_detector=loop, spend_cap=cap)
 
 
+def redis_location(url: str) -> str:
+    """Where a Redis URL points, for the log: scheme, host and port (or socket path) and
+    database; never the user name or password. Raises ValueError for a URL redis-py would
+    refuse, saying why."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(
+            "expected redis://[user:password@]host:port/db, rediss://... (TLS) or"
+            " unix:///path/to/redis.sock"
+        )
+    if scheme == "unix":
+        if not parts.path:
+            raise ValueError("a unix:// URL needs the socket's path, e.g. unix:///run/redis.sock")
+        return f"unix://{parts.path}"
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise ValueError("the port must be a number from 0 to 65535") from None
+    if not host:
+        raise ValueError("expected a host, e.g. redis://127.0.0.1:6379/0")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"the database must be a number, got {db[:32]!r}")
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}:{port or 6379}/{db or 0}"
+
+
+def _fleet(t: _Table) -> FleetConfig:
+    def redis_url(value: str) -> Secret:
+        if value:
+            redis_location(value)
+        return Secret(value)
+
+    def key_prefix(value: str) -> str:
+        if len(value) > 64 or not value.isprintable() or " " in value:
+            raise ValueError(
+                f"expected at most 64 printable characters without spaces, got {value[:80]!r}"
+            )
+        return value
+
+    d = FleetConfig()
+    cfg = FleetConfig(
+        redis_url=t.get("redis_url", str, d.redis_url, redis_url),
+        key_prefix=t.get("key_prefix", str, d.key_prefix, key_prefix),
+    )
+    t.done()
+    return cfg
+
+
 def _known_kind(value: str) -> str:
     if value not in ADAPTERS:
         raise ValueError(f"unknown kind {value!r}; known kinds: {', '.join(ADAPTERS)}")
@@ -744,6 +804,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     atlasburn = _atlasburn(root.table("atlasburn"))
     telemetry = _telemetry(root.table("telemetry"))
     guardrails = _guardrails(root.table("guardrails"))
+    fleet = _fleet(root.table("fleet"))
     providers = _providers(root.table("providers"))
     pricing = _pricing(root.table("pricing"), providers)
     cfg = Config(
@@ -754,6 +815,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         atlasburn=atlasburn,
         telemetry=telemetry,
         guardrails=guardrails,
+        fleet=fleet,
         providers=providers,
         pricing=pricing,
         warnings=tuple(warnings),

@@ -193,6 +193,17 @@ STATE: dict[str, tuple[str, str]] = {
     "atlasburn_ship_failures": ("counter", "Failed attempts to deliver a batch (retried)"),
     "atlasburn_events_shipped": ("counter", "Events delivered to the AtlasBurn API"),
     "atlasburn_unpriced_events": ("counter", "Events of models with no known price (cost 0)"),
+    "atlasburn_fleet_connected": ("gauge", "1 while connected to the fleet's Redis ([fleet])"),
+    "atlasburn_fleet_messages_sent": ("counter", "Kill flag changes this daemon sent the fleet"),
+    "atlasburn_fleet_messages_received": (
+        "counter",
+        "Messages received from the fleet (flag changes, fingerprints about to trip)",
+    ),
+    "atlasburn_fleet_reconnects": ("counter", "Times the connection to Redis came back"),
+    "atlasburn_fleet_hot_fingerprints": (
+        "gauge",
+        "Fingerprints the fleet reported one short of the loop threshold, held here",
+    ),
     "atlasburn_pricing_errors": ("counter", "Pricing failures (cost 0)"),
 }
 

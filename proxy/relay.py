@@ -85,7 +85,7 @@ class BodyTooLarge(Exception):
 class _Exchange:
     """What one request has reached so far, for the event recorded when it ends."""
 
-    __slots__ = ("status", "complete", "meter", "up", "asked_usage", "waited")
+    __slots__ = ("status", "complete", "meter", "up", "asked_usage", "waited", "occurrence")
 
     def __init__(self) -> None:
         self.status = 0  # the status the client got; 0 until an answer is under way
@@ -94,6 +94,8 @@ class _Exchange:
         self.up: Response | None = None
         self.asked_usage = False  # the daemon asked for stream usage the client did not
         self.waited = 0.0  # seconds spent waiting on the provider or the client
+        # The fingerprint the loop detector counts once the provider answers 2xx (None: none).
+        self.occurrence: str | None = None
 
 
 class Relay:
@@ -182,6 +184,8 @@ class Relay:
 
         ex = _Exchange()
         ex.waited = read_body
+        if counted and self.loop.counts(request.headers):
+            ex.occurrence = fp
         # (Stream usage is asked for only in a body the daemon may rewrite: a plain one.)
         asking = self._asking_usage(route, meta, parsed, ex) if plain is body else None
         # What was parsed is not needed past here: let it go before waiting on the provider (a
@@ -192,8 +196,15 @@ class Relay:
             return await self._exchange(request, route, meta, body, asking, ex)
         finally:
             self._finish(started, t0, route, meta, ex, fp)
-            if counted and 200 <= ex.status < 300 and self.loop.counts(request.headers):
-                self.loop.record(fp)  # an answered request: the loop detector's occurrence
+
+    def _answered(self, ex: _Exchange, status: int) -> None:
+        """The provider's answer is about to reach the client: a 2xx is the loop detector's
+        occurrence, counted now (before the client has it, so that the fleet knows of it by
+        the time the client's next request reaches another daemon)."""
+        ex.status = status
+        if ex.occurrence is not None and 200 <= status < 300:
+            self.loop.record(ex.occurrence)
+        ex.occurrence = None
 
     def _loops(self, request: web.Request, adapter: Adapter, meta: RequestMeta) -> bool:
         """Whether the loop detector looks at this request: a POST (what costs: a GET
@@ -272,6 +283,8 @@ class Relay:
                 and self.loop.counts(request.headers)
             ):
                 self.loop.observe(fp)  # known only now: a loop is refused from the next one
+                if self.loop.fleet is not None:
+                    self.loop.fleet.occurrence(fp)
 
     def _asking_usage(
         self, route: Route, meta: RequestMeta, parsed: Any, ex: _Exchange
@@ -461,7 +474,7 @@ class Relay:
         # The filter changes the length: a Content-Length would then be wrong.
         headers = _response_headers(up, _LENGTH if hide is not None else frozenset())
         response = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
-        ex.status = up.status
+        self._answered(ex, up.status)
         clock = time.perf_counter
         t = clock()
         await response.prepare(request)
@@ -511,7 +524,7 @@ class Relay:
         self._tap(ex.meter, up.header("content-encoding"))(data)
         whole = web.Response(status=up.status, reason=up.reason, headers=_response_headers(up))
         whole.body = data
-        ex.status = up.status
+        self._answered(ex, up.status)
         t = time.perf_counter()
         await whole.prepare(request)
         await whole.write_eof()

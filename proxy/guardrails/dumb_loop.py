@@ -12,7 +12,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import xxhash
@@ -20,6 +20,9 @@ import xxhash
 from ..config import LoopDetectorConfig
 from ..events import Event, ts_epoch
 from .kill_switch import KillSwitch, Suspension
+
+if TYPE_CHECKING:
+    from .fleet import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,11 @@ class LoopDetector:
         if len(self._buckets) != count:
             self._buckets = [None] * count
             self._mask = count - 1
+
+    @property
+    def label(self) -> str:
+        """The window, as reasons name it (``60s``)."""
+        return self._label
 
     def __len__(self) -> int:
         singles = sum(len(b) for b in self._buckets if b) // _RECORD
@@ -296,6 +304,9 @@ class LoopGuard:
         self.kill = kill
         self.blocked: dict[str, Suspension] = {}  # scope "fingerprint" only
         self.ingested = RecentKeys()  # events posted to the local ingest, counted once each
+        # With [fleet] redis_url: the fleet's count of fingerprints about to trip, and where
+        # this daemon's occurrences go.
+        self.fleet: Fleet | None = None
         self.configure(config)
 
     def configure(self, config: LoopDetectorConfig) -> None:
@@ -325,14 +336,28 @@ class LoopGuard:
                 del self.blocked[fingerprint]
         if not self.counts(headers):
             return None
-        if self.detector.peek(fingerprint) + 1 < self.detector.threshold:
+        threshold = self.detector.threshold
+        here = self.detector.peek(fingerprint)
+        if here + 1 >= threshold:
+            return self.observe(fingerprint)  # this daemon's own count, exact
+        fleet = self.fleet
+        if fleet is None:
             return None
-        return self.observe(fingerprint)
+        # The fleet's count, of the fingerprints about to trip; it includes this daemon's
+        # occurrences once they reached Redis, so the larger of the two is the count.
+        seen = fleet.count(fingerprint)
+        if seen + 1 < threshold:
+            return None
+        fleet.tripped(fingerprint)
+        reason = f"fingerprint {fingerprint} seen {seen + 1} times in {self.detector.label}"
+        return self._trip(fingerprint, Trip(seen + 1, reason + " across the fleet"))
 
     def record(self, fingerprint: str) -> None:
         """A request that ``check`` let through was answered (2xx): count it (never a trip
-        here: the next one is refused by ``check``)."""
+        here: the next one is refused by ``check``), in the fleet too."""
         self.detector.observe(fingerprint, trip=False)
+        if self.fleet is not None:
+            self.fleet.occurrence(fingerprint)
 
     def observe_ingested(self, event: Event) -> Suspension | None:
         """An event posted to the local /api/ingest with a 2xx status: counted at its own
@@ -363,6 +388,12 @@ class LoopGuard:
         trip = self.detector.observe(fingerprint, age=age)
         if trip is None:
             return None
+        if self.fleet is not None:
+            self.fleet.tripped(fingerprint)
+        return self._trip(fingerprint, trip)
+
+    def _trip(self, fingerprint: str, trip: Trip) -> Suspension:
+        """What a trip does: the org suspended, or (scope ``fingerprint``) this one refused."""
         if not self.per_fingerprint:
             return self.kill.suspend_now(LOOP_LAYER, trip.reason, self.ttl, "local")[0]
         suspension = Suspension(

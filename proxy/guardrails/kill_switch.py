@@ -6,6 +6,10 @@ comparison — and in the store, so a suspension survives restarts. It expires b
 "suspended"`` in an ingest answer) has no expiry and lasts until the API answers ``ok`` again.
 Changing it is synchronous in memory (the very next request sees it); persisting follows in the
 background, or is awaited where an answer promises it (the local API).
+
+Every change carries a ``version`` (epoch milliseconds when it was made; 0 for a flag restored
+from the store): in a fleet (``guardrails.fleet``) the newest change wins. ``watchers`` hear of
+each change made here; ``apply`` takes one made elsewhere in the fleet, without telling them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..events import iso_ms
 from ..store import GuardrailRow, Store
@@ -51,6 +55,11 @@ class KillSwitch:
         self._until = 0.0  # fast path: 0 = not suspended; inf = until cleared
         # Called with each new local suspension (the shipper reports them to the API).
         self.listeners: list[Callable[[Suspension], None]] = []
+        # Called with every change made on this daemon: the suspension (None: cleared), and
+        # its version (the fleet sync shares it).
+        self.watchers: list[Callable[[Suspension | None, int], None]] = []
+        self.version = 0  # of the last change: epoch milliseconds; 0 for none, or restored
+        self.cleared = False  # the last change was a clear (not a suspension that expired)
 
     @property
     def key(self) -> str:
@@ -104,6 +113,7 @@ class KillSwitch:
         # The reason is logged, stored, shipped and put into every refusal: bounded, inert.
         suspension = Suspension(self.org_id, inert(layer), inert(reason), source, expires)
         self._set(suspension)
+        self._changed(suspension)
         log.warning(
             "guardrail: org %s suspended by %s (%s) until %s",
             self.org_id,
@@ -127,8 +137,48 @@ class KillSwitch:
         reason = inert(reason)
         previous = self._current
         self._current, self._until = None, 0.0
+        self._changed(None)
         log.warning("guardrail: org %s resumed by %s (%s)", self.org_id, source, reason)
         await self._persist("ok", previous, reason=reason, source=source)
+
+    def apply(self, suspension: Suspension | None, version: int, reason: str = "") -> bool:
+        """Take a change made elsewhere in the fleet (``suspension``, or None for a clear) if
+        it is newer than this daemon's (``version``, epoch ms); persisted in the background.
+        Watchers and listeners are not told (it is not this daemon's to share or report).
+        Whether it was newer."""
+        from ..tasks import spawn
+
+        if version <= self.version:
+            return False
+        self.version = version
+        self.cleared = suspension is None
+        previous = self._current
+        if suspension is not None:
+            suspension = replace(
+                suspension, layer=inert(suspension.layer), reason=inert(suspension.reason)
+            )
+            self._set(suspension)
+            log.warning(
+                "guardrail: org %s suspended by %s (%s) until %s, from the fleet",
+                self.org_id,
+                suspension.layer,
+                suspension.reason,
+                suspension.expires_iso() or "resumed",
+            )
+            spawn(self._persist("suspended", suspension), name="persist-kill")
+        else:
+            self._current, self._until = None, 0.0
+            reason = inert(reason) or "resumed elsewhere in the fleet"
+            log.warning("guardrail: org %s resumed, from the fleet (%s)", self.org_id, reason)
+            spawn(self._persist("ok", previous, reason=reason, source="fleet"), name="persist-kill")
+        return True
+
+    def _changed(self, suspension: Suspension | None) -> None:
+        # Strictly increasing, so two changes within one millisecond keep their order.
+        self.version = max(int(time.time() * 1000), self.version + 1)
+        self.cleared = suspension is None
+        for watcher in self.watchers:
+            watcher(suspension, self.version)
 
     def _set(self, suspension: Suspension) -> None:
         self._current = suspension

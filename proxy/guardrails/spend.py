@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from ..config import SpendCapConfig
+
+if TYPE_CHECKING:
+    from .fleet import Fleet
 
 SPEND_LAYER = "spend_cap"
 
@@ -15,6 +19,7 @@ class SpendCap:
 
     def __init__(self, config: SpendCapConfig) -> None:
         self._buckets: deque[list[float]] = deque()  # [minute start (epoch), usd], oldest first
+        self.fleet: Fleet | None = None  # the fleet's spend too, with [fleet] redis_url
         self.configure(config)
 
     def configure(self, config: SpendCapConfig) -> None:
@@ -28,6 +33,16 @@ class SpendCap:
             if limit > 0
         )
 
+    def caps(self) -> tuple[float, float]:
+        """(USD per hour, USD per day); 0 for a cap that is not set."""
+        hour = day = 0.0
+        for seconds, limit, _ in self.limits:
+            if seconds == 3600:
+                hour = limit
+            else:
+                day = limit
+        return hour, day
+
     def restore(self, buckets: list[tuple[float, float]]) -> None:
         """Minute buckets (start, usd) from the store, oldest first."""
         self._buckets = deque([m, usd] for m, usd in buckets)
@@ -35,6 +50,8 @@ class SpendCap:
     def add(self, usd: float, now: float | None = None) -> tuple[str, float] | None:
         """Add spend; (reason, seconds until the window allows again) when over a cap."""
         now = time.time() if now is None else now
+        if self.fleet is not None:
+            self.fleet.spent(usd, now)
         minute = now - now % 60
         buckets = self._buckets
         if buckets and buckets[-1][0] == minute:
@@ -47,7 +64,8 @@ class SpendCap:
             spent, ttl = self._window(now, seconds, limit)
             if spent > limit:
                 return (
-                    f"spent {_usd(spent)} in the last {label}, over the cap of {_usd(limit)}",
+                    f"spent {usd_text(spent)} in the last {label},"
+                    f" over the cap of {usd_text(limit)}",
                     ttl,
                 )
         return None
@@ -66,5 +84,6 @@ class SpendCap:
         return spent, 60.0
 
 
-def _usd(amount: float) -> str:
+def usd_text(amount: float) -> str:
+    """``$1,234.50`` from a dollar up, ``$0.001234`` below."""
     return f"${amount:,.2f}" if amount >= 1 else f"${amount:.6f}"

@@ -1,0 +1,558 @@
+"""Fleet sync: one org's guardrails shared by every daemon through Redis (DESIGN.md, "Fleet").
+
+With ``[fleet] redis_url`` set, the daemons of an org share three things, and nothing on a
+request's path ever waits for Redis: each guardrail still decides from this daemon's memory,
+which a background task keeps in step.
+
+- The kill flag. Key ``<prefix>guardrail:<org>``: a JSON object (``state``, ``layer``,
+  ``reason``, ``source``, ``expires_at`` ISO or null, ``version`` in epoch ms, ``by``) with a
+  Redis TTL equal to the time left. Every change made on a daemon (the local API, an operator
+  command, a loop or spend trip, an ingest answer) is written by a script that keeps the newer
+  of the two versions, and published on ``<prefix>fleet:<org>``; each daemon applies what is
+  newer than its own. A clear writes ``state: "ok"`` (kept a day: a daemon that was away cannot
+  bring back a flag that was cleared meanwhile). On every (re)connection a daemon writes its own
+  state the same way and takes the newer one: an emptied Redis is refilled, a suspension set
+  while Redis was away reaches the fleet, and a daemon that starts reads the flag.
+- The dumb loop detector's count. Each answered occurrence goes to a sorted set per fingerprint
+  (``<prefix>loop:<org>:<fingerprint>``, members kept ``window_seconds``); when the fleet's
+  count reaches ``threshold - 1`` — the next identical request trips — the script publishes the
+  fingerprint with its latest times, and every daemon remembers it (at most ``MAX_HOT``). A
+  request is judged on the larger of this daemon's exact count and the fleet's: what a daemon
+  receives grows with the loops about to trip, not with the fleet's traffic.
+- The spend cap. Each daemon adds its priced spend, every ``SPEND_FLUSH_SECONDS``, to one hash
+  per org (``<prefix>spend:<org>``: minute buckets and rolling hour and day totals, kept up to
+  date in O(1) a call); a daemon whose addition takes the fleet over a cap suspends the org
+  (and the flag reaches the fleet like any other).
+
+Redis down, slow, emptied or restarted: every daemon guards alone meanwhile (its own loop
+detector, spend cap and flag, as without a fleet), logs the loss once, and reconnects with a
+back-off (``RECONNECT_MIN_SECONDS`` doubling to ``RECONNECT_MAX_SECONDS``) for ever; a command
+that takes more than ``COMMAND_TIMEOUT_SECONDS`` counts as a loss. Occurrences seen while
+disconnected are not replayed (they are in this daemon's own count); spend is (the cap is about
+the total).
+
+Redis holds fingerprints, counters, daemon names (host:pid) and the flag: never a provider key,
+a prompt or an AtlasBurn key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+import socket
+import time
+from collections import deque
+from typing import Any
+
+import orjson
+import redis.asyncio as redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from ..config import FleetConfig, redis_location
+from ..events import iso_ms, ts_epoch
+from ..text import inert
+from .dumb_loop import LoopGuard
+from .kill_switch import KillSwitch, Suspension
+from .spend import SPEND_LAYER, SpendCap, usd_text
+
+log = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT_SECONDS = 2.0
+CONNECT_TIMEOUT_SECONDS = 2.0
+RECONNECT_MIN_SECONDS = 0.25
+RECONNECT_MAX_SECONDS = 10.0
+HEARTBEAT_SECONDS = 1.0  # an idle connection sends a PING this often (a blackhole is a loss)
+SPEND_FLUSH_SECONDS = 0.25
+CLEARED_KEPT_SECONDS = 86400
+MAX_HOT = 16384  # fingerprints about to trip that a daemon remembers from the fleet
+MAX_QUEUED = 65536  # occurrences waiting for Redis; past it the oldest are not sent
+MAX_MESSAGE_BYTES = 65536  # a message on the channel larger than this is ignored
+
+# KEYS[1] the flag; ARGV: value (JSON), version (ms), TTL (ms, 0: none), channel.
+# Writes the flag unless Redis holds a version at least as new; publishes what it wrote.
+# Returns the value Redis keeps when it is newer (the caller applies it), else nothing.
+_FLAG = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, obj = pcall(cjson.decode, current)
+  if ok and type(obj) == 'table' and tonumber(obj['version']) and
+     tonumber(obj['version']) >= tonumber(ARGV[2]) then
+    return current
+  end
+end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return false
+"""
+
+# KEYS[1] the fingerprint's sorted set; ARGV: now (ms), window (ms), threshold, member,
+# channel, fingerprint, daemon. One occurrence; when the window holds threshold - 1 or more,
+# publish the fingerprint with the latest threshold - 1 times. Returns the count.
+_OCCURRENCE = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local threshold = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('PEXPIRE', KEYS[1], window)
+local n = redis.call('ZCARD', KEYS[1])
+if n >= threshold - 1 and threshold > 1 then
+  local recent = redis.call('ZRANGE', KEYS[1], -(threshold - 1), -1, 'WITHSCORES')
+  local times = {}
+  for i = 2, #recent, 2 do times[#times + 1] = tonumber(recent[i]) end
+  redis.call('PUBLISH', ARGV[5], cjson.encode({t = 'hot', fp = ARGV[6], times = times,
+                                               by = ARGV[7]}))
+end
+return n
+"""
+
+# KEYS[1] the org's spend hash; ARGV: minute (epoch s) of the spend, USD, the current minute,
+# hour cap, day cap (0: none). Fields: m:<minute> USD, and for each window ("hour", "day")
+# its total and the first minute it still holds ("<window>_from"). Minutes that leave a window
+# are taken off its total as time passes (each once: O(1) a call, amortized); minute buckets
+# older than a day are deleted. Returns {hour total, day total, seconds until the hour total
+# is under its cap, the same for the day} as strings (seconds 0 when under).
+_SPEND = """
+local h = KEYS[1]
+local minute = tonumber(ARGV[1])
+local usd = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+local function advance(name, span, delete)
+  local limit = now - span + 60
+  local from = tonumber(redis.call('HGET', h, name .. '_from'))
+  if not from then
+    from = limit
+  elseif limit - from > 86400 then
+    -- idle for over a day: recount from what is left
+    local total = 0
+    local fields = redis.call('HKEYS', h)
+    for _, f in ipairs(fields) do
+      local m = tonumber(string.match(f, '^m:(%-?%d+)$'))
+      if m then
+        if m < now - 86400 + 60 then
+          redis.call('HDEL', h, f)
+        elseif m >= limit then
+          total = total + tonumber(redis.call('HGET', h, f))
+        end
+      end
+    end
+    redis.call('HSET', h, name, total)
+    from = limit
+  end
+  while from < limit do
+    local v = tonumber(redis.call('HGET', h, 'm:' .. from) or '0')
+    if v ~= 0 then redis.call('HINCRBYFLOAT', h, name, -v) end
+    if delete then redis.call('HDEL', h, 'm:' .. from) end
+    from = from + 60
+  end
+  redis.call('HSET', h, name .. '_from', limit)
+end
+advance('hour', 3600, false)
+advance('day', 86400, true)
+if usd > 0 and minute >= now - 86400 + 60 then
+  redis.call('HINCRBYFLOAT', h, 'm:' .. minute, usd)
+  redis.call('HINCRBYFLOAT', h, 'day', usd)
+  if minute >= now - 3600 + 60 then redis.call('HINCRBYFLOAT', h, 'hour', usd) end
+end
+redis.call('EXPIRE', h, 90000)
+local function until_under(name, span, cap)
+  local total = tonumber(redis.call('HGET', h, name) or '0')
+  if cap <= 0 or total <= cap then return total, 0 end
+  local m = now - span + 60
+  local left = total
+  while m <= now do
+    left = left - tonumber(redis.call('HGET', h, 'm:' .. m) or '0')
+    if left <= cap then return total, math.max(m + span - now, 1) end
+    m = m + 60
+  end
+  return total, 60
+end
+local hour, hour_wait = until_under('hour', 3600, tonumber(ARGV[4]))
+local day, day_wait = until_under('day', 86400, tonumber(ARGV[5]))
+return {tostring(hour), tostring(day), tostring(hour_wait), tostring(day_wait)}
+"""
+
+
+class _Lost(Exception):
+    """The connection to Redis is gone (or never came)."""
+
+
+class Fleet:
+    """The fleet sync of one daemon: ``start`` it, ``stop`` it; the guardrails call the rest.
+
+    ``count(fingerprint)`` (the fleet's occurrences in the window, about-to-trip fingerprints
+    only) and ``occurrence(fingerprint)``, ``spent(usd)`` are synchronous and O(1): they read
+    and queue; the background task talks to Redis."""
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        org_id: str,
+        kill: KillSwitch,
+        loop: LoopGuard,
+        spend: SpendCap,
+    ) -> None:
+        self.url = config.redis_url.reveal()
+        self.where = redis_location(self.url)
+        prefix = config.key_prefix
+        self.org_id = org_id
+        self.flag_key = f"{prefix}guardrail:{org_id}"
+        self.channel = f"{prefix}fleet:{org_id}"
+        self.loop_prefix = f"{prefix}loop:{org_id}:"
+        self.spend_key = f"{prefix}spend:{org_id}"
+        self.name = f"{socket.gethostname()[:64]}:{os.getpid()}:{random.getrandbits(32):08x}"
+        self.kill = kill
+        self.loop = loop
+        self.spend = spend
+        spend.fleet = self
+        self.connected = False
+        self.messages_sent = 0
+        self.messages_received = 0
+        self.reconnects = 0
+        self.dropped_occurrences = 0
+        self._hot: dict[str, tuple[float, ...]] = {}  # fingerprint -> epoch ms, oldest first
+        self._occurrences: deque[tuple[str, int]] = deque()
+        self._spend: dict[int, float] = {}  # minute (epoch s) -> USD not yet added
+        self._flag_dirty = False
+        self._wake = asyncio.Event()
+        self._seq = 0
+        self._task: asyncio.Task[None] | None = None
+        kill.watchers.append(self._kill_changed)
+        loop.fleet = self
+
+    # ------------------------------------------------------------------ the guardrails' side
+
+    def count(self, fingerprint: str, now: float | None = None) -> int:
+        """How many occurrences of ``fingerprint`` the fleet's window holds, as last published
+        (0 unless it is about to trip)."""
+        times = self._hot.get(fingerprint)
+        if times is None:
+            return 0
+        cutoff = ((time.time() if now is None else now) - self.loop.detector.window_seconds) * 1000
+        n = sum(1 for t in times if t > cutoff)
+        if n == 0:
+            del self._hot[fingerprint]
+        return n
+
+    def occurrence(self, fingerprint: str) -> None:
+        """An answered request counted by this daemon's loop detector: the fleet's too."""
+        if not self.connected:
+            return  # not replayed: it is in this daemon's own count
+        if len(self._occurrences) >= MAX_QUEUED:
+            self._occurrences.popleft()
+            self.dropped_occurrences += 1
+        self._occurrences.append((fingerprint, int(time.time() * 1000)))
+        self._wake.set()
+
+    def tripped(self, fingerprint: str) -> None:
+        """A trip starts the count afresh, fleet-wide as on this daemon."""
+        self._hot.pop(fingerprint, None)
+
+    def spent(self, usd: float, now: float | None = None) -> None:
+        """Priced spend of this daemon (USD), added to the fleet's within a quarter second."""
+        now = time.time() if now is None else now
+        minute = int(now // 60 * 60)
+        self._spend[minute] = self._spend.get(minute, 0.0) + usd
+        if len(self._spend) > 1440:  # a day of minutes while Redis is away: the oldest go
+            del self._spend[min(self._spend)]
+
+    def _kill_changed(self, suspension: Suspension | None, version: int) -> None:
+        self._flag_dirty = True
+        self._wake.set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        from ..tasks import spawn
+
+        self._task = spawn(self._run(), name="fleet")
+
+    async def stop(self) -> None:
+        """Stop the sync (spend not yet added is lost with the process, as in-flight
+        requests are; the flag is already in Redis or in this daemon's store)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def state(self) -> dict[str, float]:
+        return {
+            "atlasburn_fleet_connected": float(self.connected),
+            "atlasburn_fleet_messages_sent": self.messages_sent,
+            "atlasburn_fleet_messages_received": self.messages_received,
+            "atlasburn_fleet_reconnects": self.reconnects,
+            "atlasburn_fleet_hot_fingerprints": len(self._hot),
+        }
+
+    async def _run(self) -> None:
+        delay = RECONNECT_MIN_SECONDS
+        ever = False
+        while True:
+            client = redis.Redis.from_url(
+                self.url,
+                socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                socket_timeout=COMMAND_TIMEOUT_SECONDS,
+                retry=Retry(NoBackoff(), 0),
+                decode_responses=False,
+                client_name=None,
+            )
+            try:
+                await self._session(client, ever)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError, _Lost) as exc:
+                why = f"{type(exc).__name__}: {inert(str(exc))[:200]}"
+                if self.connected or not ever:
+                    log.warning(
+                        "fleet: %s Redis at %s (%s): guarding alone until it is back;"
+                        " reconnecting with a back-off up to %gs",
+                        "lost" if self.connected else "cannot reach",
+                        self.where,
+                        why,
+                        RECONNECT_MAX_SECONDS,
+                    )
+                    delay = RECONNECT_MIN_SECONDS
+                ever = True
+            finally:
+                self.connected = False
+                self._occurrences.clear()
+                await _close(client)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+
+    async def _session(self, client: redis.Redis, again: bool) -> None:
+        """One connection, from connecting to its loss (raises then)."""
+        await asyncio.wait_for(client.ping(), COMMAND_TIMEOUT_SECONDS + CONNECT_TIMEOUT_SECONDS)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await asyncio.wait_for(pubsub.subscribe(self.channel), COMMAND_TIMEOUT_SECONDS)
+            flag = client.register_script(_FLAG)
+            occurrence = client.register_script(_OCCURRENCE)
+            spend = client.register_script(_SPEND)
+            # The flag first: this daemon's, unless Redis holds a newer one (then that one).
+            self._flag_dirty = False
+            await self._push_flag(client, flag, initial=True)
+            self.connected = True
+            if again:
+                self.reconnects += 1
+                log.warning("fleet: Redis at %s is back: the fleet's guardrails again", self.where)
+            else:
+                log.info("fleet: connected to Redis at %s as %s", self.where, self.name)
+            reader = asyncio.ensure_future(self._read(pubsub))
+            writer = asyncio.ensure_future(self._write(client, flag, occurrence, spend))
+            try:
+                done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # raises what ended it
+                raise _Lost("the connection ended")
+            finally:
+                for task in (reader, writer):
+                    task.cancel()
+                await asyncio.gather(reader, writer, return_exceptions=True)
+        finally:
+            await _close(pubsub)
+
+    # ------------------------------------------------------------------ writing
+
+    async def _write(self, client: redis.Redis, flag: Any, occurrence: Any, spend: Any) -> None:
+        last_spend = time.monotonic()
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), SPEND_FLUSH_SECONDS)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            did = False
+            if self._flag_dirty:
+                self._flag_dirty = False
+                await self._push_flag(client, flag)
+                did = True
+            if self._occurrences:
+                await self._send_occurrences(client, occurrence)
+                did = True
+            now = time.monotonic()
+            if self._spend and now - last_spend >= SPEND_FLUSH_SECONDS:
+                last_spend = now
+                await self._send_spend(spend)
+                did = True
+            if not did and now - last_spend >= HEARTBEAT_SECONDS:
+                last_spend = now
+                await asyncio.wait_for(client.ping(), COMMAND_TIMEOUT_SECONDS)
+
+    async def _push_flag(self, client: redis.Redis, flag: Any, initial: bool = False) -> None:
+        """Write this daemon's flag unless Redis holds a newer one, which is then applied."""
+        kill = self.kill
+        current = kill.check()
+        if current is None and not kill.cleared:
+            # Nothing to share: never changed here, or a suspension that expired (its key
+            # expired with it). Read what the fleet holds.
+            if initial:
+                raw = await asyncio.wait_for(client.get(self.flag_key), COMMAND_TIMEOUT_SECONDS)
+                if isinstance(raw, bytes):
+                    self._apply_flag(raw)
+            return
+        value, ttl_ms = self._flag_value(current)
+        newer = await asyncio.wait_for(
+            flag(keys=[self.flag_key], args=[value, kill.version, ttl_ms, self.channel]),
+            COMMAND_TIMEOUT_SECONDS,
+        )
+        if isinstance(newer, bytes):
+            self._apply_flag(newer)
+        else:
+            self.messages_sent += 1
+
+    def _flag_value(self, current: Suspension | None) -> tuple[bytes, int]:
+        """The flag's JSON and its TTL in ms (0: none)."""
+        body: dict[str, Any]
+        if current is None:
+            body = {"state": "ok", "layer": None, "reason": None, "source": None}
+            ttl_ms = CLEARED_KEPT_SECONDS * 1000
+            expires = None
+        else:
+            body = {
+                "state": "suspended",
+                "layer": current.layer,
+                "reason": current.reason,
+                "source": current.source,
+            }
+            expires = current.expires_at
+            ttl_ms = 0 if expires is None else max(1, math.ceil((expires - time.time()) * 1000))
+        body["expires_at"] = None if expires is None else iso_ms(expires)
+        body["version"] = self.kill.version
+        body["by"] = self.name
+        return orjson.dumps(body), ttl_ms
+
+    async def _send_occurrences(self, client: redis.Redis, script: Any) -> None:
+        window_ms = int(self.loop.detector.window_seconds * 1000)
+        threshold = self.loop.detector.threshold
+        batch: list[tuple[str, int]] = []
+        while self._occurrences and len(batch) < 512:
+            batch.append(self._occurrences.popleft())
+        async with client.pipeline(transaction=False) as pipe:
+            for fingerprint, at in batch:
+                self._seq += 1
+                await script(
+                    keys=[self.loop_prefix + fingerprint],
+                    args=[
+                        at,
+                        window_ms,
+                        threshold,
+                        f"{self.name}:{self._seq}",
+                        self.channel,
+                        fingerprint,
+                        self.name,
+                    ],
+                    client=pipe,
+                )
+            await asyncio.wait_for(pipe.execute(), COMMAND_TIMEOUT_SECONDS)
+        if self._occurrences:
+            self._wake.set()
+
+    async def _send_spend(self, script: Any) -> None:
+        now = time.time()
+        current = int(now // 60 * 60)
+        hour_cap, day_cap = self.spend.caps()
+        pending, self._spend = self._spend, {}
+        result: list[bytes] = []
+        try:
+            for minute, usd in sorted(pending.items()):
+                result = await asyncio.wait_for(
+                    script(
+                        keys=[self.spend_key],
+                        args=[minute, repr(usd), current, repr(hour_cap), repr(day_cap)],
+                    ),
+                    COMMAND_TIMEOUT_SECONDS,
+                )
+                del pending[minute]
+        finally:
+            for minute, usd in pending.items():  # not added: kept for the next attempt
+                self._spend[minute] = self._spend.get(minute, 0.0) + usd
+        hour, day, hour_wait, day_wait = (float(v) for v in result)
+        if not self.spend.enabled or self.kill.check() is not None:
+            return
+        for total, cap, wait, label in (
+            (hour, hour_cap, hour_wait, "hour"),
+            (day, day_cap, day_wait, "day"),
+        ):
+            if cap > 0 and total > cap:
+                reason = (
+                    f"the fleet spent {usd_text(total)} in the last {label},"
+                    f" over the cap of {usd_text(cap)}"
+                )
+                self.kill.suspend_now(SPEND_LAYER, reason, max(wait, 1.0), "local")
+                return
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read(self, pubsub: Any) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=HEARTBEAT_SECONDS)
+            if message is None or message.get("type") != "message":
+                continue
+            data = message.get("data")
+            if not isinstance(data, bytes) or len(data) > MAX_MESSAGE_BYTES:
+                continue
+            self.messages_received += 1
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if obj.get("t") == "hot":
+                self._hot_message(obj)
+            elif obj.get("by") != self.name:
+                self._apply_flag(data)
+
+    def _hot_message(self, obj: dict[str, Any]) -> None:
+        fingerprint, times = obj.get("fp"), obj.get("times")
+        if not isinstance(fingerprint, str) or not isinstance(times, list):
+            return
+        if len(fingerprint) > 128:
+            return
+        kept = tuple(sorted(float(t) for t in times[:64] if isinstance(t, int | float)))
+        self._hot.pop(fingerprint, None)
+        if len(self._hot) >= MAX_HOT:
+            del self._hot[next(iter(self._hot))]  # the one heard of longest ago
+        self._hot[fingerprint] = kept
+
+    def _apply_flag(self, raw: bytes) -> None:
+        """Take the fleet's flag (a JSON value of the key) if it is newer than this daemon's."""
+        try:
+            obj = orjson.loads(raw)
+            version = int(obj["version"])
+            state = obj["state"]
+            expires = obj.get("expires_at")
+            expires_at = None if expires is None else ts_epoch(str(expires))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("fleet: ignored a kill flag that is not one: %s", inert(repr(raw))[:200])
+            return
+        if state == "suspended":
+            suspension = Suspension(
+                self.org_id,
+                str(obj.get("layer") or ""),
+                str(obj.get("reason") or ""),
+                str(obj.get("source") or "fleet"),
+                expires_at,
+            )
+            if expires_at is not None and expires_at <= time.time():
+                return
+            self.kill.apply(suspension, version)
+        elif state == "ok":
+            self.kill.apply(None, version, str(obj.get("reason") or ""))
+
+
+async def _close(thing: Any) -> None:
+    try:
+        await asyncio.wait_for(thing.aclose(), COMMAND_TIMEOUT_SECONDS)
+    except (RedisError, OSError, TimeoutError, AttributeError):
+        pass
