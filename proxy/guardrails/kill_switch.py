@@ -7,9 +7,10 @@ comparison — and in the store, so a suspension survives restarts. It expires b
 Changing it is synchronous in memory (the very next request sees it); persisting follows in the
 background, or is awaited where an answer promises it (the local API).
 
-Every change carries a ``version`` (epoch milliseconds when it was made; 0 for a flag restored
-from the store): in a fleet (``guardrails.fleet``) the newest change wins. ``watchers`` hear of
-each change made here; ``apply`` takes one made elsewhere in the fleet, without telling them.
+Every change carries a ``version`` (epoch milliseconds when it was made; 1 for a flag restored
+from the store, 0 for none): in a fleet (``guardrails.fleet``) the newest change wins.
+``watchers`` hear of each change made here; ``apply`` takes one made elsewhere in the fleet,
+without telling them.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class KillSwitch:
         # Called with every change made on this daemon: the suspension (None: cleared), and
         # its version (the fleet sync shares it).
         self.watchers: list[Callable[[Suspension | None, int], None]] = []
-        self.version = 0  # of the last change: epoch milliseconds; 0 for none, or restored
+        self.version = 0  # of the last change: epoch ms; 1 for a restored flag, 0 for none
         self.cleared = False  # the last change was a clear (not a suspension that expired)
 
     @property
@@ -82,6 +83,8 @@ class KillSwitch:
             )
             if suspension.expires_at is None or suspension.expires_at > time.time():
                 self._set(suspension)
+                # Older than any change made since (in the fleet too), newer than none.
+                self.version = max(self.version, 1)
                 log.warning(
                     "org %s is suspended (%s: %s) until %s",
                     self.org_id,
