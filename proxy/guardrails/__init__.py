@@ -6,6 +6,8 @@
   ``threshold``-th identical request (by fingerprint) within ``window_seconds`` trips it.
 - ``spend``: the spend cap (``SpendCap``): rolling hourly and daily USD sums of the daemon's
   own priced events in minute buckets.
+- ``fleet``: the fleet sync (``Fleet``, with ``[fleet] redis_url``): the kill flag, the loop
+  count and the spend total shared by every daemon of the org through Redis, in the background.
 
 The relay, the local API and the shipper import what they need from here.
 """
