@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,13 +28,18 @@ import aiohttp
 import uvloop
 
 from . import TIMING_HEAD, markdown, timing_cells, wrk
+from .procs import (
+    OTHER_CPU,
+    PROXY_CPU,
+    cpu_seconds,
+    free_port,
+    rss_mb,
+    spawn,
+    spawn_daemon,
+    wait_port,
+    write_daemon_config,
+)
 from .servers import chat_answer, stream_events
-
-ROOT = Path(__file__).parent.parent
-EXTRA_CONFIG = os.environ.get("BENCH_DAEMON_CONFIG", "").replace("\\n", "\n")
-PROXY_CPU = "0"
-OTHER_CPU = "1"
-HZ = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -130,45 +134,6 @@ class Result:
         return data[min(len(data) - 1, int(q * len(data)))] * 1000 if data else 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_port(port: int) -> None:
-    for _ in range(400):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.025)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def spawn(cpu: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        ["taskset", "-c", cpu, sys.executable, *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / HZ  # utime + stime
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 class Targets:
     """The fake provider, the ingest, the pass-through and the daemon, for one scenario shape."""
 
@@ -212,19 +177,14 @@ class Targets:
             provider,
         )
         self.urls["pass-through"] = f"http://127.0.0.1:{t_port}"
-        config = self.tmp / f"{s.name}.toml"
-        config.write_text(
-            f'[server]\nlisten = "127.0.0.1:{d_port}"\n'
-            f'[storage]\npath = "{self.tmp / s.name / "spool.sqlite3"}"\n'
-            f'[atlasburn]\napi_base = "http://127.0.0.1:{i_port}"\n'
-            'api_key = "abn_bench_key"\n'
-            f"[guardrails.dumb_loop_detector]\nenabled = {str(self.loop_detector).lower()}\n"
-            f'[providers.openai]\nbase_url = "{provider}"\n' + EXTRA_CONFIG
+        config = write_daemon_config(
+            self.tmp / s.name / "daemon.toml",
+            d_port,
+            provider,
+            f"http://127.0.0.1:{i_port}",
+            self.loop_detector,
         )
-        env = {**os.environ, "STATE_DIRECTORY": str(self.tmp / "state")}
-        self.procs["atlasburn-proxy"] = spawn(
-            PROXY_CPU, "-m", "proxy", "run", "--config", str(config), env=env
-        )
+        self.procs["atlasburn-proxy"] = spawn_daemon(config, self.tmp / "state")
         self.urls["atlasburn-proxy"] = f"http://127.0.0.1:{d_port}"
         self.ingest = f"http://127.0.0.1:{i_port}"
         for port in (p_port, i_port, t_port, d_port):
