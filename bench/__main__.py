@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,18 @@ import aiohttp
 import uvloop
 
 from . import TIMING_HEAD, markdown, timing_cells, wrk
+from .fleet import (
+    FLEET_TARGET,
+    SPEND_CAP,
+    RedisServer,
+    RedisStats,
+    fleet_config,
+    fleet_spend,
+    fleet_table,
+    propagation,
+    propagation_table,
+    wait_connected,
+)
 from .procs import (
     OTHER_CPU,
     PROXY_CPU,
@@ -96,6 +109,7 @@ class Result:
     events: int | None = None
     served: int = 0  # requests the target served, warm-up included
     rounds: list[tuple[float, float | None]] = field(default_factory=list)  # (req/s, CPU µs)
+    redis: RedisStats | None = None  # the fleet's daemon: what Redis did meanwhile
 
     @property
     def rps(self) -> float:
@@ -114,6 +128,8 @@ class Result:
         self.seconds += other.seconds
         if other.rss_mb is not None:
             self.rss_mb = max(self.rss_mb or 0.0, other.rss_mb)
+        if other.redis is not None:
+            self.redis = other.redis if self.redis is None else self.redis.merge(other.redis)
         cpus = [c for _, c in self.rounds if c is not None]
         self.cpu_us = statistics.median(cpus) if cpus else None
 
@@ -135,14 +151,23 @@ class Result:
 
 
 class Targets:
-    """The fake provider, the ingest, the pass-through and the daemon, for one scenario shape."""
+    """The fake provider, the ingest, the pass-through and the daemon, for one scenario shape;
+    with ``redis``, also the daemon in fleet mode (its own ingest), and the spend cap on in
+    both daemons."""
 
-    def __init__(self, scenario: Scenario, loop_detector: bool, tmp: Path) -> None:
+    def __init__(
+        self, scenario: Scenario, loop_detector: bool, tmp: Path, redis: RedisServer | None = None
+    ) -> None:
         self.scenario = scenario
         self.loop_detector = loop_detector
         self.tmp = tmp
+        self.redis = redis
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.urls: dict[str, str] = {}
+        self.ingests: dict[str, str] = {}  # daemon -> its fake ingest
+        self.names = ("direct", "pass-through", "atlasburn-proxy")
+        if redis is not None:
+            self.names += (FLEET_TARGET,)
 
     async def __aenter__(self) -> Targets:
         s = self.scenario
@@ -164,6 +189,7 @@ class Targets:
         self.procs["ingest"] = spawn(
             OTHER_CPU, "-m", "bench.servers", "ingest", "--port", str(i_port)
         )
+        ports = [p_port, i_port, t_port, d_port]
         provider = f"http://127.0.0.1:{p_port}"
         self.urls["direct"] = provider
         self.procs["pass-through"] = spawn(
@@ -177,18 +203,39 @@ class Targets:
             provider,
         )
         self.urls["pass-through"] = f"http://127.0.0.1:{t_port}"
+        spend = "" if self.redis is None else SPEND_CAP
         config = write_daemon_config(
             self.tmp / s.name / "daemon.toml",
             d_port,
             provider,
             f"http://127.0.0.1:{i_port}",
             self.loop_detector,
+            spend,
         )
         self.procs["atlasburn-proxy"] = spawn_daemon(config, self.tmp / "state")
         self.urls["atlasburn-proxy"] = f"http://127.0.0.1:{d_port}"
-        self.ingest = f"http://127.0.0.1:{i_port}"
-        for port in (p_port, i_port, t_port, d_port):
+        self.ingests["atlasburn-proxy"] = f"http://127.0.0.1:{i_port}"
+        if self.redis is not None:
+            f_port, fi_port = free_port(), free_port()
+            self.procs["fleet-ingest"] = spawn(
+                OTHER_CPU, "-m", "bench.servers", "ingest", "--port", str(fi_port)
+            )
+            config = write_daemon_config(
+                self.tmp / s.name / "fleet.toml",
+                f_port,
+                provider,
+                f"http://127.0.0.1:{fi_port}",
+                self.loop_detector,
+                spend + fleet_config(self.redis.url),
+            )
+            self.procs[FLEET_TARGET] = spawn_daemon(config, self.tmp / "state-fleet")
+            self.urls[FLEET_TARGET] = f"http://127.0.0.1:{f_port}"
+            self.ingests[FLEET_TARGET] = f"http://127.0.0.1:{fi_port}"
+            ports += [f_port, fi_port]
+        for port in ports:
             await wait_port(port)
+        if self.redis is not None:
+            await wait_connected(self.urls[FLEET_TARGET])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -197,9 +244,9 @@ class Targets:
         for proc in self.procs.values():
             proc.wait(timeout=30)
 
-    async def events(self) -> int:
+    async def events(self, daemon: str = "atlasburn-proxy") -> int:
         async with aiohttp.ClientSession() as s:
-            async with s.get(self.ingest + "/count") as r:
+            async with s.get(self.ingests[daemon] + "/count") as r:
                 return int((await r.json())["distinct"])
 
 
@@ -252,10 +299,14 @@ async def sample_rss(pid: int, peak: list[float]) -> None:
         await asyncio.sleep(0.05)
 
 
-async def run_scenario(s: Scenario, loop_detector: bool, tmp: Path) -> list[Result]:
+async def run_scenario(
+    s: Scenario, loop_detector: bool, tmp: Path, redis: RedisServer | None = None
+) -> list[Result]:
     results: dict[str, Result] = {}
-    names = ("direct", "pass-through", "atlasburn-proxy")
-    async with Targets(s, loop_detector, tmp) as targets:
+    if redis is not None:
+        await redis.reset()
+    async with Targets(s, loop_detector, tmp, redis) as targets:
+        names = targets.names
         nonce = 0
         warmed = 0
         for name in names:
@@ -266,8 +317,11 @@ async def run_scenario(s: Scenario, loop_detector: bool, tmp: Path) -> list[Resu
             await load(targets.urls[name], warm, 10**9 + nonce)
             warmed = warm.requests
             nonce += warm.requests
-        for _ in range(s.rounds):
-            for name in names:
+        for i in range(s.rounds):
+            # The two daemons swap places every other round: neither is always the one that
+            # runs right after the pass-through.
+            order = names if i % 2 == 0 or len(names) < 4 else (*names[:2], names[3], names[2])
+            for name in order:
                 result = await measure(s, name, targets, nonce)
                 nonce += s.requests
                 if name in results:
@@ -275,14 +329,14 @@ async def run_scenario(s: Scenario, loop_detector: bool, tmp: Path) -> list[Resu
                 else:
                     results[name] = result
         proxied = s.requests * s.rounds + warmed
-        deadline = time.monotonic() + 30
-        while (events := await targets.events()) < proxied:  # noqa: ASYNC110 - another process
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
-        daemon = results["atlasburn-proxy"]
-        daemon.events = events
-        daemon.served = proxied
+        for daemon in names[2:]:
+            deadline = time.monotonic() + 30
+            while (events := await targets.events(daemon)) < proxied:  # noqa: ASYNC110
+                if time.monotonic() > deadline:  # (the ingest is another process)
+                    break
+                await asyncio.sleep(0.2)
+            results[daemon].events = events
+            results[daemon].served = proxied
     return [results[name] for name in names]
 
 
@@ -293,6 +347,8 @@ async def measure(s: Scenario, name: str, targets: Targets, nonce: int) -> Resul
     rss0 = rss_mb(proc.pid) if proc else None
     cpu0 = cpu_seconds(proc.pid) if proc else 0.0
     peak = [0.0]
+    redis = targets.redis if name == FLEET_TARGET else None
+    redis0 = await redis.stats() if redis is not None else None
     sampler = asyncio.ensure_future(sample_rss(proc.pid, peak)) if proc else None
     mid = None
     if s.name.startswith("soak") and proc is not None:
@@ -309,6 +365,8 @@ async def measure(s: Scenario, name: str, targets: Targets, nonce: int) -> Resul
     if sampler is not None:
         sampler.cancel()
     result = Result(name, s, seconds, latencies, ttfb)
+    if redis is not None and redis0 is not None:
+        result.redis = (await redis.stats()).minus(redis0)
     if proc is not None:
         result.cpu_us = (cpu_seconds(proc.pid) - cpu0) / s.requests * 1e6
         result.rss_mb = max(peak[0], rss_mb(proc.pid))
@@ -422,7 +480,15 @@ async def main(args: argparse.Namespace) -> None:
     chosen = [s for s in scenarios(args.full) if not args.only or s.name in args.only]
     if args.answer_bytes:
         chosen = [s if s.stream else replace(s, answer_bytes=args.answer_bytes) for s in chosen]
+    if args.rounds:
+        chosen = [replace(s, rounds=args.rounds) for s in chosen]
+    if args.fleet and shutil.which("redis-server") is None:
+        sys.exit(
+            "python -m bench --fleet needs redis-server (Debian: apt-get install redis-server)"
+        )
     if args.wrk:
+        if args.fleet:
+            sys.exit("python -m bench --fleet runs with the Python client (not --wrk)")
         if not wrk.available():
             sys.exit("python -m bench --wrk needs wrk (Debian: apt-get install wrk)")
         rows: list[tuple[str, str, wrk.WrkRound, str]] = []
@@ -442,16 +508,50 @@ async def main(args: argparse.Namespace) -> None:
         print(wrk.table(rows))
         return
     results: list[Result] = []
+    notes: dict[str, str] = {}
+    spread = None
     with tempfile.TemporaryDirectory() as tmp:
-        idle = await idle_rss(Path(tmp))
-        for s in chosen:
-            print(
-                f"... {s.name}: {s.note}, concurrency {s.concurrency}, {s.requests:,} requests",
-                file=sys.stderr,
-                flush=True,
-            )
-            results += await run_scenario(s, not args.no_loop_detector, Path(tmp))
-    print(table(results, idle))
+        redis = await RedisServer(Path(tmp)).start() if args.fleet else None
+        try:
+            idle = await idle_rss(Path(tmp))
+            for s in chosen:
+                print(
+                    f"... {s.name}: {s.note}, concurrency {s.concurrency}, {s.requests:,} "
+                    f"requests{' (and the daemon in fleet mode)' if redis else ''}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                results += await run_scenario(s, not args.no_loop_detector, Path(tmp), redis)
+                if redis is not None:
+                    spent, stats = await fleet_spend(redis), await redis.stats()
+                    notes[s.name] = (
+                        f"afterwards Redis held {stats.keys:,} keys in"
+                        f" {stats.used_memory / 2**20:.1f} MB, and the fleet's spend hash"
+                        f" ${spent:.4f} for the last hour"
+                    )
+            if (
+                redis is not None
+                and args.propagation
+                and (not args.only or "propagation" in args.only)
+            ):
+                print(
+                    f"... propagation: suspend on A, poll B; {args.propagation} times",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                await redis.reset()
+                spread = await propagation(Path(tmp), redis, args.propagation)
+        finally:
+            if redis is not None:
+                redis.stop()
+    if results:
+        print(table(results, idle))
+    if redis is not None and results:
+        print("\nfleet mode against standalone (the spend cap on in both):\n")
+        print(fleet_table(results, notes))
+    if spread is not None:
+        print("\nsuspension propagation between two daemons in fleet mode:\n")
+        print(propagation_table(spread))
 
 
 if __name__ == "__main__":
@@ -465,6 +565,16 @@ if __name__ == "__main__":
     parser.add_argument("--wrk-seconds", type=float, default=10.0, help="per target and round")
     parser.add_argument(
         "--answer-bytes", type=int, default=0, help="pad the provider's JSON answer to this size"
+    )
+    parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds per scenario")
+    parser.add_argument(
+        "--fleet",
+        action="store_true",
+        help="also the daemon in fleet mode against a local redis-server, and the suspension "
+        "propagation (select it alone with --only propagation)",
+    )
+    parser.add_argument(
+        "--propagation", type=int, default=100, help="suspensions measured with --fleet (0: none)"
     )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main(parser.parse_args()))
