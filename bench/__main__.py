@@ -3,6 +3,7 @@
     python -m bench                 # the quick run (about 2 minutes)
     python -m bench --full          # the real sizes (100k-request soak; about 10 minutes)
     python -m bench --only chat-c64 --no-loop-detector
+    python -m bench --fleet --only chat-c1 chat-c64 propagation   # fleet mode (bench/fleet.py)
 
 Each target is measured with the same closed-loop client (aiohttp + uvloop; every answer checked
 byte for byte; every request carries a unique nonce so the loop detector never fires). The proxy
