@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +22,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..conftest import FIGURES, cpu_wait
+from ..conftest import FIGURES, SPAWNED, cpu_wait
 from ..fakes.ingest import FakeIngest
 from ..fakes.provider import FakeProvider
 from ..process import DaemonProcess, spawn_daemon
@@ -375,3 +377,84 @@ async def suspend(url: str, key: str, ttl_seconds: float) -> int:
 
 async def resume(url: str, key: str) -> int:
     return await enforce(url, key, "DELETE")
+
+
+class RedisServer:
+    """A real ``redis-server`` of the suite's own, on a free loopback port, persistence off
+    (no RDB, no AOF): ``stop`` then ``start`` gives an empty one on the same port, the way a
+    restarted cache comes back. Stopped by its PID, never by name."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> Any:
+        """A redis-py asyncio client (bytes in, bytes out); the caller closes it."""
+        import redis.asyncio
+
+        return redis.asyncio.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    async def start(self, within: float = 10.0) -> None:
+        """Start it and return once it answers PING."""
+        import redis.asyncio
+        from redis.exceptions import RedisError
+
+        assert self.proc is None or self.proc.returncode is not None, "already running"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.proc = await asyncio.create_subprocess_exec(
+            os.environ.get("REDIS_SERVER", "redis-server"),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.directory),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        SPAWNED.append(self.proc)
+        deadline = time.monotonic() + within
+        while True:
+            client = redis.asyncio.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+            try:
+                if await client.ping():
+                    return
+            except (RedisError, OSError):
+                if self.proc.returncode is not None:
+                    raise AssertionError(f"redis-server exited ({self.proc.returncode})") from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"redis-server silent after {within}s") from None
+                await asyncio.sleep(0.02)
+            finally:
+                await client.aclose()
+
+    async def stop(self) -> None:
+        """SIGTERM to its PID, and wait until it has exited (its port is free again)."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+
+    async def restart(self) -> None:
+        """Stop it and start an empty one on the same port."""
+        await self.stop()
+        await self.start()
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A running ``redis-server`` (see ``RedisServer``), stopped after the test."""
+    if shutil.which(os.environ.get("REDIS_SERVER", "redis-server")) is None:
+        pytest.fail("redis-server is not installed (scripts/system-deps installs it)")
+    server = RedisServer(tmp_path / "redis")
+    await server.start()
+    yield server
+    await server.stop()
