@@ -239,6 +239,7 @@ LIVE_KEYS = (
     "logging",
     "server.max_body_bytes",
     "server.max_buffered_body_bytes",
+    "server.max_buffered_total_bytes",
     "server.forwarded_for",
     "server.drain_seconds",
     "server.allowed_hosts",

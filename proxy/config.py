@@ -87,6 +87,9 @@ class ServerConfig:
     # Bodies up to this size are read whole before they go upstream (fingerprinted from their
     # JSON, stream usage asked for); larger ones stream to the provider as they arrive.
     max_buffered_body_bytes: int = 4 * 1024 * 1024
+    # Bytes of request bodies being read whole, all connections together: past it a body is
+    # streamed upstream like a large one (held bodies cannot take the daemon's memory).
+    max_buffered_total_bytes: int = 256 * 1024 * 1024
     # X-Forwarded-For / Forwarded / X-Real-IP from clients: "keep" (relay as sent), "drop"
     # (remove them: a client cannot claim an address), "append" (add the client's address to
     # X-Forwarded-For, as a reverse proxy does).
@@ -448,6 +451,9 @@ def _server(t: _Table) -> ServerConfig:
         max_body_bytes=t.get("max_body_bytes", int, d.max_body_bytes, _at_least(1, " bytes")),
         max_buffered_body_bytes=t.get(
             "max_buffered_body_bytes", int, d.max_buffered_body_bytes, _at_least(1, " bytes")
+        ),
+        max_buffered_total_bytes=t.get(
+            "max_buffered_total_bytes", int, d.max_buffered_total_bytes, _at_least(1, " bytes")
         ),
         forwarded_for=t.get(
             "forwarded_for", str, d.forwarded_for, _one_of(("keep", "drop", "append"))

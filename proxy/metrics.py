@@ -95,7 +95,8 @@ class Metrics:
             "client_connections (a connection closed to stay under the bound), pool_timeout "
             "(503: no upstream connection in time), foreign_host (DNS rebinding), cross_site "
             "(a web page's request), inflate (a compressed answer metered only in part), "
-            "upstream_head (an answer head over its bounds)",
+            "upstream_head (an answer head over its bounds), buffered_bodies (a body streamed "
+            "for want of room under server.max_buffered_total_bytes)",
             ["limit"],
             registry=r,
         )

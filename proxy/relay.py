@@ -127,6 +127,8 @@ class Relay:
         # Bodies too large to hold stream upstream as the client sends them, so each holds an
         # upstream connection at the client's pace: they may hold at most half of the pool.
         self.uploads = asyncio.Semaphore(max(1, config.upstream.max_connections // 2))
+        self.buffering = _Budget(config.server.max_buffered_total_bytes, self._buffering_full)
+        self._full_warned = 0.0
         self.pool_timeout = config.upstream.pool_timeout_seconds
         self.configure(config, pricer)
 
@@ -136,6 +138,7 @@ class Relay:
         self.pricer = pricer
         self.max_body = config.server.max_body_bytes
         self.max_buffered = min(config.server.max_buffered_body_bytes, self.max_body)
+        self.buffering.total = config.server.max_buffered_total_bytes
         self.forwarded_for = config.server.forwarded_for
         # Request headers never relayed beyond the hop-by-hop ones (bytes, lowercase).
         self._drop = {"keep": frozenset(), "drop": _FORWARDED, "append": _XFF}[self.forwarded_for]
@@ -154,7 +157,9 @@ class Relay:
                 404, "no_route", f"no provider serves {rel.path!r}; use /<provider>/... or /v1/..."
             )
         try:
-            body, whole = await _read_body(request, self.max_body, self.max_buffered)
+            body, whole = await _read_body(
+                request, self.max_body, self.max_buffered, self.buffering
+            )
             read_body = time.perf_counter() - t0  # the client's upload: not our time
         except BodyTooLarge:
             return self._too_large(route)
@@ -196,6 +201,19 @@ class Relay:
             return await self._exchange(request, route, meta, body, asking, ex)
         finally:
             self._finish(started, t0, route, meta, ex, fp)
+
+    def _buffering_full(self) -> None:
+        if self.metrics is not None:
+            self.metrics.limit_hit("buffered_bodies")
+        now = time.monotonic()
+        if now - self._full_warned >= 60:
+            self._full_warned = now
+            log.warning(
+                "request bodies being read fill server.max_buffered_total_bytes (%d): streaming"
+                " the next ones upstream as they arrive; further ones this minute are counted in"
+                " atlasburn_limit_hits_total",
+                self.buffering.total,
+            )
 
     def _answered(self, ex: _Exchange, status: int) -> None:
         """The provider's answer is about to reach the client: a 2xx is the loop detector's
@@ -654,10 +672,35 @@ class Relay:
         )
 
 
-async def _read_body(request: web.Request, limit: int, buffered: int) -> tuple[bytes, bool]:
+class _Budget:
+    """Bytes of request bodies being read whole, all connections together, and the bound
+    (``server.max_buffered_total_bytes``); ``full`` is called when a body finds no room."""
+
+    __slots__ = ("total", "used", "full")
+
+    def __init__(self, total: int, full: Callable[[], None]) -> None:
+        self.total = total
+        self.used = 0
+        self.full = full
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.total:
+            self.full()
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+async def _read_body(
+    request: web.Request, limit: int, buffered: int, budget: _Budget
+) -> tuple[bytes, bool]:
     """The request body and True when it was read whole; or, for a body over ``buffered``
-    bytes, what was read of it (maybe nothing) and False: the rest is to be streamed. Raises
-    BodyTooLarge as soon as the body is known to pass ``limit``."""
+    bytes, or one that finds no room in ``budget`` while it is read, what was read of it (maybe
+    nothing) and False: the rest is to be streamed. Raises BodyTooLarge as soon as the body is
+    known to pass ``limit``."""
     length = request.content_length
     if length is not None:
         if length > limit:
@@ -665,19 +708,31 @@ async def _read_body(request: web.Request, limit: int, buffered: int) -> tuple[b
         if length > buffered:
             return b"", False
         if length <= request.client_max_size:  # (else a reload raised the limit: read here)
-            return await request.read(), True  # aiohttp reads exactly Content-Length
+            if not length:
+                return await request.read(), True
+            if not budget.take(length):
+                return b"", False
+            try:
+                return await request.read(), True  # aiohttp reads exactly Content-Length
+            finally:
+                budget.give(length)
     if not request.body_exists:
         return b"", True
     chunks: list[bytes] = []  # chunked (no length announced), or over aiohttp's own limit
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        chunks.append(chunk)
-        if size > buffered:
-            if size > limit:
-                raise BodyTooLarge
-            return b"".join(chunks), False
-    return b"".join(chunks), True
+    try:
+        async for chunk in request.content.iter_any():
+            if not budget.take(len(chunk)):  # the rest is streamed, after what came so far
+                return b"".join([*chunks, chunk]), False
+            size += len(chunk)
+            chunks.append(chunk)
+            if size > buffered:
+                if size > limit:
+                    raise BodyTooLarge
+                return b"".join(chunks), False
+        return b"".join(chunks), True
+    finally:
+        budget.give(size)
 
 
 async def _rest_of_body(

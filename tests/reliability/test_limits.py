@@ -175,3 +175,46 @@ async def test_dense_json_bodies_are_not_parsed_into_memory(
     assert arrived == 20  # relayed as sent, all waiting on the provider
     assert peak - rss0 < 60
     assert worst < 1.0
+
+
+async def test_unfinished_bodies_cannot_take_the_daemons_memory(
+    start_proxy: StartProxy, fake: FakeProvider, figures: Figures
+) -> None:
+    """A fresh attack review: 200 connections each sending all but the last byte of a 4 MiB body
+    (the buffered limit) and holding it took 1.6 GB (8 MiB each, without end). Bodies being read
+    whole share ``server.max_buffered_total_bytes``; past it a body streams upstream."""
+    budget = 64 * 1024 * 1024
+    p = await start_proxy(ship=False, server={"max_buffered_total_bytes": budget})
+    port = port_of(p.url)
+    rss0 = p.rss_mb()
+    size = 4 * 1024 * 1024
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % size
+    )
+    held: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(100):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head + b" " * (size - 1))
+            held.append(writer)
+        for writer in held:
+            await writer.drain()
+        await asyncio.sleep(1.0)  # the daemon reads what was sent
+        peak = p.rss_mb()
+        async with aiohttp.ClientSession() as s:
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+            async with s.post(p.url + "/v1/chat/completions", json=body) as r:
+                status = r.status
+        metrics = await p.metrics()
+    finally:
+        for writer in held:
+            writer.close()
+    streamed = metrics.get('atlasburn_limit_hits_total{limit="buffered_bodies"}', 0.0)
+    figures("unfinished 4 MiB bodies held", len(held))
+    figures("RSS before / while held (MB)", f"{rss0:.0f} / {peak:.0f}")
+    figures("bodies streamed for want of room", int(streamed))
+    figures("a legitimate request meanwhile", status)
+    assert status == 200
+    assert streamed >= 100 - budget // size
+    assert peak - rss0 < 2.5 * budget / 1e6 + 60  # each held body costs up to twice its size
