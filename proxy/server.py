@@ -22,12 +22,13 @@ bounds it:
   recorded like any client that left.
 - Count. At most ``max_connections`` client connections are open. A new connection past the
   bound closes the oldest idle keep-alive connection, else the one that has been slow for the
-  longest: still sending its head, or sending its body below the minimum pace, after ``SLOW_GRACE``
-  (a slow client's, most likely an attack's), else the body
-  arriving slowest if it averages under ``SHED_BODY_RATE`` (a body paced just above the
-  minimum must not lock everyone out). A connection whose request is read or being answered
-  is never closed for room, so when every one is busy the new connection gets a 503 with
-  ``Retry-After: 1`` (which the SDKs retry) and is closed. The
+  longest: still sending its head, or sending its body below the minimum pace, after
+  ``SLOW_GRACE`` (a slow client's, most likely an attack's), else the one whose client has not
+  taken its answer for the longest (over ``SLOW_GRACE``), else the body arriving slowest (at any
+  pace: a client on this host sends a body in milliseconds, and bodies paced just above the
+  minimum must not lock everyone out). A connection whose request is read and being answered
+  to a client that takes it is never closed for room, so when every one is busy the new
+  connection gets a 503 with ``Retry-After: 1`` (which the SDKs retry) and is closed. The
   default bound comes from the open-file limit: half of it (each request under way also holds a
   connection to the provider), at most 4,096.
 - Stop. A graceful stop gives in-flight requests ``shutdown_grace_seconds`` in all, then cancels
@@ -74,10 +75,6 @@ MAX_HEADERS = 128
 READ_BUFFER = 16384
 # A body must average at least this many bytes a second once its first body_timeout is over.
 BODY_MIN_RATE = 500
-# When the connections are all taken and none is idle or below BODY_MIN_RATE, a body arriving
-# slower than this (bytes a second, averaged since its head) is closed to make room. Any client
-# on a host or in a cluster sends faster: 16 KiB/s is a 1 MB prompt in a minute.
-SHED_BODY_RATE = 16384
 # A request head or body is judged slow, for making room, once it has been arriving this long
 # (seconds): a newcomer does not close the one that opened, or sent its head, a moment before.
 SLOW_GRACE = 1.0
@@ -152,8 +149,9 @@ class _Limits:
         idle: _Handler | None = None
         slow: _Handler | None = None
         paced: _Handler | None = None
-        idle_at = slow_at = float("inf")
-        paced_rate: float = SHED_BODY_RATE
+        stalled: _Handler | None = None
+        idle_at = slow_at = stalled_at = float("inf")
+        paced_rate = float("inf")
         now = new.last_rx
         for conn in self.open:
             if conn is new:
@@ -168,6 +166,9 @@ class _Limits:
                 if conn.body_since < slow_at:
                     slow, slow_at = conn, conn.body_since
             elif idle is None and slow is None:
+                since = conn.paused_since
+                if since is not None and since < min(stalled_at, now - SLOW_GRACE):
+                    stalled, stalled_at = conn, since
                 rate = conn.body_rate(now)
                 if rate is not None and rate < paced_rate:
                     paced, paced_rate = conn, rate
@@ -176,6 +177,8 @@ class _Limits:
             victim, why = idle, "idle"
         elif slow is not None:
             victim, why = slow, "slow"
+        elif stalled is not None:
+            victim, why = stalled, "a client not taking its answer"
         elif paced is not None:
             victim, why = paced, f"a body arriving at {paced_rate:.0f} bytes/s"
         self.hit("client_connections")
@@ -220,6 +223,7 @@ class _Handler(RequestHandler):
         self._paused_at: float | None = None  # when the daemon stopped reading it
         self._unsent = 0  # bytes waiting for the client when writing was last seen to progress
         self._sent_at: float | None = None  # when that was (None: the client takes what it gets)
+        self.paused_since: float | None = None  # when writing last paused (None: flowing)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._close_when_done = False  # the request's answer is the connection's last
@@ -354,12 +358,13 @@ class _Handler(RequestHandler):
     def pause_writing(self) -> None:
         super().pause_writing()
         now = self._loop.time()
+        self.paused_since = now
         self._sent_at = now
         self._unsent = self._write_buffer()
         self._arm(now + self.limits.send_timeout)
 
     def resume_writing(self) -> None:
-        self._sent_at = None
+        self._sent_at = self.paused_since = None
         super().resume_writing()
 
     def _write_buffer(self) -> int:

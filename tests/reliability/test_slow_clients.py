@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import time
 
 import aiohttp
@@ -293,8 +294,9 @@ async def test_bodies_paced_just_above_the_minimum_cannot_lock_out_clients(
     start_proxy: StartProxy, fake: FakeProvider, figures: Figures
 ) -> None:
     """Attack review M2: bodies sent at 1 KiB/s (twice the minimum pace, so never timed out)
-    on every connection the daemon allows locked every newcomer out until they ended. When
-    nothing is idle or slow, the slowest body under 16 KiB/s is closed to make room."""
+    on every connection the daemon allows locked every newcomer out until they ended; a fresh
+    review did the same at 20 KiB/s. When nothing is idle or slow, the slowest body is closed
+    to make room, at any pace."""
     bound = 30
     p = await start_proxy(
         ship=False,
@@ -305,13 +307,13 @@ async def test_bodies_paced_just_above_the_minimum_cannot_lock_out_clients(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
         b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
     )
-    paced = [Slow(port, head, 0.25, b" " * 256).start() for _ in range(bound)]
+    paced = [Slow(port, head, 0.25, b" " * 5000).start() for _ in range(bound)]
     try:
-        await asyncio.sleep(2.0)  # each has averaged 1 KiB/s for over a second
+        await asyncio.sleep(2.0)  # each has averaged 20 KB/s for over a second
         results = await asyncio.gather(*(chat(p.url) for _ in range(5)))
         metrics = await p.metrics()
         closed = sum(1 for s in paced if s.ended is not None)
-        figures("paced bodies (1 KiB/s) / connection bound", f"{bound} / {bound}")
+        figures("paced bodies (20 KB/s) / connection bound", f"{bound} / {bound}")
         figures("legitimate requests served meanwhile", [status for status, _ in results])
         figures("paced bodies closed to make room", closed)
         assert [status for status, _ in results] == [200] * 5
@@ -360,3 +362,40 @@ async def test_a_connection_past_the_bound_gets_a_503_when_every_one_is_busy(
         finally:
             for h in hung:
                 h.cancel()
+
+
+async def test_clients_that_take_no_answers_cannot_lock_out_clients(
+    start_proxy: StartProxy, fake: FakeProvider, figures: Figures
+) -> None:
+    """A fresh attack review: connections that read none of their answers (a small receive
+    buffer; here, 100 MB streams) were busy until send_timeout, and on every connection the
+    bound allows they locked newcomers out. Now they are closed to make room first."""
+    bound = 20
+    p = await start_proxy(ship=False, server={"max_client_connections": bound})
+    port = port_of(p.url)
+    body = b'{"model": "gpt-4o-mini", "stream": true, "messages": []}'
+    stream = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nx-fake-bytes: 104857600\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    stuck: list[socket.socket] = []
+    loop = asyncio.get_running_loop()
+    try:
+        for _ in range(bound):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_sendall(sock, stream)
+            stuck.append(sock)
+        await asyncio.sleep(2.0)  # their answers have filled the buffers for over a second
+        results = await asyncio.gather(*(chat(p.url) for _ in range(5)))
+    finally:
+        for sock in stuck:
+            sock.close()
+    metrics = await p.metrics()
+    figures("connections reading none of their answers / bound", f"{bound} / {bound}")
+    figures("legitimate requests served meanwhile", [status for status, _ in results])
+    assert [status for status, _ in results] == [200] * 5
+    assert metrics['atlasburn_limit_hits_total{limit="client_connections"}'] >= 5
