@@ -373,21 +373,23 @@ async def test_clients_that_take_no_answers_cannot_lock_out_clients(
     bound = 20
     p = await start_proxy(ship=False, server={"max_client_connections": bound})
     port = port_of(p.url)
-    body = b'{"model": "gpt-4o-mini", "stream": true, "messages": []}'
-    stream = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-        b"Content-Type: application/json\r\nx-fake-bytes: 104857600\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
+
+    def stream(seed: int) -> bytes:  # each its own fingerprint: no loop
+        body = b'{"model": "gpt-4o-mini", "stream": true, "messages": [], "seed": %d}' % seed
+        return (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\nx-fake-bytes: 104857600\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
     stuck: list[socket.socket] = []
     loop = asyncio.get_running_loop()
     try:
-        for _ in range(bound):
+        for i in range(bound):
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
             sock.setblocking(False)
             await loop.sock_connect(sock, ("127.0.0.1", port))
-            await loop.sock_sendall(sock, stream)
+            await loop.sock_sendall(sock, stream(i))
             stuck.append(sock)
         await asyncio.sleep(2.0)  # their answers have filled the buffers for over a second
         results = await asyncio.gather(*(chat(p.url) for _ in range(5)))
