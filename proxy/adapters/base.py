@@ -130,6 +130,8 @@ class UsageInStream:
 
 _VERSION = re.compile(r"^(v\d+[a-z0-9]*|\d{4}-\d{2}-\d{2})$")
 _WORD = re.compile(r"^[a-z_.]+$")
+# A method after ":" (Gemini's generateContent, countTokens): camelCase letters, no digits.
+_METHOD = re.compile(r"[a-z][A-Za-z]{0,63}")
 
 
 def operation_path(path: str) -> str:
@@ -137,7 +139,8 @@ def operation_path(path: str) -> str:
 
     ``/v1/chat/completions`` -> ``/chat/completions``; ``/v1/responses/resp_123/cancel`` ->
     ``/responses/cancel``; a segment ``name:method`` keeps only ``:method``, glued to the segment
-    before it (``/v1beta/models/gemini-2.0-flash:generateContent`` -> ``/models:generateContent``).
+    before it (``/v1beta/models/gemini-2.0-flash:generateContent`` -> ``/models:generateContent``),
+    and only a method that looks like one (camelCase letters: ``x:CANARY9f3z`` keeps nothing).
     The client chose the path (up to 16 KiB of it): the result is ``inert``, at most 256
     characters.
     """
@@ -148,7 +151,7 @@ def operation_path(path: str) -> str:
         name, colon, method = seg.partition(":")
         if _WORD.match(name):
             out.append(name)
-        if colon:
+        if colon and _METHOD.fullmatch(method):
             if out:
                 out[-1] += ":" + method
             else:

@@ -76,6 +76,11 @@ def test_meter_ignores_wrong_types(kind: str, ctype: str, data: bytes) -> None:
         ("/v1/messages/count_tokens", "/messages/count_tokens"),
         ("/v1/messages/batches/msgbatch_01abc/results", "/messages/batches/results"),
         ("/2024-06-01/x", "/x"),
+        # A token placed after ":" was kept, and logged (fresh attack review): only a method
+        # that looks like one is.
+        ("/v1beta/models/x:CANARYSECRET9f3z", "/models"),
+        ("/v1beta/models/x:generateContent9", "/models"),
+        ("/v1beta/models/gemini-pro:countTokens", "/models:countTokens"),
     ],
 )
 def test_operation_path(path: str, op: str) -> None:
