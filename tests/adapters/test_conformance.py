@@ -78,8 +78,8 @@ def test_meter_ignores_wrong_types(kind: str, ctype: str, data: bytes) -> None:
         ("/2024-06-01/x", "/x"),
         # A token placed after ":" was kept, and logged (fresh attack review): only a method
         # that looks like one is.
-        ("/v1beta/models/x:CANARYSECRET9f3z", "/models"),
-        ("/v1beta/models/x:generateContent9", "/models"),
+        ("/v1beta/models/gemini-pro:CANARYSECRET9f3z", "/models"),
+        ("/v1beta/models/x:generateContent9", "/models/x"),
         ("/v1beta/models/gemini-pro:countTokens", "/models:countTokens"),
     ],
 )
