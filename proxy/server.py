@@ -48,6 +48,7 @@ import resource
 import socket
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -498,6 +499,18 @@ class _Handler(RequestHandler):
             await asyncio.wait({task}, timeout=CANCEL_GRACE)
         self.force_close()
 
+    async def _handle_request(
+        self,
+        request: BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> tuple[web.StreamResponse, bool]:
+        # A target that is not a path (CONNECT host:port, OPTIONS *, an absolute URL) matches
+        # no route: aiohttp's own answer would be text, and CONNECT's connection stay open.
+        if not request.raw_path.startswith("/"):
+            request_handler = _not_a_path
+        return await super()._handle_request(request, start_time, request_handler)
+
     # -- errors about the request head
 
     def handle_error(
@@ -524,6 +537,17 @@ class _Handler(RequestHandler):
         resp = error(status, code, text)
         resp.force_close()
         return resp
+
+
+async def _not_a_path(request: BaseRequest) -> web.StreamResponse:
+    resp = error(
+        400,
+        "bad_request",
+        "the request target must be a path (/v1/..., /<provider>/...): this daemon is not a"
+        " forward proxy",
+    )
+    resp.force_close()
+    return resp
 
 
 class _Server(web.Server):

@@ -220,9 +220,7 @@ async def test_unknown_route_is_404_json(
     fake: FakeProvider, daemon: RunningDaemon, target: str
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.port)
-    writer.write(
-        f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
-    )
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
     response = await reader.read()
     writer.close()
     head, _, body = response.partition(b"\r\n\r\n")
@@ -247,6 +245,23 @@ async def test_a_path_with_an_encoded_newline_is_relayed(
     assert fake.requests[-1].path == "/v1/models%0Ax"
 
 
+@pytest.mark.parametrize("request_line", [b"CONNECT 127.0.0.1:22 HTTP/1.1", b"OPTIONS * HTTP/1.1"])
+async def test_a_target_that_is_not_a_path_is_refused_in_json(
+    fake: FakeProvider, daemon: RunningDaemon, request_line: bytes
+) -> None:
+    """A fresh attack review: CONNECT and ``OPTIONS *`` got aiohttp's text 404, and CONNECT's
+    connection stayed open 75 s. Now a JSON 400, and the connection closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.port)
+    writer.write(request_line + b"\r\nHost: localhost\r\n\r\n")
+    response = await asyncio.wait_for(reader.read(), 5)  # the daemon closes it
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert b"\r\ncontent-type: application/json" in head.lower()
+    assert json.loads(body)["error"]["code"] == "bad_request"
+    assert fake.requests == []
+
+
 @pytest.mark.parametrize(
     "target",
     [
@@ -258,9 +273,7 @@ async def test_absolute_form_target_never_chooses_the_host(
     fake: FakeProvider, daemon: RunningDaemon, target: str
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.port)
-    writer.write(
-        f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
-    )
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
     response = await reader.read()
     writer.close()
     if target.endswith("/v1/models"):
