@@ -10,9 +10,10 @@ after a process crash and after a power loss alike.
 
 Nothing here may break traffic: a failed write (disk full, I/O error, locked file) is logged and
 counted, and the events stay queued for the next attempt; only past ``max_pending_events`` in
-memory, or past ``max_spool_mb`` on disk, are events dropped, oldest first, each one counted and
-logged — never silently. Shipped events go before unshipped ones. An event that cannot be encoded
-(which ``events.parse_event`` never lets in) is quarantined: dropped, counted and logged with the
+memory, or past ``max_spool_mb`` on disk, are events dropped, oldest first (on disk, those on
+which nothing was spent before the others), each one counted and logged — never silently.
+Shipped events go before unshipped ones. An event that cannot be encoded (which
+``events.parse_event`` never lets in) is quarantined: dropped, counted and logged with the
 reason, while the events around it are written. The writer task survives whatever one of its
 rounds raises (logged, counted as a write error, retried after a back-off): it never leaves the
 daemon serving with a spool that silently stopped.
@@ -106,6 +107,7 @@ CREATE TABLE IF NOT EXISTS counters (
 REFUSED = 1  # refused by a guardrail (never reached the provider)
 UNPRICED = 2  # usage known but no price for the model
 FROM_INGEST = 4  # posted to the local /api/ingest, not relayed here
+FREE = 8  # nothing was spent: not answered 2xx, and cost 0 (dropped first past max_spool_mb)
 
 _INSERT = "INSERT INTO events (created, state, size, flags, body) VALUES (?, ?, ?, ?, ?)"
 _ROW_OVERHEAD = 40  # bytes of a row besides its body, roughly
@@ -442,6 +444,8 @@ class Store:
             flags = UNPRICED
         if e.origin != "proxy":
             flags |= FROM_INGEST
+        if not e.cost_usd and not 200 <= e.status < 300:
+            flags |= FREE
         return (now, state, len(body) + _ROW_OVERHEAD, flags, body)
 
     def _quarantine(self, head: int, bad: list[tuple[Event, Exception]]) -> list[Event]:
@@ -476,24 +480,35 @@ class Store:
     # ------------------------------------------------------------------ bounds and upkeep
 
     async def _enforce_bound(self) -> None:
-        """Past max_spool_mb: delete shipped events first, then the oldest others (counted)."""
+        """Past max_spool_mb: delete shipped events first, then the oldest of those on which
+        nothing was spent (errors and refusals: a flood of them must not push out what was
+        paid for), then the oldest others (the last two counted as dropped)."""
         async with self._lock:
             excess = self.spool_bytes - self.max_bytes
             freed, _ = await self._delete_oldest((SHIPPED,), excess)
             excess -= freed
-            if excess > 0:
-                freed2, lost = await self._delete_oldest((PENDING, LOCAL, POISONED), excess)
-                if lost:
-                    self._count_dropped(
-                        lost, f"the spool passed max_spool_mb={self._config.max_spool_mb}"
-                    )
-                    await self._save_counters()
+            lost = 0
+            unsent = (PENDING, LOCAL, POISONED)
+            for free_only in (True, False):
+                if excess <= 0:
+                    break
+                freed, count = await self._delete_oldest(unsent, excess, free_only)
+                excess -= freed
+                lost += count
+            if lost:
+                self._count_dropped(
+                    lost, f"the spool passed max_spool_mb={self._config.max_spool_mb}"
+                )
+                await self._save_counters()
 
-    async def _delete_oldest(self, states: Sequence[int], nbytes: int) -> tuple[int, int]:
+    async def _delete_oldest(
+        self, states: Sequence[int], nbytes: int, free_only: bool = False
+    ) -> tuple[int, int]:
         marks = ",".join("?" * len(states))
         freed = count = pending = 0
+        free = f" AND flags & {FREE}" if free_only else ""
         async with self._db.execute(
-            f"SELECT id, size, state FROM events WHERE state IN ({marks}) ORDER BY id",
+            f"SELECT id, size, state FROM events WHERE state IN ({marks}){free} ORDER BY id",
             tuple(states),
         ) as cur:
             ids = []

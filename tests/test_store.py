@@ -113,6 +113,37 @@ async def test_payload_is_the_ingest_body(store: Store) -> None:
     assert sent == event(7).to_ingest()
 
 
+async def test_spool_bound_drops_what_cost_nothing_before_what_was_paid_for(
+    tmp_path: Path,
+) -> None:
+    """A fresh attack review: 12,000 requests answered 401 (no key needed) pushed a paid,
+    unshipped event out of a 5 MB spool. Past the bound, events on which nothing was spent go
+    first; the paid ones stay while any such is left."""
+    path = tmp_path / "s.sqlite3"
+    s = await Store.open(config(path, max_spool_mb=1.0), ship=False)
+    paid = [event(i) for i in range(1, 21)]
+    for e in paid:
+        s.enqueue(e)
+    await s.flush()
+    per_event = s.spool_bytes // 20
+    flood = (2 * 1024 * 1024) // per_event  # twice the bound, of 401s
+    for i in range(flood):
+        refused = event(100_000 + i)
+        refused.status, refused.tokens_in, refused.tokens_out, refused.cost_usd = 401, 0, 0, 0.0
+        s.enqueue(refused)
+        if i % 1000 == 999:
+            await s.flush()
+    await s.flush()
+    assert s.spool_bytes <= 1024 * 1024
+    kept = rows(
+        path,
+        "SELECT COUNT(*) FROM events WHERE json_extract(CAST(body AS TEXT), '$.status') = 200",
+    )
+    assert kept == [(20,)]  # every paid event is still there
+    assert s.dropped_total > 0  # the 401s that went are counted
+    await s.close()
+
+
 async def test_spool_bound_drops_oldest_shipped_first_and_counts(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
     s = await Store.open(config(path, max_spool_mb=1.0), ship=True)
