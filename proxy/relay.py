@@ -50,6 +50,7 @@ from .errors import ClientBodyTimeout, UpstreamBusy, UpstreamError, UpstreamTime
 from .events import Event, Recorder, iso_ms
 from .fingerprint import fingerprint, raw_hasher
 from .guardrails import SPEND_LAYER, KillSwitch, LoopGuard, SpendCap, Suspension
+from .guardrails.fleet import ACK_WAIT_SECONDS
 from .headers import RESPONSE_DROP, filter_headers, request_head
 from .http1 import (
     AnswerHeadTooLarge,
@@ -85,7 +86,16 @@ class BodyTooLarge(Exception):
 class _Exchange:
     """What one request has reached so far, for the event recorded when it ends."""
 
-    __slots__ = ("status", "complete", "meter", "up", "asked_usage", "waited", "occurrence")
+    __slots__ = (
+        "status",
+        "complete",
+        "meter",
+        "up",
+        "asked_usage",
+        "waited",
+        "occurrence",
+        "ack",
+    )
 
     def __init__(self) -> None:
         self.status = 0  # the status the client got; 0 until an answer is under way
@@ -96,6 +106,7 @@ class _Exchange:
         self.waited = 0.0  # seconds spent waiting on the provider or the client
         # The fingerprint the loop detector counts once the provider answers 2xx (None: none).
         self.occurrence: str | None = None
+        self.ack: asyncio.Future[None] | None = None  # the fleet counted the occurrence
 
 
 class Relay:
@@ -184,6 +195,10 @@ class Relay:
         counted = suspension is None and self._loops(request, upstream.adapter, meta)
         if counted:
             suspension = self.loop.check(fp, request.headers)
+            if suspension is None and self.loop.fleet is not None:
+                # A fingerprint the fleet has seen two short of the threshold: Redis is asked
+                # (within a few ms) before it goes through. Any other request waits for nothing.
+                suspension = await self.loop.check_fleet(fp, request.headers)
         if suspension is not None:
             return self._refuse(started, t0, read_body, route, meta, fp, suspension)
 
@@ -221,8 +236,18 @@ class Relay:
         the time the client's next request reaches another daemon)."""
         ex.status = status
         if ex.occurrence is not None and 200 <= status < 300:
-            self.loop.record(ex.occurrence)
+            ex.ack = self.loop.record(ex.occurrence)
         ex.occurrence = None
+
+    async def _fleet_counted(self, ex: _Exchange) -> None:
+        """In a fleet: hold the end of the answer until Redis has counted the occurrence, at
+        most ``fleet.ACK_WAIT_SECONDS`` (the client's next identical request may go to another
+        daemon at once; a slower Redis is not waited for)."""
+        ack, ex.ack = ex.ack, None
+        if ack is not None and not ack.done():
+            await asyncio.wait({ack}, timeout=ACK_WAIT_SECONDS)  # the daemon's own time
+            if not ack.done() and self.loop.fleet is not None:
+                self.loop.fleet.late()  # Redis is slow: answers stop waiting for it
 
     def _loops(self, request: web.Request, adapter: Adapter, meta: RequestMeta) -> bool:
         """Whether the loop detector looks at this request: a POST (what costs: a GET
@@ -522,6 +547,7 @@ class Relay:
         t = clock()
         if hide is not None and (rest := hide.end()):
             await response.write(rest)
+        await self._fleet_counted(ex)
         await response.write_eof()
         ex.waited += clock() - t
         ex.complete = True
@@ -543,6 +569,7 @@ class Relay:
         whole = web.Response(status=up.status, reason=up.reason, headers=_response_headers(up))
         whole.body = data
         self._answered(ex, up.status)
+        await self._fleet_counted(ex)
         t = time.perf_counter()
         await whole.prepare(request)
         await whole.write_eof()

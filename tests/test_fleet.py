@@ -132,7 +132,7 @@ async def test_the_flag_keeps_the_newest_version(client: redis.Redis) -> None:
     await pubsub.aclose()
 
 
-async def test_occurrences_are_published_only_one_short_of_the_threshold(
+async def test_occurrences_are_published_only_near_the_threshold(
     client: redis.Redis,
 ) -> None:
     script = client.register_script(_OCCURRENCE)
@@ -143,15 +143,12 @@ async def test_occurrences_are_published_only_one_short_of_the_threshold(
         for i in range(3)
     ]
     assert counts == [1, 2, 3]
-    message = await next_message(pubsub)
-    assert message is not None
-    assert orjson.loads(message) == {
-        "t": "hot",
-        "fp": "sha256:x",
-        "times": [1000, 1001, 1002],
-        "by": "d",
-    }
-    assert await next_message(pubsub, 0.2) is None  # one message: at the third, not before
+    # Two short of the threshold ("warm": the relay then asks Redis), and one short.
+    for times in ([1000, 1001], [1000, 1001, 1002]):
+        message = await next_message(pubsub)
+        assert message is not None
+        assert orjson.loads(message) == {"t": "hot", "fp": "sha256:x", "times": times, "by": "d"}
+    assert await next_message(pubsub, 0.2) is None  # nothing at the first
     # Out of the window: the count starts again.
     assert await script(keys=["fp"], args=[70000, 60000, 4, "m9", "ch", "sha256:x", "d"]) == 1
     assert 0 < await client.pttl("fp") <= 60000

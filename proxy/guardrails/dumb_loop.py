@@ -8,6 +8,7 @@ does (suspend the org, or refuse only that fingerprint).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -352,12 +353,29 @@ class LoopGuard:
         reason = f"fingerprint {fingerprint} seen {seen + 1} times in {self.detector.label}"
         return self._trip(fingerprint, Trip(seen + 1, reason + " across the fleet"))
 
-    def record(self, fingerprint: str) -> None:
+    async def check_fleet(self, fingerprint: str, headers: Any) -> Suspension | None:
+        """After ``check`` let a request through: if the fleet's count of its fingerprint is
+        two short of the threshold, Redis is asked for the count now (bounded; see
+        ``Fleet.warm``), so that the last occurrence elsewhere, answered a moment ago, is not
+        missed. The refusal, if the count trips the detector."""
+        fleet = self.fleet
+        if fleet is None or not fleet.warm(fingerprint) or not self.counts(headers):
+            return None
+        seen = max(await fleet.fresh_count(fingerprint), self.detector.peek(fingerprint))
+        if seen + 1 < self.detector.threshold:
+            return None
+        fleet.tripped(fingerprint)
+        reason = f"fingerprint {fingerprint} seen {seen + 1} times in {self.detector.label}"
+        return self._trip(fingerprint, Trip(seen + 1, reason + " across the fleet"))
+
+    def record(self, fingerprint: str) -> asyncio.Future[None] | None:
         """A request that ``check`` let through was answered (2xx): count it (never a trip
-        here: the next one is refused by ``check``), in the fleet too."""
+        here: the next one is refused by ``check``), in the fleet too; what the fleet gives to
+        wait for (``Fleet.occurrence``)."""
         self.detector.observe(fingerprint, trip=False)
         if self.fleet is not None:
-            self.fleet.occurrence(fingerprint)
+            return self.fleet.occurrence(fingerprint)
+        return None
 
     def observe_ingested(self, event: Event) -> Suspension | None:
         """An event posted to the local /api/ingest with a 2xx status: counted at its own

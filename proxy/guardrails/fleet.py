@@ -45,7 +45,8 @@ import random
 import socket
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import orjson
 import redis.asyncio as redis
@@ -61,6 +62,7 @@ from .kill_switch import KillSwitch, Suspension
 from .spend import SPEND_LAYER, SpendCap, usd_text
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 COMMAND_TIMEOUT_SECONDS = 2.0
 CONNECT_TIMEOUT_SECONDS = 2.0
@@ -68,6 +70,12 @@ RECONNECT_MIN_SECONDS = 0.25
 RECONNECT_MAX_SECONDS = 10.0
 HEARTBEAT_SECONDS = 1.0  # an idle connection sends a PING this often (a blackhole is a loss)
 SPEND_FLUSH_SECONDS = 0.25
+# An answered request's answer is held back at most this long until Redis has counted it (and,
+# if it is one short of the threshold, published it): the client's next identical request may
+# reach another daemon a moment later. Only while Redis answers within it; a slower Redis is
+# not waited for (until it is fast again).
+ACK_WAIT_SECONDS = 0.02
+STOP_SECONDS = 5.0
 CLEARED_KEPT_SECONDS = 86400
 MAX_HOT = 16384  # fingerprints about to trip that a daemon remembers from the fleet
 MAX_QUEUED = 65536  # occurrences waiting for Redis; past it the oldest are not sent
@@ -95,8 +103,9 @@ return false
 """
 
 # KEYS[1] the fingerprint's sorted set; ARGV: now (ms), window (ms), threshold, member,
-# channel, fingerprint, daemon. One occurrence; when the window holds threshold - 1 or more,
-# publish the fingerprint with the latest threshold - 1 times. Returns the count.
+# channel, fingerprint, daemon. One occurrence; when the window holds threshold - 1 or more
+# (or, for a threshold of 4 or more, threshold - 2: "warm", the next but one trips), publish the
+# fingerprint with its latest times (at most threshold - 1). Returns the count.
 _OCCURRENCE = """
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
@@ -105,7 +114,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 redis.call('ZADD', KEYS[1], now, ARGV[4])
 redis.call('PEXPIRE', KEYS[1], window)
 local n = redis.call('ZCARD', KEYS[1])
-if n >= threshold - 1 and threshold > 1 then
+if threshold > 1 and (n >= threshold - 1 or (threshold >= 4 and n >= threshold - 2)) then
   local recent = redis.call('ZRANGE', KEYS[1], -(threshold - 1), -1, 'WITHSCORES')
   local times = {}
   for i = 2, #recent, 2 do times[#times + 1] = tonumber(recent[i]) end
@@ -220,7 +229,10 @@ class Fleet:
         self.reconnects = 0
         self.dropped_occurrences = 0
         self._hot: dict[str, tuple[float, ...]] = {}  # fingerprint -> epoch ms, oldest first
-        self._occurrences: deque[tuple[str, int]] = deque()
+        self._occurrences: deque[tuple[str, int, asyncio.Future[None] | None]] = deque()
+        self._acks_fast = True  # Redis counted the last batch within ACK_WAIT_SECONDS
+        self._client: redis.Redis | None = None  # while connected
+        self._stopping = False
         self._spend: dict[int, float] = {}  # minute (epoch s) -> USD not yet added
         self._flag_dirty = False
         self._wake = asyncio.Event()
@@ -243,15 +255,53 @@ class Fleet:
             del self._hot[fingerprint]
         return n
 
-    def occurrence(self, fingerprint: str) -> None:
-        """An answered request counted by this daemon's loop detector: the fleet's too."""
+    def occurrence(self, fingerprint: str) -> asyncio.Future[None] | None:
+        """An answered request counted by this daemon's loop detector: the fleet's too. A
+        future done once Redis has counted it, for the relay to hold the answer back by at most
+        ``ACK_WAIT_SECONDS`` (None: nothing to wait for: disconnected, or Redis slow)."""
         if not self.connected:
-            return  # not replayed: it is in this daemon's own count
+            return None  # not replayed: it is in this daemon's own count
         if len(self._occurrences) >= MAX_QUEUED:
-            self._occurrences.popleft()
+            _, _, dropped = self._occurrences.popleft()
+            if dropped is not None and not dropped.done():
+                dropped.set_result(None)
             self.dropped_occurrences += 1
-        self._occurrences.append((fingerprint, int(time.time() * 1000)))
+        ack = asyncio.get_running_loop().create_future() if self._acks_fast else None
+        self._occurrences.append((fingerprint, int(time.time() * 1000), ack))
         self._wake.set()
+        return ack
+
+    def warm(self, fingerprint: str) -> bool:
+        """Whether the fleet's count of ``fingerprint`` is two short of the threshold (from a
+        threshold of 4): the next answered one elsewhere may make it one short, and the
+        relay asks Redis (``fresh_count``) before it lets this one through."""
+        threshold = self.loop.detector.threshold
+        return (
+            threshold >= 4
+            and self._acks_fast
+            and self._client is not None
+            and self.count(fingerprint) + 2 == threshold
+        )
+
+    async def fresh_count(self, fingerprint: str) -> int:
+        """The fleet's count of ``fingerprint`` in the window, read from Redis now (at most
+        ``ACK_WAIT_SECONDS``; 0 when Redis does not answer in time)."""
+        client = self._client
+        if client is None:
+            return 0
+        cutoff = int((time.time() - self.loop.detector.window_seconds) * 1000)
+        key = self.loop_prefix + fingerprint
+        try:
+            n = await _within(ACK_WAIT_SECONDS, client.zcount(key, f"({cutoff}", "+inf"))
+        except (RedisError, OSError, TimeoutError):
+            self.late()
+            return 0
+        return int(n)
+
+    def late(self) -> None:
+        """An answer waited ``ACK_WAIT_SECONDS`` in vain: until a batch is counted within it
+        again, answers do not wait."""
+        self._acks_fast = False
 
     def tripped(self, fingerprint: str) -> None:
         """A trip starts the count afresh, fleet-wide as on this daemon."""
@@ -278,11 +328,21 @@ class Fleet:
 
     async def stop(self) -> None:
         """Stop the sync (spend not yet added is lost with the process, as in-flight
-        requests are; the flag is already in Redis or in this daemon's store)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        requests are; the flag is already in Redis or in this daemon's store). Returns within
+        ``STOP_SECONDS`` whatever Redis does."""
+        self._stopping = True
+        task = self._task
+        if task is None:
+            return
+        deadline = asyncio.get_running_loop().time() + STOP_SECONDS
+        # A cancel can be lost (asyncio.wait_for in redis-py on Python 3.11 drops one that
+        # lands as its inner call ends): cancel again until the task is done.
+        while not task.done() and asyncio.get_running_loop().time() < deadline:
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+        if not task.done():
+            log.error("fleet: the sync did not stop within %gs; left behind", STOP_SECONDS)
+        self._task = None
 
     def state(self) -> dict[str, float]:
         return {
@@ -296,7 +356,7 @@ class Fleet:
     async def _run(self) -> None:
         delay = RECONNECT_MIN_SECONDS
         ever = False
-        while True:
+        while not self._stopping:
             client = redis.Redis.from_url(
                 self.url,
                 socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
@@ -324,17 +384,21 @@ class Fleet:
                 ever = True
             finally:
                 self.connected = False
-                self._occurrences.clear()
+                self._client = None
+                while self._occurrences:
+                    _, _, ack = self._occurrences.popleft()
+                    if ack is not None and not ack.done():
+                        ack.set_result(None)
                 await _close(client)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, RECONNECT_MAX_SECONDS)
 
     async def _session(self, client: redis.Redis, again: bool) -> None:
         """One connection, from connecting to its loss (raises then)."""
-        await asyncio.wait_for(client.ping(), COMMAND_TIMEOUT_SECONDS + CONNECT_TIMEOUT_SECONDS)
+        await _within(COMMAND_TIMEOUT_SECONDS + CONNECT_TIMEOUT_SECONDS, client.ping())
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
-            await asyncio.wait_for(pubsub.subscribe(self.channel), COMMAND_TIMEOUT_SECONDS)
+            await _within(COMMAND_TIMEOUT_SECONDS, pubsub.subscribe(self.channel))
             flag = client.register_script(_FLAG)
             occurrence = client.register_script(_OCCURRENCE)
             spend = client.register_script(_SPEND)
@@ -347,6 +411,7 @@ class Fleet:
                 log.warning("fleet: Redis at %s is back: the fleet's guardrails again", self.where)
             else:
                 log.info("fleet: connected to Redis at %s as %s", self.where, self.name)
+            self._client = client
             reader = asyncio.ensure_future(self._read(pubsub))
             writer = asyncio.ensure_future(self._write(client, flag, occurrence, spend))
             try:
@@ -367,7 +432,7 @@ class Fleet:
         last_spend = time.monotonic()
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), SPEND_FLUSH_SECONDS)
+                await _within(SPEND_FLUSH_SECONDS, self._wake.wait())
             except TimeoutError:
                 pass
             self._wake.clear()
@@ -386,7 +451,7 @@ class Fleet:
                 did = True
             if not did and now - last_spend >= HEARTBEAT_SECONDS:
                 last_spend = now
-                await asyncio.wait_for(client.ping(), COMMAND_TIMEOUT_SECONDS)
+                await _within(COMMAND_TIMEOUT_SECONDS, client.ping())
 
     async def _push_flag(self, client: redis.Redis, flag: Any, initial: bool = False) -> None:
         """Write this daemon's flag unless Redis holds a newer one, which is then applied."""
@@ -396,14 +461,14 @@ class Fleet:
             # Nothing to share: never changed here, or a suspension that expired (its key
             # expired with it). Read what the fleet holds.
             if initial:
-                raw = await asyncio.wait_for(client.get(self.flag_key), COMMAND_TIMEOUT_SECONDS)
+                raw = await _within(COMMAND_TIMEOUT_SECONDS, client.get(self.flag_key))
                 if isinstance(raw, bytes):
                     self._apply_flag(raw)
             return
         value, ttl_ms = self._flag_value(current)
-        newer = await asyncio.wait_for(
-            flag(keys=[self.flag_key], args=[value, kill.version, ttl_ms, self.channel]),
+        newer = await _within(
             COMMAND_TIMEOUT_SECONDS,
+            flag(keys=[self.flag_key], args=[value, kill.version, ttl_ms, self.channel]),
         )
         if isinstance(newer, bytes):
             self._apply_flag(newer)
@@ -434,11 +499,31 @@ class Fleet:
     async def _send_occurrences(self, client: redis.Redis, script: Any) -> None:
         window_ms = int(self.loop.detector.window_seconds * 1000)
         threshold = self.loop.detector.threshold
-        batch: list[tuple[str, int]] = []
+        batch: list[tuple[str, int, asyncio.Future[None] | None]] = []
         while self._occurrences and len(batch) < 512:
             batch.append(self._occurrences.popleft())
+        started = time.monotonic()
+        try:
+            await self._count(client, script, batch, window_ms, threshold)
+        finally:
+            for _, _, ack in batch:
+                if ack is not None and not ack.done():
+                    ack.set_result(None)
+        # Answers wait for the next batch only if this one was quick.
+        self._acks_fast = time.monotonic() - started <= ACK_WAIT_SECONDS
+        if self._occurrences:
+            self._wake.set()
+
+    async def _count(
+        self,
+        client: redis.Redis,
+        script: Any,
+        batch: list[tuple[str, int, asyncio.Future[None] | None]],
+        window_ms: int,
+        threshold: int,
+    ) -> None:
         async with client.pipeline(transaction=False) as pipe:
-            for fingerprint, at in batch:
+            for fingerprint, at, _ in batch:
                 self._seq += 1
                 await script(
                     keys=[self.loop_prefix + fingerprint],
@@ -453,9 +538,7 @@ class Fleet:
                     ],
                     client=pipe,
                 )
-            await asyncio.wait_for(pipe.execute(), COMMAND_TIMEOUT_SECONDS)
-        if self._occurrences:
-            self._wake.set()
+            await _within(COMMAND_TIMEOUT_SECONDS, pipe.execute())
 
     async def _send_spend(self, script: Any) -> None:
         now = time.time()
@@ -465,12 +548,12 @@ class Fleet:
         result: list[bytes] = []
         try:
             for minute, usd in sorted(pending.items()):
-                result = await asyncio.wait_for(
+                result = await _within(
+                    COMMAND_TIMEOUT_SECONDS,
                     script(
                         keys=[self.spend_key],
                         args=[minute, repr(usd), current, repr(hour_cap), repr(day_cap)],
                     ),
-                    COMMAND_TIMEOUT_SECONDS,
                 )
                 del pending[minute]
         finally:
@@ -551,8 +634,15 @@ class Fleet:
             self.kill.apply(None, version, str(obj.get("reason") or ""))
 
 
+async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result, or TimeoutError after ``seconds`` (asyncio.timeout: unlike
+    asyncio.wait_for on Python 3.11, it never drops a cancellation)."""
+    async with asyncio.timeout(seconds):
+        return await awaitable
+
+
 async def _close(thing: Any) -> None:
     try:
-        await asyncio.wait_for(thing.aclose(), COMMAND_TIMEOUT_SECONDS)
+        await _within(COMMAND_TIMEOUT_SECONDS, thing.aclose())
     except (RedisError, OSError, TimeoutError, AttributeError):
         pass

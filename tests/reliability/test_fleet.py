@@ -296,17 +296,9 @@ async def _gauge_at_least(proxy: Proxy, name: str, value: float) -> bool:
     return await fleet_gauge(proxy, name) >= value
 
 
-ROUNDS = 20
+ROUNDS = 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product race (issue 14 item 3, DESIGN 'Fleet'): Relay._answered -> LoopGuard.record"
-    " -> Fleet.occurrence only queues the occurrence for the background writer, and the answer"
-    " goes out at once; the client's next request usually reaches the next daemon before the"
-    " occurrence reached Redis and the 'hot' message reached that daemon, so the 4th identical"
-    " request is served (200) in most rounds",
-)
 async def test_a_loop_spread_round_robin_over_three_daemons_trips_on_the_fourth(
     redis_server: RedisServer,
     start_proxy: StartProxy,
