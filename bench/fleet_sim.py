@@ -8,21 +8,26 @@ Each member is what a daemon runs, without HTTP: a ``KillSwitch``, a ``LoopGuard
 ``SpendCap`` (on, with a cap never reached) and the ``Fleet`` that keeps them in step through
 Redis, each member with its own connections. One ticker drives them, round robin, at ``--rate``
 requests per second each, calling what the relay calls for a request the provider answers:
-``kill.check()``, ``loop.check(fp, headers)``, then ``loop.record(fp)`` and ``spend.add(usd)``.
+``kill.check()``, ``loop.check(fp, headers)`` (and, for a fingerprint the fleet holds two short
+of the threshold, ``await loop.check_fleet(fp, headers)``: a read from Redis), then
+``loop.record(fp)`` and ``spend.add(usd)``. (The relay also holds each answer until Redis has
+counted its occurrence; a member has no answer to hold.)
 
 Fingerprints are distinct, except a share of requests (``--repeat-share``) that repeat one:
 a repeated fingerprint is sent ``threshold - 1`` times in all, by whichever members come next,
-so the fleet's count reaches ``threshold - 1`` (Redis publishes it to every member) and never
-trips. With that share fixed, the number of fingerprints about to trip grows with the fleet's
-traffic; ``--fleet-loops L`` instead starts L repeated fingerprints per second across the
-whole fleet, whatever N (a fleet with a fixed number of looping agents).
+so the fleet's count reaches ``threshold - 1`` and never trips; Redis publishes it to every
+member at ``threshold - 2`` and ``threshold - 1``. With that share fixed, the number of
+fingerprints about to trip grows with the fleet's traffic; ``--fleet-loops L`` instead starts L
+repeated fingerprints per second across the whole fleet, whatever N (a fleet with a fixed
+number of looping agents).
 
 Per N, after a second of warm-up, over ``--seconds``: Redis commands per second (INFO's
-``total_commands_processed``, which counts the commands scripts run too), EVALSHA and SCRIPT
-EXISTS per second, Redis's CPU, messages each member received per second, Redis's memory and
-keys at the end (and the memory a full window would hold at this rate), and this process's CPU
-per request, from which a run of the same members without a fleet (``--baseline-seconds``) is
-subtracted: the fleet's own cost. Redis runs on CPU 0 and the simulation on CPU 1.
+``total_commands_processed``, which counts the commands scripts run too), EVALSHA, SCRIPT
+EXISTS, ZCOUNT and PUBLISH per second, Redis's CPU, messages each member received per second
+(and the repeated fingerprints completed per second), Redis's memory and keys at the end (and
+the memory a full window would hold at this rate), and this process's CPU per request, from
+which a run of the same members without a fleet (``--baseline-seconds``) is subtracted: the
+fleet's own cost. Redis runs on CPU 0 and the simulation on CPU 1.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -73,11 +80,27 @@ class Member:
         )
         self.refused = 0
 
-    def request(self, fp: str, usd: float) -> None:
-        """What the relay does for a request the provider answers (2xx)."""
+    def request(self, fp: str, usd: float) -> Coroutine[Any, Any, None] | None:
+        """What the relay does for a request the provider answers (2xx); for a fingerprint
+        the fleet holds two short of the threshold, the rest as a coroutine (the relay asks
+        Redis for its count before letting it through)."""
         if self.kill.check() is not None or self.loop.check(fp, HEADERS) is not None:
             self.refused += 1
-            return
+            return None
+        if self.fleet is not None and self.fleet.warm(fp):
+            return self._warm(fp, usd)
+        self._answered(fp, usd)
+        return None
+
+    async def _warm(self, fp: str, usd: float) -> None:
+        if await self.loop.check_fleet(fp, HEADERS) is not None:
+            self.refused += 1
+        else:
+            self._answered(fp, usd)
+
+    def _answered(self, fp: str, usd: float) -> None:
+        # The relay holds the answer until the returned future is done (bounded): a member
+        # has no answer to hold.
         self.loop.record(fp)
         self.spend.add(usd)
 
@@ -133,6 +156,7 @@ async def drive(
     ticker's worst lateness in ms)."""
     n = len(members)
     issued = 0
+    waiting: set[asyncio.Task[None]] = set()
     late = 0.0
     start = time.perf_counter()
     tick = 0
@@ -144,11 +168,17 @@ async def drive(
             break
         due = int(elapsed * rate * n)
         while issued < due:
-            members[issued % n].request(traffic.next(), usd)
+            rest = members[issued % n].request(traffic.next(), usd)
+            if rest is not None:
+                task = asyncio.ensure_future(rest)
+                waiting.add(task)
+                task.add_done_callback(waiting.discard)
             issued += 1
         wake = start + tick * TICK_SECONDS
         late = max(late, (time.perf_counter() - wake) * 1000)
         await asyncio.sleep(max(0.0, wake - time.perf_counter()))
+    if waiting:
+        await asyncio.gather(*waiting)
     return issued, late
 
 
@@ -214,9 +244,9 @@ async def key_bytes(server: RedisServer, pattern: str, sample: int = 500) -> flo
 def table(runs: list[tuple[Run, Run | None]], args: argparse.Namespace) -> str:
     head = [
         "members", "req/s", "Redis cmds/s", "cmds/req", "EVALSHA/s", "SCRIPT EXISTS/s",
-        "Redis CPU %", "msgs/member/s", "published/s", "hot/member", "Redis MB", "keys",
-        "B/key", f"MB at {args.window:g}s window", "CPU µs/req", "fleet CPU µs/req",
-        "late ms",
+        "ZCOUNT/s", "Redis CPU %", "repeated fps/s", "PUBLISH/s", "msgs/member/s", "hot/member",
+        "Redis MB", "keys", "B/key", f"MB at {args.window:g}s window", "CPU µs/req",
+        "fleet CPU µs/req", "late ms",
     ]  # fmt: skip
     rows = [head]
     for run, base in runs:
@@ -234,9 +264,11 @@ def table(runs: list[tuple[Run, Run | None]], args: argparse.Namespace) -> str:
                 f"{r.commands / run.requests:.2f}",
                 f"{r.calls.get('evalsha', 0) / secs:,.0f}",
                 f"{r.calls.get('script|exists', 0) / secs:,.0f}",
+                f"{r.calls.get('zcount', 0) / secs:,.1f}",
                 f"{r.cpu / secs * 100:.1f}",
-                f"{run.received / run.members / secs:.2f}",
                 f"{run.groups / secs:.2f}",
+                f"{r.calls.get('publish', 0) / secs:.2f}",
+                f"{run.received / run.members / secs:.2f}",
                 f"{run.hot:,.0f}",
                 f"{r.used_memory / 2**20:.1f}",
                 f"{r.keys:,}",
