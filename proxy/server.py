@@ -507,7 +507,7 @@ class _Handler(RequestHandler):
     ) -> tuple[web.StreamResponse, bool]:
         # A target that is not a path (CONNECT host:port, OPTIONS *, an absolute URL) matches
         # no route: aiohttp's own answer would be text, and CONNECT's connection stay open.
-        if not request.raw_path.startswith("/"):
+        if not request.rel_url.path.startswith("/"):
             request_handler = _not_a_path
         return await super()._handle_request(request, start_time, request_handler)
 
