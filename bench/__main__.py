@@ -166,7 +166,7 @@ class Targets:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.urls: dict[str, str] = {}
         self.ingests: dict[str, str] = {}  # daemon -> its fake ingest
-        self.names = ("direct", "pass-through", "atlasburn-proxy")
+        self.names: tuple[str, ...] = ("direct", "pass-through", "atlasburn-proxy")
         if redis is not None:
             self.names += (FLEET_TARGET,)
 
