@@ -17,7 +17,7 @@ import redis.asyncio as redis
 
 from proxy.config import FleetConfig, LoopDetectorConfig, Secret, SpendCapConfig
 from proxy.guardrails import KillSwitch, LoopGuard, SpendCap
-from proxy.guardrails.fleet import _FLAG, _OCCURRENCE, _SPEND, Fleet
+from proxy.guardrails.fleet import _FLAG, _OCCURRENCES, _SPEND, Fleet
 
 from .conftest import eventually
 
@@ -135,14 +135,17 @@ async def test_the_flag_keeps_the_newest_version(client: redis.Redis) -> None:
 async def test_occurrences_are_published_only_near_the_threshold(
     client: redis.Redis,
 ) -> None:
-    script = client.register_script(_OCCURRENCE)
+    script = client.register_script(_OCCURRENCES)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe("ch")
-    counts = [
-        await script(keys=["fp"], args=[1000 + i, 60000, 4, f"m{i}", "ch", "sha256:x", "d"])
-        for i in range(3)
-    ]
-    assert counts == [1, 2, 3]
+    head = [60000, 4, "ch", "d"]
+    # One call for a batch: two occurrences of "x" and one of "y", then one more "x".
+    first = await script(
+        keys=["fp", "fp", "other"],
+        args=[*head, 1000, "m0", "sha256:x", 1001, "m1", "sha256:x", 1001, "m2", "sha256:y"],
+    )
+    assert first == [1, 2, 1]
+    assert await script(keys=["fp"], args=[*head, 1002, "m3", "sha256:x"]) == [3]
     # Two short of the threshold ("warm": the relay then asks Redis), and one short.
     for times in ([1000, 1001], [1000, 1001, 1002]):
         message = await next_message(pubsub)
@@ -150,7 +153,7 @@ async def test_occurrences_are_published_only_near_the_threshold(
         assert orjson.loads(message) == {"t": "hot", "fp": "sha256:x", "times": times, "by": "d"}
     assert await next_message(pubsub, 0.2) is None  # nothing at the first
     # Out of the window: the count starts again.
-    assert await script(keys=["fp"], args=[70000, 60000, 4, "m9", "ch", "sha256:x", "d"]) == 1
+    assert await script(keys=["fp"], args=[*head, 70000, "m9", "sha256:x"]) == [1]
     assert 0 < await client.pttl("fp") <= 60000
     await pubsub.aclose()
 
@@ -184,5 +187,11 @@ async def test_two_members_share_the_flag_and_the_count(redis_url: str) -> None:
         refused = loop_b.check("sha256:" + "e" * 64, headers)
         assert refused is not None and "seen 4 times in 60s across the fleet" in refused.reason
         await eventually(lambda: kill_a.check() is not None, within=2)
+        # A trip starts the count afresh on every member, as on one daemon.
+        await kill_a.clear("back", "api")
+        await eventually(lambda: kill_b.check() is None and a.count("sha256:" + "e" * 64) == 0)
+        for loop in (loop_a, loop_b, loop_a):
+            assert loop.check("sha256:" + "e" * 64, headers) is None
+            loop.record("sha256:" + "e" * 64)
     finally:
         await asyncio.gather(a.stop(), b.stop())

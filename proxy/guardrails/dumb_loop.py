@@ -209,6 +209,21 @@ class LoopDetector:
         self._repeats[key] = recent[-(self.threshold - 2) :] + (at,)
         return None
 
+    def forget(self, fingerprint: str) -> None:
+        """Drop every occurrence of ``fingerprint`` (a trip elsewhere in the fleet: its count
+        starts afresh, as after a trip here)."""
+        key = _hash(fingerprint.encode())
+        self._repeats.pop(key, None)
+        self._previous.pop(key, None)
+        bucket = self._buckets[key & self._mask]
+        if bucket:
+            needle = (key >> 16).to_bytes(6, "little")
+            pos = bucket.find(needle)
+            if pos % _RECORD and pos > 0:
+                pos = _aligned_find(bucket, needle, pos)
+            if pos >= 0:
+                del bucket[pos : pos + _RECORD]
+
     def _trim(self, bucket: bytearray, cutoff: int) -> None:
         """Cut the records that have left the window off the front of a growing bucket, and
         the oldest one if it is still full."""
@@ -350,6 +365,7 @@ class LoopGuard:
         if seen + 1 < threshold:
             return None
         fleet.tripped(fingerprint)
+        self.detector.forget(fingerprint)
         reason = f"fingerprint {fingerprint} seen {seen + 1} times in {self.detector.label}"
         return self._trip(fingerprint, Trip(seen + 1, reason + " across the fleet"))
 
@@ -365,6 +381,7 @@ class LoopGuard:
         if seen + 1 < self.detector.threshold:
             return None
         fleet.tripped(fingerprint)
+        self.detector.forget(fingerprint)
         reason = f"fingerprint {fingerprint} seen {seen + 1} times in {self.detector.label}"
         return self._trip(fingerprint, Trip(seen + 1, reason + " across the fleet"))
 

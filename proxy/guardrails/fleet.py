@@ -102,26 +102,32 @@ redis.call('PUBLISH', ARGV[4], ARGV[1])
 return false
 """
 
-# KEYS[1] the fingerprint's sorted set; ARGV: now (ms), window (ms), threshold, member,
-# channel, fingerprint, daemon. One occurrence; when the window holds threshold - 1 or more
-# (or, for a threshold of 4 or more, threshold - 2: "warm", the next but one trips), publish the
-# fingerprint with its latest times (at most threshold - 1). Returns the count.
-_OCCURRENCE = """
-local now = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local threshold = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-redis.call('ZADD', KEYS[1], now, ARGV[4])
-redis.call('PEXPIRE', KEYS[1], window)
-local n = redis.call('ZCARD', KEYS[1])
-if threshold > 1 and (n >= threshold - 1 or (threshold >= 4 and n >= threshold - 2)) then
-  local recent = redis.call('ZRANGE', KEYS[1], -(threshold - 1), -1, 'WITHSCORES')
-  local times = {}
-  for i = 2, #recent, 2 do times[#times + 1] = tonumber(recent[i]) end
-  redis.call('PUBLISH', ARGV[5], cjson.encode({t = 'hot', fp = ARGV[6], times = times,
-                                               by = ARGV[7]}))
+# KEYS: one sorted set per occurrence (a fingerprint's); ARGV: window (ms), threshold, channel,
+# daemon, then for each occurrence its time (ms), member and fingerprint. Counts each; when a
+# fingerprint's window holds threshold - 1 or more (or, for a threshold of 4 or more,
+# threshold - 2: "warm", the next but one trips), publishes it with its latest times (at most
+# threshold - 1). One call for a whole batch. Returns the counts.
+_OCCURRENCES = """
+local window = tonumber(ARGV[1])
+local threshold = tonumber(ARGV[2])
+local counts = {}
+for i, key in ipairs(KEYS) do
+  local at = 4 + (i - 1) * 3
+  local now = tonumber(ARGV[at + 1])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  redis.call('ZADD', key, now, ARGV[at + 2])
+  redis.call('PEXPIRE', key, window)
+  local n = redis.call('ZCARD', key)
+  counts[i] = n
+  if threshold > 1 and (n >= threshold - 1 or (threshold >= 4 and n >= threshold - 2)) then
+    local recent = redis.call('ZRANGE', key, -(threshold - 1), -1, 'WITHSCORES')
+    local times = {}
+    for j = 2, #recent, 2 do times[#times + 1] = tonumber(recent[j]) end
+    redis.call('PUBLISH', ARGV[3], cjson.encode({t = 'hot', fp = ARGV[at + 3], times = times,
+                                                 by = ARGV[4]}))
+  end
 end
-return n
+return counts
 """
 
 # KEYS[1] the org's spend hash; ARGV: minute (epoch s) of the spend, USD, the current minute,
@@ -231,6 +237,7 @@ class Fleet:
         self._hot: dict[str, tuple[float, ...]] = {}  # fingerprint -> epoch ms, oldest first
         self._occurrences: deque[tuple[str, int, asyncio.Future[None] | None]] = deque()
         self._acks_fast = True  # Redis counted the last batch within ACK_WAIT_SECONDS
+        self._resets: deque[str] = deque(maxlen=MAX_QUEUED)  # tripped: to forget fleet-wide
         self._client: redis.Redis | None = None  # while connected
         self._stopping = False
         self._spend: dict[int, float] = {}  # minute (epoch s) -> USD not yet added
@@ -256,9 +263,11 @@ class Fleet:
         return n
 
     def occurrence(self, fingerprint: str) -> asyncio.Future[None] | None:
-        """An answered request counted by this daemon's loop detector: the fleet's too. A
-        future done once Redis has counted it, for the relay to hold the answer back by at most
-        ``ACK_WAIT_SECONDS`` (None: nothing to wait for: disconnected, or Redis slow)."""
+        """An answered request counted by this daemon's loop detector: the fleet's too. For a
+        fingerprint the fleet has seen two short of the threshold (this one may make it one
+        short), a future done once Redis has counted it, for the relay to hold the answer back
+        by at most ``ACK_WAIT_SECONDS``; else None (nothing to wait for: any other request,
+        disconnected, or Redis slow)."""
         if not self.connected:
             return None  # not replayed: it is in this daemon's own count
         if len(self._occurrences) >= MAX_QUEUED:
@@ -266,7 +275,9 @@ class Fleet:
             if dropped is not None and not dropped.done():
                 dropped.set_result(None)
             self.dropped_occurrences += 1
-        ack = asyncio.get_running_loop().create_future() if self._acks_fast else None
+        ack = None
+        if self._acks_fast and self.count(fingerprint) + 2 >= self.loop.detector.threshold > 2:
+            ack = asyncio.get_running_loop().create_future()
         self._occurrences.append((fingerprint, int(time.time() * 1000), ack))
         self._wake.set()
         return ack
@@ -304,8 +315,12 @@ class Fleet:
         self._acks_fast = False
 
     def tripped(self, fingerprint: str) -> None:
-        """A trip starts the count afresh, fleet-wide as on this daemon."""
+        """A trip starts the count afresh, fleet-wide as on this daemon: the fingerprint's
+        sorted set is deleted and every daemon told to forget it."""
         self._hot.pop(fingerprint, None)
+        if self.connected:
+            self._resets.append(fingerprint)
+            self._wake.set()
 
     def spent(self, usd: float, now: float | None = None) -> None:
         """Priced spend of this daemon (USD), added to the fleet's within a quarter second."""
@@ -385,6 +400,7 @@ class Fleet:
             finally:
                 self.connected = False
                 self._client = None
+                self._resets.clear()
                 while self._occurrences:
                     _, _, ack = self._occurrences.popleft()
                     if ack is not None and not ack.done():
@@ -400,8 +416,10 @@ class Fleet:
         try:
             await _within(COMMAND_TIMEOUT_SECONDS, pubsub.subscribe(self.channel))
             flag = client.register_script(_FLAG)
-            occurrence = client.register_script(_OCCURRENCE)
             spend = client.register_script(_SPEND)
+            # Loaded once per connection, called by its SHA (a Script object on a pipeline
+            # would ask SCRIPT EXISTS before every batch).
+            occurrence = await _within(COMMAND_TIMEOUT_SECONDS, client.script_load(_OCCURRENCES))
             # The flag first: this daemon's, unless Redis holds a newer one (then that one).
             self._flag_dirty = False
             await self._push_flag(client, flag, initial=True)
@@ -428,7 +446,7 @@ class Fleet:
 
     # ------------------------------------------------------------------ writing
 
-    async def _write(self, client: redis.Redis, flag: Any, occurrence: Any, spend: Any) -> None:
+    async def _write(self, client: redis.Redis, flag: Any, occurrence: str, spend: Any) -> None:
         last_spend = time.monotonic()
         while True:
             try:
@@ -441,7 +459,7 @@ class Fleet:
                 self._flag_dirty = False
                 await self._push_flag(client, flag)
                 did = True
-            if self._occurrences:
+            if self._occurrences or self._resets:
                 await self._send_occurrences(client, occurrence)
                 did = True
             now = time.monotonic()
@@ -496,7 +514,7 @@ class Fleet:
         body["by"] = self.name
         return orjson.dumps(body), ttl_ms
 
-    async def _send_occurrences(self, client: redis.Redis, script: Any) -> None:
+    async def _send_occurrences(self, client: redis.Redis, sha: str) -> None:
         window_ms = int(self.loop.detector.window_seconds * 1000)
         threshold = self.loop.detector.threshold
         batch: list[tuple[str, int, asyncio.Future[None] | None]] = []
@@ -504,40 +522,41 @@ class Fleet:
             batch.append(self._occurrences.popleft())
         started = time.monotonic()
         try:
-            await self._count(client, script, batch, window_ms, threshold)
+            await self._count(client, sha, batch, window_ms, threshold)
         finally:
             for _, _, ack in batch:
                 if ack is not None and not ack.done():
                     ack.set_result(None)
         # Answers wait for the next batch only if this one was quick.
         self._acks_fast = time.monotonic() - started <= ACK_WAIT_SECONDS
-        if self._occurrences:
+        if self._occurrences or self._resets:
             self._wake.set()
 
     async def _count(
         self,
         client: redis.Redis,
-        script: Any,
+        sha: str,
         batch: list[tuple[str, int, asyncio.Future[None] | None]],
         window_ms: int,
         threshold: int,
     ) -> None:
+        """One script call for the batch's occurrences, and the trips' resets, in one round
+        trip."""
+        resets: list[str] = []
+        while self._resets and len(resets) < 512:
+            resets.append(self._resets.popleft())
         async with client.pipeline(transaction=False) as pipe:
-            for fingerprint, at, _ in batch:
-                self._seq += 1
-                await script(
-                    keys=[self.loop_prefix + fingerprint],
-                    args=[
-                        at,
-                        window_ms,
-                        threshold,
-                        f"{self.name}:{self._seq}",
-                        self.channel,
-                        fingerprint,
-                        self.name,
-                    ],
-                    client=pipe,
-                )
+            if batch:
+                args: list[Any] = [window_ms, threshold, self.channel, self.name]
+                for fingerprint, at, _ in batch:
+                    self._seq += 1
+                    args += (at, f"{self.name}:{self._seq}", fingerprint)
+                keys = [self.loop_prefix + fingerprint for fingerprint, _, _ in batch]
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            for fingerprint in resets:
+                pipe.delete(self.loop_prefix + fingerprint)
+                message = {"t": "reset", "fp": fingerprint, "by": self.name}
+                pipe.publish(self.channel, orjson.dumps(message))
             await _within(COMMAND_TIMEOUT_SECONDS, pipe.execute())
 
     async def _send_spend(self, script: Any) -> None:
@@ -591,8 +610,14 @@ class Fleet:
                 continue
             if not isinstance(obj, dict):
                 continue
-            if obj.get("t") == "hot":
+            kind = obj.get("t")
+            if kind == "hot":
                 self._hot_message(obj)
+            elif kind == "reset":
+                fingerprint = obj.get("fp")
+                if isinstance(fingerprint, str) and obj.get("by") != self.name:
+                    self._hot.pop(fingerprint, None)
+                    self.loop.detector.forget(fingerprint)
             elif obj.get("by") != self.name:
                 self._apply_flag(data)
 
