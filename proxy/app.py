@@ -262,6 +262,7 @@ def changed_keys(old: Config, new: Config) -> list[str]:
         "atlasburn",
         "telemetry",
         "guardrails",
+        "fleet",
         "providers",
         "pricing",
     ):

@@ -364,3 +364,13 @@ def test_state_dir_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 )
 def test_guardrail_errors(data: dict[str, object], expected: str) -> None:
     assert problems(data) == [expected]
+
+
+def test_a_changed_fleet_url_is_named_for_a_restart() -> None:
+    """A fresh user's trial: SIGHUP with a new [fleet] redis_url said "no change"."""
+    from proxy.app import LIVE_KEYS, changed_keys
+
+    old = parse_config({})
+    new = parse_config({"fleet": {"redis_url": "redis://127.0.0.1:6380/2"}})
+    assert changed_keys(old, new) == ["fleet.redis_url"]
+    assert not "fleet.redis_url".startswith(LIVE_KEYS)  # applied at the next start

@@ -70,11 +70,11 @@ RECONNECT_MIN_SECONDS = 0.25
 RECONNECT_MAX_SECONDS = 10.0
 HEARTBEAT_SECONDS = 1.0  # an idle connection sends a PING this often (a blackhole is a loss)
 SPEND_FLUSH_SECONDS = 0.25
-# An answered request's answer is held back at most this long until Redis has counted it (and,
-# if it is one short of the threshold, published it): the client's next identical request may
-# reach another daemon a moment later. Only while Redis answers within it; a slower Redis is
-# not waited for (until it is fast again).
-ACK_WAIT_SECONDS = 0.02
+# For a fingerprint two short of the threshold only: its answer is held back at most this long
+# until Redis has counted it (and published it, one short), and a request for it waits at most
+# this long for Redis's count; the client's next identical request may reach another daemon a
+# moment later. Every other request waits for nothing.
+ACK_WAIT_SECONDS = 0.05
 STOP_SECONDS = 5.0
 CLEARED_KEPT_SECONDS = 86400
 MAX_HOT = 16384  # fingerprints about to trip that a daemon remembers from the fleet
@@ -236,9 +236,9 @@ class Fleet:
         self.dropped_occurrences = 0
         self._hot: dict[str, tuple[float, ...]] = {}  # fingerprint -> epoch ms, oldest first
         self._occurrences: deque[tuple[str, int, asyncio.Future[None] | None]] = deque()
-        self._acks_fast = True  # Redis counted the last batch within ACK_WAIT_SECONDS
         self._resets: deque[str] = deque(maxlen=MAX_QUEUED)  # tripped: to forget fleet-wide
         self._client: redis.Redis | None = None  # while connected
+        self._spend_script: Any = None
         self._stopping = False
         self._spend: dict[int, float] = {}  # minute (epoch s) -> USD not yet added
         self._flag_dirty = False
@@ -266,8 +266,8 @@ class Fleet:
         """An answered request counted by this daemon's loop detector: the fleet's too. For a
         fingerprint the fleet has seen two short of the threshold (this one may make it one
         short), a future done once Redis has counted it, for the relay to hold the answer back
-        by at most ``ACK_WAIT_SECONDS``; else None (nothing to wait for: any other request,
-        disconnected, or Redis slow)."""
+        by at most ``ACK_WAIT_SECONDS``; else None (nothing to wait for: any other request, or
+        disconnected)."""
         if not self.connected:
             return None  # not replayed: it is in this daemon's own count
         if len(self._occurrences) >= MAX_QUEUED:
@@ -276,7 +276,7 @@ class Fleet:
                 dropped.set_result(None)
             self.dropped_occurrences += 1
         ack = None
-        if self._acks_fast and self.count(fingerprint) + 2 >= self.loop.detector.threshold > 2:
+        if self.count(fingerprint) + 2 >= self.loop.detector.threshold > 2:
             ack = asyncio.get_running_loop().create_future()
         self._occurrences.append((fingerprint, int(time.time() * 1000), ack))
         self._wake.set()
@@ -289,7 +289,6 @@ class Fleet:
         threshold = self.loop.detector.threshold
         return (
             threshold >= 4
-            and self._acks_fast
             and self._client is not None
             and self.count(fingerprint) + 2 == threshold
         )
@@ -305,14 +304,8 @@ class Fleet:
         try:
             n = await _within(ACK_WAIT_SECONDS, client.zcount(key, f"({cutoff}", "+inf"))
         except (RedisError, OSError, TimeoutError):
-            self.late()
             return 0
         return int(n)
-
-    def late(self) -> None:
-        """An answer waited ``ACK_WAIT_SECONDS`` in vain: until a batch is counted within it
-        again, answers do not wait."""
-        self._acks_fast = False
 
     def tripped(self, fingerprint: str) -> None:
         """A trip starts the count afresh, fleet-wide as on this daemon: the fingerprint's
@@ -349,6 +342,11 @@ class Fleet:
         task = self._task
         if task is None:
             return
+        if self.connected and self._spend and self._spend_script is not None:
+            try:  # the last quarter second's spend, within a second
+                await _within(1.0, self._send_spend(self._spend_script))
+            except (RedisError, OSError, TimeoutError):
+                pass
         deadline = asyncio.get_running_loop().time() + STOP_SECONDS
         # A cancel can be lost (asyncio.wait_for in redis-py on Python 3.11 drops one that
         # lands as its inner call ends): cancel again until the task is done.
@@ -385,7 +383,7 @@ class Fleet:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, TimeoutError, _Lost) as exc:
-                why = f"{type(exc).__name__}: {inert(str(exc))[:200]}"
+                why = f"{type(exc).__name__}: {inert(str(exc))[:200] or 'timed out'}"
                 if self.connected or not ever:
                     log.warning(
                         "fleet: %s Redis at %s (%s): guarding alone until it is back;"
@@ -416,7 +414,7 @@ class Fleet:
         try:
             await _within(COMMAND_TIMEOUT_SECONDS, pubsub.subscribe(self.channel))
             flag = client.register_script(_FLAG)
-            spend = client.register_script(_SPEND)
+            spend = self._spend_script = client.register_script(_SPEND)
             # Loaded once per connection, called by its SHA (a Script object on a pipeline
             # would ask SCRIPT EXISTS before every batch).
             occurrence = await _within(COMMAND_TIMEOUT_SECONDS, client.script_load(_OCCURRENCES))
@@ -520,15 +518,12 @@ class Fleet:
         batch: list[tuple[str, int, asyncio.Future[None] | None]] = []
         while self._occurrences and len(batch) < 512:
             batch.append(self._occurrences.popleft())
-        started = time.monotonic()
         try:
             await self._count(client, sha, batch, window_ms, threshold)
         finally:
             for _, _, ack in batch:
                 if ack is not None and not ack.done():
                     ack.set_result(None)
-        # Answers wait for the next batch only if this one was quick.
-        self._acks_fast = time.monotonic() - started <= ACK_WAIT_SECONDS
         if self._occurrences or self._resets:
             self._wake.set()
 

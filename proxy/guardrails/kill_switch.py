@@ -169,7 +169,7 @@ class KillSwitch:
                 suspension.expires_iso() or "resumed",
             )
             spawn(self._persist("suspended", suspension), name="persist-kill")
-        else:
+        elif previous is not None:
             self._current, self._until = None, 0.0
             reason = inert(reason) or "resumed elsewhere in the fleet"
             log.warning("guardrail: org %s resumed, from the fleet (%s)", self.org_id, reason)
