@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -195,3 +196,58 @@ async def test_two_members_share_the_flag_and_the_count(redis_url: str) -> None:
             loop.record("sha256:" + "e" * 64)
     finally:
         await asyncio.gather(a.stop(), b.stop())
+
+
+async def test_spend_comes_back_when_redis_comes_back_empty(
+    redis_url: str, client: redis.Redis
+) -> None:
+    """A fresh user's trial: a Redis restarted empty forgot the fleet's spend, and the fleet
+    could spend its cap again. Each member adds its own spend of the last day again, once."""
+    prefix = f"t{random.getrandbits(32):x}:"
+    members = []
+    for _ in range(2):
+        kill = KillSwitch("org_test", None)
+        loop = LoopGuard(LoopDetectorConfig(), kill)
+        spend = SpendCap(SpendCapConfig(enabled=True, max_usd_per_hour=100.0))
+        members.append(
+            (Fleet(FleetConfig(Secret(redis_url), prefix), "org_test", kill, loop, spend), spend)
+        )
+    for fleet, _ in members:
+        fleet.start()
+    key = f"{prefix}spend:org_test"
+
+    async def hour() -> float:
+        value = await client.hget(key, "hour")
+        return float(value) if value is not None else 0.0
+
+    try:
+        await eventually(lambda: all(fleet.connected for fleet, _ in members), within=10)
+        for _, spend in members:
+            spend.add(1.25)
+        await eventually_async(lambda: hour(), 2.5)
+        reconnects = [fleet.reconnects for fleet, _ in members]
+        await client.flushdb()  # Redis "restarted empty": the connections drop, the data is gone
+        await client.execute_command("CLIENT", "KILL", "SKIPME", "yes")
+        await back_again(members, reconnects)
+        await eventually_async(lambda: hour(), 2.5)
+        # Reconnecting to the same hash adds nothing again.
+        reconnects = [fleet.reconnects for fleet, _ in members]
+        await client.execute_command("CLIENT", "KILL", "SKIPME", "yes")
+        await back_again(members, reconnects)
+        assert await hour() == 2.5
+    finally:
+        await asyncio.gather(*(fleet.stop() for fleet, _ in members))
+
+
+async def back_again(members: list[tuple[Fleet, SpendCap]], reconnects: list[int]) -> None:
+    pairs = list(zip(members, reconnects, strict=True))
+    await eventually(
+        lambda: all(f.reconnects > r and f.connected for (f, _), r in pairs), within=15
+    )
+
+
+async def eventually_async(read: Any, expected: float, within: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while (value := await read()) != expected:
+        assert asyncio.get_running_loop().time() < deadline, value
+        await asyncio.sleep(0.02)

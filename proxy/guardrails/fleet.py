@@ -130,17 +130,9 @@ end
 return counts
 """
 
-# KEYS[1] the org's spend hash; ARGV: minute (epoch s) of the spend, USD, the current minute,
-# hour cap, day cap (0: none). Fields: m:<minute> USD, and for each window ("hour", "day")
-# its total and the first minute it still holds ("<window>_from"). Minutes that leave a window
-# are taken off its total as time passes (each once: O(1) a call, amortized); minute buckets
-# older than a day are deleted. Returns {hour total, day total, seconds until the hour total
-# is under its cap, the same for the day} as strings (seconds 0 when under).
-_SPEND = """
-local h = KEYS[1]
-local minute = tonumber(ARGV[1])
-local usd = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
+# The spend hash's upkeep, shared by the two scripts below (``h`` and ``now`` set by each):
+# minutes leave each window's total as time passes (each once), and an addition.
+_SPEND_LIB = """
 local function advance(name, span, delete)
   local limit = now - span + 60
   local from = tonumber(redis.call('HGET', h, name .. '_from'))
@@ -171,13 +163,31 @@ local function advance(name, span, delete)
   end
   redis.call('HSET', h, name .. '_from', limit)
 end
+local function add(minute, usd)
+  if usd > 0 and minute >= now - 86400 + 60 then
+    redis.call('HINCRBYFLOAT', h, 'm:' .. minute, usd)
+    redis.call('HINCRBYFLOAT', h, 'day', usd)
+    if minute >= now - 3600 + 60 then redis.call('HINCRBYFLOAT', h, 'hour', usd) end
+  end
+end
+"""
+
+# KEYS[1] the org's spend hash; ARGV: minute (epoch s) of the spend, USD, the current minute,
+# hour cap, day cap (0: none). Fields: m:<minute> USD, and for each window ("hour", "day")
+# its total and the first minute it still holds ("<window>_from"). Minutes that leave a window
+# are taken off its total as time passes (each once: O(1) a call, amortized); minute buckets
+# older than a day are deleted. Returns {hour total, day total, seconds until the hour total
+# is under its cap, the same for the day} as strings (seconds 0 when under).
+_SPEND = (
+    """
+local h = KEYS[1]
+local now = tonumber(ARGV[3])
+"""
+    + _SPEND_LIB
+    + """
 advance('hour', 3600, false)
 advance('day', 86400, true)
-if usd > 0 and minute >= now - 86400 + 60 then
-  redis.call('HINCRBYFLOAT', h, 'm:' .. minute, usd)
-  redis.call('HINCRBYFLOAT', h, 'day', usd)
-  if minute >= now - 3600 + 60 then redis.call('HINCRBYFLOAT', h, 'hour', usd) end
-end
+add(tonumber(ARGV[1]), tonumber(ARGV[2]))
 redis.call('EXPIRE', h, 90000)
 local function until_under(name, span, cap)
   local total = tonumber(redis.call('HGET', h, name) or '0')
@@ -195,6 +205,37 @@ local hour, hour_wait = until_under('hour', 3600, tonumber(ARGV[4]))
 local day, day_wait = until_under('day', 86400, tonumber(ARGV[5]))
 return {tostring(hour), tostring(day), tostring(hour_wait), tostring(day_wait)}
 """
+)
+
+# KEYS[1] the org's spend hash; ARGV: the hash's epoch this daemon knows ('' for none yet), a
+# new epoch, the current minute, then (minute, USD) pairs: this daemon's own spend of the last
+# day. A hash without an epoch was emptied (a Redis restarted empty): it gets the new one, and
+# each daemon that comes back adds its own spend again, once per epoch. Returns the epoch.
+_SPEND_REFILL = (
+    """
+local h = KEYS[1]
+local now = tonumber(ARGV[3])
+"""
+    + _SPEND_LIB
+    + """
+local epoch = redis.call('HGET', h, 'epoch')
+local refill = false
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('HSET', h, 'epoch', epoch)
+  refill = true
+elseif ARGV[1] ~= '' and epoch ~= ARGV[1] then
+  refill = true
+end
+if refill then
+  advance('hour', 3600, false)
+  advance('day', 86400, true)
+  for i = 4, #ARGV - 1, 2 do add(tonumber(ARGV[i]), tonumber(ARGV[i + 1])) end
+  redis.call('EXPIRE', h, 90000)
+end
+return epoch
+"""
+)
 
 
 class _Lost(Exception):
@@ -239,6 +280,7 @@ class Fleet:
         self._resets: deque[str] = deque(maxlen=MAX_QUEUED)  # tripped: to forget fleet-wide
         self._client: redis.Redis | None = None  # while connected
         self._spend_script: Any = None
+        self._spend_epoch = ""  # the spend hash's epoch this daemon's own spend is part of
         self._stopping = False
         self._spend: dict[int, float] = {}  # minute (epoch s) -> USD not yet added
         self._flag_dirty = False
@@ -415,12 +457,14 @@ class Fleet:
             await _within(COMMAND_TIMEOUT_SECONDS, pubsub.subscribe(self.channel))
             flag = client.register_script(_FLAG)
             spend = self._spend_script = client.register_script(_SPEND)
+            refill = client.register_script(_SPEND_REFILL)
             # Loaded once per connection, called by its SHA (a Script object on a pipeline
             # would ask SCRIPT EXISTS before every batch).
             occurrence = await _within(COMMAND_TIMEOUT_SECONDS, client.script_load(_OCCURRENCES))
             # The flag first: this daemon's, unless Redis holds a newer one (then that one).
             self._flag_dirty = False
             await self._push_flag(client, flag, initial=True)
+            await self._refill_spend(refill)
             self.connected = True
             if again:
                 self.reconnects += 1
@@ -553,6 +597,25 @@ class Fleet:
                 message = {"t": "reset", "fp": fingerprint, "by": self.name}
                 pipe.publish(self.channel, orjson.dumps(message))
             await _within(COMMAND_TIMEOUT_SECONDS, pipe.execute())
+
+    async def _refill_spend(self, script: Any) -> None:
+        """A spend hash emptied while this daemon was away (a Redis restarted empty) gets this
+        daemon's own spend of the last day again (what it has not sent yet goes as usual)."""
+        history: list[Any] = []
+        if self.spend.enabled:
+            for minute, usd in self.spend.minutes():
+                usd -= self._spend.get(int(minute), 0.0)
+                if usd > 0:
+                    history += (int(minute), repr(usd))
+        now = int(time.time() // 60 * 60)
+        epoch = await _within(
+            COMMAND_TIMEOUT_SECONDS,
+            script(
+                keys=[self.spend_key],
+                args=[self._spend_epoch, f"{random.getrandbits(64):016x}", now, *history],
+            ),
+        )
+        self._spend_epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
 
     async def _send_spend(self, script: Any) -> None:
         now = time.time()

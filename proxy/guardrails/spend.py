@@ -43,6 +43,10 @@ class SpendCap:
                 day = limit
         return hour, day
 
+    def minutes(self) -> list[tuple[float, float]]:
+        """This daemon's own spend: (minute start, USD) of the last day, oldest first."""
+        return [(m, usd) for m, usd in self._buckets]
+
     def restore(self, buckets: list[tuple[float, float]]) -> None:
         """Minute buckets (start, usd) from the store, oldest first."""
         self._buckets = deque([m, usd] for m, usd in buckets)
