@@ -240,12 +240,14 @@ class Relay:
         ex.occurrence = None
 
     async def _fleet_counted(self, ex: _Exchange) -> None:
-        """In a fleet, for a fingerprint two short of the threshold: hold the end of the answer
-        until Redis has counted the occurrence, at most ``fleet.ACK_WAIT_SECONDS`` (the client's
-        next identical request may go to another daemon at once)."""
+        """In a fleet: hold the end of the answer until Redis has counted the occurrence, at
+        most ``fleet.ACK_WAIT_SECONDS`` (the client's next identical request may go to another
+        daemon at once; a slower Redis is not waited for)."""
         ack, ex.ack = ex.ack, None
         if ack is not None and not ack.done():
             await asyncio.wait({ack}, timeout=ACK_WAIT_SECONDS)  # the daemon's own time
+            if not ack.done() and self.loop.fleet is not None:
+                self.loop.fleet.late()  # Redis is slow: answers stop waiting for it
 
     def _loops(self, request: web.Request, adapter: Adapter, meta: RequestMeta) -> bool:
         """Whether the loop detector looks at this request: a POST (what costs: a GET

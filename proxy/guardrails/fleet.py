@@ -70,10 +70,11 @@ RECONNECT_MIN_SECONDS = 0.25
 RECONNECT_MAX_SECONDS = 10.0
 HEARTBEAT_SECONDS = 1.0  # an idle connection sends a PING this often (a blackhole is a loss)
 SPEND_FLUSH_SECONDS = 0.25
-# For a fingerprint two short of the threshold only: its answer is held back at most this long
-# until Redis has counted it (and published it, one short), and a request for it waits at most
-# this long for Redis's count; the client's next identical request may reach another daemon a
-# moment later. Every other request waits for nothing.
+# An answered request's answer is held back at most this long until Redis has counted it (and
+# published it, if it is near the threshold): the client's next identical request may reach
+# another daemon a moment later. Only while Redis answers within it: after one answer waited in
+# vain, none waits until a batch is counted within it again. A request whose fingerprint is two
+# short of the threshold waits at most this long for Redis's count.
 ACK_WAIT_SECONDS = 0.05
 STOP_SECONDS = 5.0
 CLEARED_KEPT_SECONDS = 86400
@@ -277,6 +278,7 @@ class Fleet:
         self.dropped_occurrences = 0
         self._hot: dict[str, tuple[float, ...]] = {}  # fingerprint -> epoch ms, oldest first
         self._occurrences: deque[tuple[str, int, asyncio.Future[None] | None]] = deque()
+        self._acks_fast = True  # Redis counted the last batch within ACK_WAIT_SECONDS
         self._resets: deque[str] = deque(maxlen=MAX_QUEUED)  # tripped: to forget fleet-wide
         self._client: redis.Redis | None = None  # while connected
         self._spend_script: Any = None
@@ -305,11 +307,10 @@ class Fleet:
         return n
 
     def occurrence(self, fingerprint: str) -> asyncio.Future[None] | None:
-        """An answered request counted by this daemon's loop detector: the fleet's too. For a
-        fingerprint the fleet has seen two short of the threshold (this one may make it one
-        short), a future done once Redis has counted it, for the relay to hold the answer back
-        by at most ``ACK_WAIT_SECONDS``; else None (nothing to wait for: any other request, or
-        disconnected)."""
+        """An answered request counted by this daemon's loop detector: the fleet's too. A
+        future done once Redis has counted it, for the relay to hold the answer back by at most
+        ``ACK_WAIT_SECONDS``; None when there is nothing to wait for (disconnected, or Redis
+        slower than that)."""
         if not self.connected:
             return None  # not replayed: it is in this daemon's own count
         if len(self._occurrences) >= MAX_QUEUED:
@@ -317,9 +318,7 @@ class Fleet:
             if dropped is not None and not dropped.done():
                 dropped.set_result(None)
             self.dropped_occurrences += 1
-        ack = None
-        if self.count(fingerprint) + 2 >= self.loop.detector.threshold > 2:
-            ack = asyncio.get_running_loop().create_future()
+        ack = asyncio.get_running_loop().create_future() if self._acks_fast else None
         self._occurrences.append((fingerprint, int(time.time() * 1000), ack))
         self._wake.set()
         return ack
@@ -348,6 +347,11 @@ class Fleet:
         except (RedisError, OSError, TimeoutError):
             return 0
         return int(n)
+
+    def late(self) -> None:
+        """An answer waited ``ACK_WAIT_SECONDS`` in vain: until a batch is counted within it
+        again, answers do not wait."""
+        self._acks_fast = False
 
     def tripped(self, fingerprint: str) -> None:
         """A trip starts the count afresh, fleet-wide as on this daemon: the fingerprint's
@@ -562,12 +566,15 @@ class Fleet:
         batch: list[tuple[str, int, asyncio.Future[None] | None]] = []
         while self._occurrences and len(batch) < 512:
             batch.append(self._occurrences.popleft())
+        started = time.monotonic()
         try:
             await self._count(client, sha, batch, window_ms, threshold)
         finally:
             for _, _, ack in batch:
                 if ack is not None and not ack.done():
                     ack.set_result(None)
+        if batch and time.monotonic() - started <= ACK_WAIT_SECONDS:
+            self._acks_fast = True
         if self._occurrences or self._resets:
             self._wake.set()
 

@@ -331,9 +331,9 @@ async def test_a_loop_spread_round_robin_over_three_daemons_trips_on_the_fourth(
         for proxy in (a, b, c):
             await time_until(lambda p=proxy: notsuspended(client, p), within=1.0)
     figures("rounds that tripped on the 4th request", f"{tripped}/{ROUNDS}")
-    # Every round on an idle machine. Starved of CPU (two busy processes on two cores beside
-    # the three daemons), about one round in fifty is lost: the message that the fingerprint is
-    # two short reached the third daemon after its answer (no request waits on Redis, DESIGN).
+    # Every round, also with two CPU-burning processes beside the three daemons. One lost
+    # round is allowed: an answer waits at most 50 ms for Redis (DESIGN: no request waits on
+    # Redis), and a machine starved of CPU can take longer.
     assert tripped >= ROUNDS - 1
 
 
