@@ -1,8 +1,8 @@
 """Fleet sync: one org's guardrails shared by every daemon through Redis (DESIGN.md, "Fleet").
 
-With ``[fleet] redis_url`` set, the daemons of an org share three things, and nothing on a
-request's path ever waits for Redis: each guardrail still decides from this daemon's memory,
-which a background task keeps in step.
+With ``[fleet] redis_url`` set, the daemons of an org share three things. Each guardrail still
+decides from this daemon's memory, which a background task keeps in step; a request waits for
+Redis only twice, each at most ``ACK_WAIT_SECONDS`` (below).
 
 - The kill flag. Key ``<prefix>guardrail:<org>``: a JSON object (``state``, ``layer``,
   ``reason``, ``source``, ``expires_at`` ISO or null, ``version`` in epoch ms, ``by``) with a
@@ -14,11 +14,16 @@ which a background task keeps in step.
   state the same way and takes the newer one: an emptied Redis is refilled, a suspension set
   while Redis was away reaches the fleet, and a daemon that starts reads the flag.
 - The dumb loop detector's count. Each answered occurrence goes to a sorted set per fingerprint
-  (``<prefix>loop:<org>:<fingerprint>``, members kept ``window_seconds``); when the fleet's
-  count reaches ``threshold - 1`` — the next identical request trips — the script publishes the
-  fingerprint with its latest times, and every daemon remembers it (at most ``MAX_HOT``). A
-  request is judged on the larger of this daemon's exact count and the fleet's: what a daemon
-  receives grows with the loops about to trip, not with the fleet's traffic.
+  (``<prefix>loop:<org>:<fingerprint>``, members kept ``window_seconds``), one script call per
+  batch; when the fleet's count reaches ``threshold - 2`` (from a threshold of 4) and
+  ``threshold - 1`` — the next identical request trips — the script publishes the fingerprint
+  with its latest times, and every daemon remembers it (at most ``MAX_HOT``). A request is
+  judged on the larger of this daemon's exact count and the fleet's: what a daemon receives
+  grows with the requests that repeat, not with the fleet's traffic. So that the next request,
+  sent to another daemon the moment an answer arrives, is judged on the occurrence, an answered
+  request's answer waits until Redis has counted it (not while Redis is slower than
+  ``ACK_WAIT_SECONDS``), and a request whose fingerprint is two short asks Redis for the count.
+  A trip deletes the set and publishes a reset: every daemon forgets the fingerprint.
 - The spend cap. Each daemon adds its priced spend, every ``SPEND_FLUSH_SECONDS``, to one hash
   per org (``<prefix>spend:<org>``: minute buckets and rolling hour and day totals, kept up to
   date in O(1) a call); a daemon whose addition takes the fleet over a cap suspends the org
