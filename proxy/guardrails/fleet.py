@@ -276,7 +276,6 @@ class Fleet:
         self.loop = loop
         self.spend = spend
         spend.fleet = self
-        self.connected = False
         self.messages_sent = 0
         self.messages_received = 0
         self.reconnects = 0
@@ -285,7 +284,7 @@ class Fleet:
         self._occurrences: deque[tuple[str, int, asyncio.Future[None] | None]] = deque()
         self._acks_fast = True  # Redis counted the last batch within ACK_WAIT_SECONDS
         self._resets: deque[str] = deque(maxlen=MAX_QUEUED)  # tripped: to forget fleet-wide
-        self._client: redis.Redis | None = None  # while connected
+        self._client: redis.Redis | None = None  # set while connected
         self._spend_script: Any = None
         self._spend_epoch = ""  # the spend hash's epoch this daemon's own spend is part of
         self._stopping = False
@@ -296,6 +295,10 @@ class Fleet:
         self._task: asyncio.Task[None] | None = None
         kill.watchers.append(self._kill_changed)
         loop.fleet = self
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
 
     # ------------------------------------------------------------------ the guardrails' side
 
@@ -319,9 +322,7 @@ class Fleet:
         if not self.connected:
             return None  # not replayed: it is in this daemon's own count
         if len(self._occurrences) >= MAX_QUEUED:
-            _, _, dropped = self._occurrences.popleft()
-            if dropped is not None and not dropped.done():
-                dropped.set_result(None)
+            _release(self._occurrences.popleft()[2])
             self.dropped_occurrences += 1
         ack = asyncio.get_running_loop().create_future() if self._acks_fast else None
         self._occurrences.append((fingerprint, int(time.time() * 1000), ack))
@@ -334,9 +335,7 @@ class Fleet:
         relay asks Redis (``fresh_count``) before it lets this one through."""
         threshold = self.loop.detector.threshold
         return (
-            threshold >= 4
-            and self._client is not None
-            and self.count(fingerprint) + 2 == threshold
+            threshold >= 4 and self.connected and self.count(fingerprint) + 2 == threshold
         )
 
     async def fresh_count(self, fingerprint: str) -> int:
@@ -386,9 +385,9 @@ class Fleet:
         self._task = spawn(self._run(), name="fleet")
 
     async def stop(self) -> None:
-        """Stop the sync (spend not yet added is lost with the process, as in-flight
-        requests are; the flag is already in Redis or in this daemon's store). Returns within
-        ``STOP_SECONDS`` whatever Redis does."""
+        """Stop the sync: the spend not yet added goes first (within a second; the flag is
+        already in Redis or in this daemon's store). Returns within ``STOP_SECONDS`` whatever
+        Redis does."""
         self._stopping = True
         task = self._task
         if task is None:
@@ -447,13 +446,10 @@ class Fleet:
                     delay = RECONNECT_MIN_SECONDS
                 ever = True
             finally:
-                self.connected = False
                 self._client = None
                 self._resets.clear()
                 while self._occurrences:
-                    _, _, ack = self._occurrences.popleft()
-                    if ack is not None and not ack.done():
-                        ack.set_result(None)
+                    _release(self._occurrences.popleft()[2])
                 await _close(client)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, RECONNECT_MAX_SECONDS)
@@ -474,13 +470,12 @@ class Fleet:
             self._flag_dirty = False
             await self._push_flag(client, flag, initial=True)
             await self._refill_spend(refill)
-            self.connected = True
+            self._client = client  # connected
             if again:
                 self.reconnects += 1
                 log.warning("fleet: Redis at %s is back: the fleet's guardrails again", self.where)
             else:
                 log.info("fleet: connected to Redis at %s as %s", self.where, self.name)
-            self._client = client
             reader = asyncio.ensure_future(self._read(pubsub))
             writer = asyncio.ensure_future(self._write(client, flag, occurrence, spend))
             try:
@@ -576,8 +571,7 @@ class Fleet:
             await self._count(client, sha, batch, window_ms, threshold)
         finally:
             for _, _, ack in batch:
-                if ack is not None and not ack.done():
-                    ack.set_result(None)
+                _release(ack)
         if batch and time.monotonic() - started <= ACK_WAIT_SECONDS:
             self._acks_fast = True
         if self._occurrences or self._resets:
@@ -727,6 +721,12 @@ class Fleet:
             self.kill.apply(suspension, version)
         elif state == "ok":
             self.kill.apply(None, version, str(obj.get("reason") or ""))
+
+
+def _release(ack: asyncio.Future[None] | None) -> None:
+    """Let an answer held for an occurrence go (counted, dropped, or the connection lost)."""
+    if ack is not None and not ack.done():
+        ack.set_result(None)
 
 
 async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
