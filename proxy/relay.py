@@ -325,9 +325,8 @@ class Relay:
                 and self._loops(request, upstream.adapter, meta)
                 and self.loop.counts(request.headers)
             ):
-                self.loop.observe(fp)  # known only now: a loop is refused from the next one
-                if self.loop.fleet is not None:
-                    self.loop.fleet.occurrence(fp)
+                # known only now: a loop is refused from the next one
+                self.loop.observe(fp, share=True)
 
     def _asking_usage(
         self, route: Route, meta: RequestMeta, parsed: Any, ex: _Exchange

@@ -364,10 +364,7 @@ class LoopGuard:
         seen = fleet.count(fingerprint)
         if seen + 1 < threshold:
             return None
-        fleet.tripped(fingerprint)
-        self.detector.forget(fingerprint)
-        reason = f"fingerprint {fingerprint} seen {seen + 1} times in {self.detector.label}"
-        return self._trip(fingerprint, Trip(seen + 1, reason + " across the fleet"))
+        return self._fleet_trip(fleet, fingerprint, seen + 1)
 
     async def check_fleet(self, fingerprint: str, headers: Any) -> Suspension | None:
         """After ``check`` let a request through: if the fleet's count of its fingerprint is
@@ -380,10 +377,14 @@ class LoopGuard:
         seen = max(await fleet.fresh_count(fingerprint), self.detector.peek(fingerprint))
         if seen + 1 < self.detector.threshold:
             return None
+        return self._fleet_trip(fleet, fingerprint, seen + 1)
+
+    def _fleet_trip(self, fleet: Fleet, fingerprint: str, count: int) -> Suspension:
+        """A trip on the fleet's count: every daemon starts the count afresh, this one too."""
         fleet.tripped(fingerprint)
         self.detector.forget(fingerprint)
-        reason = f"fingerprint {fingerprint} seen {seen + 1} times in {self.detector.label}"
-        return self._trip(fingerprint, Trip(seen + 1, reason + " across the fleet"))
+        reason = f"fingerprint {fingerprint} seen {count} times in {self.detector.label}"
+        return self._trip(fingerprint, Trip(count, reason + " across the fleet"))
 
     def record(self, fingerprint: str) -> asyncio.Future[None] | None:
         """A request that ``check`` let through was answered (2xx): count it (never a trip
@@ -417,10 +418,15 @@ class LoopGuard:
             return None
         return self.observe(event.fingerprint, age)
 
-    def observe(self, fingerprint: str, age: float = 0.0) -> Suspension | None:
-        """Count one occurrence (``age`` seconds ago; see ``LoopDetector.observe``); the
-        refusal when it trips the detector."""
+    def observe(
+        self, fingerprint: str, age: float = 0.0, share: bool = False
+    ) -> Suspension | None:
+        """Count one occurrence (``age`` seconds ago; see ``LoopDetector.observe``), in the
+        fleet's count too when ``share`` (an answered request; an ingested event is this
+        daemon's alone); the refusal when it trips the detector."""
         trip = self.detector.observe(fingerprint, age=age)
+        if share and self.fleet is not None:
+            self.fleet.occurrence(fingerprint)
         if trip is None:
             return None
         if self.fleet is not None:
