@@ -144,9 +144,9 @@ class _Limits:
         self.open[new] = None
         if len(self.open) <= self.max_connections:
             return
-        # The oldest idle connection; else the one slow for the longest: sending its head, or
-        # its body below the minimum pace (a new connection, whose head is just arriving, is
-        # the newest of those).
+        # The oldest idle connection; else the one slow for the longest (its head, or its body
+        # below the minimum pace, for over SLOW_GRACE); else the one whose client has taken
+        # none of its answer for the longest; else the slowest body.
         idle: _Handler | None = None
         slow: _Handler | None = None
         paced: _Handler | None = None
@@ -163,14 +163,13 @@ class _Limits:
             elif conn.head_since is not None and not conn.busy():
                 if conn.head_since < min(slow_at, now - SLOW_GRACE):
                     slow, slow_at = conn, conn.head_since
-            elif conn.slow_body(now):
+            elif (rate := conn.body_rate(now)) is not None and rate < BODY_MIN_RATE:
                 if conn.body_since < slow_at:
                     slow, slow_at = conn, conn.body_since
             elif idle is None and slow is None:
                 since = conn.paused_since
                 if since is not None and since < min(stalled_at, now - SLOW_GRACE):
                     stalled, stalled_at = conn, since
-                rate = conn.body_rate(now)
                 if rate is not None and rate < paced_rate:
                     paced, paced_rate = conn, rate
         victim, why = new, "every connection busy"
@@ -246,27 +245,16 @@ class _Handler(RequestHandler):
             and self._request_count > 0
         )
 
-    def slow_body(self, now: float) -> bool:
-        """A request body on its way slower than ``BODY_MIN_RATE`` for at least ``SLOW_GRACE``
-        (before the first ``body_timeout`` has passed too: for making room, the allowance does
-        not apply)."""
-        body = self._body
-        return (
-            body is not None
-            and not body.is_eof()
-            and self._paused_at is None
-            and now - self.body_since >= SLOW_GRACE
-            and self._body_bytes < (now - self.body_since) * BODY_MIN_RATE
-        )
-
     def body_rate(self, now: float) -> float | None:
         """Bytes a second the current request body has averaged since its head (the daemon's
-        own pauses left out); None when no body is arriving, or for its first second."""
+        own pauses left out); None when no body is arriving, or for its first ``SLOW_GRACE``.
+        For making room, under ``BODY_MIN_RATE`` is slow (the first ``body_timeout``'s
+        allowance does not apply)."""
         body = self._body
         if body is None or body.is_eof() or self._paused_at is not None:
             return None
         elapsed = now - self.body_since
-        return self._body_bytes / elapsed if elapsed >= 1.0 else None
+        return self._body_bytes / elapsed if elapsed >= SLOW_GRACE else None
 
     def refuse(self, limit: int) -> None:
         """Answer a connection there is no room for with a 503 (JSON, ``Retry-After: 1``),
