@@ -292,6 +292,7 @@ async def reload(app: web.Application, new: Config) -> tuple[list[str], list[str
         pricer = relay.pricer
     guards = new.guardrails
     relay.loop.configure(guards.dumb_loop_detector)
+    relay.agent.configure(guards.agent_loop_detector)
     relay.spend.configure(guards.spend_cap)
     if guards.spend_cap.enabled and not old.guardrails.spend_cap.enabled:
         relay.spend.restore(await app[STORE].spend_buckets(86400))

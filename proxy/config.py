@@ -183,6 +183,16 @@ class LoopDetectorConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentLoopConfig:
+    enabled: bool = True
+    threshold: int = 4  # one tool call answered by the same result this many times ...
+    lookback: int = 20  # ... among the conversation's last `lookback` tool calls trips it
+    scope: str = "conversation"  # "conversation": refuse that request; "org": suspend the org
+    ttl_seconds: float = 7200.0  # scope "org": how long the suspension lasts
+    exempt_tools: frozenset[str] = frozenset()  # tool names never counted
+
+
+@dataclass(frozen=True, slots=True)
 class SpendCapConfig:
     enabled: bool = False
     max_usd_per_hour: float = 0.0  # 0: no hourly cap
@@ -192,6 +202,7 @@ class SpendCapConfig:
 @dataclass(frozen=True, slots=True)
 class GuardrailsConfig:
     dumb_loop_detector: LoopDetectorConfig = field(default_factory=LoopDetectorConfig)
+    agent_loop_detector: AgentLoopConfig = field(default_factory=AgentLoopConfig)
     spend_cap: SpendCapConfig = field(default_factory=SpendCapConfig)
 
 
@@ -650,6 +661,13 @@ def _fingerprints(values: list[Any]) -> frozenset[str]:
     return frozenset(values)
 
 
+def _tool_names(values: list[Any]) -> frozenset[str]:
+    for value in values:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"expected tool names (non-empty strings), got {value!r}")
+    return frozenset(values)
+
+
 def _header_name(value: str) -> str:
     if value and not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
         raise ValueError(f"not a header name: {value!r}")
@@ -670,6 +688,23 @@ def _guardrails(t: _Table) -> GuardrailsConfig:
         max_tracked=ld.get("max_tracked", int, d.max_tracked, _between(1000, 100_000_000)),
     )
     ld.done()
+    al = t.table("agent_loop_detector")
+    da = AgentLoopConfig()
+    agent = AgentLoopConfig(
+        enabled=al.get("enabled", bool, da.enabled),
+        threshold=al.get("threshold", int, da.threshold, _between(2, 1000)),
+        lookback=al.get("lookback", int, da.lookback, _between(2, 10_000)),
+        scope=al.get("scope", str, da.scope, _one_of(("conversation", "org"))),
+        ttl_seconds=al.get("ttl_seconds", float, da.ttl_seconds, _between(1, 30 * 86400)),
+        exempt_tools=al.get("exempt_tools", list, da.exempt_tools, _tool_names),
+    )
+    if agent.lookback < agent.threshold:
+        al.problem(
+            "lookback",
+            f"must be at least threshold ({agent.threshold}), got {agent.lookback}: a tool call"
+            " cannot repeat more often than the calls looked at",
+        )
+    al.done()
     sc = t.table("spend_cap")
     ds = SpendCapConfig()
     cap = SpendCapConfig(
@@ -681,7 +716,7 @@ def _guardrails(t: _Table) -> GuardrailsConfig:
         sc.problem("enabled", "set max_usd_per_hour and/or max_usd_per_day (above 0)")
     sc.done()
     t.done()
-    return GuardrailsConfig(dumb_loop_detector=loop, spend_cap=cap)
+    return GuardrailsConfig(dumb_loop_detector=loop, agent_loop_detector=agent, spend_cap=cap)
 
 
 def redis_location(url: str) -> str:

@@ -49,7 +49,15 @@ from .encoding import decode_body, tap
 from .errors import ClientBodyTimeout, UpstreamBusy, UpstreamError, UpstreamTimeout
 from .events import Event, Recorder, iso_ms
 from .fingerprint import fingerprint, raw_hasher
-from .guardrails import SPEND_LAYER, KillSwitch, LoopGuard, SpendCap, Suspension
+from .guardrails import (
+    SPEND_LAYER,
+    AgentLoopDetector,
+    KillSwitch,
+    LoopGuard,
+    SpendCap,
+    Suspension,
+)
+from .guardrails.agent_loop import AGENT_LOOP_LAYER, CONVERSATION_HINT, EXEMPT_HINT
 from .guardrails.fleet import ACK_WAIT_SECONDS
 from .headers import RESPONSE_DROP, filter_headers, request_head
 from .http1 import (
@@ -123,11 +131,13 @@ class Relay:
         spend: SpendCap | None = None,
         metrics: Metrics | None = None,
         access: AccessLog | None = None,
+        agent: AgentLoopDetector | None = None,
     ) -> None:
         self.pool = pool
         self.record = record
         self.kill = kill
         self.loop = loop or LoopGuard(config.guardrails.dumb_loop_detector, kill)
+        self.agent = agent or AgentLoopDetector(config.guardrails.agent_loop_detector, kill)
         self.spend = spend or SpendCap(config.guardrails.spend_cap)
         self.metrics = metrics
         self.access = access or AccessLog(False)
@@ -192,13 +202,16 @@ class Relay:
         fp = fingerprint(upstream.kind, meta.endpoint, canonical, plain or body)
 
         suspension = self.kill.check(started)
-        counted = suspension is None and self._loops(request, upstream.adapter, meta)
+        costly = suspension is None and _costly(request, upstream.adapter, meta)
+        counted = costly and self.loop.enabled
         if counted:
             suspension = self.loop.check(fp, request.headers)
-            if suspension is None and self.loop.fleet is not None:
-                # A fingerprint the fleet has seen two short of the threshold: Redis is asked
-                # (within a few ms) before it goes through. Any other request waits for nothing.
-                suspension = await self.loop.check_fleet(fp, request.headers)
+        if suspension is None and costly and self.agent.enabled and parsed is not None:
+            suspension = self._agent_loop(upstream.adapter, meta, parsed)
+        if suspension is None and counted and self.loop.fleet is not None:
+            # A fingerprint the fleet has seen two short of the threshold: Redis is asked
+            # (within a few ms) before it goes through. Any other request waits for nothing.
+            suspension = await self.loop.check_fleet(fp, request.headers)
         if suspension is not None:
             return self._refuse(started, t0, read_body, route, meta, fp, suspension)
 
@@ -249,14 +262,13 @@ class Relay:
             if not ack.done() and self.loop.fleet is not None:
                 self.loop.fleet.late()  # Redis is slow: answers stop waiting for it
 
-    def _loops(self, request: web.Request, adapter: Adapter, meta: RequestMeta) -> bool:
-        """Whether the loop detector looks at this request: a POST (what costs: a GET
-        /v1/models poll is not a loop) to an endpoint that is not free (count_tokens)."""
-        return (
-            self.loop.enabled
-            and request.method == hdrs.METH_POST
-            and meta.endpoint not in adapter.free_endpoints
-        )
+    def _agent_loop(self, adapter: Adapter, meta: RequestMeta, parsed: Any) -> Suspension | None:
+        """The agent-loop detector's refusal of this conversation, if it loops."""
+        try:
+            return self.agent.check(adapter, meta.endpoint, parsed)
+        except Exception:  # a reader's bug must not cost the request: it goes through
+            log.exception("agent-loop detector failed on a %s request", meta.endpoint)
+            return None
 
     async def _handle_streamed(
         self,
@@ -322,7 +334,8 @@ class Relay:
             self._finish(started, t0, route, meta, ex, fp)
             if (
                 200 <= ex.status < 300
-                and self._loops(request, upstream.adapter, meta)
+                and self.loop.enabled
+                and _costly(request, upstream.adapter, meta)
                 and self.loop.counts(request.headers)
             ):
                 # known only now: a loop is refused from the next one
@@ -401,10 +414,21 @@ class Relay:
         left = suspension.seconds_left(time.time())
         wait = self.poll_seconds if left is None else left
         seconds = max(1, math.ceil(wait))
-        message = (
-            f"AtlasBurn guardrail: org {suspension.org_id} is suspended by {suspension.layer}"
-            f" ({suspension.reason}); retry after {seconds}s"
-        )
+        if suspension.source == "conversation":  # this request alone: nothing is suspended
+            message = (
+                f"AtlasBurn guardrail {suspension.layer}: {suspension.reason}: "
+                f"{CONVERSATION_HINT}; {EXEMPT_HINT}"
+            )
+        else:
+            message = (
+                f"AtlasBurn guardrail: org {suspension.org_id} is suspended by {suspension.layer}"
+                f" ({suspension.reason}); retry after {seconds}s"
+            )
+            if suspension.layer == AGENT_LOOP_LAYER:
+                message += (
+                    ". An operator resumes it with `atlasburn-proxy resume` (or DELETE"
+                    f" /api/guardrails/enforce); {EXEMPT_HINT}"
+                )
         body = route.upstream.adapter.error_body(429, message, "atlasburn_guardrail")
         response = web.Response(
             status=429,
@@ -696,6 +720,12 @@ class Relay:
             usage_source=source,
             priced=priced,
         )
+
+
+def _costly(request: web.Request, adapter: Adapter, meta: RequestMeta) -> bool:
+    """Whether the loop detectors look at this request: a POST (what costs: a GET /v1/models
+    poll is not a loop) to an endpoint that is not free (count_tokens)."""
+    return request.method == hdrs.METH_POST and meta.endpoint not in adapter.free_endpoints
 
 
 class _Budget:

@@ -23,12 +23,15 @@ from .base import (
     Metered,
     RequestMeta,
     SSEMeter,
+    ToolCalls,
+    ToolUse,
     Usage,
     UsageInStream,
     as_int,
     loads,
     operation_path,
     str_or_none,
+    text_or_value,
     without_keys,
 )
 
@@ -154,3 +157,41 @@ class AnthropicAdapter(UsageInStream):
     def error_body(self, status: int, message: str, code: str) -> bytes:
         error_type = _ERROR_TYPES.get(status, "api_error")
         return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
+
+    def tool_uses(self, endpoint: str, body: Any) -> list[ToolUse]:
+        if endpoint != "/messages" or not isinstance(body, dict):
+            return []
+        return messages_tool_uses(body.get("messages"))
+
+
+_CALLS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+_TEXT = frozenset({"text"})
+
+
+def messages_tool_uses(messages: Any) -> list[ToolUse]:
+    """The answered tool calls of a Messages conversation: ``tool_use`` content blocks (``id``,
+    ``name``, ``input``; also the provider's own ``server_tool_use`` and ``mcp_tool_use``), each
+    answered by the ``tool_result`` block (or ``web_search_tool_result``, ``mcp_tool_result``,
+    ...) whose ``tool_use_id`` names it. A result with ``"is_error": true`` differs from the
+    same content without it. https://docs.anthropic.com/en/docs/build-with-claude/tool-use"""
+    if not isinstance(messages, list):
+        return []
+    calls = ToolCalls()
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue  # a plain string: no blocks
+        for block in content:
+            if not isinstance(block, dict):
+                continue
+            kind = block.get("type")
+            if kind in _CALLS:
+                calls.call(block.get("name"), block.get("input"), block.get("id"))
+            elif isinstance(kind, str) and kind.endswith("tool_result"):
+                result = text_or_value(block.get("content"), _TEXT)
+                if block.get("is_error") is True:
+                    result = {"is_error": True, "content": result}
+                calls.answer(block.get("tool_use_id"), result)
+    return calls.answered()

@@ -14,7 +14,10 @@ set of pure functions over bytes and dicts:
   chunk as it passes and then says what usage it saw;
 - ``error_body(status, message, code)``: an error in the provider's own JSON shape, so an SDK raises
   the exception it would raise for the provider itself; ``code`` is the daemon's short reason
-  (``upstream_timeout``, ``body_too_large``, ...).
+  (``upstream_timeout``, ``body_too_large``, ...);
+- ``tool_uses(endpoint, body)``: the tool calls in a request's conversation that carry their
+  result, in the order they were made (``ToolUse``), read from the body already parsed for the
+  fingerprint; ``[]`` for an endpoint that holds no conversation (the agent-loop detector).
 
 ``Usage`` counts follow the event schema: ``input_tokens`` includes cached and cache-write tokens,
 ``output_tokens`` includes reasoning tokens; the breakdowns are kept for pricing.
@@ -80,6 +83,12 @@ class Metered:
     final: bool = True
 
 
+# One tool call of a conversation and its result: (tool name, arguments, result), each as the wire
+# format has it (arguments a JSON text or an object; a result that is text as one ``str``, else
+# its JSON value). The agent-loop detector compares arguments and results as canonical JSON.
+ToolUse = tuple[str, Any, Any]
+
+
 class Meter(Protocol):
     def feed(self, chunk: bytes) -> None: ...
 
@@ -114,6 +123,8 @@ class Adapter(Protocol):
     def meter(self, meta: RequestMeta, content_type: str) -> Meter: ...
 
     def error_body(self, status: int, message: str, code: str) -> bytes: ...
+
+    def tool_uses(self, endpoint: str, body: Any) -> list[ToolUse]: ...
 
 
 class UsageInStream:
@@ -342,6 +353,69 @@ class SSEMeter(ABC):
     @abstractmethod
     def summary(self) -> Metered:
         """What the events seen so far say."""
+
+
+class ToolCalls:
+    """The tool calls of one conversation as they are read, paired with their results.
+
+    ``call`` registers a call (``key``: the id its result names, or None); ``answer`` gives the
+    result to the call with that id (the first result counts: a repeated id is a malformed
+    conversation the provider judges); ``answer_next`` gives it to the oldest unanswered call of
+    that name (wire formats that pair by name and order: Gemini without ids, OpenAI's legacy
+    ``function_call``). ``answered()`` lists the calls that have a result, in call order."""
+
+    __slots__ = ("_calls", "_by_id", "_by_name")
+
+    def __init__(self) -> None:
+        self._calls: list[list[Any]] = []  # [name, arguments, result or _NONE]
+        self._by_id: dict[Any, list[Any]] = {}
+        self._by_name: dict[str, list[list[Any]]] = {}
+
+    def call(self, name: Any, arguments: Any, key: Any = None) -> None:
+        if not isinstance(name, str):
+            return
+        entry = [name, arguments, _NONE]
+        self._calls.append(entry)
+        if isinstance(key, str):
+            self._by_id.setdefault(key, entry)
+        self._by_name.setdefault(name, []).append(entry)
+
+    def answer(self, key: Any, result: Any) -> None:
+        entry = self._by_id.get(key) if isinstance(key, str) else None
+        if entry is not None and entry[2] is _NONE:
+            entry[2] = result
+
+    def has(self, key: str) -> bool:
+        """Whether a call with this id was registered."""
+        return key in self._by_id
+
+    def answer_next(self, name: Any, result: Any) -> None:
+        waiting = self._by_name.get(name) if isinstance(name, str) else None
+        while waiting:
+            entry = waiting.pop(0)
+            if entry[2] is _NONE:  # (else answered by its id)
+                entry[2] = result
+                return
+
+    def answered(self) -> list[ToolUse]:
+        return [(n, a, r) for n, a, r in self._calls if r is not _NONE]
+
+
+def text_or_value(content: Any, text_types: frozenset[str]) -> Any:
+    """A tool result as the agent-loop detector compares it: a string as it is; a list of text
+    blocks (``{"type": t, "text": ...}`` with ``t`` in ``text_types``) as the one string they
+    make, so that the same text sent either way is the same result; anything else as it is."""
+    if isinstance(content, list) and content:
+        texts = []
+        for block in content:
+            if not (isinstance(block, dict) and block.get("type") in text_types):
+                return content
+            text = block.get("text")
+            if not isinstance(text, str):
+                return content
+            texts.append(text)
+        return "".join(texts)
+    return content
 
 
 def str_or_none(value: Any) -> str | None:

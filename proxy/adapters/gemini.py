@@ -19,6 +19,8 @@ from .base import (
     Metered,
     RequestMeta,
     SSEMeter,
+    ToolCalls,
+    ToolUse,
     Usage,
     UsageInStream,
     loads,
@@ -140,3 +142,48 @@ class GeminiAdapter(UsageInStream):
     def error_body(self, status: int, message: str, code: str) -> bytes:
         state = _STATUS.get(status, "INTERNAL")
         return orjson.dumps({"error": {"code": status, "message": message, "status": state}})
+
+    def tool_uses(self, endpoint: str, body: Any) -> list[ToolUse]:
+        if endpoint not in _CONVERSATIONS or not isinstance(body, dict):
+            return []
+        return contents_tool_uses(body.get("contents"))
+
+
+_CONVERSATIONS = frozenset({"/models:generateContent", "/models:streamGenerateContent"})
+
+
+def contents_tool_uses(contents: Any) -> list[ToolUse]:
+    """The answered function calls of a Gemini conversation: ``functionCall`` parts (``name``,
+    ``args``, and in newer versions an ``id``) of the model's turns, each answered by a
+    ``functionResponse`` part (``name``, ``response``) of a later turn: the one with the same
+    ``id``, else the oldest unanswered call of that name (calls and responses come in the same
+    order). The snake_case spellings (``function_call``) are read too, as the API accepts them.
+    https://ai.google.dev/gemini-api/docs/function-calling"""
+    if not isinstance(contents, list):
+        return []
+    calls = ToolCalls()
+    for content in contents:
+        if not isinstance(content, dict):
+            continue
+        parts = content.get("parts")
+        if not isinstance(parts, list):
+            continue
+        for part in parts:
+            if not isinstance(part, dict):
+                continue
+            call = part.get("functionCall") or part.get("function_call")
+            if isinstance(call, dict):
+                calls.call(call.get("name"), call.get("args"), call.get("id"))
+                continue
+            response = part.get("functionResponse") or part.get("function_response")
+            if isinstance(response, dict):
+                result = response.get("response")
+                parts_of = response.get("parts")
+                if parts_of:  # a multimodal response: its parts are part of the result
+                    result = {"response": result, "parts": parts_of}
+                key = response.get("id")
+                if isinstance(key, str) and calls.has(key):
+                    calls.answer(key, result)
+                else:
+                    calls.answer_next(response.get("name"), result)
+    return calls.answered()

@@ -31,11 +31,14 @@ from .base import (
     RequestMeta,
     SSEMeter,
     StreamFilter,
+    ToolCalls,
+    ToolUse,
     Usage,
     as_int,
     loads,
     operation_path,
     str_or_none,
+    text_or_value,
     usage_field,
     without_keys,
 )
@@ -317,6 +320,90 @@ class OpenAIAdapter:
         return orjson.dumps(
             {"error": {"message": message, "type": error_type, "param": None, "code": code}}
         )
+
+    def tool_uses(self, endpoint: str, body: Any) -> list[ToolUse]:
+        if not isinstance(body, dict):
+            return []
+        if endpoint == "/chat/completions":
+            return chat_tool_uses(body.get("messages"))
+        if endpoint == "/responses":
+            return responses_tool_uses(body.get("input"))
+        return []
+
+
+# The blocks of a tool result that are text: a chat ``role: "tool"`` message's content parts, a
+# Responses ``function_call_output`` output's input items.
+_CHAT_TEXT = frozenset({"text"})
+_RESPONSES_TEXT = frozenset({"input_text", "output_text"})
+
+
+def chat_tool_uses(messages: Any) -> list[ToolUse]:
+    """The answered tool calls of a chat conversation: an assistant message's ``tool_calls``
+    (``{"id", "type": "function", "function": {"name", "arguments": "<JSON text>"}}``, or
+    ``"type": "custom"`` with ``"custom": {"name", "input"}``), each answered by the
+    ``{"role": "tool", "tool_call_id", "content"}`` message naming its id; and the legacy
+    ``function_call`` answered by a ``{"role": "function", "name"}`` message.
+    https://platform.openai.com/docs/api-reference/chat/create"""
+    if not isinstance(messages, list):
+        return []
+    calls = ToolCalls()
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        if role == "assistant":
+            tool_calls = message.get("tool_calls")
+            if isinstance(tool_calls, list):
+                for call in tool_calls:
+                    if not isinstance(call, dict):
+                        continue
+                    function = call.get("function")
+                    if isinstance(function, dict):
+                        calls.call(function.get("name"), function.get("arguments"), call.get("id"))
+                        continue
+                    custom = call.get("custom")
+                    if isinstance(custom, dict):
+                        calls.call(custom.get("name"), custom.get("input"), call.get("id"))
+            legacy = message.get("function_call")
+            if isinstance(legacy, dict):
+                calls.call(legacy.get("name"), legacy.get("arguments"))
+        elif role == "tool":
+            content = text_or_value(message.get("content"), _CHAT_TEXT)
+            calls.answer(message.get("tool_call_id"), content)
+        elif role == "function":
+            content = text_or_value(message.get("content"), _CHAT_TEXT)
+            calls.answer_next(message.get("name"), content)
+    return calls.answered()
+
+
+def responses_tool_uses(items: Any) -> list[ToolUse]:
+    """The answered tool calls of a Responses API input: ``function_call`` items (``name``,
+    ``arguments`` as JSON text, ``call_id``) and ``custom_tool_call`` items (``input``), and
+    the built-in tools the client runs itself (``local_shell_call``, ``shell_call``,
+    ``computer_call``, ...: named by their type, ``action`` as arguments), each answered by
+    the ``<type>_output`` item with the same ``call_id`` (``function_call_output`` for a
+    function). An input that is a plain string holds no calls.
+    https://platform.openai.com/docs/api-reference/responses/create"""
+    if not isinstance(items, list):
+        return []
+    calls = ToolCalls()
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if not isinstance(kind, str):
+            continue
+        if kind.endswith("_output"):
+            output = text_or_value(item.get("output"), _RESPONSES_TEXT)
+            calls.answer(item.get("call_id"), output)
+        elif kind.endswith("_call") and "call_id" in item:
+            if kind == "function_call":
+                calls.call(item.get("name"), item.get("arguments"), item.get("call_id"))
+            elif kind == "custom_tool_call":
+                calls.call(item.get("name"), item.get("input"), item.get("call_id"))
+            else:
+                calls.call(kind, item.get("action"), item.get("call_id"))
+    return calls.answered()
 
 
 @lru_cache(maxsize=4096)

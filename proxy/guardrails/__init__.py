@@ -4,6 +4,8 @@
   other layer trips by setting it (or, scoped, by refusing only what it matched).
 - ``dumb_loop``: the dumb loop detector (``LoopDetector``, ``LoopGuard``): the
   ``threshold``-th identical request (by fingerprint) within ``window_seconds`` trips it.
+- ``agent_loop``: the agent-loop detector (``AgentLoopDetector``): a tool call answered by the
+  same result ``threshold`` times among a conversation's last ``lookback`` calls trips it.
 - ``spend``: the spend cap (``SpendCap``): rolling hourly and daily USD sums of the daemon's
   own priced events in minute buckets.
 - ``fleet``: the fleet sync (``Fleet``, with ``[fleet] redis_url``): the kill flag, the loop
@@ -12,11 +14,14 @@
 The relay, the local API and the shipper import what they need from here.
 """
 
+from .agent_loop import AGENT_LOOP_LAYER, AgentLoopDetector
 from .dumb_loop import LOOP_LAYER, RETRY_HEADER, LoopDetector, LoopGuard, RecentKeys, Trip
 from .kill_switch import SERVER_LAYER, KillSwitch, Suspension
 from .spend import SPEND_LAYER, SpendCap
 
 __all__ = [
+    "AGENT_LOOP_LAYER",
+    "AgentLoopDetector",
     "LOOP_LAYER",
     "RETRY_HEADER",
     "SERVER_LAYER",

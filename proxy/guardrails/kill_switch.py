@@ -36,7 +36,9 @@ class Suspension:
     org_id: str
     layer: str
     reason: str
-    source: str  # "server" (the AtlasBurn API), "local" (a local layer), "api" (an operator)
+    # "server" (the AtlasBurn API), "local" (a local layer), "api" (an operator); "conversation"
+    # for the refusal of one request by the agent-loop detector, which suspends nothing.
+    source: str
     expires_at: float | None  # epoch seconds; None: until cleared
 
     def seconds_left(self, now: float) -> float | None:
