@@ -42,6 +42,15 @@ def test_embedded_defaults() -> None:
         60.0,
         7200.0,
     )
+    agent = cfg.guardrails.agent_loop_detector
+    assert (agent.enabled, agent.threshold, agent.lookback, agent.scope, agent.ttl_seconds) == (
+        True,
+        4,
+        20,
+        "conversation",
+        7200.0,
+    )
+    assert agent.exempt_tools == frozenset()
     assert {n: (p.kind, str(p.base_url)) for n, p in cfg.providers.items()} == {
         "openai": ("openai", "https://api.openai.com"),
         "anthropic": ("anthropic", "https://api.anthropic.com"),
@@ -67,6 +76,9 @@ def test_example_file_names_every_key() -> None:
         assert set(doc[section]) == set(type(getattr(cfg, section)).__slots__), section
     assert set(doc["guardrails"]["dumb_loop_detector"]) == set(
         type(cfg.guardrails.dumb_loop_detector).__slots__
+    )
+    assert set(doc["guardrails"]["agent_loop_detector"]) == set(
+        type(cfg.guardrails.agent_loop_detector).__slots__
     )
     assert set(doc["guardrails"]["spend_cap"]) == set(type(cfg.guardrails.spend_cap).__slots__)
     assert set(doc["providers"]["openai"]) == {
@@ -351,6 +363,32 @@ def test_state_dir_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
         (
             {"guardrails": {"dumb_loop_detector": {"exempt_header": "X Sample"}}},
             "guardrails.dumb_loop_detector.exempt_header: not a header name: 'X Sample'",
+        ),
+        (
+            {"guardrails": {"agent_loop_detector": {"threshold": 1}}},
+            "guardrails.agent_loop_detector.threshold: must be between 2 and 1000, got 1",
+        ),
+        (
+            {"guardrails": {"agent_loop_detector": {"threshold": 6, "lookback": 5}}},
+            "guardrails.agent_loop_detector.lookback: must be at least threshold (6), got 5: a"
+            " tool call cannot repeat more often than the calls looked at",
+        ),
+        (
+            {"guardrails": {"agent_loop_detector": {"scope": "fleet"}}},
+            "guardrails.agent_loop_detector.scope: must be one of conversation, org; got 'fleet'",
+        ),
+        (
+            {"guardrails": {"agent_loop_detector": {"exempt_tools": ["poll", ""]}}},
+            "guardrails.agent_loop_detector.exempt_tools: expected tool names (non-empty"
+            " strings), got ''",
+        ),
+        (
+            {"guardrails": {"agent_loop_detector": {"exempt_tools": "poll"}}},
+            "guardrails.agent_loop_detector.exempt_tools: expected an array, got str 'poll'",
+        ),
+        (
+            {"guardrails": {"agent_loop_detector": {"lookbak": 30}}},
+            "guardrails.agent_loop_detector.lookbak: unknown key",
         ),
         (
             {"guardrails": {"spend_cap": {"enabled": True}}},

@@ -251,3 +251,41 @@ async def eventually_async(read: Any, expected: float, within: float = 5.0) -> N
     while (value := await read()) != expected:
         assert asyncio.get_running_loop().time() < deadline, value
         await asyncio.sleep(0.02)
+
+
+async def test_agent_loop_with_scope_org_suspends_the_whole_fleet(
+    redis_url: str, fake: Any, start_daemon: Any
+) -> None:
+    """Two daemons of one fleet: an agent loop caught on one suspends the org on both."""
+    import aiohttp
+
+    from proxy.app import RELAY
+
+    from .conversations import READ_CONFIG, chat, one_call_turns
+
+    config = {
+        "fleet": {"redis_url": redis_url, "key_prefix": f"t{random.getrandbits(32):x}:"},
+        "guardrails": {"agent_loop_detector": {"scope": "org"}},
+    }
+    a, b = await start_daemon(**config), await start_daemon(**config)
+    fleets = [d.daemon.app[RELAY].loop.fleet for d in (a, b)]
+    await eventually(lambda: all(f is not None and f.connected for f in fleets), within=10)
+    turns = one_call_turns([READ_CONFIG] * 4)
+    async with aiohttp.ClientSession() as s:
+
+        async def post(d: Any, body: dict[str, Any]) -> aiohttp.ClientResponse:
+            async with s.post(d.url + "/v1/chat/completions", json=body) as r:
+                await r.read()
+                return r
+
+        # The agent's requests alternate between the two daemons (a load balancer).
+        for k in range(1, 4):
+            assert (await post((a, b)[k % 2], chat(turns[:k]))).status == 200
+        refused = await post(a, chat(turns))
+        assert refused.status == 429
+        assert refused.headers["AtlasBurn-Guardrail"] == "agent_loop_detector"
+        await eventually(lambda: b.daemon.kill.check() is not None, within=2)
+        other = await post(b, chat([]))
+        assert other.status == 429
+        assert other.headers["AtlasBurn-Guardrail"] == "agent_loop_detector"
+    assert len(fake.requests) == 3
