@@ -105,7 +105,7 @@ def responses(turns: Sequence[Turn], model: str = "gpt-4.1-mini") -> dict[str, A
     return {"model": model, "instructions": SYSTEM, "input": items}
 
 
-def anthropic(turns: Sequence[Turn], model: str = "claude-sonnet-4-5") -> dict[str, Any]:
+def anthropic(turns: Sequence[Turn], model: str = "claude-sonnet-4-6") -> dict[str, Any]:
     messages: list[dict[str, Any]] = [{"role": "user", "content": TASK}]
     n = 0
     for t, turn in enumerate(turns):

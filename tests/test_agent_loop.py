@@ -159,9 +159,7 @@ def test_a_result_as_text_blocks_is_the_same_text() -> None:
 
 
 def test_anthropic_is_error_is_part_of_the_result() -> None:
-    same_text = [
-        Call("run_command", {"cmd": "make"}, "exit 2", error=i % 2 == 0) for i in range(6)
-    ]
+    same_text = [Call("run_command", {"cmd": "make"}, "exit 2", error=i % 2 == 0) for i in range(6)]
     assert trips_at("anthropic", same_text) == []  # 3 errors and 3 successes
     assert trips_at("anthropic", same_text, threshold=3) == [5, 6]
 
@@ -200,10 +198,14 @@ def test_gemini_pairs_by_id_when_there_is_one() -> None:
 
     contents = [c for n in range(2) for c in turn(n)]
     uses = ADAPTERS["gemini"].tool_uses("/models:generateContent", {"contents": contents})
-    assert uses == [
-        ("fetch", {"u": "a"}, {"r": "A"}),
-        ("fetch", {"u": "b"}, {"r": "B"}),
-    ] * 2
+    assert (
+        uses
+        == [
+            ("fetch", {"u": "a"}, {"r": "A"}),
+            ("fetch", {"u": "b"}, {"r": "B"}),
+        ]
+        * 2
+    )
 
 
 @pytest.mark.parametrize(
@@ -231,9 +233,7 @@ def test_malformed_conversations_hold_no_calls(kind: str, endpoint: str, body: A
 def prefixes(shape: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     """The requests an agent sent on its way to ``body``: one after each turn's last tool
     result (the conversation so far), ``body`` being the last."""
-    key = {"chat": "messages", "responses": "input", "anthropic": "messages"}.get(
-        shape, "contents"
-    )
+    key = {"chat": "messages", "responses": "input", "anthropic": "messages"}.get(shape, "contents")
     items = body[key]
 
     def is_result(item: Any) -> bool:
@@ -244,8 +244,8 @@ def prefixes(shape: str, body: dict[str, Any]) -> list[dict[str, Any]]:
         blocks = item.get("content") if shape == "anthropic" else item.get("parts")
         field = "type" if shape == "anthropic" else "functionResponse"
         return isinstance(blocks, list) and any(
-            isinstance(b, dict) and (b.get(field) == "tool_result" if shape == "anthropic"
-                                     else field in b)
+            isinstance(b, dict)
+            and (b.get(field) == "tool_result" if shape == "anthropic" else field in b)
             for b in blocks
         )
 
@@ -313,7 +313,10 @@ def loop_free(draw: st.DrawFn, threshold: int) -> list[list[Call]]:
     """Turns of calls in which no (name, arguments, result) appears ``threshold`` times."""
     names = st.sampled_from(["read_file", "run_tests", "grep", "edit_file", "job_status"])
     values = st.one_of(
-        st.integers(-5, 5), st.text(max_size=6), st.booleans(), st.none(),
+        st.integers(-5, 5),
+        st.text(max_size=6),
+        st.booleans(),
+        st.none(),
         st.lists(st.integers(0, 3), max_size=3),
     )
     args = st.dictionaries(st.sampled_from(["path", "q", "n", "flags", "cmd"]), values, max_size=4)
@@ -327,9 +330,7 @@ def loop_free(draw: st.DrawFn, threshold: int) -> list[list[Call]]:
         )
     )
     calls = [
-        Call(n, a, r)
-        for n, a, r in distinct
-        for _ in range(draw(st.integers(1, threshold - 1)))
+        Call(n, a, r) for n, a, r in distinct for _ in range(draw(st.integers(1, threshold - 1)))
     ]
     random.Random(draw(st.integers(0, 2**32))).shuffle(calls)
     turns: list[list[Call]] = []
@@ -342,7 +343,9 @@ def loop_free(draw: st.DrawFn, threshold: int) -> list[list[Call]]:
 
 @settings(max_examples=150, deadline=None)
 @given(st.data(), st.sampled_from(SHAPES), st.integers(2, 6))
-def test_loop_free_conversations_never_trip(data: st.DataObject, shape: str, threshold: int) -> None:
+def test_loop_free_conversations_never_trip(
+    data: st.DataObject, shape: str, threshold: int
+) -> None:
     turns = data.draw(loop_free(threshold))
     assert loops(shape, turns, threshold=threshold, lookback=50) is None
     # The same conversation with one of its calls made `threshold` times in a row trips.
@@ -354,14 +357,14 @@ def test_loop_free_conversations_never_trip(data: st.DataObject, shape: str, thr
 
 # --------------------------------------------------------------------------- through the daemon
 
-MODEL = {"chat": "gpt-4.1-mini", "responses": "gpt-4.1-mini", "anthropic": "claude-sonnet-4-5"}
+MODEL = {"chat": "gpt-4.1-mini", "responses": "gpt-4.1-mini", "anthropic": "claude-sonnet-4-6"}
 
 
 async def send(
     shape: str, d: RunningDaemon, body: dict[str, Any]
 ) -> tuple[int, dict[str, str], Any]:
     """Send ``body`` the way an agent would (the SDK with its default 2 retries; raw HTTP for
-    Gemini): (status, headers, error body or None)."""
+    Gemini): (status, headers with lowercase names, error body or None)."""
     try:
         if shape == "chat":
             async with openai.AsyncOpenAI(base_url=d.url + "/v1", api_key="sk-test") as c:
@@ -379,10 +382,10 @@ async def send(
             async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
                 answer = await r.json()
                 if r.status != 200:
-                    return r.status, dict(r.headers), answer
+                    return r.status, {k.lower(): v for k, v in r.headers.items()}, answer
         return 200, {}, None
     except (openai.APIStatusError, anthropic_sdk.APIStatusError) as exc:
-        return exc.status_code, dict(exc.response.headers), exc.body
+        return exc.status_code, {k.lower(): v for k, v in exc.response.headers.items()}, exc.body
 
 
 def message_of(shape: str, error: Any) -> str:
@@ -407,8 +410,8 @@ async def test_sdk_growing_conversation_is_refused_on_the_threshold(
     assert len(fake.requests) == 5  # the refused ones never left, and no SDK retried them
     headers, error = answers[5]
     assert headers["x-should-retry"] == "false"
-    assert headers["AtlasBurn-Guardrail"] == "agent_loop_detector"
-    assert int(headers["Retry-After"]) >= 1
+    assert headers["atlasburn-guardrail"] == "agent_loop_detector"
+    assert int(headers["retry-after"]) >= 1
     message = message_of(shape, error)
     assert message == (
         "AtlasBurn guardrail agent_loop_detector: tool 'read_file' called 4 times with the same"
@@ -454,15 +457,13 @@ async def test_disabled_layer_lets_the_loop_through(
 async def test_scope_org_suspends_the_org(
     shape: str, fake: FakeProvider, start_daemon: StartDaemon
 ) -> None:
-    d = await start_daemon(
-        guardrails={"agent_loop_detector": {"scope": "org", "ttl_seconds": 600}}
-    )
+    d = await start_daemon(guardrails={"agent_loop_detector": {"scope": "org", "ttl_seconds": 600}})
     bodies = prefixes(shape, recorded(shape, "loop"))
     for body in bodies[:5]:
         assert (await send(shape, d, body))[0] == 200
     status, headers, error = await send(shape, d, bodies[5])
-    assert status == 429 and headers["AtlasBurn-Guardrail"] == "agent_loop_detector"
-    assert 599 <= int(headers["Retry-After"]) <= 600
+    assert status == 429 and headers["atlasburn-guardrail"] == "agent_loop_detector"
+    assert 599 <= int(headers["retry-after"]) <= 600
     reason = (
         "tool 'read_file' called 4 times with the same arguments and got the same result each"
         " time, among the conversation's last 20 tool calls"
@@ -477,8 +478,8 @@ async def test_scope_org_suspends_the_org(
     assert state is not None and (state.layer, state.reason) == ("agent_loop_detector", reason)
     # The whole org is refused now: a conversation without any tool call too.
     status, headers, _ = await send(shape, d, BUILDERS[shape]([]))
-    assert status == 429 and headers["AtlasBurn-Guardrail"] == "agent_loop_detector"
+    assert status == 429 and headers["atlasburn-guardrail"] == "agent_loop_detector"
     assert len(fake.requests) == 5
     # Resumed, the org goes on (a new conversation).
     await d.daemon.kill.clear("resumed by an operator", "api")
-    assert (await send(shape, d, BUILDERS[shape]([]))) [0] == 200
+    assert (await send(shape, d, BUILDERS[shape]([])))[0] == 200

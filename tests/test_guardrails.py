@@ -212,7 +212,7 @@ async def test_counting_tokens_is_not_a_loop(fake: FakeProvider, start_daemon: S
         base_url=d.url, api_key="sk-ant-test", max_retries=0
     ) as c:
         for _ in range(6):
-            counted = await c.messages.count_tokens(model="claude-sonnet-4-5", messages=MESSAGES)
+            counted = await c.messages.count_tokens(model="claude-sonnet-4-6", messages=MESSAGES)
             assert counted.input_tokens > 0
     assert d.daemon.kill.status == "ok"
     assert len(fake.requests) == 6

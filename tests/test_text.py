@@ -48,7 +48,7 @@ def test_inert_exact(value: str, limit: int, expected: str) -> None:
 
 
 def test_inert_returns_a_fitting_printable_value_itself() -> None:
-    value = "claude-sonnet-4-5-20250929"
+    value = "claude-sonnet-4-6-20250929"
     assert inert(value) is value
 
 
