@@ -4,6 +4,7 @@
     python -m bench --full          # the real sizes (100k-request soak; about 10 minutes)
     python -m bench --only chat-c64 --no-loop-detector
     python -m bench --fleet --only chat-c1 chat-c64 propagation   # fleet mode (bench/fleet.py)
+    python -m bench --only agent-c16 --rounds 5   # the agent-loop layer on and off (bench/agent.py)
 
 Each target is measured with the same closed-loop client (aiohttp + uvloop; every answer checked
 byte for byte; every request carries a unique nonce so the loop detector never fires). The proxy
@@ -30,6 +31,8 @@ import aiohttp
 import uvloop
 
 from . import TIMING_HEAD, markdown, timing_cells, wrk
+from .agent import NO_AGENT_CONFIG, NO_AGENT_TARGET, agent_table
+from .agent_body import AgentBody
 from .fleet import (
     FLEET_TARGET,
     SPEND_CAP,
@@ -68,6 +71,7 @@ class Scenario:
     note: str = ""
     rounds: int = 1  # interleaved rounds (direct, pass-through, daemon, direct, ...)
     answer_bytes: int = 0  # the provider's JSON answer padded to about this size
+    agent: bool = False  # the body: the 100-message agent conversation (bench/agent_body.py)
 
 
 def scenarios(full: bool) -> list[Scenario]:
@@ -81,6 +85,14 @@ def scenarios(full: bool) -> list[Scenario]:
             4000 if full else 1600,
             body_bytes=100_000,
             note="100 KB request body",
+            rounds=3,
+        ),
+        Scenario(
+            "agent-c16",
+            16,
+            12000 if full else 4000,
+            agent=True,
+            note="100-message agent conversation (45 tool calls), the agent-loop layer on and off",
             rounds=3,
         ),
         Scenario(
@@ -154,7 +166,8 @@ class Result:
 class Targets:
     """The fake provider, the ingest, the pass-through and the daemon, for one scenario shape;
     with ``redis``, also the daemon in fleet mode (its own ingest), and the spend cap on in
-    both daemons."""
+    both daemons; for an agent scenario, also the daemon without the agent-loop detector (its
+    own ingest)."""
 
     def __init__(
         self, scenario: Scenario, loop_detector: bool, tmp: Path, redis: RedisServer | None = None
@@ -167,6 +180,8 @@ class Targets:
         self.urls: dict[str, str] = {}
         self.ingests: dict[str, str] = {}  # daemon -> its fake ingest
         self.names: tuple[str, ...] = ("direct", "pass-through", "atlasburn-proxy")
+        if scenario.agent:
+            self.names += (NO_AGENT_TARGET,)
         if redis is not None:
             self.names += (FLEET_TARGET,)
 
@@ -216,23 +231,28 @@ class Targets:
         self.procs["atlasburn-proxy"] = spawn_daemon(config, self.tmp / "state")
         self.urls["atlasburn-proxy"] = f"http://127.0.0.1:{d_port}"
         self.ingests["atlasburn-proxy"] = f"http://127.0.0.1:{i_port}"
+        others: list[tuple[str, str, str]] = []  # (target, file and state name, extra config)
+        if s.agent:
+            others.append((NO_AGENT_TARGET, "no-agent-loop", spend + NO_AGENT_CONFIG))
         if self.redis is not None:
-            f_port, fi_port = free_port(), free_port()
-            self.procs["fleet-ingest"] = spawn(
-                OTHER_CPU, "-m", "bench.servers", "ingest", "--port", str(fi_port)
+            others.append((FLEET_TARGET, "fleet", spend + fleet_config(self.redis.url)))
+        for target, label, extra in others:
+            port, ingest_port = free_port(), free_port()
+            self.procs[f"{label}-ingest"] = spawn(
+                OTHER_CPU, "-m", "bench.servers", "ingest", "--port", str(ingest_port)
             )
             config = write_daemon_config(
-                self.tmp / s.name / "fleet.toml",
-                f_port,
+                self.tmp / s.name / f"{label}.toml",
+                port,
                 provider,
-                f"http://127.0.0.1:{fi_port}",
+                f"http://127.0.0.1:{ingest_port}",
                 self.loop_detector,
-                spend + fleet_config(self.redis.url),
+                extra,
             )
-            self.procs[FLEET_TARGET] = spawn_daemon(config, self.tmp / "state-fleet")
-            self.urls[FLEET_TARGET] = f"http://127.0.0.1:{f_port}"
-            self.ingests[FLEET_TARGET] = f"http://127.0.0.1:{fi_port}"
-            ports += [f_port, fi_port]
+            self.procs[target] = spawn_daemon(config, self.tmp / f"state-{label}")
+            self.urls[target] = f"http://127.0.0.1:{port}"
+            self.ingests[target] = f"http://127.0.0.1:{ingest_port}"
+            ports += [port, ingest_port]
         for port in ports:
             await wait_port(port)
         if self.redis is not None:
@@ -257,6 +277,7 @@ async def load(url: str, s: Scenario, start_nonce: int) -> tuple[float, list[flo
         b"".join(stream_events(s.chunks, usage=False)) if s.stream else chat_answer(s.answer_bytes)
     )
     pad = "x" * max(0, s.body_bytes - 200)
+    agent = AgentBody() if s.agent else None
     latencies: list[float] = []
     ttfbs: list[float] = []
     counter = iter(range(start_nonce, start_nonce + s.requests))
@@ -265,13 +286,16 @@ async def load(url: str, s: Scenario, start_nonce: int) -> tuple[float, list[flo
 
     async def worker(session: aiohttp.ClientSession) -> None:
         for nonce in counter:
-            body: dict[str, object] = {
-                "model": "gpt-4o-mini",
-                "messages": [{"role": "user", "content": f"nonce {nonce} {pad}"}],
-            }
-            if s.stream:
-                body["stream"] = True
-            raw = json.dumps(body, separators=(",", ":")).encode()
+            if agent is not None:
+                raw = agent.request(nonce)
+            else:
+                body: dict[str, object] = {
+                    "model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": f"nonce {nonce} {pad}"}],
+                }
+                if s.stream:
+                    body["stream"] = True
+                raw = json.dumps(body, separators=(",", ":")).encode()
             t0 = time.perf_counter()
             async with session.post(
                 url + "/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"}
@@ -319,9 +343,11 @@ async def run_scenario(
             warmed = warm.requests
             nonce += warm.requests
         for i in range(s.rounds):
-            # The two daemons swap places every other round: neither is always the one that
-            # runs right after the pass-through.
-            order = names if i % 2 == 0 or len(names) < 4 else (*names[:2], names[3], names[2])
+            # The daemons take turns (rotated each round): none is always the one that runs
+            # right after the pass-through.
+            daemons = names[2:]
+            k = i % len(daemons)
+            order = (*names[:2], *daemons[k:], *daemons[:k])
             for name in order:
                 result = await measure(s, name, targets, nonce)
                 nonce += s.requests
@@ -495,7 +521,7 @@ async def main(args: argparse.Namespace) -> None:
         rows: list[tuple[str, str, wrk.WrkRound, str]] = []
         with tempfile.TemporaryDirectory() as tmp:
             for s in chosen:
-                if s.stream or s.name.startswith("soak"):
+                if s.stream or s.name.startswith("soak") or s.agent:
                     continue  # wrk mode: the non-streaming request/answer scenarios
                 print(
                     f"... {s.name} with wrk: {s.note}, concurrency {s.concurrency}, "
@@ -518,7 +544,8 @@ async def main(args: argparse.Namespace) -> None:
             for s in chosen:
                 print(
                     f"... {s.name}: {s.note}, concurrency {s.concurrency}, {s.requests:,} "
-                    f"requests{' (and the daemon in fleet mode)' if redis else ''}",
+                    f"requests{' (and the daemon in fleet mode)' if redis else ''}"
+                    f"{' (and the daemon without the agent-loop layer)' if s.agent else ''}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -547,6 +574,10 @@ async def main(args: argparse.Namespace) -> None:
                 redis.stop()
     if results:
         print(table(results, idle))
+    agents = agent_table(results)
+    if agents:
+        print("\nthe agent-loop detector on against off (same rounds, interleaved):\n")
+        print(agents)
     if redis is not None and results:
         print("\nfleet mode against standalone (the spend cap on in both):\n")
         print(fleet_table(results, notes))
