@@ -21,20 +21,30 @@ _SORTED = orjson.OPT_SORT_KEYS
 
 
 def canonical_json(value: Any) -> bytes:
+    """``value`` (parsed JSON) as canonical JSON. Raises ValueError for a value nested too deep
+    to write (the parser takes up to 1,024 levels; Python's own recursion limit is lower)."""
     try:
         return orjson.dumps(value, option=_SORTED)
     except TypeError:
-        # orjson refuses integers beyond 64 bits; the standard library is slower but total.
-        return json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode()
+        # orjson refuses integers beyond 64 bits and more than 254 levels; the standard library
+        # is slower but takes both, up to the recursion limit.
+        try:
+            return json.dumps(
+                value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            ).encode()
+        except RecursionError:
+            raise ValueError("nested too deep to write as canonical JSON") from None
 
 
 def fingerprint(kind: str, endpoint: str, canonical: Any, raw: bytes) -> str:
-    """The fingerprint of a request; ``canonical`` is None when the body is not JSON."""
+    """The fingerprint of a request; ``canonical`` is None when the body is not JSON. A body
+    nested too deep to write canonically is fingerprinted from its raw bytes too."""
     if canonical is not None:
-        data = canonical_json({"body": canonical, "endpoint": endpoint, "kind": kind})
-    else:
+        try:
+            data = canonical_json({"body": canonical, "endpoint": endpoint, "kind": kind})
+        except ValueError:
+            canonical = None
+    if canonical is None:
         data = canonical_json({"endpoint": endpoint, "kind": kind}) + b"\n" + raw
     return "sha256:" + hashlib.sha256(data).hexdigest()
 

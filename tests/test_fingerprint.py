@@ -148,3 +148,15 @@ def test_gemini_model_in_path_matters() -> None:
 def test_huge_integers_still_fingerprint() -> None:
     a = fp_of_bytes(b'{"model":"m","seed":123456789012345678901234567890}')
     assert a.startswith("sha256:") and len(a) == 71
+
+
+def test_a_body_nested_too_deep_to_write_is_fingerprinted_from_its_bytes() -> None:
+    # orjson reads up to 1,024 levels but writes 254; the standard library's writer stops at
+    # Python's recursion limit: such a body (980 levels) is hashed from its raw bytes.
+    import orjson
+
+    raw = b'{"model":"gpt-4o-mini","x":' + b"[" * 980 + b"]" * 980 + b"}"
+    body = orjson.loads(raw)
+    assert fingerprint("openai", "/chat/completions", body, raw) == fingerprint(
+        "openai", "/chat/completions", None, raw
+    )

@@ -249,7 +249,7 @@ class FakeProvider:
             )
         try:
             body = json.loads(raw) if raw else None
-        except ValueError:
+        except (ValueError, RecursionError):  # (a provider judges such a body; we answer it)
             body = None
         if fault == "reject-stream-options" and isinstance(body, dict) and "stream_options" in body:
             # What a host that does not know the option answers (e.g. older OpenAI-compatible
