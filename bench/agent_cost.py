@@ -51,7 +51,7 @@ def main() -> None:
     adapter = ADAPTERS["openai"]
     parsed = orjson.loads(raw)
     detector = AgentLoopDetector(AgentLoopConfig(), KillSwitch("org_bench", None))
-    uses = adapter.tool_uses(ENDPOINT, parsed)
+    uses = adapter.tool_uses(ENDPOINT, parsed, detector.lookback, detector.exempt)
     if detector.find(uses) is not None or detector.check(adapter, ENDPOINT, parsed) is not None:
         raise SystemExit("the agent body trips the detector: it must be loop-free")
     recent = uses[-detector.lookback :]
@@ -71,7 +71,10 @@ def main() -> None:
     calls: list[tuple[str, Callable[[], Any]]] = [
         ("orjson.loads(body)", lambda: orjson.loads(raw)),
         ("describe + fingerprint(body)", describe_and_fingerprint),
-        ("tool_uses (chat_tool_uses)", lambda: adapter.tool_uses(ENDPOINT, parsed)),
+        (
+            "tool_uses (chat_tool_uses)",
+            lambda: adapter.tool_uses(ENDPOINT, parsed, detector.lookback, detector.exempt),
+        ),
         ("AgentLoopDetector.find(uses)", lambda: detector.find(uses)),
         ("AgentLoopDetector.check", lambda: detector.check(adapter, ENDPOINT, parsed)),
         ("fresh body: orjson.loads + check", loads_and_check),

@@ -189,7 +189,7 @@ class AgentLoopConfig:
     lookback: int = 20  # ... among the conversation's last `lookback` tool calls trips it
     scope: str = "conversation"  # "conversation": refuse that request; "org": suspend the org
     ttl_seconds: float = 7200.0  # scope "org": how long the suspension lasts
-    exempt_tools: frozenset[str] = frozenset()  # tool names never counted
+    exempt_tools: frozenset[str] = frozenset()  # tool names never counted (shell globs too)
 
 
 @dataclass(frozen=True, slots=True)

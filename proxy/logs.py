@@ -120,6 +120,27 @@ _PREFIX = os.urandom(3).hex()
 _COUNTER = itertools.count(1)
 
 
+class Throttle:
+    """At most one log line per ``seconds`` for one kind of event that a client can repeat at
+    will: ``allow()`` says whether this one may be logged, and how many were held back since
+    the last one (to say so in it)."""
+
+    __slots__ = ("seconds", "_last", "_held")
+
+    def __init__(self, seconds: float = 10.0) -> None:
+        self.seconds = seconds
+        self._last = -float("inf")
+        self._held = 0
+
+    def allow(self) -> tuple[bool, int]:
+        now = time.monotonic()
+        if now - self._last < self.seconds:
+            self._held += 1
+            return False, 0
+        held, self._held, self._last = self._held, 0, now
+        return True, held
+
+
 def request_id() -> str:
     """A short id unique to this process run: random prefix + counter."""
     return f"{_PREFIX}{next(_COUNTER):x}"

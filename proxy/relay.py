@@ -70,7 +70,7 @@ from .http1 import (
     Response,
     ServerClosed,
 )
-from .logs import AccessLog, request_id
+from .logs import AccessLog, Throttle, request_id
 from .metrics import Metrics
 from .pricing import Pricer
 from .routes import BadPath, Route, Router
@@ -150,6 +150,7 @@ class Relay:
         self.uploads = asyncio.Semaphore(max(1, config.upstream.max_connections // 2))
         self.buffering = _Budget(config.server.max_buffered_total_bytes, self._buffering_full)
         self._full_warned = 0.0
+        self._agent_failures = Throttle(60.0)
         self.pool_timeout = config.upstream.pool_timeout_seconds
         self.configure(config, pricer)
 
@@ -267,7 +268,14 @@ class Relay:
         try:
             return self.agent.check(adapter, meta.endpoint, parsed)
         except Exception:  # a reader's bug must not cost the request: it goes through
-            log.exception("agent-loop detector failed on a %s request", meta.endpoint)
+            allowed, held = self._agent_failures.allow()
+            if allowed:
+                log.exception(
+                    "agent-loop detector failed on a %s request (it went through; %d more"
+                    " failures since the last line)",
+                    meta.endpoint,
+                    held,
+                )
             return None
 
     async def _handle_streamed(

@@ -30,6 +30,7 @@ from .fakes.provider import FakeProvider
 
 SHAPES = list(BUILDERS)
 FIXTURES = Path(__file__).parent / "fixtures"
+ALL = 1_000_000  # tool_uses: every answered call
 
 
 def detector(**config: Any) -> AgentLoopDetector:
@@ -40,7 +41,7 @@ def loops(shape: str, turns: Sequence[Turn], **config: Any) -> tuple[str, int] |
     """(tool, count) of the loop the detector finds in the request after ``turns``, or None."""
     kind, endpoint = ENDPOINTS[shape]
     body = BUILDERS[shape](turns)
-    found = detector(**config).find(ADAPTERS[kind].tool_uses(endpoint, body))
+    found = detector(**config).scan(ADAPTERS[kind], endpoint, body)
     return None if found is None else (found.tool, found.count)
 
 
@@ -80,7 +81,7 @@ def test_argument_key_order_and_whitespace_do_not_matter(shape: str) -> None:
     call = Call("read_file", args, "Error: EACCES")
     body = BUILDERS[shape](one_call_turns([call] * 3))
     kind, endpoint = ENDPOINTS[shape]
-    written = {json.dumps(u[1]) for u in ADAPTERS[kind].tool_uses(endpoint, body)}
+    written = {json.dumps(u[1]) for u in ADAPTERS[kind].tool_uses(endpoint, body, ALL)}
     assert len(written) > 1  # the arguments really were written differently
     assert trips_at(shape, [call] * 4) == [4]
 
@@ -140,12 +141,41 @@ def test_exempt_tools_are_never_counted(shape: str) -> None:
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_only_the_last_lookback_calls_count(shape: str) -> None:
-    # Three repeats, then a long stretch of other calls, then one more repeat: the first
-    # repeats have left the last 20 calls, so the 4th is no loop.
-    other = [Call("read_file", {"path": f"src/m{i}.py"}, f"# module {i}") for i in range(18)]
-    calls = [READ_CONFIG] * 3 + other + [READ_CONFIG]
+    # Three repeats, then 18 other calls (six, three times each: no progress), then one more
+    # repeat: with lookback 20 the first repeats have left the window, so the 4th is no loop.
+    other = [Call("read_file", {"path": f"src/m{i}.py"}, f"# module {i}") for i in range(6)]
+    calls = [READ_CONFIG] * 3 + other * 3 + [READ_CONFIG]
     assert trips_at(shape, calls) == []
     assert trips_at(shape, calls, lookback=22) == [22]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_constant_call_between_steps_that_progress_never_trips(shape: str) -> None:
+    # sleep between status polls whose answer changes; a hand-off (constant answer) before
+    # each new sub-task; a clean `git status` before each new edit: 10 rounds each.
+    sleep = Call("sleep", {"seconds": 30}, "Slept 30 seconds.")
+    polls = [[sleep, Call("get_job_status", {"id": "j1"}, f"running {p}%")] for p in range(10)]
+    assert trips_at(shape, [c for pair in polls for c in pair]) == []
+    handoff = Call("transfer_to_billing_agent", {}, "{'assistant': 'Billing agent'}")
+    tasks = [
+        [handoff, Call("lookup_invoice", {"id": f"inv_{i}"}, f"invoice {i}: $1{i}.00")]
+        for i in range(10)
+    ]
+    assert trips_at(shape, [c for pair in tasks for c in pair]) == []
+    clean = Call("git_status", {}, "nothing to commit, working tree clean")
+    edits = [[clean, Call("edit_file", {"path": f"m{i}.py"}, "ok")] for i in range(10)]
+    assert trips_at(shape, [c for pair in edits for c in pair]) == []
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_loop_between_calls_that_repeat_too_trips(shape: str) -> None:
+    # The same constant call, but what runs between repeats as well (a cycle): no progress.
+    sleep = Call("sleep", {"seconds": 30}, "Slept 30 seconds.")
+    stuck = Call("get_job_status", {"id": "j1"}, "error: job j1 not found")
+    assert trips_at(shape, [sleep, stuck] * 4) == [7, 8]
+    # An answer that alternates is an answer that changes: progress.
+    flip = [Call("get_job_status", {"id": "j1"}, s) for s in ("pending", "running") * 5]
+    assert trips_at(shape, flip) == []
 
 
 def test_a_result_as_text_blocks_is_the_same_text() -> None:
@@ -154,14 +184,19 @@ def test_a_result_as_text_blocks_is_the_same_text() -> None:
     body = BUILDERS["chat"](one_call_turns([READ_CONFIG] * 4))
     for message in body["messages"][3::4]:
         message["content"] = [{"type": "text", "text": message["content"]}]
-    found = detector().find(ADAPTERS[kind].tool_uses(endpoint, body))
+    found = detector().find(ADAPTERS[kind].tool_uses(endpoint, body, ALL))
     assert found is not None and found.count == 4
 
 
 def test_anthropic_is_error_is_part_of_the_result() -> None:
-    same_text = [Call("run_command", {"cmd": "make"}, "exit 2", error=i % 2 == 0) for i in range(6)]
-    assert trips_at("anthropic", same_text) == []  # 3 errors and 3 successes
-    assert trips_at("anthropic", same_text, threshold=3) == [5, 6]
+    failed = Call("run_command", {"cmd": "make"}, "exit 2", error=True)
+    assert trips_at("anthropic", [failed] * 4) == [4]
+    # The same text without is_error is another result: after three failures, a success is
+    # an answer that changed (progress), not the 4th repeat.
+    assert trips_at("anthropic", [failed] * 3 + [failed._replace(error=False)]) == []
+    body = BUILDERS["anthropic"]([[failed, failed._replace(error=False)]])
+    [(_, _, error), (_, _, plain)] = ADAPTERS["anthropic"].tool_uses("/messages", body, ALL)
+    assert (error, plain) == ({"is_error": True, "content": "exit 2"}, "exit 2")
 
 
 def test_results_that_are_not_text_compare_as_canonical_json() -> None:
@@ -172,7 +207,7 @@ def test_results_that_are_not_text_compare_as_canonical_json() -> None:
         response = content["parts"][0]["functionResponse"]["response"]
         if i % 2:
             content["parts"][0]["functionResponse"]["response"] = dict(reversed(response.items()))
-    found = detector().find(ADAPTERS["gemini"].tool_uses("/models:generateContent", body))
+    found = detector().find(ADAPTERS["gemini"].tool_uses("/models:generateContent", body, ALL))
     assert found is not None and (found.tool, found.count) == ("get_job", 4)
 
 
@@ -197,7 +232,7 @@ def test_gemini_pairs_by_id_when_there_is_one() -> None:
         ]
 
     contents = [c for n in range(2) for c in turn(n)]
-    uses = ADAPTERS["gemini"].tool_uses("/models:generateContent", {"contents": contents})
+    uses = ADAPTERS["gemini"].tool_uses("/models:generateContent", {"contents": contents}, ALL)
     assert (
         uses
         == [
@@ -206,6 +241,54 @@ def test_gemini_pairs_by_id_when_there_is_one() -> None:
         ]
         * 2
     )
+
+
+@pytest.mark.parametrize("key", ["call_0", "", None])
+def test_chat_ids_used_again_or_missing_pair_turn_by_turn(key: str | None) -> None:
+    # Some OpenAI-compatible servers number calls call_0, call_1 in every turn, or give none.
+    body = BUILDERS["chat"](
+        [[READ_CONFIG, Call("list_dir", {"path": "."}, f"{i} files")] for i in range(4)]
+    )
+
+    def id_of(n: int) -> str | None:
+        return None if key is None else key and f"{key}{n}"
+
+    for message in body["messages"]:
+        for n, call in enumerate(message.get("tool_calls") or []):
+            call["id"] = id_of(n)
+    for n, message in enumerate(m for m in body["messages"] if m["role"] == "tool"):
+        message["tool_call_id"] = id_of(n % 2)  # each turn: two calls, two results
+    uses = ADAPTERS["openai"].tool_uses("/chat/completions", body, ALL)
+    assert [(u[0], u[2]) for u in uses] == [
+        (name, result)
+        for i in range(4)
+        for name, result in (("read_file", READ_CONFIG.result), ("list_dir", f"{i} files"))
+    ]
+    assert loops("chat", [[READ_CONFIG, Call("list_dir", {"path": "."}, "x")]] * 4) == (
+        "read_file",
+        4,
+    )
+
+
+def test_exempt_tools_take_shell_globs() -> None:
+    handoffs = [Call(f"transfer_to_{a}_agent", {}, "ok") for a in ("billing", "triage")] * 5
+    assert trips_at("chat", handoffs)  # constant hand-offs in a cycle: a loop, unless exempt
+    assert trips_at("chat", handoffs, exempt_tools=frozenset({"transfer_to_*"})) == []
+    assert trips_at("chat", handoffs, exempt_tools=frozenset({"transfer_to_billing_*"}))
+    assert trips_at("chat", handoffs, exempt_tools=frozenset({"transfer_to_?illing_agent"}))
+
+
+def test_arguments_too_deep_or_too_long_for_orjson() -> None:
+    # Integers past 64 bits are kept exactly: four different ids are four different calls.
+    ids = [Call("get_order", {"id": 10**29 + i}, "not found") for i in range(4)]
+    assert trips_at("chat", ids) == []
+    assert trips_at("chat", [ids[0]] * 4) == [4]
+    # Arguments nested deeper than canonical JSON can be written compare equal to nothing:
+    # no loop, and no error.
+    deep: Any = "x"
+    for _ in range(1000):
+        deep = [deep]
+    assert trips_at("anthropic", [Call("walk", {"tree": deep}, "same")] * 4) == []
 
 
 @pytest.mark.parametrize(
@@ -224,7 +307,7 @@ def test_gemini_pairs_by_id_when_there_is_one() -> None:
     ],
 )
 def test_malformed_conversations_hold_no_calls(kind: str, endpoint: str, body: Any) -> None:
-    assert ADAPTERS[kind].tool_uses(endpoint, body) == []
+    assert ADAPTERS[kind].tool_uses(endpoint, body, ALL) == []
 
 
 # --------------------------------------------------------------------------- recorded shapes
@@ -277,7 +360,7 @@ def refused(shape: str, bodies: list[dict[str, Any]]) -> list[int]:
     return [
         k
         for k, body in enumerate(bodies, 1)
-        if d.find(ADAPTERS[kind].tool_uses(endpoint, body)) is not None
+        if d.find(ADAPTERS[kind].tool_uses(endpoint, body, ALL)) is not None
     ]
 
 
@@ -289,7 +372,7 @@ def test_recorded_loop_trips_on_the_fourth_same_error(shape: str) -> None:
     assert len(bodies) == 7
     assert refused(shape, bodies) == [6, 7]
     kind, endpoint = ENDPOINTS[shape]
-    found = detector().find(ADAPTERS[kind].tool_uses(endpoint, bodies[5]))
+    found = detector().scan(ADAPTERS[kind], endpoint, bodies[5])
     assert found is not None and (found.tool, found.count) == ("read_file", 4)
 
 
@@ -298,11 +381,10 @@ def test_recorded_varied_agent_never_trips(shape: str) -> None:
     bodies = prefixes(shape, recorded(shape, "varied"))
     assert len(bodies) == 30
     assert refused(shape, bodies) == []
-    # ... and would with a lower threshold: the detector does read its calls.
+    # ... although the detector does read all of its 36 calls (6 test runs among them).
     kind, endpoint = ENDPOINTS[shape]
-    uses = ADAPTERS[kind].tool_uses(endpoint, bodies[-1])
-    assert len(uses) >= 30
-    assert detector(threshold=2, lookback=len(uses)).find(uses) is not None
+    uses = ADAPTERS[kind].tool_uses(endpoint, bodies[-1], ALL)
+    assert len(uses) == 36 and [u[0] for u in uses].count("run_tests") == 6
 
 
 # --------------------------------------------------------------------------- property
@@ -415,11 +497,11 @@ async def test_sdk_growing_conversation_is_refused_on_the_threshold(
     message = message_of(shape, error)
     assert message == (
         "AtlasBurn guardrail agent_loop_detector: tool 'read_file' called 4 times with the same"
-        " arguments and got the same result each time, among the conversation's last 20 tool"
-        " calls: the agent is looping. This request is refused, and so is every request that"
-        " carries this history: change the agent's course or start a new conversation; if"
-        " repeating that tool call is expected (a status poll), add the tool to"
-        " guardrails.agent_loop_detector.exempt_tools"
+        " arguments and the same result, no progress in between, among the conversation's last"
+        " 20 tool calls: the agent is looping. This request is refused, and so is every later"
+        " one that carries these calls: start a new conversation (or take the repeated calls out"
+        " of its history); if repeating that tool call is expected (a status poll), add the"
+        " tool to guardrails.agent_loop_detector.exempt_tools"
     )
     if shape == "anthropic":
         assert error["type"] == "error" and error["error"]["type"] == "rate_limit_error"
@@ -445,6 +527,28 @@ async def test_exempt_tool_passes_through_the_daemon(
     assert [e.status for e in d.events] == [200] * 7
 
 
+async def test_a_body_nested_too_deep_is_relayed_not_a_500(
+    fake: FakeProvider, start_daemon: StartDaemon
+) -> None:
+    d = await start_daemon()
+    deep = "[" * 980 + "]" * 980
+    arguments = '{"tree":' + deep + "}"
+    turns = one_call_turns([Call("walk", {}, "same")] * 4)
+    body = BUILDERS["chat"](turns)
+    for message in body["messages"]:
+        for call in message.get("tool_calls") or []:
+            call["function"]["arguments"] = arguments
+    raw = json.dumps(body)[:-1] + ', "x": ' + deep + "}"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            d.url + "/v1/chat/completions",
+            data=raw,
+            headers={"Content-Type": "application/json"},
+        ) as r:
+            assert r.status == 200
+    assert [e.status for e in d.events] == [200]
+
+
 async def test_disabled_layer_lets_the_loop_through(
     fake: FakeProvider, start_daemon: StartDaemon
 ) -> None:
@@ -465,8 +569,8 @@ async def test_scope_org_suspends_the_org(
     assert status == 429 and headers["atlasburn-guardrail"] == "agent_loop_detector"
     assert 599 <= int(headers["retry-after"]) <= 600
     reason = (
-        "tool 'read_file' called 4 times with the same arguments and got the same result each"
-        " time, among the conversation's last 20 tool calls"
+        "tool 'read_file' called 4 times with the same arguments and the same result, no"
+        " progress in between, among the conversation's last 20 tool calls"
     )
     assert message_of(shape, error) == (
         f"AtlasBurn guardrail: org org_local is suspended by agent_loop_detector ({reason});"

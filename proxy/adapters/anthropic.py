@@ -18,12 +18,14 @@ from typing import Any, ClassVar
 import orjson
 
 from .base import (
+    NO_TOOLS,
     JSONMeter,
     Meter,
     Metered,
+    RecentToolCalls,
     RequestMeta,
     SSEMeter,
-    ToolCalls,
+    ToolNames,
     ToolUse,
     Usage,
     UsageInStream,
@@ -158,40 +160,47 @@ class AnthropicAdapter(UsageInStream):
         error_type = _ERROR_TYPES.get(status, "api_error")
         return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
 
-    def tool_uses(self, endpoint: str, body: Any) -> list[ToolUse]:
-        if endpoint != "/messages" or not isinstance(body, dict):
+    def tool_uses(
+        self, endpoint: str, body: Any, last: int, skip: ToolNames = NO_TOOLS
+    ) -> list[ToolUse]:
+        if endpoint != "/messages" or type(body) is not dict:
             return []
-        return messages_tool_uses(body.get("messages"))
+        return messages_tool_uses(body.get("messages"), RecentToolCalls(last, skip))
 
 
 _CALLS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 _TEXT = frozenset({"text"})
 
 
-def messages_tool_uses(messages: Any) -> list[ToolUse]:
-    """The answered tool calls of a Messages conversation: ``tool_use`` content blocks (``id``,
-    ``name``, ``input``; also the provider's own ``server_tool_use`` and ``mcp_tool_use``), each
-    answered by the ``tool_result`` block (or ``web_search_tool_result``, ``mcp_tool_result``,
-    ...) whose ``tool_use_id`` names it. A result with ``"is_error": true`` differs from the
-    same content without it. https://docs.anthropic.com/en/docs/build-with-claude/tool-use"""
-    if not isinstance(messages, list):
+def messages_tool_uses(messages: Any, recent: RecentToolCalls) -> list[ToolUse]:
+    """The last answered tool calls of a Messages conversation: ``tool_use`` content blocks
+    (``id``, ``name``, ``input``; also the provider's own ``server_tool_use`` and
+    ``mcp_tool_use``), each answered by the ``tool_result`` block (or
+    ``web_search_tool_result``, ``mcp_tool_result``, ...) whose ``tool_use_id`` names it. A
+    result with ``"is_error": true`` differs from the same content without it.
+    https://docs.anthropic.com/en/docs/build-with-claude/tool-use"""
+    if type(messages) is not list:
         return []
-    calls = ToolCalls()
-    for message in messages:
-        if not isinstance(message, dict):
+    for message in reversed(messages):
+        if type(message) is not dict:
             continue
         content = message.get("content")
-        if not isinstance(content, list):
+        if type(content) is not list:
             continue  # a plain string: no blocks
-        for block in content:
-            if not isinstance(block, dict):
+        for block in reversed(content):
+            if type(block) is not dict:
                 continue
             kind = block.get("type")
+            if type(kind) is not str:
+                continue
             if kind in _CALLS:
-                calls.call(block.get("name"), block.get("input"), block.get("id"))
-            elif isinstance(kind, str) and kind.endswith("tool_result"):
-                result = text_or_value(block.get("content"), _TEXT)
+                if recent.call(block.get("name"), block.get("input"), block.get("id")):
+                    return recent.answered()
+            elif kind.endswith("tool_result"):
+                result = block.get("content")
+                if type(result) is not str:
+                    result = text_or_value(result, _TEXT)
                 if block.get("is_error") is True:
                     result = {"is_error": True, "content": result}
-                calls.answer(block.get("tool_use_id"), result)
-    return calls.answered()
+                recent.result(block.get("tool_use_id"), result)
+    return recent.answered()

@@ -15,9 +15,10 @@ set of pure functions over bytes and dicts:
 - ``error_body(status, message, code)``: an error in the provider's own JSON shape, so an SDK raises
   the exception it would raise for the provider itself; ``code`` is the daemon's short reason
   (``upstream_timeout``, ``body_too_large``, ...);
-- ``tool_uses(endpoint, body)``: the tool calls in a request's conversation that carry their
-  result, in the order they were made (``ToolUse``), read from the body already parsed for the
-  fingerprint; ``[]`` for an endpoint that holds no conversation (the agent-loop detector).
+- ``tool_uses(endpoint, body, last, skip)``: the last ``last`` tool calls of a request's
+  conversation that carry their result (``ToolUse``, oldest first; calls named in ``skip`` left
+  out), read from the body already parsed for the fingerprint (``RecentToolCalls``); ``[]`` for
+  an endpoint that holds no conversation (the agent-loop detector).
 
 ``Usage`` counts follow the event schema: ``input_tokens`` includes cached and cache-write tokens,
 ``output_tokens`` includes reasoning tokens; the breakdowns are kept for pricing.
@@ -25,6 +26,7 @@ set of pure functions over bytes and dicts:
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -89,6 +91,32 @@ class Metered:
 ToolUse = tuple[str, Any, Any]
 
 
+class ToolNames:
+    """A set of tool names (``exempt_tools``): exact names, and patterns with ``*`` and ``?``
+    (``transfer_to_*``), matched like shell globs; ``name in names``."""
+
+    __slots__ = ("exact", "_pattern")
+
+    def __init__(self, names: frozenset[str] = frozenset()) -> None:
+        self.exact = frozenset(n for n in names if not _GLOB.search(n))
+        globs = sorted(n for n in names if _GLOB.search(n))
+        self._pattern = re.compile("|".join(fnmatch.translate(g) for g in globs)) if globs else None
+
+    def __contains__(self, name: object) -> bool:
+        if name in self.exact:
+            return True
+        return self._pattern is not None and type(name) is str and bool(self._pattern.match(name))
+
+    def __bool__(self) -> bool:
+        return bool(self.exact) or self._pattern is not None
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+NO_TOOLS = ToolNames()
+
+
 class Meter(Protocol):
     def feed(self, chunk: bytes) -> None: ...
 
@@ -124,7 +152,9 @@ class Adapter(Protocol):
 
     def error_body(self, status: int, message: str, code: str) -> bytes: ...
 
-    def tool_uses(self, endpoint: str, body: Any) -> list[ToolUse]: ...
+    def tool_uses(
+        self, endpoint: str, body: Any, last: int, skip: ToolNames = NO_TOOLS
+    ) -> list[ToolUse]: ...
 
 
 class UsageInStream:
@@ -191,6 +221,20 @@ MAX_JSON_VALUES = 1 << 18
 _DENSE_FROM = 2 * MAX_JSON_VALUES
 
 
+# A JSON string (possessive: linear time on any input).
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+
+
+def _dense(data: bytes) -> bool:
+    """Whether a document that ``json_values`` counts over the bound really holds that many
+    values: its strings may hold the commas (a CSV file in a tool result). Many strings are
+    many values already; a few long ones are taken out (a regular expression, C speed: about
+    7 ms per MB) and the rest counted again."""
+    if data.count(b'"') // 2 > MAX_JSON_VALUES:
+        return True
+    return json_values(_STRING.sub(b'""', data)) > MAX_JSON_VALUES
+
+
 def json_values(data: bytes) -> int:
     """About how many values a JSON document holds (an upper bound: commas in strings count)."""
     return data.count(b"{") + data.count(b"[") + data.count(b",")
@@ -199,7 +243,7 @@ def json_values(data: bytes) -> int:
 def loads(data: bytes) -> Any:
     """Parse JSON, or None when it is not JSON (a meter never raises on a provider's bytes) or
     holds more than ``MAX_JSON_VALUES`` values (it is then not parsed at all)."""
-    if len(data) > _DENSE_FROM and json_values(data) > MAX_JSON_VALUES:
+    if len(data) > _DENSE_FROM and json_values(data) > MAX_JSON_VALUES and _dense(data):
         return None
     try:
         return orjson.loads(data)
@@ -355,50 +399,68 @@ class SSEMeter(ABC):
         """What the events seen so far say."""
 
 
-class ToolCalls:
-    """The tool calls of one conversation as they are read, paired with their results.
+class RecentToolCalls:
+    """The last answered tool calls of a conversation, read from its end (where a loop is): a
+    reader walks the conversation backwards, telling ``result`` of each result it meets and then
+    ``call`` of each call (a result comes after its call, so walking back it is met first), and
+    stops once ``call`` says enough were found.
 
-    ``call`` registers a call (``key``: the id its result names, or None); ``answer`` gives the
-    result to the call with that id (the first result counts: a repeated id is a malformed
-    conversation the provider judges); ``answer_next`` gives it to the oldest unanswered call of
-    that name (wire formats that pair by name and order: Gemini without ids, OpenAI's legacy
-    ``function_call``). ``answered()`` lists the calls that have a result, in call order."""
+    A call is paired by ``key``: its id (a reader that pairs by name passes a tuple made of the
+    name). A call takes the first result met after it that names its key; the calls of one
+    turn that share a key take that turn's results in order. So an id used again in every turn
+    (servers that number calls ``call_0``, ``call_1`` in each turn) pairs turn by turn, and
+    calls and results without an id (``None`` or ``""``: some OpenAI-compatible servers) pair
+    by their position. A call without a result, or one named in ``skip`` (exempt: it takes no
+    place among the last ``last``), is passed over."""
 
-    __slots__ = ("_calls", "_by_id", "_by_name")
+    __slots__ = ("found", "last", "skip", "_results")
 
-    def __init__(self) -> None:
-        self._calls: list[list[Any]] = []  # [name, arguments, result or _NONE]
-        self._by_id: dict[Any, list[Any]] = {}
-        self._by_name: dict[str, list[list[Any]]] = {}
+    def __init__(self, last: int, skip: ToolNames) -> None:
+        self.found: list[ToolUse] = []  # newest first
+        self.last = last
+        self.skip = skip if skip else None
+        self._results: dict[Any, list[Any]] = {}  # key -> results not yet paired, newest first
 
-    def call(self, name: Any, arguments: Any, key: Any = None) -> None:
-        if not isinstance(name, str):
+    def result(self, key: Any, value: Any) -> None:
+        if not key:
+            key = _NO_ID
+        elif type(key) is not str and type(key) is not tuple:
             return
-        entry = [name, arguments, _NONE]
-        self._calls.append(entry)
-        if isinstance(key, str):
-            self._by_id.setdefault(key, entry)
-        self._by_name.setdefault(name, []).append(entry)
+        waiting = self._results.get(key)
+        if waiting is None:
+            self._results[key] = [value]
+        else:
+            waiting.append(value)
 
-    def answer(self, key: Any, result: Any) -> None:
-        entry = self._by_id.get(key) if isinstance(key, str) else None
-        if entry is not None and entry[2] is _NONE:
-            entry[2] = result
+    def waiting(self, key: Any) -> bool:
+        """Whether a result met so far names ``key`` and has no call yet."""
+        return bool(self._results.get(key or _NO_ID))
 
-    def has(self, key: str) -> bool:
-        """Whether a call with this id was registered."""
-        return key in self._by_id
-
-    def answer_next(self, name: Any, result: Any) -> None:
-        waiting = self._by_name.get(name) if isinstance(name, str) else None
-        while waiting:
-            entry = waiting.pop(0)
-            if entry[2] is _NONE:  # (else answered by its id)
-                entry[2] = result
-                return
+    def call(self, name: Any, arguments: Any, key: Any) -> bool:
+        """One call met walking back; True once ``last`` answered calls were found."""
+        if not key:
+            key = _NO_ID
+        elif type(key) is not str and type(key) is not tuple:
+            return False
+        waiting = self._results.get(key)
+        if not waiting or type(name) is not str:
+            return False
+        # The calls of one turn are met last first, and its results too: the last call takes
+        # the last result. Results of one key never wait across turns (each turn's calls take
+        # its results), so the newest one waiting belongs to this turn.
+        result = waiting.pop(0)
+        if self.skip is not None and name in self.skip:
+            return False
+        self.found.append((name, arguments, result))
+        return len(self.found) >= self.last
 
     def answered(self) -> list[ToolUse]:
-        return [(n, a, r) for n, a, r in self._calls if r is not _NONE]
+        """The calls found, oldest first."""
+        self.found.reverse()
+        return self.found
+
+
+_NO_ID = ("no id",)
 
 
 def text_or_value(content: Any, text_types: frozenset[str]) -> Any:

@@ -14,12 +14,14 @@ from typing import Any, ClassVar
 import orjson
 
 from .base import (
+    NO_TOOLS,
     JSONMeter,
     Meter,
     Metered,
+    RecentToolCalls,
     RequestMeta,
     SSEMeter,
-    ToolCalls,
+    ToolNames,
     ToolUse,
     Usage,
     UsageInStream,
@@ -143,47 +145,63 @@ class GeminiAdapter(UsageInStream):
         state = _STATUS.get(status, "INTERNAL")
         return orjson.dumps({"error": {"code": status, "message": message, "status": state}})
 
-    def tool_uses(self, endpoint: str, body: Any) -> list[ToolUse]:
-        if endpoint not in _CONVERSATIONS or not isinstance(body, dict):
+    def tool_uses(
+        self, endpoint: str, body: Any, last: int, skip: ToolNames = NO_TOOLS
+    ) -> list[ToolUse]:
+        if endpoint not in _CONVERSATIONS or type(body) is not dict:
             return []
-        return contents_tool_uses(body.get("contents"))
+        return contents_tool_uses(body.get("contents"), RecentToolCalls(last, skip))
 
 
 _CONVERSATIONS = frozenset({"/models:generateContent", "/models:streamGenerateContent"})
 
 
-def contents_tool_uses(contents: Any) -> list[ToolUse]:
-    """The answered function calls of a Gemini conversation: ``functionCall`` parts (``name``,
-    ``args``, and in newer versions an ``id``) of the model's turns, each answered by a
-    ``functionResponse`` part (``name``, ``response``) of a later turn: the one with the same
-    ``id``, else the oldest unanswered call of that name (calls and responses come in the same
-    order). The snake_case spellings (``function_call``) are read too, as the API accepts them.
-    https://ai.google.dev/gemini-api/docs/function-calling"""
-    if not isinstance(contents, list):
+def contents_tool_uses(contents: Any, recent: RecentToolCalls) -> list[ToolUse]:
+    """The last answered function calls of a Gemini conversation: ``functionCall`` parts
+    (``name``, ``args``, and in newer versions an ``id``) of the model's turns, each answered by
+    a ``functionResponse`` part (``name``, ``response``, maybe ``parts``) of the turn after it:
+    the one with the same ``id``, else, by name and order, the n-th response of that name
+    answers the n-th call of that name. The snake_case spellings (``function_call``) are read
+    too, as the API accepts them. https://ai.google.dev/gemini-api/docs/function-calling"""
+    if type(contents) is not list:
         return []
-    calls = ToolCalls()
-    for content in contents:
-        if not isinstance(content, dict):
+    for content in reversed(contents):
+        if type(content) is not dict:
             continue
         parts = content.get("parts")
-        if not isinstance(parts, list):
+        if type(parts) is not list:
             continue
+        # Within a turn, parts in their own order: the n-th call of a name takes the n-th
+        # response of that name (responses are met first, walking back a turn at a time).
+        calls = []
         for part in parts:
-            if not isinstance(part, dict):
+            if type(part) is not dict:
                 continue
             call = part.get("functionCall") or part.get("function_call")
-            if isinstance(call, dict):
-                calls.call(call.get("name"), call.get("args"), call.get("id"))
+            if type(call) is dict:
+                calls.append(call)
                 continue
             response = part.get("functionResponse") or part.get("function_response")
-            if isinstance(response, dict):
+            if type(response) is dict:
                 result = response.get("response")
-                parts_of = response.get("parts")
-                if parts_of:  # a multimodal response: its parts are part of the result
-                    result = {"response": result, "parts": parts_of}
-                key = response.get("id")
-                if isinstance(key, str) and calls.has(key):
-                    calls.answer(key, result)
-                else:
-                    calls.answer_next(response.get("name"), result)
-    return calls.answered()
+                extra = response.get("parts")
+                if extra:  # a multimodal response: its parts are part of the result
+                    result = {"response": result, "parts": extra}
+                recent.result(_key(response), result)
+        for call in reversed(calls):
+            key = _key(call)
+            if type(key) is str and not recent.waiting(key):
+                name = call.get("name")  # a response that dropped the call's id
+                key = ("name", name) if type(name) is str else None
+            if recent.call(call.get("name"), call.get("args"), key):
+                return recent.answered()
+    return recent.answered()
+
+
+def _key(part: dict[str, Any]) -> Any:
+    """What pairs a call with its response: its id, else its name."""
+    key = part.get("id")
+    if type(key) is str and key:
+        return key
+    name = part.get("name")
+    return ("name", name) if type(name) is str else None

@@ -25,13 +25,15 @@ from typing import Any, ClassVar
 import orjson
 
 from .base import (
+    NO_TOOLS,
     JSONMeter,
     Meter,
     Metered,
+    RecentToolCalls,
     RequestMeta,
     SSEMeter,
     StreamFilter,
-    ToolCalls,
+    ToolNames,
     ToolUse,
     Usage,
     as_int,
@@ -321,13 +323,15 @@ class OpenAIAdapter:
             {"error": {"message": message, "type": error_type, "param": None, "code": code}}
         )
 
-    def tool_uses(self, endpoint: str, body: Any) -> list[ToolUse]:
-        if not isinstance(body, dict):
+    def tool_uses(
+        self, endpoint: str, body: Any, last: int, skip: ToolNames = NO_TOOLS
+    ) -> list[ToolUse]:
+        if type(body) is not dict:
             return []
         if endpoint == "/chat/completions":
-            return chat_tool_uses(body.get("messages"))
+            return chat_tool_uses(body.get("messages"), RecentToolCalls(last, skip))
         if endpoint == "/responses":
-            return responses_tool_uses(body.get("input"))
+            return responses_tool_uses(body.get("input"), RecentToolCalls(last, skip))
         return []
 
 
@@ -337,73 +341,89 @@ _CHAT_TEXT = frozenset({"text"})
 _RESPONSES_TEXT = frozenset({"input_text", "output_text"})
 
 
-def chat_tool_uses(messages: Any) -> list[ToolUse]:
-    """The answered tool calls of a chat conversation: an assistant message's ``tool_calls``
-    (``{"id", "type": "function", "function": {"name", "arguments": "<JSON text>"}}``, or
-    ``"type": "custom"`` with ``"custom": {"name", "input"}``), each answered by the
-    ``{"role": "tool", "tool_call_id", "content"}`` message naming its id; and the legacy
-    ``function_call`` answered by a ``{"role": "function", "name"}`` message.
+def chat_tool_uses(messages: Any, recent: RecentToolCalls) -> list[ToolUse]:
+    """The last answered tool calls of a chat conversation: an assistant message's
+    ``tool_calls`` (``{"id", "type": "function", "function": {"name", "arguments": "<JSON
+    text>"}}``, or ``"type": "custom"`` with ``"custom": {"name", "input"}``), each answered by
+    the ``{"role": "tool", "tool_call_id", "content"}`` message naming its id; and the legacy
+    ``function_call``, answered by the ``{"role": "function", "name"}`` message after it.
     https://platform.openai.com/docs/api-reference/chat/create"""
-    if not isinstance(messages, list):
+    if type(messages) is not list:
         return []
-    calls = ToolCalls()
-    for message in messages:
-        if not isinstance(message, dict):
+    for message in reversed(messages):
+        if type(message) is not dict:
             continue
         role = message.get("role")
-        if role == "assistant":
+        if role == "tool":
+            content = message.get("content")
+            if type(content) is not str:
+                content = text_or_value(content, _CHAT_TEXT)
+            recent.result(message.get("tool_call_id"), content)
+        elif role == "assistant":
             tool_calls = message.get("tool_calls")
-            if isinstance(tool_calls, list):
-                for call in tool_calls:
-                    if not isinstance(call, dict):
+            if type(tool_calls) is not list:
+                legacy = message.get("function_call")
+                if type(legacy) is dict:
+                    name = legacy.get("name")
+                    arguments = legacy.get("arguments")
+                    if type(name) is str and recent.call(name, arguments, ("fn", name)):
+                        break
+                continue
+            enough = False
+            for call in reversed(tool_calls):
+                if type(call) is not dict:
+                    continue
+                function = call.get("function")
+                if type(function) is dict:
+                    arguments = function.get("arguments")
+                else:
+                    function = call.get("custom")
+                    if type(function) is not dict:
                         continue
-                    function = call.get("function")
-                    if isinstance(function, dict):
-                        calls.call(function.get("name"), function.get("arguments"), call.get("id"))
-                        continue
-                    custom = call.get("custom")
-                    if isinstance(custom, dict):
-                        calls.call(custom.get("name"), custom.get("input"), call.get("id"))
-            legacy = message.get("function_call")
-            if isinstance(legacy, dict):
-                calls.call(legacy.get("name"), legacy.get("arguments"))
-        elif role == "tool":
-            content = text_or_value(message.get("content"), _CHAT_TEXT)
-            calls.answer(message.get("tool_call_id"), content)
+                    arguments = function.get("input")
+                if recent.call(function.get("name"), arguments, call.get("id")):
+                    enough = True
+                    break
+            if enough:
+                break
         elif role == "function":
-            content = text_or_value(message.get("content"), _CHAT_TEXT)
-            calls.answer_next(message.get("name"), content)
-    return calls.answered()
+            name = message.get("name")
+            if type(name) is str:
+                recent.result(("fn", name), text_or_value(message.get("content"), _CHAT_TEXT))
+    return recent.answered()
 
 
-def responses_tool_uses(items: Any) -> list[ToolUse]:
-    """The answered tool calls of a Responses API input: ``function_call`` items (``name``,
-    ``arguments`` as JSON text, ``call_id``) and ``custom_tool_call`` items (``input``), and
-    the built-in tools the client runs itself (``local_shell_call``, ``shell_call``,
-    ``computer_call``, ...: named by their type, ``action`` as arguments), each answered by
-    the ``<type>_output`` item with the same ``call_id`` (``function_call_output`` for a
-    function). An input that is a plain string holds no calls.
+def responses_tool_uses(items: Any, recent: RecentToolCalls) -> list[ToolUse]:
+    """The last answered tool calls of a Responses API input: ``function_call`` items
+    (``name``, ``arguments`` as JSON text, ``call_id``) and ``custom_tool_call`` items
+    (``input``), and the built-in tools the client runs itself (``local_shell_call``,
+    ``shell_call``, ``computer_call``, ...: named by their type, ``action`` as arguments), each
+    answered by the ``<type>_output`` item with the same ``call_id`` (``function_call_output``
+    for a function). An input that is a plain string holds no calls.
     https://platform.openai.com/docs/api-reference/responses/create"""
-    if not isinstance(items, list):
+    if type(items) is not list:
         return []
-    calls = ToolCalls()
-    for item in items:
-        if not isinstance(item, dict):
+    for item in reversed(items):
+        if type(item) is not dict:
             continue
         kind = item.get("type")
-        if not isinstance(kind, str):
+        if type(kind) is not str:
             continue
         if kind.endswith("_output"):
-            output = text_or_value(item.get("output"), _RESPONSES_TEXT)
-            calls.answer(item.get("call_id"), output)
-        elif kind.endswith("_call") and "call_id" in item:
+            output = item.get("output")
+            if type(output) is not str:
+                output = text_or_value(output, _RESPONSES_TEXT)
+            recent.result(item.get("call_id"), output)
+        elif kind.endswith("_call"):
             if kind == "function_call":
-                calls.call(item.get("name"), item.get("arguments"), item.get("call_id"))
+                name, arguments = item.get("name"), item.get("arguments")
             elif kind == "custom_tool_call":
-                calls.call(item.get("name"), item.get("input"), item.get("call_id"))
+                name, arguments = item.get("name"), item.get("input")
             else:
-                calls.call(kind, item.get("action"), item.get("call_id"))
-    return calls.answered()
+                name, arguments = kind, item.get("action")
+            if recent.call(name, arguments, item.get("call_id")):
+                break
+    return recent.answered()
 
 
 @lru_cache(maxsize=4096)

@@ -22,25 +22,30 @@ through the kill flag, the whole fleet).
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import xxhash
 
-from ..adapters.base import Adapter, ToolUse
+from ..adapters.base import Adapter, ToolNames, ToolUse
 from ..config import AgentLoopConfig
 from ..fingerprint import canonical_json
+from ..logs import Throttle
 from ..text import inert
 from .kill_switch import KillSwitch, Suspension
+
+log = logging.getLogger(__name__)
 
 AGENT_LOOP_LAYER = "agent_loop_detector"
 
 # What a refusal by this layer tells the developer after its reason: what to do about it.
 CONVERSATION_HINT = (
-    "the agent is looping. This request is refused, and so is every request that carries this"
-    " history: change the agent's course or start a new conversation"
+    "the agent is looping. This request is refused, and so is every later one that carries"
+    " these calls: start a new conversation (or take the repeated calls out of its history)"
 )
 EXEMPT_HINT = (
     "if repeating that tool call is expected (a status poll), add the tool to"
@@ -60,8 +65,9 @@ class AgentLoop:
     @property
     def reason(self) -> str:
         return (
-            f"tool '{self.tool}' called {self.count} times with the same arguments and got the"
-            f" same result each time, among the conversation's last {self.lookback} tool calls"
+            f"tool '{self.tool}' called {self.count} times with the same arguments and the same"
+            f" result, no progress in between, among the conversation's last {self.lookback}"
+            " tool calls"
         )
 
 
@@ -71,6 +77,7 @@ class AgentLoopDetector:
 
     def __init__(self, config: AgentLoopConfig, kill: KillSwitch) -> None:
         self.kill = kill
+        self._throttle = Throttle(10.0)  # a looping client is refused as often as it asks
         self.configure(config)
 
     def configure(self, config: AgentLoopConfig) -> None:
@@ -79,71 +86,149 @@ class AgentLoopDetector:
         self.lookback = config.lookback
         self.per_org = config.scope == "org"
         self.ttl = config.ttl_seconds
-        self.exempt = config.exempt_tools
+        self.exempt = ToolNames(config.exempt_tools)
 
     def check(self, adapter: Adapter, endpoint: str, body: Any) -> Suspension | None:
         """The refusal of a request whose conversation (``body``, parsed JSON, read by
         ``adapter``) loops, or None. Scope ``org``: the org's suspension, set now. Scope
         ``conversation``: a suspension of this request alone (source ``"conversation"``, for
         ``ttl_seconds``), kept nowhere."""
-        loop = self.find(adapter.tool_uses(endpoint, body))
+        loop = self.scan(adapter, endpoint, body)
         if loop is None:
             return None
         if self.per_org:
             return self.kill.suspend_now(AGENT_LOOP_LAYER, loop.reason, self.ttl, "local")[0]
+        allowed, held = self._throttle.allow()
+        if allowed:
+            log.warning(
+                "guardrail: %s refused a %s request: %s%s",
+                AGENT_LOOP_LAYER,
+                endpoint,
+                loop.reason,
+                f" ({held} more refusals since the last line)" if held else "",
+            )
         return Suspension(
             self.kill.org_id, AGENT_LOOP_LAYER, loop.reason, "conversation", time.time() + self.ttl
         )
 
+    def scan(self, adapter: Adapter, endpoint: str, body: Any) -> AgentLoop | None:
+        """The loop in a request's conversation, if any (nothing is changed)."""
+        return self.find(adapter.tool_uses(endpoint, body, self.lookback, self.exempt))
+
     def find(self, uses: list[ToolUse]) -> AgentLoop | None:
-        """The worst loop among the last ``lookback`` answered calls (exempt ones left out):
-        the (call, result) pair seen most often, if that is ``threshold`` times or more."""
+        """The worst loop among ``uses`` (the conversation's last answered calls, oldest first,
+        exempt ones left out): the (call, result) pair repeated most often without progress in
+        between, if ``threshold`` times or more.
+
+        Progress, between two occurrences of a pair, is a call answered differently from the
+        last time it was made (a job status that changed), or a pair that occurs only once
+        among ``uses`` (new work: a different edit, another sub-agent's task). So a call
+        repeated in a row, or inside a cycle whose other calls repeat too (A, B, A, B, A),
+        counts up, while a constant helper call between steps that make progress (``sleep``
+        between status polls, a hand-off between sub-tasks) does not.
+
+        Most conversations hold no pair ``threshold`` times at all, which is found cheaply: the
+        calls are split into groups of equal name, then result length, then result, then
+        canonical arguments, each step only for the groups that still hold ``threshold``
+        calls (few results are compared and fewer arguments parsed: that is most of the
+        layer's cost). Only a conversation with such a group is read in order."""
         threshold = self.threshold
         if len(uses) < threshold:
             return None
-        if self.exempt:
-            uses = [use for use in uses if use[0] not in self.exempt]
-        recent = uses[-self.lookback :]
-        if len(recent) < threshold:
-            return None
-        # Only names called ``threshold`` times can loop: the rest is never canonicalised.
-        names: dict[str, int] = {}
-        for use in recent:
-            names[use[0]] = names.get(use[0], 0) + 1
-        if max(names.values()) < threshold:
-            return None
-        pairs: dict[tuple[str, int, int], int] = {}
+        groups = [uses]
+        for key in _REFINE:
+            narrower: list[list[ToolUse]] = []
+            for group in groups:
+                split: dict[Any, list[ToolUse]] = {}
+                for use in group:
+                    k = key(use)
+                    same = split.get(k)
+                    if same is None:
+                        split[k] = [use]
+                    else:
+                        same.append(use)
+                narrower += [same for same in split.values() if len(same) >= threshold]
+            if not narrower:
+                return None
+            groups = narrower
+        return self._in_order(uses)
+
+    def _in_order(self, uses: list[ToolUse]) -> AgentLoop | None:
+        """``find``'s count, walking ``uses`` in order (see ``find`` for what progress is)."""
+        pairs = [((use[0], _arguments(use)), _result(use)) for use in uses]
+        total: dict[Any, int] = {}
+        for pair in pairs:
+            total[pair] = total.get(pair, 0) + 1
+        answered: dict[Any, Any] = {}  # call -> its last result
+        seen: dict[Any, tuple[int, int]] = {}  # pair -> (its last index, its count)
+        progress = -1  # index of the last progress
         worst: tuple[str, int] | None = None
-        for name, arguments, result in recent:
-            if names[name] < threshold:
-                continue
-            key = (name, _digest(_arguments(arguments)), _digest(_result(result)))
-            count = pairs[key] = pairs.get(key, 0) + 1
-            if count >= threshold and (worst is None or count > worst[1]):
-                worst = (name, count)
+        for i, pair in enumerate(pairs):
+            call, result = pair
+            before = answered.get(call, _NOTHING)
+            if (before is not _NOTHING and before != result) or total[pair] == 1:
+                progress = i
+            answered[call] = result
+            last = seen.get(pair)
+            count = 1 if last is None or progress > last[0] else last[1] + 1
+            seen[pair] = (i, count)
+            if count >= self.threshold and (worst is None or count > worst[1]):
+                worst = (call[0], count)
         if worst is None:
             return None
         return AgentLoop(inert(worst[0], 128), worst[1], self.lookback)
 
 
-def _arguments(arguments: Any) -> bytes:
+_NOTHING = object()
+
+
+def _name(use: ToolUse) -> Any:
+    return use[0]
+
+
+def _size(use: ToolUse) -> Any:
+    """A text result's length (texts of different lengths differ); None for other results."""
+    result = use[2]
+    return len(result) if type(result) is str else None
+
+
+def _result(use: ToolUse) -> Any:
+    """A result to compare: a text as it is, anything else as canonical JSON (bytes, so the text
+    ``null`` and the value null differ); one nested too deep to write compares equal to
+    nothing."""
+    result = use[2]
+    if type(result) is str:
+        return result
+    try:
+        return canonical_json(result)
+    except (ValueError, RecursionError):
+        return object()
+
+
+def _arguments(use: ToolUse) -> Any:
     """A call's arguments as canonical JSON: a JSON text (OpenAI's ``arguments``) is parsed
-    first; a text that is not JSON compares as that string."""
-    if isinstance(arguments, str):
+    first (with the standard library where it holds integers too long for orjson, which would
+    read them as floats that no longer differ); a text that is not JSON compares as that
+    string. Arguments nested too deep to write canonically compare equal to nothing."""
+    arguments = use[1]
+    if type(arguments) is str:
         try:
-            arguments = orjson.loads(arguments)
-        except orjson.JSONDecodeError:
+            if _LONG_NUMBER.search(arguments) is None:
+                arguments = orjson.loads(arguments)
+            else:
+                arguments = json.loads(arguments)
+        except ValueError:  # (orjson's JSONDecodeError is one)
             pass
-    return canonical_json(arguments)
+        except RecursionError:
+            return object()
+    try:
+        return canonical_json(arguments)
+    except (ValueError, RecursionError):
+        return object()
 
 
-def _result(result: Any) -> bytes:
-    """A result as bytes to compare: text as it is, anything else as canonical JSON (tagged
-    apart, so that the text ``null`` and the value null differ)."""
-    if isinstance(result, str):
-        return b"s" + result.encode("utf-8", "surrogatepass")
-    return b"j" + canonical_json(result)
+# 19 digits and more: an integer orjson does not keep exactly (beyond 64 bits).
+_LONG_NUMBER = re.compile(r"\d{19}")
 
 
-def _digest(data: bytes) -> int:
-    return xxhash.xxh3_128_intdigest(data)
+_REFINE = (_name, _size, _result, _arguments)

@@ -16,6 +16,19 @@ def test_a_dense_document_is_not_parsed_but_a_long_text_is() -> None:
     assert len(text) > 4_000_000 and loads(text) is not None
 
 
+def test_commas_inside_strings_are_not_values() -> None:
+    # A tool result that is a CSV file: 400,000 commas, all inside one string.
+    csv = "id,name,qty,price\n" + "17,widget,3,9.99\n" * 100_000
+    body = json.dumps({"messages": [{"role": "tool", "tool_call_id": "c1", "content": csv}]})
+    assert body.count(",") > MAX_JSON_VALUES and loads(body.encode()) is not None
+    # Many short strings are many values: still not parsed.
+    strings = b"[" + b'"a,b",' * (MAX_JSON_VALUES + 1) + b'""]'
+    assert loads(strings) is None
+    # Few strings, but dense outside them: not parsed.
+    mixed = b'["' + b"," * MAX_JSON_VALUES + b'",' + b"[]," * (MAX_JSON_VALUES + 1) + b"[]]"
+    assert loads(mixed) is None
+
+
 def test_members_are_read_from_the_end() -> None:
     data = (
         b'{"object":"list","data":[' + b"0.125," * 100_000 + b'0.5],"model":"text-embedding-3'
