@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 import orjson
 
 from .base import (
-    NO_TOOLS,
     JSONMeter,
     Meter,
     Metered,
@@ -161,7 +160,7 @@ class AnthropicAdapter(UsageInStream):
         return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
 
     def tool_uses(
-        self, endpoint: str, body: Any, last: int, skip: ToolNames = NO_TOOLS
+        self, endpoint: str, body: Any, last: int, skip: ToolNames | None = None
     ) -> list[ToolUse]:
         if endpoint != "/messages" or type(body) is not dict:
             return []

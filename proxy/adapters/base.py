@@ -16,9 +16,10 @@ set of pure functions over bytes and dicts:
   the exception it would raise for the provider itself; ``code`` is the daemon's short reason
   (``upstream_timeout``, ``body_too_large``, ...);
 - ``tool_uses(endpoint, body, last, skip)``: the last ``last`` tool calls of a request's
-  conversation that carry their result (``ToolUse``, oldest first; calls named in ``skip`` left
-  out), read from the body already parsed for the fingerprint (``RecentToolCalls``); ``[]`` for
-  an endpoint that holds no conversation (the agent-loop detector).
+  conversation that carry their result (``ToolUse``, oldest first; calls named in ``skip``, a
+  ``ToolNames`` or None, left out), read from the body already parsed for the fingerprint
+  (``RecentToolCalls``); ``[]`` for an endpoint that holds no conversation (the agent-loop
+  detector).
 
 ``Usage`` counts follow the event schema: ``input_tokens`` includes cached and cache-write tokens,
 ``output_tokens`` includes reasoning tokens; the breakdowns are kept for pricing.
@@ -114,8 +115,6 @@ class ToolNames:
 _GLOB = re.compile(r"[*?\[]")
 
 
-NO_TOOLS = ToolNames()
-
 
 class Meter(Protocol):
     def feed(self, chunk: bytes) -> None: ...
@@ -153,7 +152,7 @@ class Adapter(Protocol):
     def error_body(self, status: int, message: str, code: str) -> bytes: ...
 
     def tool_uses(
-        self, endpoint: str, body: Any, last: int, skip: ToolNames = NO_TOOLS
+        self, endpoint: str, body: Any, last: int, skip: ToolNames | None = None
     ) -> list[ToolUse]: ...
 
 
@@ -413,43 +412,50 @@ class RecentToolCalls:
     by their position. A call without a result, or one named in ``skip`` (exempt: it takes no
     place among the last ``last``), is passed over."""
 
-    __slots__ = ("found", "last", "skip", "_results")
+    __slots__ = ("found", "last", "skip", "_results", "_more")
 
-    def __init__(self, last: int, skip: ToolNames) -> None:
+    def __init__(self, last: int, skip: ToolNames | None) -> None:
         self.found: list[ToolUse] = []  # newest first
         self.last = last
-        self.skip = skip if skip else None
-        self._results: dict[Any, list[Any]] = {}  # key -> results not yet paired, newest first
+        self.skip = skip  # None: none
+        # key -> the newest result met that no call took yet; older ones of the same key wait
+        # in _more, newest first (almost every key is met once: no list for it).
+        self._results: dict[Any, Any] = {}
+        self._more: dict[Any, list[Any]] = {}
 
     def result(self, key: Any, value: Any) -> None:
-        if not key:
-            key = _NO_ID
-        elif type(key) is not str and type(key) is not tuple:
-            return
-        waiting = self._results.get(key)
-        if waiting is None:
-            self._results[key] = [value]
+        if type(key) is not str or not key:
+            if not key:
+                key = _NO_ID
+            elif type(key) is not tuple:
+                return
+        if key in self._results:
+            self._more.setdefault(key, []).append(value)
         else:
-            waiting.append(value)
+            self._results[key] = value
 
     def waiting(self, key: Any) -> bool:
         """Whether a result met so far names ``key`` and has no call yet."""
-        return bool(self._results.get(key or _NO_ID))
+        return (key or _NO_ID) in self._results
 
     def call(self, name: Any, arguments: Any, key: Any) -> bool:
         """One call met walking back; True once ``last`` answered calls were found."""
-        if not key:
-            key = _NO_ID
-        elif type(key) is not str and type(key) is not tuple:
-            return False
-        waiting = self._results.get(key)
-        if not waiting or type(name) is not str:
-            return False
+        if type(key) is not str or not key:
+            if not key:
+                key = _NO_ID
+            elif type(key) is not tuple:
+                return False
         # The calls of one turn are met last first, and its results too: the last call takes
         # the last result. Results of one key never wait across turns (each turn's calls take
         # its results), so the newest one waiting belongs to this turn.
-        result = waiting.pop(0)
-        if self.skip is not None and name in self.skip:
+        result = self._results.pop(key, _NONE)
+        if result is _NONE:
+            return False
+        if self._more:  # (almost always empty: each key met once)
+            more = self._more.get(key)
+            if more:
+                self._results[key] = more.pop(0)
+        if type(name) is not str or (self.skip is not None and name in self.skip):
             return False
         self.found.append((name, arguments, result))
         return len(self.found) >= self.last

@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 import orjson
 
 from .base import (
-    NO_TOOLS,
     JSONMeter,
     Meter,
     Metered,
@@ -146,7 +145,7 @@ class GeminiAdapter(UsageInStream):
         return orjson.dumps({"error": {"code": status, "message": message, "status": state}})
 
     def tool_uses(
-        self, endpoint: str, body: Any, last: int, skip: ToolNames = NO_TOOLS
+        self, endpoint: str, body: Any, last: int, skip: ToolNames | None = None
     ) -> list[ToolUse]:
         if endpoint not in _CONVERSATIONS or type(body) is not dict:
             return []

@@ -25,7 +25,6 @@ from typing import Any, ClassVar
 import orjson
 
 from .base import (
-    NO_TOOLS,
     JSONMeter,
     Meter,
     Metered,
@@ -324,7 +323,7 @@ class OpenAIAdapter:
         )
 
     def tool_uses(
-        self, endpoint: str, body: Any, last: int, skip: ToolNames = NO_TOOLS
+        self, endpoint: str, body: Any, last: int, skip: ToolNames | None = None
     ) -> list[ToolUse]:
         if type(body) is not dict:
             return []

@@ -86,7 +86,7 @@ class AgentLoopDetector:
         self.lookback = config.lookback
         self.per_org = config.scope == "org"
         self.ttl = config.ttl_seconds
-        self.exempt = ToolNames(config.exempt_tools)
+        self.exempt = ToolNames(config.exempt_tools) if config.exempt_tools else None
 
     def check(self, adapter: Adapter, endpoint: str, body: Any) -> Suspension | None:
         """The refusal of a request whose conversation (``body``, parsed JSON, read by
@@ -128,29 +128,28 @@ class AgentLoopDetector:
         between status polls, a hand-off between sub-tasks) does not.
 
         Most conversations hold no pair ``threshold`` times at all, which is found cheaply: the
-        calls are split into groups of equal name, then result length, then result, then
-        canonical arguments, each step only for the groups that still hold ``threshold``
-        calls (few results are compared and fewer arguments parsed: that is most of the
-        layer's cost). Only a conversation with such a group is read in order."""
+        calls are counted by name and result length, then (those still in a group of
+        ``threshold``) by name and result; only a conversation with such a group has its
+        arguments parsed and is read in order."""
         threshold = self.threshold
         if len(uses) < threshold:
             return None
-        groups = [uses]
-        for key in _REFINE:
-            narrower: list[list[ToolUse]] = []
-            for group in groups:
-                split: dict[Any, list[ToolUse]] = {}
-                for use in group:
-                    k = key(use)
-                    same = split.get(k)
-                    if same is None:
-                        split[k] = [use]
-                    else:
-                        same.append(use)
-                narrower += [same for same in split.values() if len(same) >= threshold]
-            if not narrower:
-                return None
-            groups = narrower
+        # Names and result lengths (texts of different lengths differ), then names and
+        # results, only for the calls still in a group of ``threshold``.
+        sized: dict[tuple[str, int], int] = {}
+        for name, _, result in uses:
+            key = (name, len(result) if type(result) is str else -1)
+            sized[key] = sized.get(key, 0) + 1
+        if max(sized.values()) < threshold:
+            return None
+        answered: dict[Any, int] = {}
+        for use in uses:
+            result = use[2]
+            if sized[(use[0], len(result) if type(result) is str else -1)] >= threshold:
+                key = (use[0], _result(use))
+                answered[key] = answered.get(key, 0) + 1
+        if max(answered.values()) < threshold:
+            return None
         return self._in_order(uses)
 
     def _in_order(self, uses: list[ToolUse]) -> AgentLoop | None:
@@ -180,16 +179,6 @@ class AgentLoopDetector:
 
 
 _NOTHING = object()
-
-
-def _name(use: ToolUse) -> Any:
-    return use[0]
-
-
-def _size(use: ToolUse) -> Any:
-    """A text result's length (texts of different lengths differ); None for other results."""
-    result = use[2]
-    return len(result) if type(result) is str else None
 
 
 def _result(use: ToolUse) -> Any:
@@ -230,5 +219,3 @@ def _arguments(use: ToolUse) -> Any:
 # 19 digits and more: an integer orjson does not keep exactly (beyond 64 bits).
 _LONG_NUMBER = re.compile(r"\d{19}")
 
-
-_REFINE = (_name, _size, _result, _arguments)
