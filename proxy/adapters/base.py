@@ -115,7 +115,6 @@ class ToolNames:
 _GLOB = re.compile(r"[*?\[]")
 
 
-
 class Meter(Protocol):
     def feed(self, chunk: bytes) -> None: ...
 

@@ -218,4 +218,3 @@ def _arguments(use: ToolUse) -> Any:
 
 # 19 digits and more: an integer orjson does not keep exactly (beyond 64 bits).
 _LONG_NUMBER = re.compile(r"\d{19}")
-
