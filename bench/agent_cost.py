@@ -54,6 +54,7 @@ def main() -> None:
     uses = adapter.tool_uses(ENDPOINT, parsed, detector.lookback, detector.exempt)
     if detector.find(uses) is not None or detector.check(adapter, ENDPOINT, parsed) is not None:
         raise SystemExit("the agent body trips the detector: it must be loop-free")
+    every = len(adapter.tool_uses(ENDPOINT, parsed, 1_000_000))
     recent = uses[-detector.lookback :]
     names: dict[str, int] = {}
     for name, _, _ in recent:
@@ -81,8 +82,8 @@ def main() -> None:
     ]
     rows = [(what, per_call(fn, n, r)) for what, fn in calls]
     print(
-        f"body {len(raw):,} bytes, {len(parsed['messages'])} messages, {len(uses)} answered tool "
-        f"calls; among the last {detector.lookback}: {hashed} canonicalised and hashed "
+        f"body {len(raw):,} bytes, {len(parsed['messages'])} messages, {every} answered tool "
+        f"calls; among the last {detector.lookback}: {hashed} of a name seen threshold times "
         f"({ {k: v for k, v in names.items() if v >= detector.threshold} })"
     )
     print(f"best of {r} x {n} calls, µs per call:\n")

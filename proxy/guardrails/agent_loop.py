@@ -6,13 +6,16 @@ sees a repeat. This layer reads the conversation inside each request instead. A 
 name plus its arguments as canonical JSON (key order and whitespace do not matter); its result is
 the output paired with it (canonical JSON too; text sent as a string or as text blocks is the
 same text). Among the conversation's last ``lookback`` answered calls (``exempt_tools`` left
-out), a (call, result) pair seen ``threshold`` times trips it, whether the call repeats in a row
-or inside a cycle (A, B, A, B, A: A's third time). A different result is progress: the same call
-answered differently (a job status that changes) never trips; different calls never trip.
+out), a (call, result) pair seen ``threshold`` times with no progress in between trips it,
+whether the call repeats in a row or inside a cycle (A, B, A, B, A: A's third time). Progress is
+a different result, the same call answered differently (a job status that changes never trips),
+or new work: a call and result that occur only once among those looked at. Different calls
+never trip.
 
-The adapter of each wire format reads the calls (``Adapter.tool_uses``) from the body already
-parsed for the fingerprint; this module only compares them, and only the calls of a name seen
-``threshold`` times among the last ``lookback`` are canonicalised at all.
+The adapter of each wire format reads the last ``lookback`` answered calls
+(``Adapter.tool_uses``) from the end of the body already parsed for the fingerprint; this module
+only compares them, and parses arguments only in a conversation where some call got the same
+result ``threshold`` times (see ``AgentLoopDetector.find``).
 
 With scope ``conversation`` no state is kept: the request that carries the loop is refused, and
 so is any later request of the same conversation, which carries it in its history; other
