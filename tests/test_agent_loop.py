@@ -243,6 +243,35 @@ def test_gemini_pairs_by_id_when_there_is_one() -> None:
     )
 
 
+def test_gemini_without_ids_pairs_calls_of_one_name_in_order() -> None:
+    # Two parallel calls of one name in each turn, answered in the same order, no ids.
+    def turn(n: int) -> list[dict[str, Any]]:
+        return [
+            {
+                "role": "model",
+                "parts": [
+                    {"functionCall": {"name": "fetch", "args": {"u": "a"}}},
+                    {"functionCall": {"name": "fetch", "args": {"u": "b"}}},
+                ],
+            },
+            {
+                "role": "user",
+                "parts": [
+                    {"functionResponse": {"name": "fetch", "response": {"r": f"A{n}"}}},
+                    {"functionResponse": {"name": "fetch", "response": {"r": f"B{n}"}}},
+                ],
+            },
+        ]
+
+    contents = [c for n in range(3) for c in turn(n)]
+    uses = ADAPTERS["gemini"].tool_uses("/models:generateContent", {"contents": contents}, ALL)
+    assert uses == [
+        (name, {"u": u}, {"r": f"{u.upper()}{n}"})
+        for n in range(3)
+        for name, u in (("fetch", "a"), ("fetch", "b"))
+    ]
+
+
 @pytest.mark.parametrize("key", ["call_0", "", None])
 def test_chat_ids_used_again_or_missing_pair_turn_by_turn(key: str | None) -> None:
     # Some OpenAI-compatible servers number calls call_0, call_1 in every turn, or give none.

@@ -170,15 +170,17 @@ def contents_tool_uses(contents: Any, recent: RecentToolCalls) -> list[ToolUse]:
         parts = content.get("parts")
         if type(parts) is not list:
             continue
-        # Within a turn, parts in their own order: the n-th call of a name takes the n-th
-        # response of that name (responses are met first, walking back a turn at a time).
-        calls = []
-        for part in parts:
+        for part in reversed(parts):  # walking back within a turn too
             if type(part) is not dict:
                 continue
             call = part.get("functionCall") or part.get("function_call")
             if type(call) is dict:
-                calls.append(call)
+                key = _key(call)
+                if type(key) is str and not recent.waiting(key):
+                    name = call.get("name")  # a response that dropped the call's id
+                    key = ("name", name) if type(name) is str else None
+                if recent.call(call.get("name"), call.get("args"), key):
+                    return recent.answered()
                 continue
             response = part.get("functionResponse") or part.get("function_response")
             if type(response) is dict:
@@ -187,13 +189,6 @@ def contents_tool_uses(contents: Any, recent: RecentToolCalls) -> list[ToolUse]:
                 if extra:  # a multimodal response: its parts are part of the result
                     result = {"response": result, "parts": extra}
                 recent.result(_key(response), result)
-        for call in reversed(calls):
-            key = _key(call)
-            if type(key) is str and not recent.waiting(key):
-                name = call.get("name")  # a response that dropped the call's id
-                key = ("name", name) if type(name) is str else None
-            if recent.call(call.get("name"), call.get("args"), key):
-                return recent.answered()
     return recent.answered()
 
 
