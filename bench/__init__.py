@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 TIMING_HEAD = (
     "scenario",
@@ -51,6 +51,14 @@ def timing_cells(
         "" if first else f"{r.rps / passthrough.rps:.2f}x",
         "" if r.cpu_us is None else f"{r.cpu_us:,.0f}",
     ]
+
+
+def by_scenario(results: list[Any]) -> dict[str, dict[str, Any]]:
+    """Results (the bench's ``Result``s) grouped: scenario name -> target -> result."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for r in results:
+        grouped.setdefault(r.scenario.name, {})[r.target] = r
+    return grouped
 
 
 def markdown(rows: list[list[str]]) -> str:

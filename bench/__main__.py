@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 import uvloop
 
-from . import TIMING_HEAD, markdown, timing_cells, wrk
+from . import TIMING_HEAD, by_scenario, markdown, timing_cells, wrk
 from .agent import NO_AGENT_CONFIG, NO_AGENT_TARGET, agent_table
 from .agent_body import AgentBody
 from .fleet import (
@@ -404,10 +404,7 @@ async def measure(s: Scenario, name: str, targets: Targets, nonce: int) -> Resul
 
 def table(results: list[Result], idle_rss: float | None) -> str:
     rows = [[*TIMING_HEAD, "RSS MB", "TTFB p50", "+TTFB", "events"]]
-    by_scenario: dict[str, dict[str, Result]] = {}
-    for r in results:
-        by_scenario.setdefault(r.scenario.name, {})[r.target] = r
-    for name, group in by_scenario.items():
+    for name, group in by_scenario(results).items():
         direct, passthrough = group["direct"], group["pass-through"]
         for target, r in group.items():
             ttfb = f"{r.pct(0.5, r.ttfb):.2f}" if r.ttfb else ""

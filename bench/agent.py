@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from . import markdown
+from . import by_scenario, markdown
 
 NO_AGENT_TARGET = "atlasburn-proxy-no-agent-loop"
 NO_AGENT_CONFIG = "[guardrails.agent_loop_detector]\nenabled = false\n"
@@ -27,10 +27,7 @@ def agent_table(results: list[Any]) -> str:
         "CPU on/off per round", "target",
     ]  # fmt: skip
     rows = [head]
-    by: dict[str, dict[str, Any]] = {}
-    for r in results:
-        by.setdefault(r.scenario.name, {})[r.target] = r
-    for name, group in by.items():
+    for name, group in by_scenario(results).items():
         on, off = group.get("atlasburn-proxy"), group.get(NO_AGENT_TARGET)
         if on is None or off is None or not on.cpu_us or not off.cpu_us:
             continue

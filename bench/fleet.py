@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as redis
 
-from . import markdown
+from . import by_scenario, markdown
 from .procs import API_KEY, OTHER_CPU, free_port, spawn, spawn_daemon, wait_port
 from .procs import write_daemon_config as write_config
 
@@ -173,10 +173,7 @@ def fleet_table(results: list[Any], notes: dict[str, str]) -> str:
         "EVALSHA/req", "Redis CPU µs/req",
     ]  # fmt: skip
     rows = [head]
-    by: dict[str, dict[str, Any]] = {}
-    for r in results:
-        by.setdefault(r.scenario.name, {})[r.target] = r
-    for name, group in by.items():
+    for name, group in by_scenario(results).items():
         alone, fleet = group.get("atlasburn-proxy"), group.get(FLEET_TARGET)
         if alone is None or fleet is None:
             continue
