@@ -150,21 +150,30 @@ def test_only_the_last_lookback_calls_count(shape: str) -> None:
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_a_constant_call_between_steps_that_progress_never_trips(shape: str) -> None:
-    # sleep between status polls whose answer changes; a hand-off (constant answer) before
-    # each new sub-task; a clean `git status` before each new edit: 10 rounds each.
+def test_a_constant_call_between_polls_that_progress_never_trips(shape: str) -> None:
+    # sleep between status polls whose answer changes: 10 rounds.
     sleep = Call("sleep", {"seconds": 30}, "Slept 30 seconds.")
     polls = [[sleep, Call("get_job_status", {"id": "j1"}, f"running {p}%")] for p in range(10)]
     assert trips_at(shape, [c for pair in polls for c in pair]) == []
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_other_calls_between_repeats_are_no_progress(shape: str) -> None:
+    # A different step each turn (a note, an edit) while the same call fails alike: a loop.
+    fail = Call("run_tests", {}, "FAIL test_x")
+    notes = [Call("note", {"i": i}, "ok") for i in range(8)]
+    assert trips_at(shape, [fail, fail, fail, notes[0], fail, fail, fail]) == [5, 6, 7]
+    interleaved = [c for i in range(4) for c in (fail, notes[i])][:-1]
+    assert trips_at(shape, interleaved) == [7]
+    # A constant hand-off before each new sub-task counts too, unless its tools are exempt.
     handoff = Call("transfer_to_billing_agent", {}, "{'assistant': 'Billing agent'}")
     tasks = [
-        [handoff, Call("lookup_invoice", {"id": f"inv_{i}"}, f"invoice {i}: $1{i}.00")]
-        for i in range(10)
+        c
+        for i in range(6)
+        for c in (handoff, Call("lookup_invoice", {"id": f"inv_{i}"}, f"invoice {i}: $1{i}"))
     ]
-    assert trips_at(shape, [c for pair in tasks for c in pair]) == []
-    clean = Call("git_status", {}, "nothing to commit, working tree clean")
-    edits = [[clean, Call("edit_file", {"path": f"m{i}.py"}, "ok")] for i in range(10)]
-    assert trips_at(shape, [c for pair in edits for c in pair]) == []
+    assert trips_at(shape, tasks)[0] == 7
+    assert trips_at(shape, tasks, exempt_tools=frozenset({"transfer_to_*"})) == []
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -297,6 +306,19 @@ def test_chat_ids_used_again_or_missing_pair_turn_by_turn(key: str | None) -> No
         "read_file",
         4,
     )
+
+
+def test_responses_local_shell_calls_pair_with_their_outputs() -> None:
+    # local_shell_call_output names its call in "id" (the other outputs: "call_id").
+    items: list[dict[str, Any]] = []
+    for t in range(4):
+        action = {"type": "exec", "command": ["make", "test"], "env": {}}
+        items.append(
+            {"type": "local_shell_call", "id": f"lsh_{t}", "call_id": f"call_{t}", "action": action}
+        )
+        items.append({"type": "local_shell_call_output", "id": f"call_{t}", "output": "FAIL"})
+    found = detector().scan(ADAPTERS["openai"], "/responses", {"input": items})
+    assert found is not None and (found.tool, found.count) == ("local_shell_call", 4)
 
 
 def test_exempt_tools_take_shell_globs() -> None:

@@ -412,7 +412,8 @@ def responses_tool_uses(items: Any, recent: RecentToolCalls) -> list[ToolUse]:
             output = item.get("output")
             if type(output) is not str:
                 output = text_or_value(output, _RESPONSES_TEXT)
-            recent.result(item.get("call_id"), output)
+            # (local_shell_call_output names its call in "id", the others in "call_id")
+            recent.result(item.get("call_id") or item.get("id"), output)
         elif kind.endswith("_call"):
             if kind == "function_call":
                 name, arguments = item.get("name"), item.get("arguments")

@@ -8,9 +8,8 @@ the output paired with it (canonical JSON too; text sent as a string or as text 
 same text). Among the conversation's last ``lookback`` answered calls (``exempt_tools`` left
 out), a (call, result) pair seen ``threshold`` times with no progress in between trips it,
 whether the call repeats in a row or inside a cycle (A, B, A, B, A: A's third time). Progress is
-a different result, the same call answered differently (a job status that changes never trips),
-or new work: a call and result that occur only once among those looked at. Different calls
-never trip.
+a different result: the same call answered differently (a job status that changes never trips,
+and neither does a call repeated between such polls). Different calls never trip.
 
 The adapter of each wire format reads the last ``lookback`` answered calls
 (``Adapter.tool_uses``) from the end of the body already parsed for the fingerprint; this module
@@ -124,11 +123,11 @@ class AgentLoopDetector:
         between, if ``threshold`` times or more.
 
         Progress, between two occurrences of a pair, is a call answered differently from the
-        last time it was made (a job status that changed), or a pair that occurs only once
-        among ``uses`` (new work: a different edit, another sub-agent's task). So a call
-        repeated in a row, or inside a cycle whose other calls repeat too (A, B, A, B, A),
-        counts up, while a constant helper call between steps that make progress (``sleep``
-        between status polls, a hand-off between sub-tasks) does not.
+        last time it was made (a job status that changed). So a call repeated in a row, in a
+        cycle (A, B, A, B, A) or between other calls counts up, while a call that gets the same
+        answer between polls whose answer changes (``sleep`` between status checks) does not.
+        Other calls, new or not, are no progress: a loop with a different step each turn (a
+        note, an edit while the tests fail alike) still trips.
 
         Most conversations hold no pair ``threshold`` times at all, which is found cheaply: the
         calls are counted by name and result length, then (those still in a group of
@@ -158,9 +157,6 @@ class AgentLoopDetector:
     def _in_order(self, uses: list[ToolUse]) -> AgentLoop | None:
         """``find``'s count, walking ``uses`` in order (see ``find`` for what progress is)."""
         pairs = [((use[0], _arguments(use)), _result(use)) for use in uses]
-        total: dict[Any, int] = {}
-        for pair in pairs:
-            total[pair] = total.get(pair, 0) + 1
         answered: dict[Any, Any] = {}  # call -> its last result
         seen: dict[Any, tuple[int, int]] = {}  # pair -> (its last index, its count)
         progress = -1  # index of the last progress
@@ -168,7 +164,7 @@ class AgentLoopDetector:
         for i, pair in enumerate(pairs):
             call, result = pair
             before = answered.get(call, _NOTHING)
-            if (before is not _NOTHING and before != result) or total[pair] == 1:
+            if before is not _NOTHING and before != result:
                 progress = i
             answered[call] = result
             last = seen.get(pair)

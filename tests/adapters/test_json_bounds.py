@@ -21,6 +21,10 @@ def test_commas_inside_strings_are_not_values() -> None:
     csv = "id,name,qty,price\n" + "17,widget,3,9.99\n" * 100_000
     body = json.dumps({"messages": [{"role": "tool", "tool_call_id": "c1", "content": csv}]})
     assert body.count(",") > MAX_JSON_VALUES and loads(body.encode()) is not None
+    # A quoted CSV (or a JSON text) in a tool result: its quotes are escaped, not strings.
+    quoted = "\n".join(",".join(f'"f{i}"' for i in range(10)) for _ in range(30_000))
+    body = json.dumps({"messages": [{"role": "tool", "tool_call_id": "c1", "content": quoted}]})
+    assert body.count('"') > 2 * MAX_JSON_VALUES and loads(body.encode()) is not None
     # Many short strings are many values: still not parsed.
     strings = b"[" + b'"a,b",' * (MAX_JSON_VALUES + 1) + b'""]'
     assert loads(strings) is None
