@@ -75,8 +75,7 @@ class BrowserGuard:
             self._warn("origin", f"Sec-Fetch-Site: {site[:32]}")
             return (
                 "cross_site_request",
-                "requests from other sites' web pages are refused (Sec-Fetch-Site: "
-                f"{site[:32]})",
+                f"requests from other sites' web pages are refused (Sec-Fetch-Site: {site[:32]})",
             )
         return None
 

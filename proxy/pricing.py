@@ -46,7 +46,12 @@ _TTL = 3600.0
 
 @dataclass(frozen=True, slots=True)
 class RateSet:
-    """Rates in integer pico-USD per million tokens."""
+    """Rates in integer pico-USD per million tokens (per million calls for the per-call fees,
+    per hour for ``audio_hour``).
+
+    A token of another modality takes its modality's rate (``input_audio``, ``cached_audio``,
+    ...); where the model has none it was resolved to the rate a text token of its kind pays,
+    as genai-prices falls back to the nearest priced unit."""
 
     input: int
     cached_input: int
@@ -54,21 +59,95 @@ class RateSet:
     cache_write_1h: int
     output: int
     reasoning: int
+    input_audio: int
+    cached_audio: int
+    input_image: int
+    cached_image: int
+    input_video: int
+    cached_video: int
+    output_audio: int
+    output_image: int
+    web_search: int  # per million calls
+    file_search: int  # per million calls
+    audio_hour: int  # per hour of audio, for duration-billed models (Whisper)
 
     def cost(self, usage: Usage) -> float:
-        cached = min(usage.cached_input_tokens, usage.input_tokens)
-        write = min(usage.cache_write_tokens, usage.input_tokens - cached)
+        inp = usage.input_tokens
+        cached = min(usage.cached_input_tokens, inp)
+        write = min(usage.cache_write_tokens, inp - cached)
         write_1h = min(usage.cache_write_1h_tokens, write)
-        reasoning = min(usage.reasoning_tokens, usage.output_tokens)
-        total = (
-            (usage.input_tokens - cached - write) * self.input
-            + cached * self.cached_input
-            + (write - write_1h) * self.cache_write
-            + write_1h * self.cache_write_1h
-            + (usage.output_tokens - reasoning) * self.output
+        total = (write - write_1h) * self.cache_write + write_1h * self.cache_write_1h
+        fresh = inp - cached - write  # neither read from nor written to a cache
+        if usage.input_audio_tokens or usage.input_image_tokens or usage.input_video_tokens:
+            # Modality counts include their cached tokens (OpenAI realtime, Gemini details).
+            c_audio = min(usage.cached_audio_tokens, cached)
+            c_image = min(usage.cached_image_tokens, cached - c_audio)
+            c_video = min(usage.cached_video_tokens, cached - c_audio - c_image)
+            audio = min(max(usage.input_audio_tokens - c_audio, 0), fresh)
+            image = min(max(usage.input_image_tokens - c_image, 0), fresh - audio)
+            video = min(max(usage.input_video_tokens - c_video, 0), fresh - audio - image)
+            total += (
+                (cached - c_audio - c_image - c_video) * self.cached_input
+                + c_audio * self.cached_audio
+                + c_image * self.cached_image
+                + c_video * self.cached_video
+                + (fresh - audio - image - video) * self.input
+                + audio * self.input_audio
+                + image * self.input_image
+                + video * self.input_video
+            )
+        else:
+            total += cached * self.cached_input + fresh * self.input
+        out = usage.output_tokens
+        reasoning = min(usage.reasoning_tokens, out)
+        o_audio = min(usage.output_audio_tokens, out - reasoning)
+        o_image = min(usage.output_image_tokens, out - reasoning - o_audio)
+        total += (
+            (out - reasoning - o_audio - o_image) * self.output
             + reasoning * self.reasoning
+            + o_audio * self.output_audio
+            + o_image * self.output_image
         )
+        if usage.web_searches or usage.file_searches:
+            total += usage.web_searches * self.web_search + usage.file_searches * self.file_search
+        if usage.audio_ms:  # one exact division still: over ms per hour times the divisor
+            audio_pico = usage.audio_ms * self.audio_hour * 1_000_000
+            return (total * _MS_PER_HOUR + audio_pico) / (_COST_DIVISOR * _MS_PER_HOUR)
         return total / _COST_DIVISOR
+
+    @classmethod
+    def tokens_only(
+        cls,
+        input: int,
+        cached_input: int,
+        cache_write: int,
+        cache_write_1h: int,
+        output: int,
+        reasoning: int,
+    ) -> RateSet:
+        """Rates with every other modality at the text rate of its kind and no per-call fees."""
+        return cls(
+            input=input,
+            cached_input=cached_input,
+            cache_write=cache_write,
+            cache_write_1h=cache_write_1h,
+            output=output,
+            reasoning=reasoning,
+            input_audio=input,
+            cached_audio=cached_input,
+            input_image=input,
+            cached_image=cached_input,
+            input_video=input,
+            cached_video=cached_input,
+            output_audio=output,
+            output_image=output,
+            web_search=0,
+            file_search=0,
+            audio_hour=0,
+        )
+
+
+_MS_PER_HOUR = 3_600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +181,7 @@ def to_pico(usd_per_mtok: Decimal | float | int) -> int:
 
 
 def rates_from_override(o: PriceOverride) -> Rates:
-    base = RateSet(
+    base = RateSet.tokens_only(
         input=to_pico(o.input),
         cached_input=to_pico(o.cached_input),
         cache_write=to_pico(o.cache_write),
@@ -148,14 +227,14 @@ class Catalog:
         own = any(found is m for m in provider.models)
         context = {"service_tier": service_tier} if service_tier and own else None
         prices = found.get_prices(now, context)
-        if getattr(prices, "input_mtok", None) is None and prices.output_mtok is None:
-            return None  # priced per request, per image, ...: not by tokens
+        if not any(getattr(prices, key, None) is not None for key in _PRICE_KEYS + _FEE_KEYS):
+            return None  # priced per character, per image, per page, ...: nothing we meter
         starts = sorted(
             {tier.start for key in _PRICE_KEYS for tier in _tiers(getattr(prices, key, None))}
         )
 
         def at(threshold: int) -> RateSet:
-            def rate(key: str, fallback: int) -> int:
+            def rate(key: str, fallback: int, scale: int = 1) -> int:
                 value = getattr(prices, key, None)
                 if value is None:
                     return fallback
@@ -165,18 +244,41 @@ class Catalog:
                         if threshold > tier.start:
                             chosen = tier.price
                     value = chosen
-                return to_pico(value)
+                return to_pico(value * scale)
+
+            def has(key: str) -> bool:
+                return getattr(prices, key, None) is not None
 
             input_rate = rate("input_mtok", 0)
             output_rate = rate("output_mtok", 0)
+            cached = rate("cache_read_mtok", input_rate)
             write = rate("cache_write_mtok", input_rate)
+            # A modality without a rate pays its text kind's; a cached one without a rate of its
+            # own pays the cache rate where the model has one, else its modality's (genai-prices
+            # requires the join rate where both exist).
+            audio = rate("input_audio_mtok", input_rate)
+            image = rate("input_image_mtok", input_rate)
+            video = rate("input_video_mtok", input_rate)
+            has_cache = has("cache_read_mtok")
             return RateSet(
                 input=input_rate,
-                cached_input=rate("cache_read_mtok", input_rate),
+                cached_input=cached,
                 cache_write=write,
                 cache_write_1h=rate("cache_write_1h_mtok", write),
                 output=output_rate,
                 reasoning=rate("output_reasoning_mtok", output_rate),
+                input_audio=audio,
+                cached_audio=rate("cache_audio_read_mtok", cached if has_cache else audio),
+                input_image=image,
+                cached_image=rate("cache_image_read_mtok", cached if has_cache else image),
+                input_video=video,
+                cached_video=rate("cache_video_read_mtok", cached if has_cache else video),
+                output_audio=rate("output_audio_mtok", output_rate),
+                output_image=rate("output_image_mtok", output_rate),
+                # USD per thousand calls -> per million calls
+                web_search=rate("web_searches_kcount", 0, 1000),
+                file_search=rate("storage_searches_kcount", 0, 1000),
+                audio_hour=rate("input_audio_hours", rate("audio_hours", 0)),
             )
 
         tiers = tuple((start, at(start + 1)) for start in starts)
@@ -195,7 +297,17 @@ _PRICE_KEYS = (
     "cache_write_1h_mtok",
     "output_mtok",
     "output_reasoning_mtok",
+    "input_audio_mtok",
+    "cache_audio_read_mtok",
+    "input_image_mtok",
+    "cache_image_read_mtok",
+    "input_video_mtok",
+    "cache_video_read_mtok",
+    "output_audio_mtok",
+    "output_image_mtok",
 )
+# Per-call fees and duration rates (not tiered by input tokens).
+_FEE_KEYS = ("web_searches_kcount", "storage_searches_kcount", "input_audio_hours", "audio_hours")
 
 
 def _is_tiered(value: object) -> bool:

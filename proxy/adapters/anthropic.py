@@ -2,7 +2,10 @@
 
 Input tokens are ``input_tokens + cache_creation_input_tokens + cache_read_input_tokens``, each
 priced at its own rate (cache writes kept for an hour, ``cache_creation.ephemeral_1h_input_tokens``,
-at theirs). In a stream, ``message_start`` carries the input side and a first output count; each
+at theirs). The web searches the API ran for the request
+(``usage.server_tool_use.web_search_requests``) are billed per search on top of the tokens ($10 per
+1,000); its web fetches (``web_fetch_requests``) cost only the tokens they bring in, and are not
+counted. In a stream, ``message_start`` carries the input side and a first output count; each
 ``message_delta`` carries the usage so far (cumulative, never to be summed), so the last value of
 each field wins.
 
@@ -55,6 +58,7 @@ def _usage(fields: dict[str, int]) -> Usage:
         cached_input_tokens=read,
         cache_write_tokens=created,
         cache_write_1h_tokens=fields.get("ephemeral_1h_input_tokens", 0),
+        web_searches=fields.get("web_search_requests", 0),
     )
 
 
@@ -69,6 +73,9 @@ def _merge(fields: dict[str, int], usage: Any) -> bool:
     creation = usage.get("cache_creation")
     if isinstance(creation, dict) and creation.get("ephemeral_1h_input_tokens") is not None:
         fields["ephemeral_1h_input_tokens"] = as_int(creation["ephemeral_1h_input_tokens"])
+    tools = usage.get("server_tool_use")
+    if isinstance(tools, dict) and tools.get("web_search_requests") is not None:
+        fields["web_search_requests"] = as_int(tools["web_search_requests"])
     return True
 
 

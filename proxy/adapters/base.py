@@ -48,6 +48,25 @@ class Usage:
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0  # of cache_write_tokens, those kept for an hour (Anthropic)
     reasoning_tokens: int = 0
+    # Of input_tokens, those of another modality (priced at their own rates where the model has
+    # them, else at the text rate): audio, images (and documents, which Gemini bills as images),
+    # video; of cached_input_tokens, the cached ones of each. Each modality's count includes its
+    # cached tokens, as OpenAI (realtime) and Gemini report them.
+    input_audio_tokens: int = 0
+    input_image_tokens: int = 0
+    input_video_tokens: int = 0
+    cached_audio_tokens: int = 0
+    cached_image_tokens: int = 0
+    cached_video_tokens: int = 0
+    # Of output_tokens, the audio and image ones.
+    output_audio_tokens: int = 0
+    output_image_tokens: int = 0
+    # Fees per call of a provider-run tool: web searches (Anthropic ``server_tool_use``, OpenAI
+    # ``web_search_call`` items), file searches (OpenAI ``file_search_call`` items).
+    web_searches: int = 0
+    file_searches: int = 0
+    # Audio billed by its length (Whisper's ``usage: {"type": "duration", "seconds": N}``), ms.
+    audio_ms: int = 0
     # The price the provider itself reported for this request (OpenRouter's ``usage.cost``).
     cost_usd: float | None = None
     # The service tier the provider says served the request (priced differently: flex, priority).

@@ -5,6 +5,12 @@ The model is in the path (``/v1beta/models/{model}:generateContent``), not the b
 ``toolUsePromptTokenCount`` in, ``candidatesTokenCount`` plus ``thoughtsTokenCount`` out. A
 ``:streamGenerateContent`` answer is SSE with ``alt=sse`` and otherwise one JSON array delivered
 piece by piece; either way each chunk's ``usageMetadata`` is the total so far, so the last one wins.
+
+Tokens of other modalities are listed by modality: ``promptTokensDetails`` (and
+``toolUsePromptTokensDetails``) in, of which ``cacheTokensDetails`` cached, and
+``candidatesTokensDetails`` out (``[{"modality": "AUDIO", "tokenCount": N}, ...]``); audio, image
+and video tokens are priced at their own rates where the model has them (Gemini 2.5 Flash: audio in
+at $1.00 / M against $0.30 for text).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from .base import (
     ToolUse,
     Usage,
     UsageInStream,
+    as_int,
     loads,
     operation_path,
     usage_field,
@@ -34,13 +41,45 @@ def read_usage(meta: Any) -> Usage | None:
     if not isinstance(meta, dict):
         return None
     thoughts = usage_field(meta, "thoughtsTokenCount")
+    prompt = _modalities(meta.get("promptTokensDetails"))
+    tool = _modalities(meta.get("toolUsePromptTokensDetails"))
+    cached = _modalities(meta.get("cacheTokensDetails"))
+    out = _modalities(meta.get("candidatesTokensDetails"))
     return Usage(
         input_tokens=usage_field(meta, "promptTokenCount")
         + usage_field(meta, "toolUsePromptTokenCount"),
         output_tokens=usage_field(meta, "candidatesTokenCount") + thoughts,
         cached_input_tokens=usage_field(meta, "cachedContentTokenCount"),
         reasoning_tokens=thoughts,
+        input_audio_tokens=prompt.get("AUDIO", 0) + tool.get("AUDIO", 0),
+        input_image_tokens=prompt.get("IMAGE", 0) + tool.get("IMAGE", 0),
+        input_video_tokens=prompt.get("VIDEO", 0) + tool.get("VIDEO", 0),
+        cached_audio_tokens=cached.get("AUDIO", 0),
+        cached_image_tokens=cached.get("IMAGE", 0),
+        cached_video_tokens=cached.get("VIDEO", 0),
+        output_audio_tokens=out.get("AUDIO", 0),
+        output_image_tokens=out.get("IMAGE", 0),
     )
+
+
+def _modalities(details: Any) -> dict[str, int]:
+    """A ``*TokensDetails`` list (``[{"modality": "AUDIO", "tokenCount": 2900}, ...]``) as
+    modality -> tokens; ``DOCUMENT`` (PDF pages) counts as ``IMAGE``, as Google bills it and
+    genai-prices reads it. TEXT and unknown modalities are left to the text rate."""
+    found: dict[str, int] = {}
+    if type(details) is not list:
+        return found
+    for item in details:
+        if type(item) is dict:
+            modality = item.get("modality")
+            if modality == "DOCUMENT":
+                modality = "IMAGE"
+            if modality in _PRICED_MODALITIES:
+                found[modality] = found.get(modality, 0) + as_int(item.get("tokenCount"))
+    return found
+
+
+_PRICED_MODALITIES = frozenset({"AUDIO", "IMAGE", "VIDEO"})
 
 
 def _model_version(obj: dict[str, Any]) -> str | None:

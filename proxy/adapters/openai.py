@@ -66,8 +66,15 @@ USAGE_ON_REQUEST = frozenset({"/chat/completions", "/completions"})
 _RESPONSES_TERMINAL = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
 
 
-def read_usage(usage: Any, service_tier: Any = None) -> Usage | None:
-    """A ``Usage`` from either usage dialect, or None when ``usage`` is not a usage object."""
+def read_usage(usage: Any, service_tier: Any = None, output: Any = None) -> Usage | None:
+    """A ``Usage`` from any usage dialect, or None when ``usage`` is not a usage object.
+
+    ``input_tokens`` (Responses, Images, transcriptions, realtime ``response.done``): the input
+    details are ``input_tokens_details`` or, in realtime and transcriptions,
+    ``input_token_details`` (with ``cached_tokens_details`` by modality); ``prompt_tokens``
+    (chat, completions, embeddings); ``{"type": "duration", "seconds": N}`` (whisper-1, billed
+    by the minute). ``output`` is a Responses answer's ``output`` items: its ``web_search_call``
+    and ``file_search_call`` items are billed per call."""
     if not isinstance(usage, dict):
         return None
     cost = usage.get("cost")
@@ -76,11 +83,22 @@ def read_usage(usage: Any, service_tier: Any = None) -> Usage | None:
         reported_cost = float(cost)
     tier = str_or_none(service_tier)
     if "input_tokens" in usage:
+        details = usage.get("input_tokens_details") or usage.get("input_token_details")
+        out = usage.get("output_tokens_details") or usage.get("output_token_details")
+        web, files = _tool_calls(output)
         return Usage(
             input_tokens=as_int(usage.get("input_tokens")),
             output_tokens=as_int(usage.get("output_tokens")),
-            cached_input_tokens=usage_field(usage, "input_tokens_details", "cached_tokens"),
-            reasoning_tokens=usage_field(usage, "output_tokens_details", "reasoning_tokens"),
+            cached_input_tokens=usage_field(details, "cached_tokens"),
+            reasoning_tokens=usage_field(out, "reasoning_tokens"),
+            input_audio_tokens=usage_field(details, "audio_tokens"),
+            input_image_tokens=usage_field(details, "image_tokens"),
+            cached_audio_tokens=usage_field(details, "cached_tokens_details", "audio_tokens"),
+            cached_image_tokens=usage_field(details, "cached_tokens_details", "image_tokens"),
+            output_audio_tokens=usage_field(out, "audio_tokens"),
+            output_image_tokens=usage_field(out, "image_tokens"),
+            web_searches=web,
+            file_searches=files,
             cost_usd=reported_cost,
             service_tier=tier,
         )
@@ -91,17 +109,38 @@ def read_usage(usage: Any, service_tier: Any = None) -> Usage | None:
             output_tokens=as_int(usage.get("completion_tokens")),
             cached_input_tokens=cached or as_int(usage.get("prompt_cache_hit_tokens")),
             reasoning_tokens=usage_field(usage, "completion_tokens_details", "reasoning_tokens"),
+            input_audio_tokens=usage_field(usage, "prompt_tokens_details", "audio_tokens"),
+            output_audio_tokens=usage_field(usage, "completion_tokens_details", "audio_tokens"),
             cost_usd=reported_cost,
             service_tier=tier,
         )
+    if usage.get("type") == "duration":
+        seconds = usage.get("seconds")
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0:
+            return Usage(audio_ms=round(seconds * 1000), cost_usd=reported_cost)
     return None
+
+
+def _tool_calls(output: Any) -> tuple[int, int]:
+    """(web searches, file searches) among a Responses answer's output items."""
+    web = files = 0
+    if type(output) is list:
+        for item in output:
+            if type(item) is dict:
+                kind = item.get("type")
+                if kind == "web_search_call":
+                    web += 1
+                elif kind == "file_search_call":
+                    files += 1
+    return web, files
 
 
 def _read_body(body: Any) -> Metered:
     if not isinstance(body, dict):
         return Metered(None, None)
     return Metered(
-        read_usage(body.get("usage"), body.get("service_tier")), str_or_none(body.get("model"))
+        read_usage(body.get("usage"), body.get("service_tier"), body.get("output")),
+        str_or_none(body.get("model")),
     )
 
 
@@ -179,7 +218,9 @@ class ResponsesStreamMeter(SSEMeter):
         if not isinstance(response, dict):
             return
         self.model = str_or_none(response.get("model")) or self.model
-        usage = read_usage(response.get("usage"), response.get("service_tier"))
+        usage = read_usage(
+            response.get("usage"), response.get("service_tier"), response.get("output")
+        )
         if usage is not None:
             self.usage = usage
 

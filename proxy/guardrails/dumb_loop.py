@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True, slots=True)
 class Trip:
     count: int
@@ -187,9 +188,7 @@ class LoopDetector:
         count = len(recent) + 1
         if count >= self.threshold:
             if trip:  # and it is forgotten: the next window counts afresh
-                return Trip(
-                    count, f"fingerprint {fingerprint} seen {count} times in {self._label}"
-                )
+                return Trip(count, f"fingerprint {fingerprint} seen {count} times in {self._label}")
             recent = tuple(sorted(recent))[count - self.threshold + 1 :]
         if not recent:  # the earlier occurrences have all left the window: seen once again
             index = key & self._mask
@@ -418,9 +417,7 @@ class LoopGuard:
             return None
         return self.observe(event.fingerprint, age)
 
-    def observe(
-        self, fingerprint: str, age: float = 0.0, share: bool = False
-    ) -> Suspension | None:
+    def observe(self, fingerprint: str, age: float = 0.0, share: bool = False) -> Suspension | None:
         """Count one occurrence (``age`` seconds ago; see ``LoopDetector.observe``), in the
         fleet's count too when ``share`` (an answered request; an ingested event is this
         daemon's alone); the refusal when it trips the detector."""

@@ -334,9 +334,7 @@ class Fleet:
         threshold of 4): the next answered one elsewhere may make it one short, and the
         relay asks Redis (``fresh_count``) before it lets this one through."""
         threshold = self.loop.detector.threshold
-        return (
-            threshold >= 4 and self.connected and self.count(fingerprint) + 2 == threshold
-        )
+        return threshold >= 4 and self.connected and self.count(fingerprint) + 2 == threshold
 
     async def fresh_count(self, fingerprint: str) -> int:
         """The fleet's count of ``fingerprint`` in the window, read from Redis now (at most
