@@ -10,11 +10,14 @@ Tokens of other modalities are listed by modality: ``promptTokensDetails`` (and
 ``toolUsePromptTokensDetails``) in, of which ``cacheTokensDetails`` cached, and
 ``candidatesTokensDetails`` out (``[{"modality": "AUDIO", "tokenCount": N}, ...]``); audio, image
 and video tokens are priced at their own rates where the model has them (Gemini 2.5 Flash: audio in
-at $1.00 / M against $0.30 for text).
+at $1.00 / M against $0.30 for text). Grounding with Google Search is a fee per grounded answer
+(or per search query: ``billed_searches``), read from the candidates' ``groundingMetadata``.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import orjson
@@ -94,40 +97,85 @@ def _finished(chunk: dict[str, Any]) -> bool:
     )
 
 
-def _read_body(body: Any) -> Metered:
-    """A generateContent answer, or a whole streamed JSON array of them."""
+def _search_queries(chunk: dict[str, Any]) -> int:
+    """The Google Search queries a grounded answer ran: its candidates' ``groundingMetadata``
+    ``webSearchQueries``."""
+    candidates = chunk.get("candidates")
+    queries = 0
+    if type(candidates) is list:
+        for candidate in candidates:
+            if type(candidate) is dict:
+                grounding = candidate.get("groundingMetadata")
+                if type(grounding) is dict and type(grounding.get("webSearchQueries")) is list:
+                    queries += len(grounding["webSearchQueries"])
+    return queries
+
+
+_GENERATION = re.compile(r"gemini-(\d+)")
+
+
+def billed_searches(model: str | None, queries: int) -> int:
+    """Grounding with Google Search is billed per grounded prompt up to Gemini 2.5 ($35 per
+    1,000) and per search query from Gemini 3 on ($14 per 1,000), both after a free daily or
+    monthly allowance this meter does not know of (https://ai.google.dev/gemini-api/docs/pricing);
+    so a grounded answer counts one search, or (Gemini 3 and later) one per query."""
+    if not queries:
+        return 0
+    found = _GENERATION.search(model or "")
+    return queries if found and int(found.group(1)) >= 3 else 1
+
+
+def _with_searches(usage: Usage | None, model: str | None, queries: int) -> Usage | None:
+    if usage is None or not queries:
+        return usage
+    return replace(usage, web_searches=billed_searches(model, queries))
+
+
+def _read_body(body: Any, asked: str | None = None) -> Metered:
+    """A generateContent answer, or a whole streamed JSON array of them; ``asked`` is the model
+    the request's path named."""
     chunks = body if isinstance(body, list) else [body]
     usage: Usage | None = None
     model: str | None = None
     final = not isinstance(body, list)
+    queries = 0
     for chunk in chunks:
         if isinstance(chunk, dict):
             usage = read_usage(chunk.get("usageMetadata")) or usage
             model = model or _model_version(chunk)
             final = final or _finished(chunk)
-    return Metered(usage, model, final)
+            queries = max(queries, _search_queries(chunk))
+    return Metered(_with_searches(usage, asked or model, queries), model, final)
 
 
 class GeminiStreamMeter(SSEMeter):
-    __slots__ = ("usage", "model", "final")
+    __slots__ = ("usage", "model", "final", "asked", "queries")
 
-    def __init__(self) -> None:
+    def __init__(self, asked: str | None = None) -> None:
         super().__init__()
         self.usage: Usage | None = None
         self.model: str | None = None
         self.final = False  # the chunk with a finishReason (and the final counts) arrived
+        self.asked = asked  # the model the request's path named
+        self.queries = 0  # Google Search queries of a grounded answer
 
     def on_event(self, event: bytes, data: bytes) -> None:
-        if b'"usageMetadata"' not in data and self.model is not None:
+        if (
+            b'"usageMetadata"' not in data
+            and self.model is not None
+            and b'"groundingMetadata"' not in data
+        ):
             return
         obj = loads(data)
         if isinstance(obj, dict):
             self.usage = read_usage(obj.get("usageMetadata")) or self.usage
             self.model = self.model or _model_version(obj)
             self.final = self.final or _finished(obj)
+            self.queries = max(self.queries, _search_queries(obj))
 
     def summary(self) -> Metered:
-        return Metered(self.usage, self.model, self.final)
+        usage = _with_searches(self.usage, self.asked or self.model, self.queries)
+        return Metered(usage, self.model, self.final)
 
 
 def path_model(path: str) -> str | None:
@@ -176,8 +224,11 @@ class GeminiAdapter(UsageInStream):
 
     def meter(self, meta: RequestMeta, content_type: str) -> Meter:
         if content_type.startswith("text/event-stream"):
-            return GeminiStreamMeter()
-        return JSONMeter(_read_body, tail_keys=("usageMetadata", "modelVersion"))
+            return GeminiStreamMeter(meta.model)
+        asked = meta.model
+        return JSONMeter(
+            lambda body: _read_body(body, asked), tail_keys=("usageMetadata", "modelVersion")
+        )
 
     def error_body(self, status: int, message: str, code: str) -> bytes:
         state = _STATUS.get(status, "INTERNAL")
