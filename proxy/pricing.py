@@ -390,7 +390,8 @@ class Pricer:
         model = inert(model)  # it is a cache key, logged and remembered below
         try:
             rates = self._rates(provider, model, _tier(usage.service_tier))
-            if rates is None:
+            if rates is None or (usage.audio_ms and not rates.base.audio_hour):
+                # (audio billed by its length, for a model with no such rate: not free, unknown)
                 self._unpriced(provider, model)
                 return UNPRICED
             return Price(rates.cost(usage), True)

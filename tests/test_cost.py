@@ -57,6 +57,61 @@ GEMINI = (
 # 900 prompt of which 512 cached; 60 completion.
 AZURE = (388 * AZURE_GPT_4O["in"] + 512 * AZURE_GPT_4O["cached"] + 60 * AZURE_GPT_4O["out"]) / M
 
+# Other modalities and per-call fees (issue 16.1, 16.2). USD per million tokens, and per call.
+GPT_AUDIO = {"in": Decimal("2.50"), "out": Decimal(10), "audio_in": 32, "audio_out": 64}
+GPT_41 = {"in": 2, "cached": Decimal("0.50"), "out": 8}
+OPENAI_WEB_SEARCH = Decimal(10) / 1000  # per call
+OPENAI_FILE_SEARCH = Decimal("2.50") / 1000  # per call
+SONNET_45 = {"in": 3, "out": 15}
+ANTHROPIC_WEB_SEARCH = Decimal(10) / 1000  # per search
+GEMINI_25_FLASH_AUDIO = {"in": Decimal("1.00"), "cached": Decimal("0.10")}
+GEMINI_GROUNDED_PROMPT = Decimal(35) / 1000  # Gemini 2.5: per grounded prompt
+GEMINI_25_FLASH_IMAGE = {"in": Decimal("0.30"), "out": Decimal("2.50"), "image_out": 30}
+WHISPER_PER_MINUTE = Decimal("0.006")
+GPT_4O_TRANSCRIBE = {"in": Decimal("2.50"), "audio_in": 6, "out": 10}
+
+# 1200 prompt of which 1000 audio; 850 completion of which 800 audio.
+CHAT_AUDIO = (
+    200 * GPT_AUDIO["in"]
+    + 1000 * GPT_AUDIO["audio_in"]
+    + 50 * GPT_AUDIO["out"]
+    + 800 * GPT_AUDIO["audio_out"]
+) / M
+# 5000 input of which 1000 cached, 400 output; two web_search_call items, one file_search_call.
+RESPONSES_SEARCH = (
+    (4000 * GPT_41["in"] + 1000 * GPT_41["cached"] + 400 * GPT_41["out"]) / M
+    + 2 * OPENAI_WEB_SEARCH
+    + 1 * OPENAI_FILE_SEARCH
+)
+# 12000 in, 600 out, 2 web searches (and 1 web fetch, which costs only its tokens).
+MESSAGE_SEARCH = (12000 * SONNET_45["in"] + 600 * SONNET_45["out"]) / M + 2 * ANTHROPIC_WEB_SEARCH
+# 50 in, 300 out, one grounded answer (two search queries: Gemini 2.5 bills the prompt once).
+GEMINI_GROUNDED = (50 * GEMINI_25_FLASH["in"] + 300 * GEMINI_25_FLASH["out"]) / M + (
+    1 * GEMINI_GROUNDED_PROMPT
+)
+# 4000 prompt (1000 text, 3000 audio) of which 2000 cached (500 text, 1500 audio); 100 out.
+GEMINI_CACHED_AUDIO = (
+    500 * GEMINI_25_FLASH["in"]
+    + 1500 * GEMINI_25_FLASH_AUDIO["in"]
+    + 500 * GEMINI_25_FLASH["cached"]
+    + 1500 * GEMINI_25_FLASH_AUDIO["cached"]
+    + 100 * GEMINI_25_FLASH["out"]
+) / M
+# 20 in; 1300 candidates of which 1290 image.
+GEMINI_IMAGE = (
+    20 * GEMINI_25_FLASH_IMAGE["in"]
+    + 10 * GEMINI_25_FLASH_IMAGE["out"]
+    + 1290 * GEMINI_25_FLASH_IMAGE["image_out"]
+) / M
+# 95 seconds of audio.
+WHISPER = 95 * WHISPER_PER_MINUTE / 60
+# 1000 in of which 900 audio; 150 out.
+TRANSCRIBE = (
+    100 * GPT_4O_TRANSCRIBE["in"]
+    + 900 * GPT_4O_TRANSCRIBE["audio_in"]
+    + 150 * GPT_4O_TRANSCRIBE["out"]
+) / M
+
 CHAT_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 MSG_BODY = {
     "model": "claude-sonnet-4-6",
@@ -229,6 +284,99 @@ CASES = {
         True,
         UsageSource.REQUESTED,
         ("azure", "chat_completion_stream.sse"),
+    ),
+    "openai chat audio in and out": (
+        "/v1/chat/completions",
+        {"model": "gpt-audio", "modalities": ["text", "audio"], "messages": CHAT_BODY["messages"]},
+        {"x-fake-fixture": "openai/chat_completion_audio.json"},
+        CHAT_AUDIO,
+        (1200, 850),
+        False,
+        UsageSource.REPORTED,
+        ("openai", "chat_completion_audio.json"),
+    ),
+    "openai responses web and file search calls json": (
+        "/v1/responses",
+        {"model": "gpt-4.1", "input": "hi", "tools": [{"type": "web_search"}]},
+        {"x-fake-fixture": "openai/response_web_search.json"},
+        RESPONSES_SEARCH,
+        (5000, 400),
+        False,
+        UsageSource.REPORTED,
+        ("openai", "response_web_search.json"),
+    ),
+    "openai responses web and file search calls stream": (
+        "/v1/responses",
+        {"model": "gpt-4.1", "input": "hi", "stream": True, "tools": [{"type": "web_search"}]},
+        {"x-fake-fixture": "openai/response_web_search_stream.sse"},
+        RESPONSES_SEARCH,
+        (5000, 400),
+        True,
+        UsageSource.REPORTED,
+        ("openai", "response_web_search_stream.sse"),
+    ),
+    "openai whisper duration": (
+        "/v1/audio/transcriptions",
+        {"model": "whisper-1"},
+        {"x-fake-fixture": "openai/transcription_duration.json"},
+        WHISPER,
+        (0, 0),
+        False,
+        UsageSource.REPORTED,
+        ("openai", "transcription_duration.json"),
+    ),
+    "openai transcribe audio tokens": (
+        "/v1/audio/transcriptions",
+        {"model": "gpt-4o-transcribe"},
+        {"x-fake-fixture": "openai/transcription_tokens.json"},
+        TRANSCRIBE,
+        (1000, 150),
+        False,
+        UsageSource.REPORTED,
+        ("openai", "transcription_tokens.json"),
+    ),
+    "anthropic messages stream web search": (
+        "/anthropic/v1/messages",
+        {**MSG_BODY, "model": "claude-sonnet-4-5", "stream": True},
+        {"x-fake-fixture": "anthropic/message_stream_web_search.sse"},
+        MESSAGE_SEARCH,
+        (12000, 600),
+        True,
+        UsageSource.REPORTED,
+        ("anthropic", "message_stream_web_search.sse"),
+    ),
+    "gemini grounded with google search": (
+        f"{GEM}:generateContent",
+        {**GEM_BODY, "tools": [{"google_search": {}}]},
+        {"x-goog-api-key": "gk-test", "x-fake-fixture": "gemini/generate_content_grounded.json"},
+        GEMINI_GROUNDED,
+        (50, 300),
+        False,
+        UsageSource.REPORTED,
+        ("gemini", "generate_content_grounded.json"),
+    ),
+    "gemini cached audio": (
+        f"{GEM}:generateContent",
+        GEM_BODY,
+        {
+            "x-goog-api-key": "gk-test",
+            "x-fake-fixture": "gemini/generate_content_cached_audio.json",
+        },
+        GEMINI_CACHED_AUDIO,
+        (4000, 100),
+        False,
+        UsageSource.REPORTED,
+        ("gemini", "generate_content_cached_audio.json"),
+    ),
+    "gemini image out": (
+        "/gemini/v1beta/models/gemini-2.5-flash-image:generateContent",
+        GEM_BODY,
+        {"x-goog-api-key": "gk-test", "x-fake-fixture": "gemini/generate_content_image.json"},
+        GEMINI_IMAGE,
+        (20, 1300),
+        False,
+        UsageSource.REPORTED,
+        ("gemini", "generate_content_image.json"),
     ),
 }
 

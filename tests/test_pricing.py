@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from proxy.adapters.base import Usage
+from proxy.adapters.gemini import billed_searches
+from proxy.adapters.openai import read_usage as openai_usage
 from proxy.config import parse_config
 from proxy.pricing import Catalog, Price, Pricer
 
@@ -170,3 +172,85 @@ def test_prices_command() -> None:
     assert lines[2].split()[:7] == ["openai", "gpt-4o-mini", "0.15", "0.075", "0.15", "0.15", "0.6"]
     assert lines[2].endswith("openai/gpt-4o-mini")
     assert lines[3].split()[:2] == ["-", "no-such-model-xyz"]
+
+
+def test_realtime_audio_and_cached_audio_at_their_rates(catalog: Catalog) -> None:
+    """A realtime ``response.done`` usage (``input_token_details``, with the cached tokens by
+    modality). gpt-realtime: text 4 in / 0.40 cached / 16 out; audio 32 in / 0.40 cached / 64
+    out."""
+    usage = openai_usage(
+        {
+            "total_tokens": 2100,
+            "input_tokens": 1500,
+            "output_tokens": 600,
+            "input_token_details": {
+                "text_tokens": 300,
+                "audio_tokens": 1200,
+                "image_tokens": 0,
+                "cached_tokens": 640,
+                "cached_tokens_details": {
+                    "text_tokens": 128,
+                    "audio_tokens": 512,
+                    "image_tokens": 0,
+                },
+            },
+            "output_token_details": {"text_tokens": 100, "audio_tokens": 500},
+        }
+    )
+    assert usage is not None
+    expected = (
+        (300 - 128) * 4
+        + 128 * Decimal("0.40")
+        + (1200 - 512) * 32
+        + 512 * Decimal("0.40")
+        + 100 * 16
+        + 500 * 64
+    ) / M
+    assert pricer(catalog).price("openai", "gpt-realtime", usage) == Price(float(expected), True)
+
+
+def test_image_input_tokens_at_the_image_rate(catalog: Catalog) -> None:
+    """An Images API edit's usage. gpt-image-1: text 5 in, image 10 in, 40 out."""
+    usage = openai_usage(
+        {
+            "total_tokens": 4533,
+            "input_tokens": 373,
+            "output_tokens": 4160,
+            "input_tokens_details": {"text_tokens": 50, "image_tokens": 323},
+        }
+    )
+    assert usage is not None
+    expected = (50 * 5 + 323 * 10 + 4160 * 40) / M
+    assert pricer(catalog).price("openai", "gpt-image-1", usage) == Price(float(expected), True)
+
+
+def test_other_modalities_without_own_rate_pay_the_text_rate(catalog: Catalog) -> None:
+    """gemini-2.5-pro has no audio rate: its audio tokens pay 1.25 in / 0.125 cached, as text."""
+    usage = Usage(
+        1_000, 10, cached_input_tokens=400, input_audio_tokens=600, cached_audio_tokens=300
+    )
+    expected = (600 * Decimal("1.25") + 400 * Decimal("0.125") + 10 * 10) / M
+    assert pricer(catalog).price("gemini", "gemini-2.5-pro", usage) == Price(float(expected), True)
+
+
+def test_duration_without_a_rate_is_unpriced(catalog: Catalog) -> None:
+    """whisper-1: $0.006 a minute; a model with no duration rate is not free but unknown."""
+    p = pricer(catalog)
+    assert p.price("openai", "whisper-1", Usage(audio_ms=61_500)) == Price(
+        float(Decimal(61_500) / 60_000 * Decimal("0.006")), True
+    )
+    assert p.price("openai", "gpt-4o-mini", Usage(audio_ms=61_500)) == Price(0.0, False)
+    assert p.unpriced_total == 1
+
+
+def test_gemini_grounding_per_prompt_then_per_query(catalog: Catalog) -> None:
+    """Up to Gemini 2.5 a grounded answer is one billed search whatever its queries; from
+    Gemini 3 on each query is one."""
+    assert [billed_searches(m, 2) for m in ("gemini-2.5-flash", "gemini-3-pro-preview")] == [1, 2]
+    assert billed_searches("gemini-3-pro-preview", 0) == 0
+    # gemini-3-pro-preview: 2 in / 12 out (up to 200k), $14 per 1,000 search queries.
+    usage = Usage(50, 300, web_searches=billed_searches("gemini-3-pro-preview", 2))
+    expected = (50 * 2 + 300 * 12) / M + 2 * Decimal(14) / 1000
+    assert pricer(catalog).price("gemini", "gemini-3-pro-preview", usage) == Price(
+        float(expected), True
+    )

@@ -24,6 +24,14 @@ ANTHROPIC = Usage(
 )
 GEMINI = Usage(1240, 315, cached_input_tokens=1000, reasoning_tokens=230)
 AZURE = Usage(900, 60, cached_input_tokens=512)
+RESPONSES_SEARCH = Usage(
+    5000,
+    400,
+    cached_input_tokens=1000,
+    web_searches=2,
+    file_searches=1,
+    service_tier="default",
+)
 
 CASES = {
     # id: (kind, fixture dir, fixture, request path, content type, expected)
@@ -220,6 +228,105 @@ CASES = {
         "/openai/deployments/prod-gpt4o/chat/completions",
         SSE,
         Metered(AZURE, "gpt-4o-2024-11-20"),
+    ),
+    # Other modalities and per-call fees (issue 16.1, 16.2).
+    "openai chat json audio": (
+        "openai",
+        "openai",
+        "chat_completion_audio.json",
+        "/v1/chat/completions",
+        JSON,
+        Metered(
+            Usage(
+                1200,
+                850,
+                input_audio_tokens=1000,
+                output_audio_tokens=800,
+                service_tier="default",
+            ),
+            "gpt-audio-2025-08-28",
+        ),
+    ),
+    "openai responses json search calls": (
+        "openai",
+        "openai",
+        "response_web_search.json",
+        "/v1/responses",
+        JSON,
+        Metered(RESPONSES_SEARCH, "gpt-4.1-2025-04-14"),
+    ),
+    "openai responses sse search calls": (
+        "openai",
+        "openai",
+        "response_web_search_stream.sse",
+        "/v1/responses",
+        SSE,
+        Metered(RESPONSES_SEARCH, "gpt-4.1-2025-04-14"),
+    ),
+    "openai transcription duration": (
+        "openai",
+        "openai",
+        "transcription_duration.json",
+        "/v1/audio/transcriptions",
+        JSON,
+        Metered(Usage(audio_ms=95_000), None),
+    ),
+    "openai transcription tokens": (
+        "openai",
+        "openai",
+        "transcription_tokens.json",
+        "/v1/audio/transcriptions",
+        JSON,
+        Metered(Usage(1000, 150, input_audio_tokens=900), None),
+    ),
+    "anthropic messages sse web search": (
+        "anthropic",
+        "anthropic",
+        "message_stream_web_search.sse",
+        "/v1/messages",
+        SSE,
+        Metered(Usage(12000, 600, web_searches=2), "claude-sonnet-4-5-20250929"),
+    ),
+    "gemini json grounded 2.5: one search per grounded answer": (
+        "gemini",
+        "gemini",
+        "generate_content_grounded.json",
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        JSON,
+        Metered(Usage(50, 300, web_searches=1), "gemini-2.5-flash"),
+    ),
+    "gemini sse grounded 3: one search per query": (
+        "gemini",
+        "gemini",
+        "stream_generate_content_grounded.sse",
+        "/v1beta/models/gemini-3-pro-preview:streamGenerateContent",
+        SSE,
+        Metered(Usage(50, 300, web_searches=2), "gemini-3-pro-preview"),
+    ),
+    "gemini json cached audio": (
+        "gemini",
+        "gemini",
+        "generate_content_cached_audio.json",
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        JSON,
+        Metered(
+            Usage(
+                4000,
+                100,
+                cached_input_tokens=2000,
+                input_audio_tokens=3000,
+                cached_audio_tokens=1500,
+            ),
+            "gemini-2.5-flash",
+        ),
+    ),
+    "gemini json image out": (
+        "gemini",
+        "gemini",
+        "generate_content_image.json",
+        "/v1beta/models/gemini-2.5-flash-image:generateContent",
+        JSON,
+        Metered(Usage(20, 1300, output_image_tokens=1290), "gemini-2.5-flash-image"),
     ),
 }
 

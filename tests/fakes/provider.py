@@ -16,6 +16,8 @@ request headers inject faults:
   ``reject-stream-options`` (400 for a body with ``stream_options``),
   ``echo-headers`` (answer the request headers as JSON), ``hop-response`` (answer with hop-by-hop
   headers);
+- ``x-fake-fixture: <folder>/<name>``: answer that recording (SSE for ``.sse``, else JSON)
+  instead of the one the path and body pick;
 - ``x-fake-delay-ms: N`` wait N ms between SSE events;
 - ``x-fake-encoding: gzip | br | deflate | identity`` and ``x-fake-framing: length | chunked``:
   a JSON answer compressed so, sent with Content-Length or chunked (in three pieces);
@@ -265,7 +267,11 @@ class FakeProvider:
                 },
                 status=400,
             )
-        vendor, name, how = self.pick(request.path, request.query_string, body, fault)
+        if "x-fake-fixture" in request.headers:  # a recording named by the test
+            vendor, name = request.headers["x-fake-fixture"].split("/", 1)
+            how = "sse" if name.endswith(".sse") else "json"
+        else:
+            vendor, name, how = self.pick(request.path, request.query_string, body, fault)
         data = fixture(vendor, name)
         if how == "json":
             return await self.json_answer(request, data, fault)
