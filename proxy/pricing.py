@@ -10,6 +10,15 @@ Rates are held as integer pico-dollars per million tokens, so the cost of a requ
 integer sum divided once by 10**18: the float that reaches the event is the correctly rounded
 value of the exact cost, never an accumulation of float errors.
 
+Beyond text tokens (issue 16.1, 16.2): audio, image and video tokens, in and out, cached or not,
+take their own genai-prices rates (``input_audio_mtok``, ``cache_audio_read_mtok``,
+``output_image_mtok``, ...; a modality without one pays its text kind's rate, as genai-prices
+falls back to the nearest priced unit); provider-run tools add a fee per call
+(``web_searches_kcount``: Anthropic and OpenAI web search, Gemini grounding;
+``storage_searches_kcount``: OpenAI file search); and audio billed by its length (whisper-1) is
+priced per hour (``input_audio_hours`` / ``audio_hours``), a model without that rate being
+unpriced rather than free. Per-character (TTS), per-image and per-page prices are not metered.
+
 Tiered prices follow the industry's "cliff" rule (as genai-prices does): when the request's total
 input tokens pass a tier's start, that tier's rates apply to all its tokens.
 
