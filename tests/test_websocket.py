@@ -4,6 +4,7 @@ Realtime upstream on loopback (``tests/fakes/realtime.py``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -310,6 +311,25 @@ async def test_daemon_stop_closes_open_sessions(daemons: Daemons) -> None:
             assert (closing.type, closing.data) == (WSMsgType.CLOSE, 1001)
     assert daemons.upstream.received[-1][:2] == (WSMsgType.CLOSE, 1001)
     assert len(daemons.events) == 1
+
+
+async def test_a_quiet_session_outlives_the_request_deadlines(daemons: Daemons) -> None:
+    """Frames after the handshake are not a request head or body: the header, body and
+    keep-alive timeouts of ``server`` do not end a session that pauses longer than they last."""
+    daemon = await daemons.start(
+        header_timeout_seconds=1, body_timeout_seconds=1, keepalive_timeout_seconds=1
+    )
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(ws_url(daemon)) as ws:
+            await ws.receive()  # session.created
+            await asyncio.sleep(1.5)
+            await ws.send_str("binary-me")  # a first frame, then a pause past every deadline
+            assert (await ws.receive()).type is WSMsgType.BINARY
+            await asyncio.sleep(2.5)
+            await ws.send_str(json.dumps({"type": "response.create"}))
+            assert json.loads((await ws.receive()).data)["type"] == "response.output_text.delta"
+            await ws.close()
+    assert daemons.upstream.received[-1][:2] == (WSMsgType.CLOSE, 1000)
 
 
 def test_meter_sums_every_modality() -> None:
