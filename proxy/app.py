@@ -37,6 +37,7 @@ from .relay import Relay
 from .server import Runner
 from .shipper import Shipper
 from .store import Store
+from .websocket import WebSocketRelay
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
         access.start()
         relay = Relay(config, pool, recorder, pricer, kill, loop, spend, metrics, access)
         app[RELAY] = relay
+        relay.sockets = sockets = WebSocketRelay(relay, config)
         shipper = Shipper(config, store, kill) if ship else None
         if shipper is not None:
             app[SHIPPER] = shipper
@@ -153,7 +155,7 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             if fleet is not None:
                 steps.append(fleet.stop)
             failed: Exception | None = None
-            for step in (*steps, store.close, pool.close):
+            for step in (*steps, store.close, pool.close, sockets.close):
                 try:
                     await step()
                 except Exception as exc:
@@ -163,6 +165,14 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
                 raise failed
 
     app.cleanup_ctx.append(services)
+
+    async def close_sockets(app: web.Application) -> None:
+        # Before in-flight requests are waited for: a WebSocket session would last the grace.
+        relay = app.get(RELAY)
+        if relay is not None and relay.sockets is not None:
+            await relay.sockets.shutdown()
+
+    app.on_shutdown.append(close_sockets)
 
     async def relay(request: web.Request) -> web.StreamResponse:
         return await request.app[RELAY].handle(request)

@@ -75,6 +75,7 @@ from .metrics import Metrics
 from .pricing import Pricer
 from .routes import BadPath, Route, Router
 from .text import inert
+from .websocket import WebSocketRelay, is_upgrade
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,8 @@ class Relay:
         self._full_warned = 0.0
         self._agent_failures = Throttle(60.0)
         self.pool_timeout = config.upstream.pool_timeout_seconds
+        # WebSocket sessions (``websocket``), where the application set them up.
+        self.sockets: WebSocketRelay | None = None
         self.configure(config, pricer)
 
     def configure(self, config: Config, pricer: Pricer) -> None:
@@ -165,6 +168,8 @@ class Relay:
         # Request headers never relayed beyond the hop-by-hop ones (bytes, lowercase).
         self._drop = {"keep": frozenset(), "drop": _FORWARDED, "append": _XFF}[self.forwarded_for]
         self._drop_plain = self._drop | _ACCEPT_ENCODING
+        if self.sockets is not None:
+            self.sockets.configure(config)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.time()
@@ -178,6 +183,8 @@ class Relay:
             return _plain_error(
                 404, "no_route", f"no provider serves {rel.path!r}; use /<provider>/... or /v1/..."
             )
+        if self.sockets is not None and is_upgrade(request):
+            return await self.sockets.handle(request, route, started, t0)
         try:
             body, whole = await _read_body(
                 request, self.max_body, self.max_buffered, self.buffering

@@ -31,6 +31,9 @@ bounds it:
   connection gets a 503 with ``Retry-After: 1`` (which the SDKs retry) and is closed. The
   default bound comes from the open-file limit: half of it (each request under way also holds a
   connection to the provider), at most 4,096.
+- WebSockets. Once a connection is upgraded (``proxy.websocket``), its frames are neither a
+  request head nor a body: only the answer deadline (``send_timeout``) applies; a session may be
+  quiet for as long as both sides like.
 - Stop. A graceful stop gives in-flight requests ``shutdown_grace_seconds`` in all, then cancels
   them (each still records its event) and closes.
 
@@ -308,6 +311,9 @@ class _Handler(RequestHandler):
             super().data_received(data)
             return
         self.last_rx = now = self._loop.time()
+        if self._upgraded:  # a WebSocket since its handshake: frames are no request head or body
+            super().data_received(data)
+            return
         body = self._body
         if body is not None and not body.is_eof():
             self._body_bytes += len(data)

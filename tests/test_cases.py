@@ -27,7 +27,6 @@ from .fakes.server import start
 
 WAITING = {
     "azure-old-api-version-disables-usage": "issue 16.7: refusals remembered per deployment",
-    "openai-realtime-websocket": "issue 16.6: WebSocket relay",
     "openai-transcribe-multipart": "issue 16.3: multipart requests",
 }
 
@@ -108,8 +107,6 @@ async def test_case_records_its_expected_event(case_daemon: tuple[Case, Running]
                 await answer.read()
     event = running.events[-1]
     for key, value in case.expected.items():
-        if key == "status" and "websocket" in case.steps[-1]:
-            continue
         got = getattr(event, key)
         if key == "cost_usd":
             assert abs(got - value) <= 1e-12, (key, got, value)

@@ -5,7 +5,10 @@ A case folder holds ``case.json`` (its format: tests/fixtures/cases/README.md) a
 names. ``CaseProvider`` answers the n-th request it gets with step n's ``upstream`` (or
 ``upstream_when_stream_options`` when the relayed body asks for ``stream_options``), headers
 and body exactly as written, with a Content-Length or, for ``chunked``, in chunks of at most
-64 KiB; it keeps what it was sent.
+64 KiB; it keeps what it was sent. A ``websocket`` step's upstream speaks WebSocket on the
+step's path (as the provider does): a WebSocket handshake there is accepted (its headers kept
+in ``handshakes``) and the socket held open until the client closes it; any other request gets
+the step's ``upstream`` answer (the provider's answer to a request that is not an upgrade).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class CaseProvider:
     # Files the case names but does not ship (a large body made by a script): name -> path.
     made: dict[str, Path] = field(default_factory=dict)
     received: list[bytes] = field(default_factory=list)
+    handshakes: list[dict[str, str]] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -58,6 +62,14 @@ class CaseProvider:
         sent = await request.read()
         self.received.append(sent)
         step = self.case.steps[min(len(self.received), len(self.case.steps)) - 1]
+        if "websocket" in step and request.path_qs == step["websocket"]["path"]:
+            ws = web.WebSocketResponse()
+            if ws.can_prepare(request).ok:
+                self.handshakes.append(dict(request.headers))
+                await ws.prepare(request)
+                async for _ in ws:  # until the client closes
+                    pass
+                return ws
         answer = step["upstream"]
         if "upstream_when_stream_options" in step and b'"stream_options"' in sent:
             answer = step["upstream_when_stream_options"]
