@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from proxy.adapters.realtime import RealtimeMeter, RealtimeUsage
 from proxy.app import Daemon
 from proxy.config import parse_config
 from proxy.events import Event
+from proxy.pricing import Pricer
 
 from .conftest import eventually
 from .fakes.realtime import REFUSAL, FakeRealtime
@@ -369,3 +371,23 @@ def test_meter_sums_every_modality() -> None:
     usage = meter.usage()
     assert usage is not None
     assert (usage.input_tokens, usage.cached_input_tokens, usage.output_tokens) == (2400, 1024, 600)
+    assert (usage.input_audio_tokens, usage.cached_audio_tokens, usage.output_audio_tokens) == (
+        1800,
+        896,
+        480,
+    )
+    assert (usage.input_image_tokens, usage.cached_image_tokens) == (200, 0)
+    # Priced at gpt-realtime's rates per million: text 4 in / 0.40 cached / 16 out, audio 32
+    # in / 0.40 cached / 64 out, image 5 in (genai-prices).
+    expected = (
+        (400 - 128) * 4
+        + 128 * Decimal("0.40")
+        + (1800 - 896) * 32
+        + 896 * Decimal("0.40")
+        + 200 * 5
+        + 120 * 16
+        + 480 * 64
+    ) / 1_000_000
+    defaults = parse_config({}, env={})
+    pricer = Pricer.from_config(defaults.providers, defaults.pricing)
+    assert abs(pricer.price("openai", "gpt-realtime", usage).cost_usd - float(expected)) <= 1e-12

@@ -70,12 +70,19 @@ class RealtimeUsage:
         self.output_audio += _count(out.get("audio_tokens"))
 
     def usage(self) -> Usage:
-        """The session's usage for the pricer: input (cached included), cached input, output.
-        (The modality counts stay here until the pricer has rates for them.)"""
+        """The session's usage for the pricer: input (cached included), cached input, output,
+        and of each the audio and image tokens (each modality's count includes its cached
+        tokens, as ``Usage`` counts them), priced at the model's rates for each."""
+        cached = min(self.cached_tokens, self.input_tokens)
         return Usage(
             input_tokens=self.input_tokens,
             output_tokens=self.output_tokens,
-            cached_input_tokens=min(self.cached_tokens, self.input_tokens),
+            cached_input_tokens=cached,
+            input_audio_tokens=self.input_audio,
+            input_image_tokens=self.input_image,
+            cached_audio_tokens=min(self.cached_audio, self.input_audio),
+            cached_image_tokens=min(self.cached_image, self.input_image),
+            output_audio_tokens=self.output_audio,
         )
 
 
