@@ -35,9 +35,6 @@ DEPTH = 3  # levels taken apart: the document, its members, and theirs (response
 MAX_STEPS = 1 << 20  # tokens looked at one by one (about half a second of CPU): hostile past that
 
 _NONWS = re.compile(rb"[^ \t\r\n]")
-# The rest of a string after its opening quote, up to (not including) its closing quote or the
-# end of the chunk (possessive: linear time). A lone backslash at the chunk's end stops it.
-_STRING_REST = re.compile(rb'(?:[^"\\]++|\\[\s\S])*+')
 _DEEP_TOKEN = re.compile(rb'[\[\]{}"]')
 _SCALAR_END = re.compile(rb"[ \t\r\n,\]}:]")
 _SCALAR_START = frozenset(b"-0123456789tfn")
@@ -249,13 +246,11 @@ class Skeleton:
                     self._esc = False
                     if j >= n:  # (the escaped byte was the chunk's last)
                         return self._copy(data, i, n)
-                j = _STRING_REST.match(data, j).end()  # type: ignore[union-attr]
-                if j >= n:
+                end = _string_end(data, j)
+                if end < 0:  # the string goes on in the next chunk
+                    self._esc = _escapes(data, n, j) % 2 == 1
                     return self._copy(data, i, n)
-                if data[j] == 92:  # a backslash ends the chunk: its byte is in the next one
-                    self._esc = True
-                    return self._copy(data, i, n)
-                i = self._copy(data, i, j + 1)
+                i = self._copy(data, i, end)
                 self._in_str = False
                 if self._kind == _STR:
                     self._end_opaque()
@@ -280,3 +275,25 @@ class Skeleton:
                     self._end_opaque()
                     return i
         return i
+
+
+def _escapes(data: bytes, end: int, start: int) -> int:
+    """How many backslashes come right before ``end`` (not before ``start``)."""
+    k = end
+    while k > start and data[k - 1] == 92:
+        k -= 1
+    return end - k
+
+
+def _string_end(data: bytes, i: int) -> int:
+    """The offset after the quote that closes the string ``data[i:]`` is in, or -1 when it
+    goes on past the chunk. A quote is found in C (``bytes.find``); one after an odd run of
+    backslashes is escaped (the run is counted from ``i``: a backslash before ``i`` escaped
+    what came before it)."""
+    while True:
+        q = data.find(b'"', i)
+        if q < 0:
+            return -1
+        if _escapes(data, q, i) % 2 == 0:
+            return q + 1
+        i = q + 1

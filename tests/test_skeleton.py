@@ -60,6 +60,14 @@ def test_arbitrary_bytes_never_raise_and_cuts_change_nothing(data: bytes, cuts: 
     assert raw(data, cuts) == raw(data, [])
 
 
+def test_escapes_cut_anywhere() -> None:
+    doc = {'a\\"\\\\': ['\\\\"x"\\', '"', "\\", '\\"' * 50], "b": "é\n\u2028"}
+    data = json.dumps(doc).encode()
+    for a in range(len(data) + 1):
+        for b in range(a, min(a + 7, len(data) + 1)):
+            assert skeleton(data, [a, b]) == doc
+
+
 def test_not_json_or_unfinished_has_no_skeleton() -> None:
     for data in (b"", b"<html>", b'{"a" 1}', b'{"a": 1', b'{"a": 1}}', b"[1,]", b'{"a": tru'):
         assert skeleton(data) is None, data
