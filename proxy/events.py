@@ -1,11 +1,11 @@
 """The telemetry event: one per proxied request, in the AtlasBurn ingest schema.
 
 ``Event`` holds the schema's fields plus local-only ones (``usage_source``, ``priced``,
-``refused_by``, ``origin``) that say how its numbers were obtained and where it came from;
-``to_ingest`` gives the shipped form without them. ``parse_event`` validates an event that arrives
-at the local ``/api/ingest``: every field checked and bounded, the reason named when one is wrong,
-and the whole event encoded once (``check_encodable``), so that nothing it accepts can fail later in
-the store, the shipper or the loop detector, which all encode it again.
+``refused_by``, ``origin``, ``usage_unknown``) that say how its numbers were obtained and where it
+came from; ``to_ingest`` gives the shipped form without them. ``parse_event`` validates an event
+that arrives at the local ``/api/ingest``: every field checked and bounded, the reason named when
+one is wrong, and the whole event encoded once (``check_encodable``), so that nothing it accepts
+can fail later in the store, the shipper or the loop detector, which all encode it again.
 """
 
 from __future__ import annotations
@@ -46,6 +46,20 @@ class Event:
     priced: bool
     refused_by: str | None = None
     origin: str = "proxy"  # "proxy" (relayed here) or "ingest" (posted to the local API)
+    # A 2xx answer to a request that is billed (a POST to an endpoint that is not free) whose
+    # usage was missing or partial: its cost is not known (recorded 0, or a lower bound).
+    usage_unknown: bool = False
+
+    @property
+    def unknown_cost(self) -> str | None:
+        """Why this event's cost is not known, or None when it is: ``missing`` or ``partial``
+        (``usage_unknown``), ``unpriced`` (usage known, the model has no price). Never a $0 to
+        read as free (``report``'s unknown-cost column, ``/metrics``)."""
+        if self.usage_unknown:
+            return str(self.usage_source)
+        if not self.priced and self.refused_by is None and self.usage_source in _HAS_USAGE:
+            return "unpriced"
+        return None
 
     def to_ingest(self) -> dict[str, Any]:
         return {
@@ -64,6 +78,7 @@ class Event:
 
 
 Recorder = Callable[[Event], None]
+_HAS_USAGE = frozenset({UsageSource.REPORTED, UsageSource.REQUESTED})
 
 
 _second = -1

@@ -68,6 +68,15 @@ class Metrics:
             ["provider", "model"],
             registry=r,
         )
+        self.unknown_cost = Counter(
+            "atlasburn_unknown_cost_requests",
+            "Requests whose cost is not known, by provider, model and reason: missing (a "
+            "billed answer without usage), partial (cut before its final usage: cost at least "
+            "what was counted), unpriced (no price for the model). Their atlasburn_cost_usd is "
+            "0 or a lower bound, not free",
+            ["provider", "model", "reason"],
+            registry=r,
+        )
         self.refusals = Counter(
             "atlasburn_guardrail_refusals",
             "Requests refused by a guardrail, by layer",
@@ -101,6 +110,7 @@ class Metrics:
             registry=r,
         )
         self._limit_children: dict[str, Any] = {}
+        self._unknown_children: dict[tuple[str, str, str], Any] = {}
         self._children: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
         self._models: set[tuple[str, str]] = set()  # (provider, model) labelled: answered 2xx
         self._upstream: dict[str, Any] = {}
@@ -138,6 +148,16 @@ class Metrics:
             tokens_out.inc(event.tokens_out)
         if event.cost_usd:
             cost.inc(event.cost_usd)
+        reason = event.unknown_cost
+        if reason is not None:
+            model = self._model(event.provider, event.model, event.status)
+            label = (event.provider, model, reason)
+            child = self._unknown_children.get(label)
+            if child is None:
+                child = self.unknown_cost.labels(*label)
+                if len(self._unknown_children) < MAX_MODELS * 10:
+                    self._unknown_children[label] = child
+            child.inc()
         if event.refused_by is not None:
             layer = event.refused_by
             if layer not in self._layers:

@@ -104,6 +104,7 @@ class _Exchange:
         "waited",
         "occurrence",
         "ack",
+        "billed",
     )
 
     def __init__(self) -> None:
@@ -116,6 +117,7 @@ class _Exchange:
         # The fingerprint the loop detector counts once the provider answers 2xx (None: none).
         self.occurrence: str | None = None
         self.ack: asyncio.Future[None] | None = None  # the fleet counted the occurrence
+        self.billed = False  # a POST to an endpoint that is not free: an answer costs
 
 
 class Relay:
@@ -225,6 +227,7 @@ class Relay:
 
         ex = _Exchange()
         ex.waited = read_body
+        ex.billed = costly
         if counted and self.loop.counts(request.headers):
             ex.occurrence = fp
         # (Stream usage is asked for only in a body the daemon may rewrite: a plain one.)
@@ -315,6 +318,7 @@ class Relay:
             return refusal
         ex = _Exchange()
         ex.waited = read_body
+        ex.billed = _costly(request, upstream.adapter, meta)
         slot = False
         try:
             if not first:
@@ -734,6 +738,9 @@ class Relay:
             stream=meta.stream,
             usage_source=source,
             priced=priced,
+            usage_unknown=ex.billed
+            and 200 <= ex.status < 300
+            and source in (UsageSource.MISSING, UsageSource.PARTIAL),
         )
 
 

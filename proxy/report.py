@@ -3,6 +3,11 @@
 ``--since`` selects events by their own time (the event's ``ts``: when the request started, or
 what a client posted to the local /api/ingest), not by when they reached the store, to the
 second: the cutoff is rounded down to a whole second, so an event of the cutoff's second counts.
+
+``unknown cost`` counts the requests whose cost is not known, so that no one reads their $0 as
+free: answers (2xx, to a POST that is billed) whose usage was missing or partial (a stream cut
+mid-answer: its cost is at least what was counted), and events of models with no price
+(``unpriced``, a part of it).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import REFUSED, UNPRICED
+from .store import REFUSED, UNPRICED, USAGE_UNKNOWN
 from .text import inert
 
 GROUPS = ("provider", "model", "endpoint", "fingerprint")
@@ -42,6 +47,7 @@ class Row:
     tokens_out: int
     cost_usd: float
     unpriced: int
+    unknown_cost: int
 
     def as_dict(self, by: str) -> dict[str, object]:
         return {
@@ -53,6 +59,7 @@ class Row:
             "tokens_out": self.tokens_out,
             "cost_usd": round(self.cost_usd, 10),
             "unpriced": self.unpriced,
+            "unknown_cost": self.unknown_cost,
         }
 
 
@@ -87,7 +94,8 @@ def query(path: Path, by: str, since_seconds: float | None, now: float | None = 
             f"SELECT json_extract(j, '$.{by}'), COUNT(*), SUM(flags & {REFUSED} != 0), "
             f"SUM(json_extract(j, '$.status') >= 400 AND flags & {REFUSED} = 0), "
             "SUM(json_extract(j, '$.tokens_in')), SUM(json_extract(j, '$.tokens_out')), "
-            f"SUM(json_extract(j, '$.cost_usd')), SUM(flags & {UNPRICED} != 0) "
+            f"SUM(json_extract(j, '$.cost_usd')), SUM(flags & {UNPRICED} != 0), "
+            f"SUM(flags & {UNPRICED | USAGE_UNKNOWN} != 0) "
             "FROM (SELECT CAST(body AS TEXT) AS j, flags FROM events) "
             "WHERE json_extract(j, '$.ts') >= ? "
             "GROUP BY 1 ORDER BY 7 DESC, 2 DESC, 1",
@@ -106,6 +114,7 @@ def query(path: Path, by: str, since_seconds: float | None, now: float | None = 
             tokens_out=int(r[5] or 0),
             cost_usd=float(r[6] or 0),
             unpriced=int(r[7] or 0),
+            unknown_cost=int(r[8] or 0),
         )
         for r in rows
     ]
@@ -121,6 +130,7 @@ def total(rows: list[Row]) -> Row:
         sum(r.tokens_out for r in rows),
         sum(r.cost_usd for r in rows),
         sum(r.unpriced for r in rows),
+        sum(r.unknown_cost for r in rows),
     )
 
 
@@ -140,6 +150,7 @@ def render(
         "tokens out",
         "cost USD",
         "unpriced",
+        "unknown cost",
     )
     cells = [header] + [
         (
@@ -151,6 +162,7 @@ def render(
             f"{r.tokens_out:,}",
             f"{r.cost_usd:,.6f}",
             f"{r.unpriced:,}",
+            f"{r.unknown_cost:,}",
         )
         for r in [*rows, total(rows)]
     ]

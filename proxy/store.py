@@ -108,6 +108,7 @@ REFUSED = 1  # refused by a guardrail (never reached the provider)
 UNPRICED = 2  # usage known but no price for the model
 FROM_INGEST = 4  # posted to the local /api/ingest, not relayed here
 FREE = 8  # nothing was spent: not answered 2xx, and cost 0 (dropped first past max_spool_mb)
+USAGE_UNKNOWN = 16  # a billed 2xx answer whose usage was missing or partial (Event.usage_unknown)
 
 _INSERT = "INSERT INTO events (created, state, size, flags, body) VALUES (?, ?, ?, ?, ?)"
 _ROW_OVERHEAD = 40  # bytes of a row besides its body, roughly
@@ -442,6 +443,8 @@ class Store:
             flags = REFUSED
         elif not e.priced and e.usage_source in _HAS_USAGE:
             flags = UNPRICED
+        if e.usage_unknown:
+            flags |= USAGE_UNKNOWN
         if e.origin != "proxy":
             flags |= FROM_INGEST
         if not e.cost_usd and not 200 <= e.status < 300:

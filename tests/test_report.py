@@ -64,6 +64,7 @@ async def test_report(fake: FakeProvider, start_daemon: StartDaemon, tmp_path: P
             "tokens_out": 14,
             "cost_usd": round(2 * chat_cost, 10),
             "unpriced": 0,
+            "unknown_cost": 0,
         },
         {
             "model": "text-embedding-3-small",
@@ -74,6 +75,7 @@ async def test_report(fake: FakeProvider, start_daemon: StartDaemon, tmp_path: P
             "tokens_out": 0,
             "cost_usd": 1e-07,
             "unpriced": 0,
+            "unknown_cost": 0,
         },
     ]
     assert out["total"]["requests"] == 5 and out["total"]["refused"] == 1
@@ -92,10 +94,22 @@ async def test_report(fake: FakeProvider, start_daemon: StartDaemon, tmp_path: P
         "cost",
         "USD",
         "unpriced",
+        "unknown",
+        "cost",
     ]
-    assert table[2].split() == ["/chat/completions", "4", "1", "1", "3,072", "14", "0.000316", "0"]
-    assert table[3].split() == ["/embeddings", "1", "0", "0", "5", "0", "0.000000", "0"]
-    assert table[-1].split() == ["total", "5", "1", "1", "3,077", "14", "0.000316", "0"]
+    assert table[2].split() == [
+        "/chat/completions",
+        "4",
+        "1",
+        "1",
+        "3,072",
+        "14",
+        "0.000316",
+        "0",
+        "0",
+    ]
+    assert table[3].split() == ["/embeddings", "1", "0", "0", "5", "0", "0.000000", "0", "0"]
+    assert table[-1].split() == ["total", "5", "1", "1", "3,077", "14", "0.000316", "0", "0"]
 
 
 def test_report_without_a_store_is_empty(tmp_path: Path) -> None:

@@ -93,3 +93,29 @@ def test_an_oversized_line_or_event_is_skipped_and_memory_stays_bounded() -> Non
         events += p.feed(big)
     events += p.feed(b"\ndata: next\n\n")
     assert events == [(b"", b"next")]
+
+
+def test_an_event_too_large_to_hold_comes_out_as_its_skeleton() -> None:
+    """A Responses terminal event carrying a 20 MB image: the parser never holds more than its
+    bound, and the event comes out with the image left out and the usage kept."""
+    import orjson
+
+    import proxy.sse
+
+    image = b"A" * 20_000_000
+    for newline in (b"\n", b"\r\n", b"\r"):
+        p = SSEParser()
+        events = p.feed(b"event: response.created" + newline + b'data: {"a":1}' + newline * 2)
+        events += p.feed(b"event: response.completed" + newline + b'data: {"response": {"out')
+        events += p.feed(b'put": [{"result": "')
+        for i in range(0, len(image), 65536):
+            events += p.feed(image[i : i + 65536])
+            assert len(p._buf) + p._held_size + len(b"".join(p._data)) <= proxy.sse.MAX_HELD
+        events += p.feed(b'"}],' + newline + b'data: "usage": {"output_tokens": 7}}}')
+        events += p.feed(newline + newline + b"data: [DONE]" + newline + newline) + p.end()
+        assert events[0] == (b"response.created", b'{"a":1}')
+        assert events[2] == (b"", b"[DONE]")
+        assert events[1][0] == b"response.completed"
+        assert orjson.loads(events[1][1]) == {
+            "response": {"output": [None], "usage": {"output_tokens": 7}}
+        }

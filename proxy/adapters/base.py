@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Protocol
 
 import orjson
 
+from ..skeleton import BUDGET, Skeleton
 from ..sse import SSEParser
 from ..text import inert
 
@@ -345,43 +346,62 @@ def _value_after(data: bytes, i: int) -> Any:
 
 
 class JSONMeter:
-    """Buffers a JSON response body (up to ``limit`` bytes) and reads usage from it at the end.
+    """Reads usage from a JSON response body as it passes, in bounded memory.
 
     ``read`` maps the parsed body (any JSON value but null) to ``Metered``; it is the only
-    provider-specific part. A body over ``limit`` (or too dense to parse: ``MAX_JSON_VALUES``)
-    is not parsed: its last ``TAIL`` bytes are kept, and ``read`` gets the members ``tail_keys``
-    found there (``tail_members``).
+    provider-specific part. A body of at most ``WHOLE`` bytes is kept and parsed whole (the
+    common case: one parse in C). A larger one is not kept: from then on it is read into its
+    ``Skeleton`` (``proxy.skeleton``: the same document with its big values left out, its small
+    ones, the usage among them, wherever they are), and ``read`` gets that. Only a document with
+    no skeleton (not JSON, or a hostile shape) falls back to its last ``TAIL`` bytes, where
+    ``read`` gets the members ``tail_keys`` found there (``tail_members``). Memory per answer:
+    ``WHOLE``, then the skeleton's ``HARD`` bound and the tail, whatever the answer's size.
     """
 
-    __slots__ = ("_chunks", "_size", "_limit", "_read", "_tail_keys")
+    __slots__ = ("_chunks", "_size", "_read", "_tail_keys", "_skeleton", "_tail")
 
-    def __init__(
-        self, read: Any, limit: int = 16 * 1024 * 1024, tail_keys: tuple[str, ...] = ()
-    ) -> None:
+    WHOLE = BUDGET  # bytes of a body kept whole and parsed at the end
+
+    def __init__(self, read: Any, tail_keys: tuple[str, ...] = ()) -> None:
         self._chunks: list[bytes] = []
         self._size = 0
-        self._limit = limit
         self._read = read
         self._tail_keys = tail_keys
+        self._skeleton: Skeleton | None = None
+        self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
         self._size += len(chunk)
-        if self._size <= self._limit:
-            self._chunks.append(chunk)
-        else:  # past the limit: only the end is kept, for tail_members
-            tail = b"".join(self._chunks)[-TAIL:] if len(self._chunks) != 1 else self._chunks[0]
-            self._chunks = [(tail + chunk)[-TAIL:]]
+        skeleton = self._skeleton
+        if skeleton is None:
+            if self._size <= self.WHOLE:
+                self._chunks.append(chunk)
+                return
+            # Past what is kept whole: what was kept goes into the skeleton, and so does the rest.
+            skeleton = self._skeleton = Skeleton()
+            for held in self._chunks:
+                skeleton.feed(held)
+            self._tail = b"".join(self._chunks)[-TAIL:]
+            self._chunks = []
+        skeleton.feed(chunk)
+        if self._tail_keys:
+            self._tail = (self._tail + chunk)[-TAIL:] if len(chunk) < TAIL else chunk[-TAIL:]
 
     def abandon(self) -> None:
-        self._chunks = []  # an unfinished document says nothing
+        # An unfinished document says nothing.
+        self._chunks, self._skeleton, self._tail = [], None, b""
 
     def result(self) -> Metered:
-        if not self._chunks:
-            return Metered(None, None)
-        data = b"".join(self._chunks)
-        body = loads(data) if self._size <= self._limit else None
-        if body is None and self._tail_keys and len(data) >= _DENSE_FROM // 8:
-            body = tail_members(data, self._tail_keys) or None
+        body: Any = None
+        if self._skeleton is None:
+            if self._chunks:
+                body = loads(b"".join(self._chunks))
+        else:
+            skeleton = self._skeleton.result()
+            if skeleton is not None:
+                body = loads(skeleton)
+            elif self._tail_keys and self._tail:
+                body = tail_members(self._tail, self._tail_keys) or None
         if body is None:
             return Metered(None, None)
         result: Metered = self._read(body)

@@ -49,7 +49,7 @@ def test_members_are_read_from_the_end() -> None:
 
 
 def test_an_embeddings_answer_too_large_to_keep_is_still_metered() -> None:
-    """2,048 embeddings of 1,536 dimensions: about 40 MB of JSON, over the meter's 16 MiB."""
+    """2,048 embeddings of 1,536 dimensions: about 40 MB of JSON, none of it held whole."""
     meta = RequestMeta("/embeddings", "text-embedding-3-small", False, None)
     meter = ADAPTERS["openai"].meter(meta, "application/json")
     vector = b"[" + b"0.0123456," * 1535 + b"0.5]"
