@@ -27,7 +27,6 @@ from .fakes.server import start
 
 WAITING = {
     "anthropic-web-search-fee": "issue 16.1: per-request fees",
-    "azure-old-api-version-disables-usage": "issue 16.7: refusals remembered per deployment",
     "gemini-audio-input": "issue 16.2: modalities",
     "openai-realtime-websocket": "issue 16.6: WebSocket relay",
     "openai-transcribe-multipart": "issue 16.3: multipart requests",
