@@ -97,7 +97,7 @@ class _Zlib:
             if out:
                 yield out
             if obj.eof:
-                rest = obj.unused_data
+                rest = obj.unused_data.lstrip(b"\0")  # (a gzip file may be padded with NULs)
                 if not (self._gzip and rest):
                     return
                 obj = self._obj = zlib.decompressobj(self._wbits)  # the next member
@@ -270,16 +270,28 @@ def tap(
 
 def accepted(header: str) -> tuple[str, list[str]]:
     """An Accept-Encoding value cut to the codings ``DECODERS`` reads (weights kept), and the
-    codings it dropped. ``*`` (any coding) is dropped too: it would let the server choose one
-    the daemon cannot read. Nothing left means ``identity``, which a server may always send."""
+    codings it dropped. ``*`` (any coding) becomes the readable codings the value does not
+    name, with its weight. Nothing left means ``identity``, which a server may always send."""
     kept: list[str] = []
+    named: set[str] = set()
     dropped: list[str] = []
+    wildcard: str | None = None
     for item in header.split(","):
-        name = item.partition(";")[0].strip().lower()
+        name, semi, params = item.strip().partition(";")
+        name = name.strip().lower()
         if not name:
             continue
+        named.add(name)
         if name in DECODERS or name == "identity":
             kept.append(item.strip())
+        elif name == "*":
+            wildcard = semi + params
         else:
             dropped.append(name)
+    if wildcard is not None:
+        dropped.append("*")
+        kept += [c + wildcard for c in _WILDCARD if c not in named]
     return (", ".join(kept) or "identity"), dropped
+
+
+_WILDCARD = ("gzip", "deflate", "br", "zstd")  # what ``*`` stands for, most widely served first
