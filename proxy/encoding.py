@@ -138,6 +138,8 @@ class _Zstd:
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         dec = self._dec
+        if dec.eof and data:  # the last frame ended with the last piece: a new one starts
+            dec = self._dec = self._new()
         while True:
             out = dec.decompress(data, STEP)
             data = b""

@@ -152,6 +152,10 @@ def test_concatenated_gzip_members_and_zstd_frames_decode_whole(how: str, pack: 
     steps = range(0, len(packed), 1000)
     got = b"".join(p for i in steps for p in inflater.feed(packed[i : i + 1000]))
     assert got == b"".join(parts)
+    # A member or frame that ends exactly where a piece ends.
+    inflater = Inflater(how)
+    got = b"".join(p for part in parts for p in inflater.feed(pack(part)))  # type: ignore[operator]
+    assert got == b"".join(parts)
 
 
 def test_a_zstd_frame_may_not_ask_for_a_window_over_8_mib() -> None:
