@@ -640,22 +640,20 @@ class Relay:
         if not codings(encoding):
             return None
         try:
-            inflater = Inflater(encoding)
+            inflater: Inflater | None = Inflater(encoding)
         except ValueError:
-            log.warning(
-                "provider %s compressed a stream asked for identity in %r, which the daemon "
-                "cannot read: the usage chunk the daemon asked for reaches the client",
-                provider,
-                inert(encoding or ""),
-            )
-            return None
+            inflater = None
         if provider not in self._warned_compressed:
             self._warned_compressed.add(provider)
             log.warning(
-                "provider %s compressed a stream asked for identity (%s): such streams are "
-                "decoded here and reach the client plain (logged once per provider)",
+                "provider %s compressed a stream asked for identity (%s): %s (logged once per "
+                "provider)",
                 provider,
                 inert(encoding or ""),
+                "such streams are decoded here and reach the client plain"
+                if inflater is not None
+                else "the daemon cannot read it, so the usage chunk it asked for reaches the "
+                "client",
             )
         return inflater
 
