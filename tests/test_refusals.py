@@ -1,4 +1,4 @@
-"""Refusals of an injected ``stream_options`` (``proxy.refusals``): per target, bounded, expiring."""
+"""Refused ``stream_options`` (``proxy.refusals``): remembered per target, bounded, expiring."""
 
 from __future__ import annotations
 

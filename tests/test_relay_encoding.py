@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import aiohttp
+import openai
 import pytest
 
 from proxy.adapters.base import UsageSource
@@ -144,3 +145,29 @@ async def test_a_corrupt_compressed_stream_is_cut_not_passed_off_as_complete(
             body,
             **{"x-fake-encoding": "gzip", "x-fake-fault": "corrupt"},
         )
+
+
+async def test_the_openai_sdk_gets_no_chunk_it_did_not_ask_for_from_a_compressed_stream(
+    fake: FakeProvider, daemon: RunningDaemon
+) -> None:
+    """What was found by trial: through an upstream that gzips although asked for identity,
+    the SDK's stream must not end in a ``choices: []`` chunk carrying usage it never asked for."""
+    async with openai.AsyncOpenAI(
+        base_url=daemon.url + "/v1", api_key="sk-test", max_retries=0
+    ) as client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_headers={"x-fake-encoding": "gzip"},
+        )
+        chunks = [chunk async for chunk in stream]
+    assert [len(c.choices) for c in chunks] == [1] * len(chunks)
+    assert [c.usage for c in chunks] == [None] * len(chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "".join(
+        json.loads(e[len(b"data: ") :])["choices"][0]["delta"].get("content") or ""
+        for e in sse_events(fixture("openai", "chat_completion_stream.sse"))
+        if not e.startswith(b"data: [DONE]")
+    )
+    [event] = daemon.events
+    assert (event.tokens_in, event.tokens_out) == (1536, 7)
