@@ -9,8 +9,13 @@ side.
 Stream usage: where a stream reports usage only when asked (OpenAI chat and completions), the
 daemon asks for it and filters it back out of what the client sees. That request goes out with
 ``Accept-Encoding: identity`` (a server may always answer uncompressed) so that the filter works
-on plain bytes. A provider that rejects the option (400/422 naming ``stream_options``) gets the
-request again exactly as the client sent it, and is not asked again until restart.
+on plain bytes; an upstream that compresses it all the same is decoded for the client, which then
+gets it plain (no ``Content-Encoding``). A target that rejects the option (400/422 naming
+``stream_options``) gets the request again exactly as the client sent it, and is not asked again
+for an hour (``proxy.refusals``: per provider, deployment or model, and api-version).
+
+Content codings: every request goes up asking only for codings the meter can read
+(``proxy.encoding.accepted``), so no answer arrives in one it cannot.
 
 Exactly one event is recorded per relayed request, after the last byte was sent (or the exchange
 ended early), from the ``finally`` of ``Relay.handle``; nothing here waits for the disk.
@@ -45,7 +50,7 @@ from .adapters.base import (
     loads,
 )
 from .config import Config
-from .encoding import decode_body, tap
+from .encoding import DECODE_ERRORS, Inflater, accepted, codings, decode_body, tap
 from .errors import ClientBodyTimeout, UpstreamBusy, UpstreamError, UpstreamTimeout
 from .events import Event, Recorder, iso_ms
 from .fingerprint import fingerprint, raw_hasher
@@ -73,6 +78,7 @@ from .http1 import (
 from .logs import AccessLog, Throttle, request_id
 from .metrics import Metrics
 from .pricing import Pricer
+from .refusals import Refusals, Target
 from .routes import BadPath, Route, Router
 from .text import inert
 from .websocket import WebSocketRelay, is_upgrade
@@ -101,6 +107,7 @@ class _Exchange:
         "meter",
         "up",
         "asked_usage",
+        "target",
         "waited",
         "occurrence",
         "ack",
@@ -113,6 +120,7 @@ class _Exchange:
         self.meter: Meter | None = None
         self.up: Response | None = None
         self.asked_usage = False  # the daemon asked for stream usage the client did not
+        self.target: Target | None = None  # whom it asked (remembered if it refuses)
         self.waited = 0.0  # seconds spent waiting on the provider or the client
         # The fingerprint the loop detector counts once the provider answers 2xx (None: none).
         self.occurrence: str | None = None
@@ -146,8 +154,10 @@ class Relay:
         self.access = access or AccessLog(False)
         # Retry-After for a suspension without an end: when the daemon next asks the API.
         self.poll_seconds = config.telemetry.poll_interval_seconds
-        # Providers that refused an injected stream_options: not asked again until restart.
-        self.refuses_stream_usage: set[str] = set()
+        # Targets that refused an injected stream_options: not asked again for a while.
+        self.refusals = Refusals()
+        self._warned_codings: set[str] = set()  # Accept-Encoding codings dropped (logged once)
+        self._warned_compressed: set[str] = set()  # providers that compressed despite identity
         # Bodies too large to hold stream upstream as the client sends them, so each holds an
         # upstream connection at the client's pace: they may hold at most half of the pool.
         self.uploads = asyncio.Semaphore(max(1, config.upstream.max_connections // 2))
@@ -231,7 +241,7 @@ class Relay:
         if counted and self.loop.counts(request.headers):
             ex.occurrence = fp
         # (Stream usage is asked for only in a body the daemon may rewrite: a plain one.)
-        asking = self._asking_usage(route, meta, parsed, ex) if plain is body else None
+        asking = self._asking_usage(request, route, meta, parsed, ex) if plain is body else None
         # What was parsed is not needed past here: let it go before waiting on the provider (a
         # large conversation's objects take several times its size, for as long as it streams).
         del parsed, plain, canonical
@@ -361,17 +371,21 @@ class Relay:
                 self.loop.observe(fp, share=True)
 
     def _asking_usage(
-        self, route: Route, meta: RequestMeta, parsed: Any, ex: _Exchange
+        self, request: web.Request, route: Route, meta: RequestMeta, parsed: Any, ex: _Exchange
     ) -> bytes | None:
         """The body that asks for stream usage the client did not ask for (and
-        ``ex.asked_usage``), or None when there is nothing to ask for."""
+        ``ex.asked_usage``, ``ex.target``), or None when there is nothing to ask for."""
         upstream = route.upstream
-        if not upstream.inject_stream_usage or upstream.name in self.refuses_stream_usage:
+        if not upstream.inject_stream_usage:
             return None
         asking = upstream.adapter.with_stream_usage(meta, parsed)
         if asking is None:
             return None
+        target = Target.of(upstream.name, route.path, request.rel_url.query, parsed)
+        if self.refusals.refused(target):
+            return None
         ex.asked_usage = True
+        ex.target = target
         # A right-sized copy: orjson's buffer is several times the output, and this one is held
         # for as long as the stream lasts.
         return bytes(memoryview(orjson.dumps(asking)))
@@ -507,14 +521,17 @@ class Relay:
                     raise _upstream_error(exc, upstream.name) from None
                 if b"stream_options" not in error:
                     return await self._answer_whole(request, route, meta, ex, error)
-                log.warning(
-                    "provider %s refused stream_options (HTTP %d); it is not asked for stream "
-                    "usage again: its chat streams are recorded without usage unless the "
-                    "client asks",
-                    upstream.name,
-                    up.status,
-                )
-                self.refuses_stream_usage.add(upstream.name)
+                assert ex.target is not None
+                if not self.refusals.refused(ex.target):  # (else requests already in flight)
+                    log.warning(
+                        "%s refused stream_options (HTTP %d): not asked for stream usage for "
+                        "%gs; its chat streams are recorded without usage unless the client "
+                        "asks",
+                        ex.target,
+                        up.status,
+                        self.refusals.ttl,
+                    )
+                    self.refusals.add(ex.target)
                 ex.asked_usage = False
                 up.release()
                 up = ex.up = await self._send(request, route, body, False, ex)
@@ -546,18 +563,15 @@ class Relay:
         ex.meter = adapter.meter(meta, content_type)
         feed = self._tap(ex.meter, encoding)
         hide: StreamFilter | None = None
+        plain: Inflater | None = None  # decodes a stream that should have come plain
         if ex.asked_usage and is_sse and up.status == 200:
-            if encoding in (None, "", "identity"):
+            plain = self._plain_stream(upstream.name, encoding)
+            if plain is not None or not codings(encoding):
                 hide = adapter.hide_stream_usage()
-            else:
-                log.warning(
-                    "provider %s compressed a stream asked for identity (%s): the usage chunk "
-                    "the daemon asked for reaches the client",
-                    upstream.name,
-                    encoding,
-                )
-        # The filter changes the length: a Content-Length would then be wrong.
-        headers = _response_headers(up, _LENGTH if hide is not None else frozenset())
+        # The filter changes the length: a Content-Length would then be wrong (and the coding,
+        # for a stream decoded here).
+        drop = frozenset() if hide is None else _LENGTH if plain is None else _CODED
+        headers = _response_headers(up, drop)
         response = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
         self._answered(ex, up.status)
         clock = time.perf_counter
@@ -577,6 +591,17 @@ class Relay:
                 if not chunk:
                     break
                 feed(chunk)
+                if plain is not None and hide is not None:
+                    try:
+                        for piece in plain.feed(chunk):
+                            if piece := hide.feed(piece):
+                                t = clock()
+                                await response.write(piece)
+                                waited += clock() - t
+                    except DECODE_ERRORS as exc:
+                        _abort_client(request, upstream.name, exc)
+                        return response
+                    continue
                 if hide is not None:
                     chunk = hide.feed(chunk)
                     if not chunk:
@@ -618,6 +643,49 @@ class Relay:
         ex.waited += time.perf_counter() - t
         ex.complete = True
         return whole
+
+    def _plain_stream(self, provider: str, encoding: str | None) -> Inflater | None:
+        """A decoder for a stream the daemon asked to come plain (it must filter it), when it
+        came compressed all the same; None when it came plain, or in a coding the daemon
+        cannot read (the usage chunk then reaches the client: said in the log)."""
+        if not codings(encoding):
+            return None
+        try:
+            inflater: Inflater | None = Inflater(encoding)
+        except ValueError:
+            inflater = None
+        if provider not in self._warned_compressed:
+            self._warned_compressed.add(provider)
+            log.warning(
+                "provider %s compressed a stream asked for identity (%s): %s (logged once per "
+                "provider)",
+                provider,
+                inert(encoding or ""),
+                "such streams are decoded here and reach the client plain"
+                if inflater is not None
+                else "the daemon cannot read it, so the usage chunk it asked for reaches the "
+                "client",
+            )
+        return inflater
+
+    def _accept_encoding(self, request: web.Request) -> bytes | None:
+        """The Accept-Encoding line to send instead of the client's, when the client accepts
+        codings the meter cannot read (logged once per coding); else None."""
+        values = request.headers.getall(hdrs.ACCEPT_ENCODING, ())
+        if not values:
+            return None
+        value, dropped = accepted(", ".join(values))
+        if not dropped:
+            return None
+        new = [inert(c, 64) for c in dropped if c not in self._warned_codings]
+        if new and len(self._warned_codings) < 64:  # client-chosen names: a bounded set
+            self._warned_codings.update(new)
+            log.warning(
+                "clients accept content codings the daemon cannot meter (%s): they are left "
+                "out of Accept-Encoding on the way up (logged once per coding)",
+                ", ".join(new),
+            )
+        return b"Accept-Encoding: " + value.encode("latin-1", "replace") + b"\r\n"
 
     def _tap(self, meter: Meter, encoding: str | None) -> Callable[[bytes], None]:
         metrics = self.metrics
@@ -662,9 +730,9 @@ class Relay:
         ``plain`` asks for an uncompressed answer (the daemon must rewrite it)."""
         upstream = route.upstream
         connection = request.headers.get(hdrs.CONNECTION)
-        if plain:
-            headers = request_head(request.raw_headers, connection, self._drop_plain)
-            headers += b"Accept-Encoding: identity\r\n"
+        accept = b"Accept-Encoding: identity\r\n" if plain else self._accept_encoding(request)
+        if accept is not None:
+            headers = request_head(request.raw_headers, connection, self._drop_plain) + accept
         else:
             headers = request_head(request.raw_headers, connection, self._drop)
         if self.forwarded_for == "append":
@@ -833,6 +901,7 @@ async def _rest_of_body(
 
 
 _LENGTH = frozenset({"content-length"})
+_CODED = frozenset({"content-length", "content-encoding"})
 _ACCEPT_ENCODING = frozenset({b"accept-encoding"})
 _XFF = frozenset({b"x-forwarded-for"})
 _FORWARDED = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})

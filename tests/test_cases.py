@@ -26,7 +26,6 @@ from .fakes.cases import CASES, Case, CaseProvider
 from .fakes.server import start
 
 WAITING = {
-    "azure-old-api-version-disables-usage": "issue 16.7: refusals remembered per deployment",
     "openai-transcribe-multipart": "issue 16.3: multipart requests",
 }
 

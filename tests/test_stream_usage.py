@@ -180,3 +180,31 @@ def test_filter_lets_an_endless_event_through_untouched() -> None:
         assert len(f._buf) <= UsageChunkFilter.MAX_HELD
     assert sent == piece * 2000  # all of it reached the client (the first MiB a bit late)
     assert f.feed(b'data: {"usage":null}\n\n') == b'data: {"usage":null}\n\n'
+
+
+async def test_a_refusal_is_remembered_per_deployment_and_api_version(
+    fake: FakeProvider, start_daemon: StartDaemon
+) -> None:
+    """One Azure deployment behind an old api-version refuses ``stream_options``: only that
+    (deployment, api-version) stops being asked; other deployments, and the same deployment
+    under a newer api-version, keep their usage."""
+    d = await start_daemon(providers={"azure": {"kind": "azure", "base_url": fake.url}})
+    body = {"messages": MESSAGES, "stream": True}
+    sent = [
+        ("legacy-35", "2024-02-01", {"x-fake-fault": "reject-stream-options"}),
+        ("legacy-35", "2024-02-01", {}),  # remembered: not asked
+        ("prod-4o", "2024-02-01", {}),
+        ("legacy-35", "2024-10-21", {}),
+    ]
+    for deployment, version, headers in sent:
+        path = f"/azure/openai/deployments/{deployment}/chat/completions?api-version={version}"
+        status, _ = await post_raw(d.url + path, body, **{"api-key": "k", **headers})
+        assert status == 200
+    asked = ["stream_options" in json.loads(seen.body) for seen in fake.requests]
+    assert asked == [True, False, False, True, True]
+    assert [e.usage_source for e in d.events] == [
+        UsageSource.MISSING,
+        UsageSource.MISSING,
+        UsageSource.REQUESTED,
+        UsageSource.REQUESTED,
+    ]

@@ -12,15 +12,18 @@ request headers inject faults:
   ``cut`` (send half the events, then drop the connection), ``gzip`` / ``gzip-chunked`` /
   ``deflate`` (compress the body, with Content-Length / chunked), ``bomb`` / ``bomb-sse`` (a
   JSON / SSE answer of about 1 MiB of gzip that inflates to 1 GiB of zeros: ``gzip_bomb``),
-  ``redirect`` (302 elsewhere),
+  ``redirect`` (302 elsewhere), ``corrupt`` (with ``x-fake-encoding``: a stream's first event,
+  then bytes that do not decode, then silence),
   ``reject-stream-options`` (400 for a body with ``stream_options``),
   ``echo-headers`` (answer the request headers as JSON), ``hop-response`` (answer with hop-by-hop
   headers);
 - ``x-fake-fixture: <folder>/<name>``: answer that recording (SSE for ``.sse``, else JSON)
   instead of the one the path and body pick;
 - ``x-fake-delay-ms: N`` wait N ms between SSE events;
-- ``x-fake-encoding: gzip | br | deflate | identity`` and ``x-fake-framing: length | chunked``:
-  a JSON answer compressed so, sent with Content-Length or chunked (in three pieces);
+- ``x-fake-encoding: gzip | br | deflate | zstd | identity``, or several stacked (``gzip, br``:
+  gzip, then brotli), and ``x-fake-framing: length | chunked``: a JSON answer compressed so, sent
+  with Content-Length or chunked (in three pieces); a stream compressed so, event by event
+  (each flushed), whatever the request's Accept-Encoding says;
 - ``x-fake-location: URL``: with ``redirect``, where the 302 points;
 - ``x-fake-chunks: N`` (with ``x-fake-delay-ms``): a chat stream of N content chunks, then the
   finish chunk and ``[DONE]``; ``x-fake-bytes: N``: a stream of N bytes of SSE comments (``:``
@@ -45,6 +48,7 @@ from typing import Any
 
 import brotli
 from aiohttp import web
+from backports import zstd
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
@@ -61,10 +65,55 @@ def sse_events(raw: bytes) -> list[bytes]:
 
 BIG = 1 << 20  # request bodies over this are kept as size and digest only
 
+class Packer:
+    """Compresses a body piece by piece in one Content-Encoding value (codings stacked in the
+    order named), each piece flushed so that it can be decoded as it arrives."""
+
+    def __init__(self, encoding: str) -> None:
+        self.layers = [self._layer(c.strip()) for c in encoding.split(",")]
+
+    @staticmethod
+    def _layer(coding: str) -> Any:
+        if coding in ("gzip", "x-gzip", "deflate"):
+            c = zlib.compressobj(6, zlib.DEFLATED, 15 if coding == "deflate" else 31)
+            return (
+                lambda d: c.compress(d) + c.flush(zlib.Z_SYNC_FLUSH),
+                lambda: c.flush(),
+            )
+        if coding == "br":
+            b = brotli.Compressor()
+            return (lambda d: b.process(d) + b.flush(), lambda: b.finish())
+        if coding == "zstd":
+            z = zstd.ZstdCompressor()
+            return (
+                lambda d: z.compress(d, zstd.ZstdCompressor.FLUSH_BLOCK),
+                lambda: z.flush(zstd.ZstdCompressor.FLUSH_FRAME),
+            )
+        assert coding == "identity", coding
+        return (lambda d: d, lambda: b"")
+
+    def pack(self, data: bytes) -> bytes:
+        for piece, _ in self.layers:
+            data = piece(data)
+        return data
+
+    def end(self) -> bytes:
+        data = b""
+        for piece, end in self.layers:
+            data = piece(data) + end() if data else end()
+        return data
+
+
+def compress(encoding: str, data: bytes) -> bytes:
+    packer = Packer(encoding)
+    return packer.pack(data) + packer.end()
+
+
 COMPRESS = {
     "gzip": gzip.compress,
     "deflate": zlib.compress,
     "br": brotli.compress,
+    "zstd": zstd.compress,
     "identity": lambda data: data,
 }
 
@@ -316,7 +365,7 @@ class FakeProvider:
         elif fault == "deflate":
             encoding = "deflate"
         if encoding:
-            data = COMPRESS[encoding](data)
+            data = COMPRESS[encoding](data) if encoding in COMPRESS else compress(encoding, data)
             headers["Content-Encoding"] = encoding
         if not chunked:
             return web.Response(body=data, headers=headers)
@@ -343,6 +392,10 @@ class FakeProvider:
         resp = web.StreamResponse(
             headers={"Content-Type": content_type, "x-request-id": "req_fake_stream"}
         )
+        packer = None
+        if (encoding := request.headers.get("x-fake-encoding", "identity")) != "identity":
+            packer = Packer(encoding)
+            resp.headers["Content-Encoding"] = encoding
         await resp.prepare(request)
         how = "done"
         try:
@@ -352,7 +405,10 @@ class FakeProvider:
                     request.transport.close()
                     how = "cut"
                     return resp
-                await resp.write(event)
+                await resp.write(event if packer is None else packer.pack(event))
+                if fault == "corrupt" and packer is not None:  # then bytes that decode to nothing
+                    await resp.write(b"\xff" * 64)
+                    await asyncio.sleep(3600)
                 self.sent += 1
                 if fault == "stall" and i == 0:
                     await asyncio.sleep(3600)
@@ -360,7 +416,7 @@ class FakeProvider:
                     await self.gate.wait()
                 if delay:
                     await asyncio.sleep(delay)
-            await resp.write_eof()
+            await resp.write_eof(b"" if packer is None else packer.end())
         except (asyncio.CancelledError, ConnectionResetError):
             how = "disconnected"
             raise
