@@ -5,8 +5,17 @@ whitespace, UTF-8) of ``{"kind", "endpoint", "body"}``, where ``body`` is the re
 its transport-only fields (the adapter decides which those are). Key order and whitespace never
 change it; any change in model, messages, tools or sampling parameters does.
 
-A body that is not JSON is fingerprinted from its raw bytes: the hash of the canonical JSON of
-``{"kind", "endpoint"}``, a newline, and the bytes.
+A form (multipart/form-data or urlencoded: audio transcriptions, image edits, uploads) is
+fingerprinted from what it asks, not from its raw bytes: a multipart body's boundary is random per
+request (every SDK draws a new one), so its bytes would make every retry, and every turn of a loop,
+a new fingerprint. Its fingerprint is the hash of the canonical JSON of ``{"kind", "endpoint",
+"form"}``, ``form`` being ``Form.canonical`` (``proxy.adapters.form``): the non-file fields
+without the transport-only ones, and the SHA-256 of each file part's bytes. So the same audio with
+the same model and prompt is the same request whatever its boundary, file name or field order;
+another file, model, prompt, language or temperature is another request.
+
+Any other body that is not JSON (and a form that cannot be read) is fingerprinted from its raw
+bytes: the hash of the canonical JSON of ``{"kind", "endpoint"}``, a newline, and the bytes.
 """
 
 from __future__ import annotations
@@ -46,6 +55,13 @@ def fingerprint(kind: str, endpoint: str, canonical: Any, raw: bytes) -> str:
             canonical = None
     if canonical is None:
         data = canonical_json({"endpoint": endpoint, "kind": kind}) + b"\n" + raw
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def form_fingerprint(kind: str, endpoint: str, form: Any) -> str:
+    """The fingerprint of a form request; ``form`` is its canonical value (``describe_form``):
+    strings, lists and dicts only, so it always writes."""
+    data = canonical_json({"endpoint": endpoint, "form": form, "kind": kind})
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 

@@ -49,11 +49,12 @@ from .adapters.base import (
     UsageSource,
     loads,
 )
+from .adapters.form import FormReader, describe_form, read_form
 from .config import Config
 from .encoding import DECODE_ERRORS, Inflater, accepted, codings, decode_body, tap
 from .errors import ClientBodyTimeout, UpstreamBusy, UpstreamError, UpstreamTimeout
 from .events import Event, Recorder, iso_ms
-from .fingerprint import fingerprint, raw_hasher
+from .fingerprint import fingerprint, form_fingerprint, raw_hasher
 from .guardrails import (
     SPEND_LAYER,
     AgentLoopDetector,
@@ -216,10 +217,17 @@ class Relay:
         encoding = request.headers.get(hdrs.CONTENT_ENCODING)
         if encoding is not None and body:
             plain = decode_body(body, encoding, self.max_buffered) or b""
-        parsed = loads(plain) if plain else None
-        meta = upstream.adapter.describe(route.path, parsed)
-        canonical = meta.canonical if parsed is not None else None
-        fp = fingerprint(upstream.kind, meta.endpoint, canonical, plain or body)
+        form = read_form(request.headers.get(hdrs.CONTENT_TYPE), plain) if plain else None
+        if form is not None:  # a form (an upload): its model and fingerprint from its fields
+            parsed = canonical = None
+            meta = describe_form(upstream.adapter, route.path, form)
+            fp = form_fingerprint(upstream.kind, meta.endpoint, meta.canonical)
+            del form
+        else:
+            parsed = loads(plain) if plain else None
+            meta = upstream.adapter.describe(route.path, parsed)
+            canonical = meta.canonical if parsed is not None else None
+            fp = fingerprint(upstream.kind, meta.endpoint, canonical, plain or body)
 
         suspension = self.kill.check(started)
         costly = suspension is None and _costly(request, upstream.adapter, meta)
@@ -311,6 +319,8 @@ class Relay:
         provider as it arrives. Its fingerprint is the hash of its raw bytes, known once it is
         sent, so the loop detector counts it then (a loop is refused from the next request on);
         the model comes from the answer; stream usage is not asked for (the body is not read).
+        A form (an audio or image upload) is read as it passes instead (``FormReader``: fields
+        kept, files hashed): its model and fingerprint come from it, known once it is sent.
 
         Such a request holds an upstream connection at the client's pace, so it takes one only
         once its first body bytes are in (a client that announces a body and sends nothing
@@ -319,6 +329,10 @@ class Relay:
         upstream = route.upstream
         meta = upstream.adapter.describe(route.path, None)
         hasher = raw_hasher(upstream.kind, meta.endpoint)
+        # A form (a large upload) is read as it passes: its fields kept, its files hashed.
+        reader = None
+        if request.headers.get(hdrs.CONTENT_ENCODING) is None:
+            reader = FormReader.open(request.headers.get(hdrs.CONTENT_TYPE))
         suspension = self.kill.check(started)
         if suspension is not None:
             hasher.update(first)  # what is known of it: the rest is never read
@@ -343,7 +357,7 @@ class Relay:
                     f"no upstream connection for an upload within {self.pool_timeout:g}s "
                     "(uploads may hold half of upstream.max_connections)"
                 ) from None
-            stream = _rest_of_body(request, first, self.max_body, hasher)
+            stream = _rest_of_body(request, first, self.max_body, hasher, reader)
             return await self._exchange(
                 request, route, meta, b"", None, ex, stream, request.content_length
             )
@@ -360,6 +374,11 @@ class Relay:
             if slot:
                 self.uploads.release()
             fp = "sha256:" + hasher.hexdigest()
+            form = reader.result() if reader is not None else None
+            if form is not None:  # (None too for a body cut short: its raw bytes count)
+                meta = describe_form(upstream.adapter, route.path, form)
+                fp = form_fingerprint(upstream.kind, meta.endpoint, meta.canonical)
+                meta = replace(meta, canonical=None)
             self._finish(started, t0, route, meta, ex, fp)
             if (
                 200 <= ex.status < 300
@@ -882,13 +901,15 @@ async def _read_body(
 
 
 async def _rest_of_body(
-    request: web.Request, first: bytes, limit: int, hasher: Any
+    request: web.Request, first: bytes, limit: int, hasher: Any, form: FormReader | None
 ) -> AsyncIterator[bytes]:
-    """``first`` and then the rest of the body as it arrives, hashed on the way; BodyTooLarge
-    once it passes ``limit``."""
+    """``first`` and then the rest of the body as it arrives, hashed on the way (and fed to
+    ``form``, a form's reader, if not None); BodyTooLarge once it passes ``limit``."""
     size = len(first)
     if first:
         hasher.update(first)
+        if form is not None:
+            form.feed(first)
         yield first
     # Pieces of at most 64 KiB: each is written upstream before the next is read, so a slow
     # provider holds back the client instead of filling memory.
@@ -897,6 +918,8 @@ async def _rest_of_body(
         if size > limit:
             raise BodyTooLarge
         hasher.update(chunk)
+        if form is not None:
+            form.feed(chunk)
         yield chunk
 
 

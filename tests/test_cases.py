@@ -25,9 +25,7 @@ from proxy.events import Event
 from .fakes.cases import CASES, Case, CaseProvider
 from .fakes.server import start
 
-WAITING = {
-    "openai-transcribe-multipart": "issue 16.3: multipart requests",
-}
+WAITING: dict[str, str] = {}
 
 NAMES = sorted(p.name for p in CASES.iterdir() if p.is_dir())
 

@@ -6,11 +6,13 @@ import hashlib
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.adapters import ADAPTERS
-from proxy.fingerprint import fingerprint
+from proxy.adapters.form import describe_form, read_form
+from proxy.fingerprint import fingerprint, form_fingerprint
 
 openai = ADAPTERS["openai"]
 
@@ -160,3 +162,61 @@ def test_a_body_nested_too_deep_to_write_is_fingerprinted_from_its_bytes() -> No
     assert fingerprint("openai", "/chat/completions", body, raw) == fingerprint(
         "openai", "/chat/completions", None, raw
     )
+
+
+def form_fp(body: bytes, boundary: str) -> str:
+    form = read_form(f"multipart/form-data; boundary={boundary}", body)
+    assert form is not None
+    meta = describe_form(openai, "/v1/audio/transcriptions", form)
+    return form_fingerprint("openai", meta.endpoint, meta.canonical)
+
+
+def form_body(fields: list[tuple[str, str]], audio: bytes, filename: str, boundary: str) -> bytes:
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{n}"\r\n\r\n{v}\r\n'.encode()
+        for n, v in fields
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"'
+        "\r\nContent-Type: audio/wav\r\n\r\n".encode()
+        + audio
+        + b"\r\n"
+    )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode()
+
+
+FORM_FIELDS = [
+    ("model", "gpt-4o-transcribe"),
+    ("prompt", "Names: Ada"),
+    ("language", "en"),
+    ("temperature", "0.2"),
+    ("response_format", "json"),
+]
+
+
+@given(
+    st.permutations(FORM_FIELDS),
+    st.text("abcdef0123456789", min_size=16, max_size=40),
+    st.text("abcdefgh", min_size=1, max_size=12),
+    st.sampled_from(["stream", "user"]),
+)
+def test_a_form_is_the_same_whatever_its_boundary_order_and_file_name(
+    fields: list[tuple[str, str]], boundary: str, filename: str, transport: str
+) -> None:
+    """A multipart body's boundary is random per request and its file name may be a temporary
+    file's: neither changes the fingerprint, nor does field order or a transport-only field."""
+    audio = b"RIFF" + bytes(range(256))
+    first = form_fp(form_body(FORM_FIELDS, audio, "hello.wav", "b0"), "b0")
+    again = form_body([*fields, (transport, "true")], audio, f"{filename}.wav", boundary)
+    assert form_fp(again, boundary) == first
+
+
+@pytest.mark.parametrize(
+    "field,value", [("model", "whisper-1"), ("prompt", "Names: Bo"), ("temperature", "0")]
+)
+def test_every_form_field_and_the_file_matter(field: str, value: str) -> None:
+    audio = b"RIFF" + bytes(range(256))
+    first = form_fp(form_body(FORM_FIELDS, audio, "a.wav", "b"), "b")
+    changed = [(n, value if n == field else v) for n, v in FORM_FIELDS]
+    assert form_fp(form_body(changed, audio, "a.wav", "b"), "b") != first
+    assert form_fp(form_body(FORM_FIELDS, audio + b"\0", "a.wav", "b"), "b") != first

@@ -64,6 +64,8 @@ def sse_events(raw: bytes) -> list[bytes]:
 
 
 BIG = 1 << 20  # request bodies over this are kept as size and digest only
+# The field a multipart form (an audio transcription) asks for a stream with, as the SDKs send it.
+_FORM_STREAM = b'Content-Disposition: form-data; name="stream"\r\n\r\ntrue\r\n'
 
 class Packer:
     """Compresses a body piece by piece in one Content-Encoding value (codings stacked in the
@@ -229,6 +231,12 @@ class FakeProvider:
                 if stream
                 else ("openai", "response.json", "json")
             )
+        if path.endswith(("/audio/transcriptions", "/audio/translations")):
+            if stream:
+                return "openai", "transcription_stream.sse", "sse"
+            return "openai", "transcription.json", "json"
+        if path.endswith(("/images/edits", "/images/variations")):
+            return "openai", "image_edit.json", "json"
         if path.endswith("/models"):
             return "openai", "models.json", "json"
         return "openai", "error_401.json", "json"
@@ -316,6 +324,8 @@ class FakeProvider:
                 },
                 status=400,
             )
+        if body is None and _FORM_STREAM in raw:  # a form (an upload) asking for a stream
+            body = {"stream": True}
         if "x-fake-fixture" in request.headers:  # a recording named by the test
             vendor, name = request.headers["x-fake-fixture"].split("/", 1)
             how = "sse" if name.endswith(".sse") else "json"
