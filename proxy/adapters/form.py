@@ -40,6 +40,9 @@ from python_multipart.multipart import (
 from .base import Adapter, RequestMeta, str_or_none
 
 log = logging.getLogger(__name__)
+# The parser logs a warning for each malformed body before it raises: a client's mistake (or a
+# flood of them) that the daemon's log is not for. We log it at debug level ourselves.
+logging.getLogger("python_multipart.multipart").setLevel(logging.ERROR)
 
 # A field's value is kept up to this many bytes (a transcription prompt is a few hundred); a
 # longer one is hashed like a file.
