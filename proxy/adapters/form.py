@@ -37,7 +37,7 @@ from python_multipart.multipart import (
     parse_options_header,
 )
 
-from .base import Adapter, RequestMeta, str_or_none
+from .base import Adapter, RequestMeta
 
 log = logging.getLogger(__name__)
 # The parser logs a warning for each malformed body before it raises: a client's mistake (or a
@@ -277,14 +277,15 @@ def read_form(content_type: str | None, body: bytes) -> Form | None:
 
 
 def describe_form(adapter: Adapter, path: str, form: Form) -> RequestMeta:
-    """A form request's ``RequestMeta``: the model and stream flag from its fields (``stream``
-    is the text ``true`` in a form), its canonical body the fields the adapter does not call
-    transport-only, and the file hashes."""
+    """A form request's ``RequestMeta``: what the adapter makes of its fields as if they were a
+    JSON body (the model of a ``model`` field, except where the adapter says otherwise: an Azure
+    deployment names no model; the fields less the transport-only ones), the stream flag from a
+    ``stream`` field (the text ``true`` in a form, where JSON has ``true``), and the canonical
+    body ``{"fields": ..., "files": ...}`` with the file hashes."""
     meta = adapter.describe(path, form.fields)
-    canonical = {"fields": meta.canonical, "files": form.files}
     return RequestMeta(
         endpoint=meta.endpoint,
-        model=str_or_none(form.field("model")),
+        model=meta.model,
         stream=form.field("stream") == "true",
-        canonical=canonical,
+        canonical={"fields": meta.canonical, "files": form.files},
     )

@@ -9,12 +9,15 @@ from urllib.parse import urlencode
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.adapters import ADAPTERS
+from proxy.adapters.base import RequestMeta
 from proxy.adapters.form import (
     MAX_FIELD_BYTES,
     MAX_HELD_BYTES,
     MAX_PARTS,
     Form,
     FormReader,
+    describe_form,
     read_form,
 )
 
@@ -124,6 +127,40 @@ def test_urlencoded() -> None:
         {"model": "gpt-4o-transcribe", "prompt": "café au lait", "x": ["1", "2"], "flag": ""},
         {"bad": [sha(b"%FF")]},
     )
+
+
+def test_each_adapter_describes_a_form_by_its_own_rules() -> None:
+    form = Form(
+        {"model": "gpt-4o-transcribe", "stream": "true", "user": "u-1", "language": "en"},
+        {"file": ["ab" * 32]},
+    )
+    assert describe_form(ADAPTERS["openai"], "/v1/audio/transcriptions", form) == RequestMeta(
+        endpoint="/audio/transcriptions",
+        model="gpt-4o-transcribe",
+        stream=True,
+        canonical={
+            "fields": {"model": "gpt-4o-transcribe", "language": "en"},
+            "files": {"file": ["ab" * 32]},
+        },
+    )
+    # An Azure deployment names no model (the answer does); it is part of what is asked.
+    azure = ADAPTERS["azure"]
+    path = "/openai/deployments/my-transcriber/audio/transcriptions"
+    assert describe_form(azure, path, form) == RequestMeta(
+        endpoint="/audio/transcriptions",
+        model=None,
+        stream=True,
+        canonical={
+            "fields": {
+                "model": "gpt-4o-transcribe",
+                "language": "en",
+                "deployment": "my-transcriber",
+            },
+            "files": {"file": ["ab" * 32]},
+        },
+    )
+    sent_once = Form({"stream": ["true", "true"]}, {})
+    assert describe_form(ADAPTERS["openai"], "/v1/x", sent_once).stream is False
 
 
 def test_file_parts_are_never_held() -> None:
