@@ -298,3 +298,27 @@ async def test_a_malformed_form_is_fingerprinted_from_its_bytes(
     assert event.fingerprint == fingerprint("openai", "/audio/transcriptions", None, body)
     parser_lines = [r for r in caplog.records if r.name.startswith("python_multipart")]
     assert [r.getMessage() for r in parser_lines if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/files", "/v1/uploads/upload_6a1b2c3d/parts", "/anthropic/v1/files"]
+)
+async def test_identical_file_uploads_are_not_a_loop(
+    fake: FakeProvider, daemon: RunningDaemon, path: str
+) -> None:
+    """A file of identical 64 MB parts (a zero-filled image), or one batch file uploaded by
+    four CI jobs at once, is one fingerprint four times now that forms are fingerprinted by
+    content: uploads cost no tokens, so the loop detector does not look at them (it would
+    otherwise suspend the org on the fourth)."""
+    body = fixed_body(AUDIO)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(5):
+            async with session.post(
+                daemon.url + path,
+                data=body,
+                headers={"Content-Type": "multipart/form-data; boundary=atlasburnTEST"},
+            ) as answer:
+                await answer.read()
+    assert len(fake.requests) == 5
+    assert [e.status for e in daemon.events] == [200] * 5
+    assert len({e.fingerprint for e in daemon.events}) == 1

@@ -139,7 +139,8 @@ _ERROR_TYPES = {
 
 class AnthropicAdapter(UsageInStream):
     kind: ClassVar[str] = "anthropic"
-    free_endpoints: ClassVar[frozenset[str]] = frozenset({"/messages/count_tokens"})
+    # (/files: uploads cost no tokens; identical ones are no loop)
+    free_endpoints: ClassVar[frozenset[str]] = frozenset({"/messages/count_tokens", "/files"})
 
     def endpoint(self, path: str) -> str:
         return operation_path(path)

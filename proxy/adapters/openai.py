@@ -317,8 +317,10 @@ _ERROR_TYPES = {
 
 class OpenAIAdapter:
     kind: ClassVar[str] = "openai"
+    # (File uploads cost no tokens, and identical ones are no loop: one file of identical
+    # parts, one batch file uploaded by several jobs. A form is fingerprinted by its content.)
     free_endpoints: ClassVar[frozenset[str]] = frozenset(
-        {"/moderations", "/responses/input_tokens"}
+        {"/moderations", "/responses/input_tokens", "/files", "/uploads/parts", "/containers/files"}
     )
 
     def endpoint(self, path: str) -> str:

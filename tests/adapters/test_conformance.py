@@ -92,6 +92,10 @@ def test_operation_path(path: str, op: str) -> None:
     [
         ("openai", "/v1/moderations"),
         ("openai", "/v1/responses/input_tokens"),
+        ("openai", "/v1/files"),
+        ("openai", "/v1/uploads/upload_abc123/parts"),
+        ("openai", "/v1/containers/cntr_682e0e7318108198aa783fd921ff305e08e78805b9fdbb04/files"),
+        ("anthropic", "/v1/files"),
         ("anthropic", "/v1/messages/count_tokens"),
         ("gemini", "/v1beta/models/gemini-2.0-flash:countTokens"),
     ],
