@@ -69,14 +69,9 @@ TRANSCRIBE_FIELDS = {
 }
 
 
-def assert_priced_between_text_and_audio(cost: float, tokens_in: int, tokens_out: int) -> None:
-    """gpt-4o-transcribe (genai-prices, OpenAI's price page): $2.50 per million text input
-    tokens, $6.00 per million audio input tokens, $10.00 per million output tokens. Which rate
-    audio tokens get is issue 16.2's (modalities); here the model is known, so the event is
-    priced: at least every input token at the text rate, at most every one at the audio rate."""
-    text_rate = (tokens_in * 2.50 + tokens_out * 10.00) / 1e6
-    audio_rate = (tokens_in * 6.00 + tokens_out * 10.00) / 1e6
-    assert text_rate - 1e-12 <= cost <= audio_rate + 1e-12, (cost, text_rate, audio_rate)
+# gpt-4o-transcribe (genai-prices, OpenAI's price page): $2.50 per million text input tokens,
+# $6.00 per million audio input tokens, $10.00 per million output tokens.
+TRANSCRIBE_IN = (9 * 2.50 + 122 * 6.00) / 1e6  # 9 text and 122 audio input tokens
 
 
 async def test_transcription_with_the_sdk(fake: FakeProvider, daemon: RunningDaemon) -> None:
@@ -99,7 +94,7 @@ async def test_transcription_with_the_sdk(fake: FakeProvider, daemon: RunningDae
         UsageSource.REPORTED,
     )
     assert event.priced is True
-    assert_priced_between_text_and_audio(event.cost_usd, 131, 15)
+    assert abs(event.cost_usd - (TRANSCRIBE_IN + 15 * 10.00 / 1e6)) <= 1e-12  # 0.0009045
     assert event.fingerprint == form_fp(
         "/audio/transcriptions", TRANSCRIBE_FIELDS, {"file": [AUDIO]}
     )
@@ -121,7 +116,7 @@ async def test_streamed_transcription_with_the_sdk(
         4,
     )
     assert event.priced is True
-    assert_priced_between_text_and_audio(event.cost_usd, 131, 4)
+    assert abs(event.cost_usd - (TRANSCRIBE_IN + 4 * 10.00 / 1e6)) <= 1e-12  # 0.0007945
     assert event.fingerprint == form_fp(
         "/audio/transcriptions", TRANSCRIBE_FIELDS, {"file": [AUDIO]}
     )
@@ -145,9 +140,8 @@ async def test_image_edit_with_the_sdk(fake: FakeProvider, daemon: RunningDaemon
     )
     assert event.priced is True
     # gpt-image-1: $5.00 per million text input tokens, $10.00 per million image input tokens,
-    # $40.00 per million output tokens (which rate image tokens get is issue 16.2's).
-    assert (373 * 5.00 + 272 * 40.00) / 1e6 - 1e-12 <= event.cost_usd
-    assert event.cost_usd <= (373 * 10.00 + 272 * 40.00) / 1e6 + 1e-12
+    # $40.00 per million output tokens: 50 text, 323 image in, 272 out.
+    assert abs(event.cost_usd - (50 * 5.00 + 323 * 10.00 + 272 * 40.00) / 1e6) <= 1e-12
     assert event.fingerprint == form_fp(
         "/images/edits",
         {"model": "gpt-image-1", "prompt": "Add a red hat", "size": "1024x1024"},
