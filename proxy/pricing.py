@@ -5,6 +5,8 @@ else from the ``genai-prices`` data set (maintained by the pydantic team; prices
 provider with cache-read / cache-write rates, long-context tiers, service tiers and dated changes).
 A ``calc_price`` call there costs ~170 µs, so each (provider, model, service tier) is resolved to
 plain integer rates once and cached; pricing a request is then a few integer multiplications.
+The package's own corrections (``proxy/price_corrections.toml``, each with its provider's page and
+the date it was read there) replace genai-prices' rates they name at that resolution step.
 
 Rates are held as integer pico-dollars per million tokens, so the cost of a request is one exact
 integer sum divided once by 10**18: the float that reaches the event is the correctly rounded
@@ -37,6 +39,7 @@ from typing import Any
 
 from .adapters.base import Usage
 from .config import PriceOverride, ProviderConfig
+from .price_corrections import Correction, packaged
 from .text import inert
 
 log = logging.getLogger(__name__)
@@ -204,12 +207,14 @@ def rates_from_override(o: PriceOverride) -> Rates:
 class Catalog:
     """The genai-prices data set, imported once (it takes ~80 ms and ~15 MB)."""
 
-    def __init__(self) -> None:
+    def __init__(self, corrections: tuple[Correction, ...] | None = None) -> None:
         import genai_prices
         from genai_prices import data_snapshot
 
         self.version = genai_prices.__version__
         self._snapshot = data_snapshot.get_snapshot()
+        # The packaged corrections unless given (tests pass ``()`` for genai-prices alone).
+        self.corrections = packaged(_KNOWN_KEYS) if corrections is None else corrections
 
     def provider(self, base_url: str, price_as: str, kind: str) -> Any | None:
         """The catalog provider for one configured upstream, or None."""
@@ -236,15 +241,21 @@ class Catalog:
         own = any(found is m for m in provider.models)
         context = {"service_tier": service_tier} if service_tier and own else None
         prices = found.get_prices(now, context)
-        if not any(getattr(prices, key, None) is not None for key in _PRICE_KEYS + _FEE_KEYS):
-            return None  # priced per character, per image, per page, ...: nothing we meter
-        starts = sorted(
-            {tier.start for key in _PRICE_KEYS for tier in _tiers(getattr(prices, key, None))}
+        correction = next(
+            (c for c in self.corrections if c.applies(provider.id, found.id, model)), None
         )
+        fixed: Mapping[str, Decimal] = correction.rates if correction else {}
+
+        def value_of(key: str) -> Any:
+            return fixed[key] if key in fixed else getattr(prices, key, None)
+
+        if not any(value_of(key) is not None for key in _PRICE_KEYS + _FEE_KEYS):
+            return None  # priced per character, per image, per page, ...: nothing we meter
+        starts = sorted({tier.start for key in _PRICE_KEYS for tier in _tiers(value_of(key))})
 
         def at(threshold: int) -> RateSet:
             def rate(key: str, fallback: int, scale: int = 1) -> int:
-                value = getattr(prices, key, None)
+                value = value_of(key)
                 if value is None:
                     return fallback
                 if _is_tiered(value):
@@ -256,7 +267,7 @@ class Catalog:
                 return to_pico(value * scale)
 
             def has(key: str) -> bool:
-                return getattr(prices, key, None) is not None
+                return value_of(key) is not None
 
             input_rate = rate("input_mtok", 0)
             output_rate = rate("output_mtok", 0)
@@ -292,9 +303,15 @@ class Catalog:
 
         tiers = tuple((start, at(start + 1)) for start in starts)
         timed = _has_time_of_day(found)
-        source = f"genai-prices {self.version}: {provider.id}/{found.id}"
+        source = f"genai-prices {self.version} (packaged data): {provider.id}/{found.id}"
         if context:
             source += f" (service_tier {service_tier})"
+        if correction is not None:
+            names = ", ".join(sorted(fixed))
+            source = (
+                f"correction {correction.source} (checked {correction.checked}; {names})"
+                f" over {source}"
+            )
         expires = time.monotonic() + (_TTL_TIME_OF_DAY if timed else _TTL)
         return Rates(at(0), tiers, source, expires)
 
@@ -317,6 +334,7 @@ _PRICE_KEYS = (
 )
 # Per-call fees and duration rates (not tiered by input tokens).
 _FEE_KEYS = ("web_searches_kcount", "storage_searches_kcount", "input_audio_hours", "audio_hours")
+_KNOWN_KEYS = frozenset(_PRICE_KEYS + _FEE_KEYS)
 
 
 def _is_tiered(value: object) -> bool:
