@@ -11,6 +11,7 @@ from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 
+import genai_prices
 import pytest
 
 from proxy.adapters.base import Usage
@@ -21,6 +22,7 @@ from proxy.pricing import _KNOWN_KEYS, Catalog, Pricer
 M = Decimal(1_000_000)
 ROOT = Path(__file__).parent.parent
 DEEPSEEK = {"deepseek": {"kind": "openai", "base_url": "https://api.deepseek.com"}}
+GENAI = f"genai-prices {genai_prices.__version__} (packaged data)"
 DEEPSEEK_URL = "https://api-docs.deepseek.com/quick_start/pricing"
 AUDIO_URL = "https://developers.openai.com/api/docs/models/gpt-4o-audio-preview"
 
@@ -120,9 +122,7 @@ def test_user_pricing_over_correction_over_genai_prices(corrected: Catalog) -> N
     corr = p.rates("deepseek", "deepseek-reasoner")
     assert corr is not None and corr.source.startswith("correction ")
     plain = p.rates("openai", "gpt-4o-mini")
-    assert plain is not None and plain.source == (
-        "genai-prices 0.2.3 (packaged data): openai/gpt-4o-mini"
-    )
+    assert plain is not None and plain.source == f"{GENAI}: openai/gpt-4o-mini"
 
 
 def test_prices_command_names_each_source(tmp_path: Path) -> None:
@@ -146,11 +146,9 @@ def test_prices_command_names_each_source(tmp_path: Path) -> None:
     assert chat.split()[2:7] == ["0.56", "0.07", "0.56", "0.56", "1.68"]
     assert rows[("deepseek", "deepseek-chat")].endswith(
         f"correction {DEEPSEEK_URL} (checked 2026-11-30; cache_read_mtok, input_mtok,"
-        " output_mtok) over genai-prices 0.2.3 (packaged data): deepseek/deepseek-chat"
+        f" output_mtok) over {GENAI}: deepseek/deepseek-chat"
     )
-    assert rows[("openai", "gpt-4o-mini")].endswith(
-        "genai-prices 0.2.3 (packaged data): openai/gpt-4o-mini"
-    )
+    assert rows[("openai", "gpt-4o-mini")].endswith(f"{GENAI}: openai/gpt-4o-mini")
     assert rows[("openai", "my-model")].endswith('config [pricing."my-model"]')
     assert rows[("deepseek", "my-model")].endswith('config [pricing."my-model"]')
 
