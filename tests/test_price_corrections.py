@@ -47,13 +47,14 @@ def close(got: float, expected: Decimal) -> bool:
 
 
 def test_deepseek_has_one_price_day_and_night(corrected: Catalog, bare: Catalog) -> None:
-    """DeepSeek's page: from 2025-09-05 16:00 UTC one list, no night-time discount: 0.56 per
-    million input (cache miss), 0.07 cache hit, 1.68 output, for deepseek-chat and -reasoner.
+    """DeepSeek's page: from 2025-09-05 16:00 UTC one list, no night-time discount; since
+    DeepSeek-V3.2 (2025-09-29) 0.28 per million input (cache miss), 0.028 cache hit, 0.42
+    output, for deepseek-chat and -reasoner.
     genai-prices 0.2.3 has chat 0.27 / 0.07 / 1.10 by day (UTC 00:30-16:30) and
     0.135 / 0.035 / 0.55 by night; reasoner 0.55 / 0.14 / 2.19 by day, the same night prices."""
     usage = Usage(10_000, 2_000, cached_input_tokens=4_000)
-    fixed = (6_000 * Decimal("0.56") + 4_000 * Decimal("0.07") + 2_000 * Decimal("1.68")) / M
-    assert fixed == Decimal("0.007")  # 0.00336 + 0.00028 + 0.00336
+    fixed = (6_000 * Decimal("0.28") + 4_000 * Decimal("0.028") + 2_000 * Decimal("0.42")) / M
+    assert fixed == Decimal("0.002632")  # 0.00168 + 0.000112 + 0.00084
     night = (6_000 * Decimal("0.135") + 4_000 * Decimal("0.035") + 2_000 * Decimal("0.55")) / M
     days = {
         "deepseek-chat": (
@@ -143,7 +144,7 @@ def test_prices_command_names_each_source(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     rows = {tuple(line.split()[:2]): line for line in out.stdout.splitlines()[2:]}
     chat = rows[("deepseek", "deepseek-chat")]
-    assert chat.split()[2:7] == ["0.56", "0.07", "0.56", "0.56", "1.68"]
+    assert chat.split()[2:7] == ["0.28", "0.028", "0.28", "0.28", "0.42"]
     assert rows[("deepseek", "deepseek-chat")].endswith(
         f"correction {DEEPSEEK_URL} (checked 2026-11-30; cache_read_mtok, input_mtok,"
         f" output_mtok) over {GENAI}: deepseek/deepseek-chat"
