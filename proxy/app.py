@@ -32,11 +32,13 @@ from .guardrails.fleet import Fleet
 from .http1 import Pool
 from .logs import AccessLog, setup_logging
 from .metrics import CONTENT_TYPE, Metrics
+from .price_data import PriceRefresher
 from .pricing import Pricer
 from .relay import Relay
 from .server import Runner
 from .shipper import Shipper
 from .store import Store
+from .tasks import spawn
 from .websocket import WebSocketRelay
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ API = web.AppKey("api", LocalAPI)
 GUARDRAILS_API = web.AppKey("guardrails_api", GuardrailsAPI)
 SHIPPER = web.AppKey("shipper", Shipper)
 BROWSERS = web.AppKey("browsers", BrowserGuard)
+PRICE_DATA = web.AppKey("price_data", PriceRefresher)
 
 
 def _guarded(handler: Handler) -> Handler:
@@ -142,11 +145,18 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             kill.listeners.append(shipper.report_suspension)
         metrics.add_state(lambda: _state(app, store, kill, loop, relay.pricer, shipper, fleet))
         metrics.add_pool(pool.stats)
+        refresher = PriceRefresher(config.price_data, lambda c: app[RELAY].pricer.use(c))
+        app[PRICE_DATA] = refresher
+        refreshing = (
+            spawn(refresher.run(), name="price data") if config.price_data.refresh_url else None
+        )
         app[READY].set()
         try:
             yield
         finally:
             app[READY].clear()
+            if refreshing is not None:
+                refreshing.cancel()
             # Each step runs even if one before it raised (logged; the first is raised at the
             # end): above all the store closes, or aiosqlite's thread keeps the process alive.
             steps: list[Callable[[], Awaitable[object]]] = [access.stop, store.flush]
@@ -275,6 +285,7 @@ def changed_keys(old: Config, new: Config) -> list[str]:
         "fleet",
         "providers",
         "pricing",
+        "price_data",
     ):
         a, b = getattr(old, section), getattr(new, section)
         if a == b:
@@ -294,7 +305,7 @@ async def reload(app: web.Application, new: Config) -> tuple[list[str], list[str
     restart = [k for k in changed if k not in live]
     relay = app[RELAY]
     if any(k.startswith(("providers", "pricing")) for k in live):
-        pricer = Pricer.from_config(new.providers, new.pricing)
+        pricer = Pricer.from_config(new.providers, new.pricing, app[PRICE_DATA].catalog)
         # Counters are monotonic across reloads.
         pricer.unpriced_total = relay.pricer.unpriced_total
         pricer.errors_total = relay.pricer.errors_total

@@ -233,6 +233,16 @@ def _default_providers() -> dict[str, ProviderConfig]:
 
 
 @dataclass(frozen=True, slots=True)
+class PriceDataConfig:
+    """``[price_data]``: newer genai-prices data for a running daemon (off unless a URL is set)."""
+
+    refresh_url: str = ""  # e.g. genai-prices' own data.json; "" keeps the packaged snapshot
+    refresh_interval_seconds: float = 3600.0
+    timeout_seconds: float = 30.0  # one whole fetch, connect to last byte
+    max_bytes: int = 16 * 1024 * 1024  # a larger file is refused (the real one is ~1 MB)
+
+
+@dataclass(frozen=True, slots=True)
 class PriceOverride:
     """``[pricing."<model>"]``: USD per million tokens for a model (on any provider, or one)."""
 
@@ -257,6 +267,7 @@ class Config:
     fleet: FleetConfig = field(default_factory=FleetConfig)
     providers: Mapping[str, ProviderConfig] = field(default_factory=_default_providers)
     pricing: Mapping[str, PriceOverride] = field(default_factory=dict)
+    price_data: PriceDataConfig = field(default_factory=PriceDataConfig)
     # Non-fatal remarks found while loading (e.g. an unset environment variable), for the log.
     warnings: tuple[str, ...] = ()
 
@@ -833,6 +844,35 @@ def _pricing(t: _Table, providers: Mapping[str, ProviderConfig]) -> dict[str, Pr
     return out
 
 
+def _price_data(t: _Table) -> PriceDataConfig:
+    d = PriceDataConfig()
+    url = t.get("refresh_url", str, d.refresh_url, _refresh_url)
+    out = PriceDataConfig(
+        refresh_url=url,
+        refresh_interval_seconds=t.get(
+            "refresh_interval_seconds", float, d.refresh_interval_seconds, _at_least(1)
+        ),
+        timeout_seconds=t.get("timeout_seconds", float, d.timeout_seconds, _between(0.1, 600)),
+        max_bytes=t.get("max_bytes", int, d.max_bytes, _at_least(1024)),
+    )
+    t.done()
+    return out
+
+
+def _refresh_url(value: str) -> str:
+    return str(parse_fetch_url(value)) if value else ""
+
+
+def parse_fetch_url(value: str) -> URL:
+    """An http(s) URL to fetch a file from (a query is allowed, credentials are not)."""
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    if url.user is not None or url.password is not None:
+        raise ValueError("credentials do not belong in the URL")
+    return url
+
+
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     """Build a ``Config`` from an already-parsed TOML document."""
     problems: list[str] = []
@@ -848,6 +888,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     fleet = _fleet(root.table("fleet"))
     providers = _providers(root.table("providers"))
     pricing = _pricing(root.table("pricing"), providers)
+    price_data = _price_data(root.table("price_data"))
     cfg = Config(
         server=server,
         upstream=upstream,
@@ -859,6 +900,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         fleet=fleet,
         providers=providers,
         pricing=pricing,
+        price_data=price_data,
         warnings=tuple(warnings),
     )
     root.done()

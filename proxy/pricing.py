@@ -205,14 +205,21 @@ def rates_from_override(o: PriceOverride) -> Rates:
 
 
 class Catalog:
-    """The genai-prices data set, imported once (it takes ~80 ms and ~15 MB)."""
+    """The genai-prices data set, imported once (it takes ~80 ms and ~15 MB): the packaged
+    snapshot, or one fetched by ``proxy.price_data`` (``snapshot``, named by ``data``)."""
 
-    def __init__(self, corrections: tuple[Correction, ...] | None = None) -> None:
+    def __init__(
+        self,
+        corrections: tuple[Correction, ...] | None = None,
+        snapshot: Any | None = None,
+        data: str = "packaged data",
+    ) -> None:
         import genai_prices
         from genai_prices import data_snapshot
 
         self.version = genai_prices.__version__
-        self._snapshot = data_snapshot.get_snapshot()
+        self.data = data
+        self._snapshot = data_snapshot.get_snapshot() if snapshot is None else snapshot
         # The packaged corrections unless given (tests pass ``()`` for genai-prices alone).
         self.corrections = packaged(_KNOWN_KEYS) if corrections is None else corrections
 
@@ -303,7 +310,7 @@ class Catalog:
 
         tiers = tuple((start, at(start + 1)) for start in starts)
         timed = _has_time_of_day(found)
-        source = f"genai-prices {self.version} (packaged data): {provider.id}/{found.id}"
+        source = f"genai-prices {self.version} ({self.data}): {provider.id}/{found.id}"
         if context:
             source += f" (service_tier {service_tier})"
         if correction is not None:
@@ -381,12 +388,30 @@ class Pricer:
         self.unpriced_total = 0
         self.errors_total = 0
 
+    @property
+    def catalog(self) -> Catalog | None:
+        return self._catalog
+
+    def use(self, catalog: Catalog) -> None:
+        """Price from ``catalog`` from now on (newer data): the catalog and every rate resolved
+        from the old one are replaced in one synchronous step, so a request is priced wholly
+        from the old data or wholly from the new. ``[pricing]`` still comes first."""
+        self._catalog = catalog
+        self._catalog_providers = {}
+        self._cache = {}
+
     @classmethod
     def from_config(
-        cls, providers: Mapping[str, ProviderConfig], overrides: Mapping[str, PriceOverride]
+        cls,
+        providers: Mapping[str, ProviderConfig],
+        overrides: Mapping[str, PriceOverride],
+        catalog: Catalog | None = None,
     ) -> Pricer:
+        """A pricer over ``catalog`` (data fetched earlier), else the packaged data."""
+        if catalog is not None:
+            return cls(providers, overrides, catalog)
         try:
-            catalog: Catalog | None = Catalog()
+            catalog = Catalog()
         except Exception:  # the daemon still relays without the data set, and says so
             log.exception("the genai-prices data set could not be loaded; only [pricing] applies")
             catalog = None

@@ -62,7 +62,8 @@ def test_example_file_documents_exactly_the_defaults() -> None:
     """config.example.toml loads, and every value in it is the default."""
     example = load_config(EXAMPLE, env={})
     defaults = Config()
-    for section in ("server", "upstream", "logging", "atlasburn", "telemetry", "guardrails"):
+    sections = ("server", "upstream", "logging", "atlasburn", "telemetry", "guardrails")
+    for section in (*sections, "price_data"):
         assert getattr(example, section) == getattr(defaults, section), section
     assert example.providers == defaults.providers
     assert example.storage == defaults.storage
@@ -72,7 +73,8 @@ def test_example_file_names_every_key() -> None:
     """Every key the loader knows appears in the example (a key missing there is undocumented)."""
     doc = tomllib.loads(EXAMPLE.read_text())
     cfg = Config()
-    for section in ("server", "upstream", "logging", "storage", "atlasburn", "telemetry"):
+    sections = ("server", "upstream", "logging", "storage", "atlasburn", "telemetry")
+    for section in (*sections, "price_data"):
         assert set(doc[section]) == set(type(getattr(cfg, section)).__slots__), section
     assert set(doc["guardrails"]["dumb_loop_detector"]) == set(
         type(cfg.guardrails.dumb_loop_detector).__slots__
