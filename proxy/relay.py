@@ -163,7 +163,7 @@ class Relay:
         # upstream connection at the client's pace: they may hold at most half of the pool.
         self.uploads = asyncio.Semaphore(max(1, config.upstream.max_connections // 2))
         self.buffering = _Budget(config.server.max_buffered_total_bytes, self._buffering_full)
-        self._full_warned = 0.0
+        self._full_warned = Throttle(60.0)
         self._agent_failures = Throttle(60.0)
         self.pool_timeout = config.upstream.pool_timeout_seconds
         # WebSocket sessions (``websocket``), where the application set them up.
@@ -262,9 +262,7 @@ class Relay:
     def _buffering_full(self) -> None:
         if self.metrics is not None:
             self.metrics.limit_hit("buffered_bodies")
-        now = time.monotonic()
-        if now - self._full_warned >= 60:
-            self._full_warned = now
+        if self._full_warned.allow()[0]:
             log.warning(
                 "request bodies being read fill server.max_buffered_total_bytes (%d): streaming"
                 " the next ones upstream as they arrive; further ones this minute are counted in"
