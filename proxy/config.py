@@ -199,11 +199,44 @@ class SpendCapConfig:
     max_usd_per_day: float = 0.0  # 0: no daily cap
 
 
+# What a budget's ``match`` may name: attribution dimensions and the event's own fields.
+BUDGET_DIMENSIONS = ("app", "user", "key_id", "key_name", "unit", "model", "provider")
+_BUDGET_NAME = re.compile(r"[A-Za-z0-9_.:@+-]{1,64}")
+_TAG_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+MAX_BUDGETS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    """One ``[[guardrails.budgets]]`` entry: the spend of the requests it matches, capped.
+
+    ``match`` holds (dimension, pattern) pairs, sorted: a request matches when every dimension
+    has a value that matches its pattern (a shell glob: ``ci-*``; ``*`` alone: any value, but
+    there must be one). Dimensions: ``BUDGET_DIMENSIONS`` and ``tag:<Name>``."""
+
+    name: str
+    match: tuple[tuple[str, str], ...]
+    max_usd_per_hour: float = 0.0  # 0: no hourly limit
+    max_usd_per_day: float = 0.0  # 0: no daily limit
+    warn_at: float = 0.8  # the fraction of a limit at which a warning is logged and counted
+
+
 @dataclass(frozen=True, slots=True)
 class GuardrailsConfig:
     dumb_loop_detector: LoopDetectorConfig = field(default_factory=LoopDetectorConfig)
     agent_loop_detector: AgentLoopConfig = field(default_factory=AgentLoopConfig)
     spend_cap: SpendCapConfig = field(default_factory=SpendCapConfig)
+    budgets: tuple[BudgetConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AttributionConfig:
+    """``[attribution]``: who is spending (DESIGN "Attribution")."""
+
+    # Find the calling process of a client on this host (Linux only: /proc).
+    process: bool = field(default_factory=lambda: os.path.isdir("/proc/self/fd"))
+    # key_id -> a name for reports and budgets ("key_0123456789abcdef" = "team-search").
+    key_names: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +297,7 @@ class Config:
     atlasburn: AtlasBurnConfig = field(default_factory=AtlasBurnConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     providers: Mapping[str, ProviderConfig] = field(default_factory=_default_providers)
     pricing: Mapping[str, PriceOverride] = field(default_factory=dict)
@@ -413,11 +447,36 @@ class _Table:
             value = {}
         return _Table(value, self.key(name), self._problems, self._env, self._warnings)
 
+    def keys(self) -> list[str]:
+        """The names this table holds (for tables whose keys are data: key_names, match); each
+        counts as known (its problems are reported by the caller)."""
+        self._seen.update(self._data)
+        return list(self._data)
+
     def tables(self) -> dict[str, _Table]:
         """Every sub-table of this table, by name (for ``[providers.<name>]``)."""
         out: dict[str, _Table] = {}
         for name in self._data:
             out[name] = self.table(name)
+        return out
+
+    def array_of_tables(self, name: str) -> list[_Table]:
+        """Each table of the array ``name`` (``[[guardrails.budgets]]``), keyed ``name[i]``."""
+        self._seen.add(name)
+        value = self._data.get(name, [])
+        if not isinstance(value, list):
+            self.problem(
+                name, f"expected an array of tables ([[{self.key(name)}]]), got {_describe(value)}"
+            )
+            return []
+        out = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                self.problem(f"{name}[{i}]", f"expected a table, got {_describe(item)}")
+                continue
+            out.append(
+                _Table(item, f"{self.key(name)}[{i}]", self._problems, self._env, self._warnings)
+            )
         return out
 
     def done(self) -> None:
@@ -726,8 +785,109 @@ def _guardrails(t: _Table) -> GuardrailsConfig:
     if cap.enabled and not (cap.max_usd_per_hour or cap.max_usd_per_day):
         sc.problem("enabled", "set max_usd_per_hour and/or max_usd_per_day (above 0)")
     sc.done()
+    budgets = _budgets(t, t.array_of_tables("budgets"))
     t.done()
-    return GuardrailsConfig(dumb_loop_detector=loop, agent_loop_detector=agent, spend_cap=cap)
+    return GuardrailsConfig(
+        dumb_loop_detector=loop, agent_loop_detector=agent, spend_cap=cap, budgets=budgets
+    )
+
+
+def _budget_name(value: str) -> str:
+    if not _BUDGET_NAME.fullmatch(value):
+        raise ValueError(
+            f"must be 1-64 characters of letters, digits and _ . : @ + -, got {value!r}"
+        )
+    return value
+
+
+def _budgets(parent: _Table, tables: list[_Table]) -> tuple[BudgetConfig, ...]:
+    out: list[BudgetConfig] = []
+    names: set[str] = set()
+    for t in tables:
+        name = t.get("name", str, "", _budget_name)
+        if not t.has("name"):
+            t.problem("name", "required: a budget's name shows in refusals, logs and reports")
+        elif name in names:
+            t.problem("name", f"another budget is named {name!r}")
+        names.add(name)
+        match = _budget_match(t.table("match"))
+        if not t.has("match") or not match:
+            t.problem(
+                "match",
+                'required: a table of what the budget covers, e.g. match = { app = "ci-bot" }',
+            )
+        budget = BudgetConfig(
+            name=name,
+            match=match,
+            max_usd_per_hour=t.get("max_usd_per_hour", float, 0.0, _between(0, 1e9)),
+            max_usd_per_day=t.get("max_usd_per_day", float, 0.0, _between(0, 1e9)),
+            warn_at=t.get("warn_at", float, 0.8, _between(0.01, 1)),
+        )
+        if not (budget.max_usd_per_hour or budget.max_usd_per_day):
+            t.problem("max_usd_per_hour", "set max_usd_per_hour and/or max_usd_per_day (above 0)")
+        t.done()
+        out.append(budget)
+    if len(out) > MAX_BUDGETS:
+        parent.problem("budgets", f"at most {MAX_BUDGETS} budgets, got {len(out)}")
+    return tuple(out)
+
+
+def _budget_match(t: _Table) -> tuple[tuple[str, str], ...]:
+    pairs: list[tuple[str, str]] = []
+    for dimension in t.keys():
+        key = dimension
+        if dimension.startswith("tag:"):
+            if not _TAG_NAME.fullmatch(dimension[4:]):
+                t.problem(dimension, "a tag name is 1-128 letters, digits, _ and -")
+                continue
+            # Tags come from header names, which HTTP does not distinguish by case.
+            key = "tag:" + dimension[4:].lower()
+        elif dimension not in BUDGET_DIMENSIONS:
+            t.problem(
+                dimension,
+                f"unknown dimension; expected one of {', '.join(BUDGET_DIMENSIONS)} or tag:<Name>",
+            )
+            continue
+        pattern = t.get(dimension, str, "", _pattern)
+        if pattern:
+            pairs.append((key, pattern))
+    t.done()
+    return tuple(sorted(pairs))
+
+
+def _pattern(value: str) -> str:
+    if not value or len(value.encode()) > 128:
+        raise ValueError(f"expected 1-128 bytes (a value or a shell glob), got {value!r}")
+    return value
+
+
+_KEY_ID = re.compile(r"key_[0-9a-f]{16}")
+
+
+def _key_name(value: str) -> str:
+    if not value or len(value.encode()) > 128 or not value.isprintable():
+        raise ValueError(f"expected a name of 1-128 bytes, printable, got {value!r}")
+    return value
+
+
+def _attribution(t: _Table) -> AttributionConfig:
+    d = AttributionConfig()
+    process = t.get("process", bool, d.process)
+    names = t.table("key_names")
+    key_names: dict[str, str] = {}
+    for key_id in names.keys():
+        if not _KEY_ID.fullmatch(key_id):
+            names.problem(
+                key_id,
+                "expected a key id like 'key_0123456789abcdef' (atlasburn-proxy key-id prints one)",
+            )
+            continue
+        name = names.get(key_id, str, "", _key_name)
+        if name:
+            key_names[key_id] = name
+    names.done()
+    t.done()
+    return AttributionConfig(process=process, key_names=key_names)
 
 
 def redis_location(url: str) -> str:
@@ -885,6 +1045,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     atlasburn = _atlasburn(root.table("atlasburn"))
     telemetry = _telemetry(root.table("telemetry"))
     guardrails = _guardrails(root.table("guardrails"))
+    attribution = _attribution(root.table("attribution"))
     fleet = _fleet(root.table("fleet"))
     providers = _providers(root.table("providers"))
     pricing = _pricing(root.table("pricing"), providers)
@@ -897,6 +1058,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         atlasburn=atlasburn,
         telemetry=telemetry,
         guardrails=guardrails,
+        attribution=attribution,
         fleet=fleet,
         providers=providers,
         pricing=pricing,

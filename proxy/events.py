@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from .adapters.base import UsageSource
+from .attribution import Attributes
 from .text import LIMIT, inert
 
 
@@ -49,6 +50,10 @@ class Event:
     # A 2xx answer to a request that is billed (a POST to an endpoint that is not free) whose
     # usage was missing or partial: its cost is not known (recorded 0, or a lower bound).
     usage_unknown: bool = False
+    # Who sent it (DESIGN "Attribution"): shipped as the optional ``attributes`` object.
+    attributes: Attributes | None = None
+    # Local only: the names of the ``[[guardrails.budgets]]`` whose spend this event counts in.
+    budgets: tuple[str, ...] = ()
 
     @property
     def unknown_cost(self) -> str | None:
@@ -62,7 +67,7 @@ class Event:
         return None
 
     def to_ingest(self) -> dict[str, Any]:
-        return {
+        fields = {
             "ts": self.ts,
             "provider": self.provider,
             "model": self.model,
@@ -75,6 +80,11 @@ class Event:
             "fingerprint": self.fingerprint,
             "stream": self.stream,
         }
+        if self.attributes is not None:
+            attributes = self.attributes.to_json()
+            if attributes is not None:
+                fields["attributes"] = attributes
+        return fields
 
 
 Recorder = Callable[[Event], None]

@@ -1,0 +1,106 @@
+"""Attribution: who is spending (DESIGN "Attribution: who is spending").
+
+Every event may say which application, user, session, provider key and host process it came from.
+This package finds those and nothing else:
+
+- ``Attributes`` and ``Process`` (here): what an event carries in its optional ``attributes``
+  object, and the dimensions reports and budgets group and match by.
+- ``request``: the ``AtlasBurn-App`` / ``-User`` / ``-Session`` / ``-Tag-<Name>`` headers and the
+  ``/@<app>/`` path prefix, read (bounded) and removed before the request goes upstream.
+- ``keys``: ``key_id``, a keyed hash (HMAC-SHA-256 under a secret kept beside the store) of the
+  provider credential a request carries; never the key, nor a part of it.
+- ``process``: the calling process of a client on this host (Linux), found once per connection
+  from /proc, off the request's path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Dimensions ``report --by`` and budgets know besides ``tag:<Name>``.
+DIMENSIONS = ("app", "user", "session", "key_id", "key_name", "unit", "exe")
+MAX_TAGS = 10  # per request; more are cut, never a 4xx
+MAX_BYTES = 128  # per name and per value, in UTF-8 bytes; longer ones are cut
+
+
+@dataclass(frozen=True, slots=True)
+class Process:
+    """The process that owns a client's connection: ``pid``; ``exe`` the file name of
+    ``/proc/<pid>/exe``; ``unit`` its systemd unit (``ci-runner.service``) or container
+    (``docker:0123456789ab``) from its cgroup. A member that cannot be found is None."""
+
+    pid: int
+    exe: str | None = None
+    unit: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pid": self.pid}
+        if self.exe is not None:
+            out["exe"] = self.exe
+        if self.unit is not None:
+            out["unit"] = self.unit
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Attributes:
+    """What one event says about who sent it; None (or no tags) for what is not known.
+    Strings are at most ``MAX_BYTES`` UTF-8 bytes and inert (``proxy.text``)."""
+
+    app: str | None = None
+    user: str | None = None
+    session: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()  # (name, value), at most MAX_TAGS, names unique
+    key_id: str | None = None
+    key_name: str | None = None
+    process: Process | None = None
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.app
+            or self.user
+            or self.session
+            or self.tags
+            or self.key_id
+            or self.key_name
+            or self.process
+        )
+
+    def to_json(self) -> dict[str, Any] | None:
+        """The event's ``attributes`` object, absent members omitted; None when empty."""
+        out: dict[str, Any] = {}
+        if self.app is not None:
+            out["app"] = self.app
+        if self.user is not None:
+            out["user"] = self.user
+        if self.session is not None:
+            out["session"] = self.session
+        if self.tags:
+            out["tags"] = dict(self.tags)
+        if self.key_id is not None:
+            out["key_id"] = self.key_id
+        if self.key_name is not None:
+            out["key_name"] = self.key_name
+        if self.process is not None:
+            out["process"] = self.process.to_json()
+        return out or None
+
+    def dimension(self, name: str) -> str | None:
+        """The value of one dimension (``DIMENSIONS`` or ``tag:<Name>``), None when unknown."""
+        if name.startswith("tag:"):
+            tag = name[4:]
+            for key, value in self.tags:
+                if key == tag:
+                    return value
+            return None
+        if name in ("unit", "exe", "pid"):
+            if self.process is None:
+                return None
+            value = getattr(self.process, name)
+            return None if value is None else str(value)
+        value = getattr(self, name, None)
+        return value if isinstance(value, str) else None
+
+
+NO_ATTRIBUTES = Attributes()
