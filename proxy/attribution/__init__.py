@@ -97,10 +97,10 @@ class Attributes:
         if name in ("unit", "exe", "pid"):
             if self.process is None:
                 return None
-            value = getattr(self.process, name)
-            return None if value is None else str(value)
-        value = getattr(self, name, None)
-        return value if isinstance(value, str) else None
+            found = getattr(self.process, name)
+            return None if found is None else str(found)
+        own = getattr(self, name, None)
+        return own if isinstance(own, str) else None
 
 
 NO_ATTRIBUTES = Attributes()
