@@ -430,3 +430,15 @@ def test_attributes_of_nothing_are_none() -> None:
     assert Attributes().to_json() is None
     assert not Attributes()
     assert Attributes(app="a").to_json() == {"app": "a"}
+
+
+async def test_attribution_off_keeps_nothing_and_still_relays_no_own_header(
+    fake: FakeProvider, start_daemon: StartDaemon
+) -> None:
+    d = await start_daemon(attribution={"enabled": False})
+    async with openai_client(d.url + "/@ci-bot/v1", **{"AtlasBurn-User": "alice"}) as c:
+        await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    [event] = d.events
+    assert event.attributes is None and "attributes" not in event.to_ingest()
+    assert [seen.path for seen in fake.requests] == ["/v1/chat/completions"]
+    assert own_headers(fake) == []
