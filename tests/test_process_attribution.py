@@ -78,9 +78,9 @@ def listener() -> Iterator[socket.socket]:
         yield s
 
 
-@pytest.fixture
-async def finder() -> AsyncIterator[ProcessFinder]:
-    f = ProcessFinder()
+@pytest.fixture(params=[True, False], ids=["netlink", "proc-net-tcp"])
+async def finder(request: pytest.FixtureRequest) -> AsyncIterator[ProcessFinder]:
+    f = ProcessFinder(netlink=request.param)
     yield f
     f.close()
 

@@ -40,6 +40,8 @@ import ipaddress
 import logging
 import os
 import re
+import socket
+import struct
 import sys
 import time
 from collections import OrderedDict
@@ -175,6 +177,95 @@ def find_socket(
     return None
 
 
+NETLINK_SOCK_DIAG = 4  # linux/netlink.h
+SOCK_DIAG_BY_FAMILY = 20  # linux/sock_diag.h
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_NO_COOKIE = struct.pack("=II", 0xFFFFFFFF, 0xFFFFFFFF)  # INET_DIAG_NOCOOKIE
+
+
+class SockDiag:
+    """The client's socket from the kernel by its exact 4-tuple: netlink ``SOCK_DIAG_BY_FAMILY``
+    with an ``inet_diag_req_v2`` (what ``ss`` uses), one request and one answer
+    (``inet_diag_msg``: state, uid, inode) or ``NLMSG_ERROR`` (no such socket). It costs tens of
+    µs whatever the number of sockets; reading /proc/net/tcp costs milliseconds once there are
+    hundreds (bench/RESULTS.md, "Process attribution"). Raises OSError when netlink is not
+    allowed (a seccomp filter, an emulated kernel); used from one thread at a time."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
+        )
+        self.sock.settimeout(1.0)
+        self.seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def find(self, peer: tuple[str, int], local: tuple[str, int]) -> SocketRow | None:
+        """Like ``find_socket``, asking the kernel (IPv4, then IPv4-mapped IPv6)."""
+        a, b = _plain(peer[0]), _plain(local[0])
+        if a.version != b.version:
+            return None
+        if isinstance(a, ipaddress.IPv4Address):
+            found = self._query(socket.AF_INET, a.packed, b.packed, peer[1], local[1])
+            if found is not None:
+                return found
+            a, b = _mapped(a), _mapped(b)
+        return self._query(socket.AF_INET6, a.packed, b.packed, peer[1], local[1])
+
+    def _query(
+        self, family: int, src: bytes, dst: bytes, sport: int, dport: int
+    ) -> SocketRow | None:
+        req = (
+            struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)  # every state
+            + struct.pack("!HH", sport, dport)
+            + src.ljust(16, b"\0")
+            + dst.ljust(16, b"\0")
+            + struct.pack("=I", 0)  # any interface
+            + _NO_COOKIE
+        )
+        self.seq = seq = (self.seq + 1) & 0xFFFFFFFF
+        self.sock.send(
+            _NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0)
+            + req
+        )
+        while True:
+            answer = self.sock.recv(8192)
+            _, kind, _, got, _ = _NLMSGHDR.unpack_from(answer)
+            if got == seq:
+                break
+        if kind == NLMSG_ERROR or len(answer) < _NLMSGHDR.size + 72:
+            return None
+        # inet_diag_msg: family, state, timer, retrans (u8 each), the 48-byte sockid, expires,
+        # rqueue, wqueue, uid, inode (u32 each)
+        state = answer[_NLMSGHDR.size + 1]
+        uid, inode = struct.unpack_from("=II", answer, _NLMSGHDR.size + 64)
+        if not inode or state == TIME_WAIT:
+            return None
+        addr = ipaddress.ip_address(src)
+        to = ipaddress.ip_address(dst)
+        return SocketRow((_shown(addr), sport), (_shown(to), dport), state, uid, inode)
+
+
+def _plain(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    addr = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _mapped(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv6Address:
+    return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + addr.packed)
+
+
+def _shown(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
 # -- cgroups
 
 _HEX64 = r"([0-9a-f]{64})"
@@ -250,9 +341,16 @@ class _Finder:
     """The blocking lookup (one thread at a time): the client socket's row, then its owner."""
 
     def __init__(
-        self, proc: str = PROC, deadline: float = DEADLINE, max_dirs: int = MAX_DIRS
+        self,
+        proc: str = PROC,
+        deadline: float = DEADLINE,
+        max_dirs: int = MAX_DIRS,
+        netlink: bool = True,
     ) -> None:
         self.proc = proc
+        # The kernel's answer is about our own namespace: /proc's, unless another is given.
+        self.netlink = netlink and proc == PROC
+        self.diag: SockDiag | None = None  # made in the lookup thread, on first use
         self.deadline = deadline
         self.max_dirs = max_dirs
         self.recent: OrderedDict[int, None] = OrderedDict()
@@ -272,9 +370,26 @@ class _Finder:
                 out[table] = ""
         return out
 
+    def socket(self, peer: tuple[str, int], local: tuple[str, int]) -> SocketRow | None:
+        """The client's socket: from netlink where it works, else from /proc/net/tcp{,6}."""
+        if self.netlink:
+            try:
+                if self.diag is None:
+                    self.diag = SockDiag()
+                return self.diag.find(peer, local)
+            except OSError:  # netlink not allowed here, or not answering: /proc from now on
+                self.netlink = False
+                self.close()
+        return find_socket(self.tables(), peer, local)
+
+    def close(self) -> None:
+        if self.diag is not None:
+            self.diag.close()
+            self.diag = None
+
     def find(self, peer: tuple[str, int], local: tuple[str, int]) -> Process | None:
         started = time.monotonic()
-        row = find_socket(self.tables(), peer, local)
+        row = self.socket(peer, local)
         if row is None:
             self.not_found += 1
             return None
@@ -388,13 +503,14 @@ class ProcessFinder:
         max_pending: int = MAX_PENDING,
         deadline: float = DEADLINE,
         max_dirs: int = MAX_DIRS,
+        netlink: bool = True,
     ) -> None:
         self.available = supported(proc)
         self.max_pending = max_pending
         self.pending = 0
         self.lookups = 0  # started (in the thread)
         self.skipped = 0  # past max_pending
-        self._finder = _Finder(proc, deadline, max_dirs)
+        self._finder = _Finder(proc, deadline, max_dirs, netlink)
         self._executor: ThreadPoolExecutor | None = None
         self._failed = Throttle(60.0)
 
@@ -446,8 +562,10 @@ class ProcessFinder:
 
     def close(self) -> None:
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            # Waits for the lookup under way, if any (at most its deadline).
+            self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+        self._finder.close()
 
 
 def _done(loop: asyncio.AbstractEventLoop, value: Process | None) -> asyncio.Future[Process | None]:
