@@ -23,6 +23,7 @@ from aiohttp.typedefs import Handler
 from . import __version__
 from .api import GuardrailsAPI, LocalAPI, error
 from .attribution.keys import KeyIds, key_secret
+from .attribution.process import ProcessFinder
 from .attribution.request import RequestAttribution
 from .auth import KeyChecker, local_key
 from .browsers import BrowserGuard
@@ -175,6 +176,7 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
                 refreshing.cancel()
             # Each step runs even if one before it raised (logged; the first is raised at the
             # end): above all the store closes, or aiosqlite's thread keeps the process alive.
+            relay.flush_waiting()  # events waiting for a process lookup: recorded now
             steps: list[Callable[[], Awaitable[object]]] = [access.stop, store.flush]
             if shipper is not None:
                 steps.append(shipper.stop)
@@ -269,6 +271,7 @@ def _state(
 
 # Keys a reload applies while running; any other change waits for a restart (and is named).
 LIVE_KEYS = (
+    "attribution",
     "providers",
     "pricing",
     "guardrails",
@@ -378,6 +381,7 @@ class Daemon:
         self.app = make_app(config, record)
         self.runner = Runner(self.app, config.server, self.app[METRICS])
         limits = self.runner.limits
+        self._attribute_processes(config)
         self.app[METRICS].add_state(
             lambda: {
                 "atlasburn_client_connections": float(len(limits.open)),
@@ -421,9 +425,27 @@ class Daemon:
     async def reload(self, config: Config) -> tuple[list[str], list[str]]:
         applied = await reload(self.app, config)
         self.runner.limits.configure(self.app[CONFIG].server)
+        old = self._attribute_processes(self.app[CONFIG])
+        if old is not None:
+            await asyncio.to_thread(old.close)
         return applied
+
+    def _attribute_processes(self, config: Config) -> ProcessFinder | None:
+        """Look up each loopback client's process (``[attribution] process``) from now on, or
+        stop; the finder no longer used, if any (to close)."""
+        limits = self.runner.limits
+        wanted = config.attribution.enabled and config.attribution.process
+        if wanted and limits.finder is None:
+            limits.finder = ProcessFinder()
+        elif not wanted and limits.finder is not None:
+            old, limits.finder = limits.finder, None
+            return old
+        return None
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, then close."""
         self.app[READY].clear()
         await self.runner.cleanup()
+        finder, self.runner.limits.finder = self.runner.limits.finder, None
+        if finder is not None:
+            await asyncio.to_thread(finder.close)

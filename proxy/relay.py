@@ -160,6 +160,9 @@ class Relay:
         self.spend = spend or SpendCap(config.guardrails.spend_cap)
         self.metrics = metrics
         self.access = access or AccessLog(False)
+        # Events waiting for their connection's process lookup: id -> (event, overhead s,
+        # request id, connection).
+        self.waiting: dict[int, tuple[Event, float, str, Any]] = {}
         self.attribution = attribution or RequestAttribution(None)
         # Retry-After for a suspension without an end: when the daemon next asks the API.
         self.poll_seconds = config.telemetry.poll_interval_seconds
@@ -262,7 +265,9 @@ class Relay:
             # (within a few ms) before it goes through. Any other request waits for nothing.
             suspension = await self.loop.check_fleet(fp, request.headers)
         if suspension is not None:
-            return self._refuse(started, t0, read_body, route, meta, fp, suspension, attributes)
+            return self._refuse(
+                started, t0, read_body, route, meta, fp, suspension, attributes, request.protocol
+            )
 
         ex = _Exchange()
         ex.waited = read_body
@@ -360,7 +365,7 @@ class Relay:
             hasher.update(first)  # what is known of it: the rest is never read
             fp = "sha256:" + hasher.hexdigest()
             refusal = self._refuse(
-                started, t0, read_body, route, meta, fp, suspension, attributes
+                started, t0, read_body, route, meta, fp, suspension, attributes, request.protocol
             )
             refusal.force_close()
             return refusal
@@ -465,18 +470,48 @@ class Relay:
                 metered = ex.meter.result()
             except Exception:  # a meter bug must not cost the request its event
                 log.exception("usage meter failed for %s %s", route.upstream.name, meta.endpoint)
-        self._done(self._event(started, t0, route, meta, ex, metered, fp), t0, ex.waited)
+        event = self._event(started, t0, route, meta, ex, metered, fp)
+        self._done(event, t0, ex.waited, ex.connection)
 
-    def _done(self, event: Event, t0: float, waited: float) -> None:
-        """Everything that follows one finished request: record, spend, metrics, log."""
+    def _done(self, event: Event, t0: float, waited: float, connection: Any = None) -> None:
+        """Everything that follows one finished request: record, spend, metrics, log.
+
+        A request that ends before its new connection's process lookup (``connection.process``)
+        has: its event waits for the lookup (at most its deadline, a fraction of a second; the
+        client has its answer already), so that the first request of a connection, and every
+        request of a client that opens one connection per request, names its process too."""
+        overhead = time.perf_counter() - t0 - waited
+        lookup = _pending_lookup(event, connection)
+        if lookup is None:
+            self._recorded(event, overhead, request_id())
+            return
+        key = id(event)
+        self.waiting[key] = (event, overhead, request_id(), connection)
+        lookup.add_done_callback(lambda _: self._looked_up(key))
+
+    def _looked_up(self, key: int) -> None:
+        waiting = self.waiting.pop(key, None)
+        if waiting is not None:  # (None: recorded by flush_waiting at shutdown)
+            event, overhead, rid, connection = waiting
+            event.attributes = with_process(event.attributes, connection)
+            self._recorded(event, overhead, rid)
+
+    def flush_waiting(self) -> None:
+        """Record, without their process, the events still waiting for a process lookup (the
+        daemon is stopping: the store closes next)."""
+        waiting, self.waiting = self.waiting, {}
+        for event, overhead, rid, _ in waiting.values():
+            self._recorded(event, overhead, rid)
+
+    def _recorded(self, event: Event, overhead: float, rid: str) -> None:
         self.record(event)
         if self.spend.enabled and event.cost_usd > 0:
             over = self.spend.add(event.cost_usd)
             if over is not None and self.kill.check() is None:
                 self.kill.suspend_now(SPEND_LAYER, over[0], over[1], "local")
         if self.metrics is not None:
-            self.metrics.observe(event, time.perf_counter() - t0 - waited)
-        self.access.write(event, request_id())
+            self.metrics.observe(event, overhead)
+        self.access.write(event, rid)
 
     def _refuse(
         self,
@@ -488,6 +523,7 @@ class Relay:
         fp: str,
         suspension: Suspension,
         attributes: Attributes | None = None,
+        connection: Any = None,
     ) -> web.Response:
         """A 429 in the provider's own shape, which the OpenAI and Anthropic SDKs do not retry."""
         left = suspension.seconds_left(time.time())
@@ -540,6 +576,7 @@ class Relay:
             ),
             t0,
             waited,
+            connection,
         )
         return response
 
@@ -858,6 +895,14 @@ class Relay:
             and source in (UsageSource.MISSING, UsageSource.PARTIAL),
             attributes=with_process(ex.attributes, ex.connection),
         )
+
+
+def _pending_lookup(event: Event, connection: Any) -> asyncio.Future[Any] | None:
+    """The connection's process lookup, if the event could use it and it is not done yet."""
+    if event.attributes is None or event.attributes.process is not None:
+        return None
+    lookup = getattr(connection, "process", None)
+    return lookup if lookup is not None and not lookup.done() else None
 
 
 def _costly(request: web.Request, adapter: Adapter, meta: RequestMeta) -> bool:

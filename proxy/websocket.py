@@ -189,7 +189,9 @@ class WebSocketRelay:
         suspension = relay.kill.check(started)
         if suspension is not None:
             meta = replace(meta, endpoint=endpoint, model=model, stream=True)
-            return relay._refuse(started, t0, 0.0, route, meta, fp, suspension, attributes)
+            return relay._refuse(
+                started, t0, 0.0, route, meta, fp, suspension, attributes, request.protocol
+            )
 
         session = _Session(self, route, started, t0, endpoint, model, fp)
         session.attributes = attributes
@@ -416,7 +418,7 @@ class _Session:
         )
         # The session's own time is the client's and the provider's, not the daemon's.
         waited = time.perf_counter() - self.t0 if self.upgraded else self.waited
-        relay._done(event, self.t0, waited)
+        relay._done(event, self.t0, waited, self.connection)
 
 
 async def _pump(src: Any, dst: Any, feed: Callable[[str], None] | None) -> tuple[int, bytes] | None:

@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..logs import Throttle
-from ..text import inert
-from . import MAX_BYTES, Process
+from . import Process
+from .request import bounded
 
 log = logging.getLogger(__name__)
 
@@ -471,8 +471,8 @@ class _Finder:
             self.recent.popitem(last=False)
         return Process(
             pid=pid,
-            exe=inert(exe, MAX_BYTES) if exe else None,
-            unit=inert(unit, MAX_BYTES) if unit else None,
+            exe=bounded(exe) if exe else None,
+            unit=bounded(unit) if unit else None,
         )
 
 
