@@ -22,6 +22,8 @@ from aiohttp.typedefs import Handler
 
 from . import __version__
 from .api import GuardrailsAPI, LocalAPI, error
+from .attribution.keys import KeyIds, key_secret
+from .attribution.request import RequestAttribution
 from .auth import KeyChecker, local_key
 from .browsers import BrowserGuard
 from .config import Config
@@ -108,6 +110,9 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
         # The key first: a refused key file (StateFileError) must not leave the store open.
         key = local_key(config.atlasburn.api_key.reveal(), config.storage.path.parent, create=True)
         assert key is not None
+        secret = key_secret(config.storage.path.parent, create=True)
+        assert secret is not None
+        attribution = RequestAttribution(KeyIds(secret, config.attribution.key_names))
         store = await Store.open(config.storage, ship=ship)
         store.start()
         app[STORE] = store
@@ -135,7 +140,18 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
         metrics = app[METRICS]
         access = AccessLog(config.logging.access, config.logging.format)
         access.start()
-        relay = Relay(config, pool, recorder, pricer, kill, loop, spend, metrics, access)
+        relay = Relay(
+            config,
+            pool,
+            recorder,
+            pricer,
+            kill,
+            loop,
+            spend,
+            metrics,
+            access,
+            attribution=attribution,
+        )
         app[RELAY] = relay
         relay.sockets = sockets = WebSocketRelay(relay, config)
         shipper = Shipper(config, store, kill) if ship else None

@@ -2,8 +2,9 @@
 
 Hop-by-hop headers (RFC 9110 §7.6.1) belong to one connection and are dropped both ways, together
 with every header the ``Connection`` header names. Towards the provider we also drop what the
-client's connection to us decided (``Host``, ``Content-Length``, ``Expect``) and our own
-``AtlasBurn-API-Key``, which must never leave the host.
+client's connection to us decided (``Host``, ``Content-Length``, ``Expect``) and every header
+of our own (``AtlasBurn-API-Key``, which must never leave the host, and the attribution headers
+``AtlasBurn-App``, ``-User``, ``-Session``, ``-Tag-<Name>``: any name starting ``AtlasBurn-``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ HOP_BY_HOP = frozenset(
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect", "atlasburn-api-key"}
 RESPONSE_DROP = HOP_BY_HOP
 REQUEST_DROP_RAW = frozenset(name.encode() for name in REQUEST_DROP)
+OWN_PREFIX = "atlasburn-"  # the daemon's own request headers: never relayed
+_OWN_PREFIX_RAW = OWN_PREFIX.encode()
+
+
+def is_own(name: str) -> bool:
+    """Whether a request header is the daemon's own (``AtlasBurn-*``): never relayed."""
+    return name.lower().startswith(OWN_PREFIX)
 
 
 def filter_headers(
@@ -59,5 +67,9 @@ def request_head(
     if extra:
         drop = drop | extra
     return b"".join(
-        [name + b": " + value + b"\r\n" for name, value in raw if name.lower() not in drop]
+        [
+            name + b": " + value + b"\r\n"
+            for name, value in raw
+            if (lower := name.lower()) not in drop and not lower.startswith(_OWN_PREFIX_RAW)
+        ]
     )

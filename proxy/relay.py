@@ -50,6 +50,8 @@ from .adapters.base import (
     loads,
 )
 from .adapters.form import FormReader, describe_form, read_form
+from .attribution import Attributes, connection_process, with_process
+from .attribution.request import RequestAttribution, split_app
 from .config import Config
 from .encoding import DECODE_ERRORS, Inflater, accepted, codings, decode_body, tap
 from .errors import ClientBodyTimeout, UpstreamBusy, UpstreamError, UpstreamTimeout
@@ -113,6 +115,8 @@ class _Exchange:
         "occurrence",
         "ack",
         "billed",
+        "attributes",
+        "connection",
     )
 
     def __init__(self) -> None:
@@ -127,6 +131,8 @@ class _Exchange:
         self.occurrence: str | None = None
         self.ack: asyncio.Future[None] | None = None  # the fleet counted the occurrence
         self.billed = False  # a POST to an endpoint that is not free: an answer costs
+        self.attributes: Attributes | None = None  # who sent it
+        self.connection: Any = None  # the client connection's handler (its process lookup)
 
 
 class Relay:
@@ -144,6 +150,7 @@ class Relay:
         metrics: Metrics | None = None,
         access: AccessLog | None = None,
         agent: AgentLoopDetector | None = None,
+        attribution: RequestAttribution | None = None,
     ) -> None:
         self.pool = pool
         self.record = record
@@ -153,6 +160,7 @@ class Relay:
         self.spend = spend or SpendCap(config.guardrails.spend_cap)
         self.metrics = metrics
         self.access = access or AccessLog(False)
+        self.attribution = attribution or RequestAttribution(None)
         # Retry-After for a suspension without an end: when the daemon next asks the API.
         self.poll_seconds = config.telemetry.poll_interval_seconds
         # Targets that refused an injected stream_options: not asked again for a while.
@@ -183,21 +191,27 @@ class Relay:
         self._drop_plain = self._drop | _ACCEPT_ENCODING
         if self.sockets is not None:
             self.sockets.configure(config)
+        if self.attribution.keys is not None:
+            self.attribution.keys.names = config.attribution.key_names
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.time()
         t0 = time.perf_counter()
         rel = request.rel_url
+        app, raw_path = split_app(rel.raw_path)  # /@<app>/v1/...: the app, then the route
         try:
-            route = self.router.resolve(rel.raw_path)
+            route = self.router.resolve(raw_path)
         except BadPath:
             return _plain_error(400, "bad_path", "the request path has '.' or '..' segments")
         if route is None:
             return _plain_error(
                 404, "no_route", f"no provider serves {rel.path!r}; use /<provider>/... or /v1/..."
             )
+        attributes = self.attribution.read(
+            request.raw_headers, rel.raw_query_string, app, connection_process(request.protocol)
+        )
         if self.sockets is not None and is_upgrade(request):
-            return await self.sockets.handle(request, route, started, t0)
+            return await self.sockets.handle(request, route, started, t0, attributes)
         try:
             body, whole = await _read_body(
                 request, self.max_body, self.max_buffered, self.buffering
@@ -208,7 +222,9 @@ class Relay:
         except ClientBodyTimeout as exc:
             return self._body_timeout(route, exc)
         if not whole:
-            return await self._handle_streamed(request, route, body, started, t0, read_body)
+            return await self._handle_streamed(
+                request, route, body, started, t0, read_body, attributes
+            )
 
         upstream = route.upstream
         # A compressed body goes upstream as it came; the daemon reads a decoded copy (bounded
@@ -241,11 +257,13 @@ class Relay:
             # (within a few ms) before it goes through. Any other request waits for nothing.
             suspension = await self.loop.check_fleet(fp, request.headers)
         if suspension is not None:
-            return self._refuse(started, t0, read_body, route, meta, fp, suspension)
+            return self._refuse(started, t0, read_body, route, meta, fp, suspension, attributes)
 
         ex = _Exchange()
         ex.waited = read_body
         ex.billed = costly
+        ex.attributes = attributes
+        ex.connection = request.protocol
         if counted and self.loop.counts(request.headers):
             ex.occurrence = fp
         # (Stream usage is asked for only in a body the daemon may rewrite: a plain one.)
@@ -312,6 +330,7 @@ class Relay:
         started: float,
         t0: float,
         read_body: float,
+        attributes: Attributes,
     ) -> web.StreamResponse:
         """A body too large to hold (over ``server.max_buffered_body_bytes``): it goes to the
         provider as it arrives. Its fingerprint is the hash of its raw bytes, known once it is
@@ -335,12 +354,16 @@ class Relay:
         if suspension is not None:
             hasher.update(first)  # what is known of it: the rest is never read
             fp = "sha256:" + hasher.hexdigest()
-            refusal = self._refuse(started, t0, read_body, route, meta, fp, suspension)
+            refusal = self._refuse(
+                started, t0, read_body, route, meta, fp, suspension, attributes
+            )
             refusal.force_close()
             return refusal
         ex = _Exchange()
         ex.waited = read_body
         ex.billed = _costly(request, upstream.adapter, meta)
+        ex.attributes = attributes
+        ex.connection = request.protocol
         slot = False
         try:
             if not first:
@@ -459,6 +482,7 @@ class Relay:
         meta: RequestMeta,
         fp: str,
         suspension: Suspension,
+        attributes: Attributes | None = None,
     ) -> web.Response:
         """A 429 in the provider's own shape, which the OpenAI and Anthropic SDKs do not retry."""
         left = suspension.seconds_left(time.time())
@@ -507,6 +531,7 @@ class Relay:
                 usage_source=UsageSource.NONE,  # it never left the host: nothing was metered
                 priced=True,
                 refused_by=suspension.layer,
+                attributes=attributes,
             ),
             t0,
             waited,
@@ -826,6 +851,7 @@ class Relay:
             usage_unknown=ex.billed
             and 200 <= ex.status < 300
             and source in (UsageSource.MISSING, UsageSource.PARTIAL),
+            attributes=with_process(ex.attributes, ex.connection),
         )
 
 

@@ -48,10 +48,11 @@ from yarl import URL
 
 from .adapters.base import UsageSource
 from .adapters.realtime import RealtimeMeter
+from .attribution import Attributes, with_process
 from .config import Config
 from .events import Event, iso_ms
 from .fingerprint import fingerprint
-from .headers import REQUEST_DROP, filter_headers
+from .headers import REQUEST_DROP, filter_headers, is_own
 from .routes import Route
 from .text import inert
 
@@ -171,7 +172,12 @@ class WebSocketRelay:
                     await ws.close(code=WSCloseCode.GOING_AWAY, message=b"daemon stopping")
 
     async def handle(
-        self, request: web.Request, route: Route, started: float, t0: float
+        self,
+        request: web.Request,
+        route: Route,
+        started: float,
+        t0: float,
+        attributes: Attributes | None = None,
     ) -> web.StreamResponse:
         relay = self.relay
         upstream = route.upstream
@@ -183,9 +189,11 @@ class WebSocketRelay:
         suspension = relay.kill.check(started)
         if suspension is not None:
             meta = replace(meta, endpoint=endpoint, model=model, stream=True)
-            return relay._refuse(started, t0, 0.0, route, meta, fp, suspension)
+            return relay._refuse(started, t0, 0.0, route, meta, fp, suspension, attributes)
 
         session = _Session(self, route, started, t0, endpoint, model, fp)
+        session.attributes = attributes
+        session.connection = request.protocol
         try:
             return await session.run(request)
         finally:
@@ -218,6 +226,8 @@ class _Session:
         self.clean = False  # a side closed with a close frame (else: a failure, or cancelled)
         self.recorded = False
         self.waited = 0.0  # seconds the daemon waited on the provider during the handshake
+        self.attributes: Attributes | None = None  # who opened it
+        self.connection: Any = None  # the client connection's handler (its process lookup)
 
     async def run(self, request: web.Request) -> web.StreamResponse:
         owner = self.owner
@@ -230,7 +240,7 @@ class _Session:
         )
         drop = _FORWARDED[owner.forwarded_for]
         headers = filter_headers(
-            request.headers.items(),
+            [(name, value) for name, value in request.headers.items() if not is_own(name)],
             request.headers.get(hdrs.CONNECTION),
             REQUEST_DROP,
             _HANDSHAKE | drop,
@@ -402,6 +412,7 @@ class _Session:
             stream=True,
             usage_source=source,
             priced=priced,
+            attributes=with_process(self.attributes, self.connection),
         )
         # The session's own time is the client's and the provider's, not the daemon's.
         waited = time.perf_counter() - self.t0 if self.upgraded else self.waited

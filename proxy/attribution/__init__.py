@@ -15,7 +15,7 @@ This package finds those and nothing else:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 # Dimensions ``report --by`` and budgets know besides ``tag:<Name>``.
@@ -104,3 +104,22 @@ class Attributes:
 
 
 NO_ATTRIBUTES = Attributes()
+
+
+def connection_process(connection: Any) -> Process | None:
+    """The calling process of a client connection (the server's per-connection handler keeps
+    its lookup, a future, as ``process``) if the lookup has finished; None otherwise."""
+    lookup = getattr(connection, "process", None)
+    if lookup is None or not lookup.done() or lookup.cancelled():
+        return None
+    found = lookup.result()
+    return found if isinstance(found, Process) else None
+
+
+def with_process(attributes: Attributes | None, connection: Any) -> Attributes | None:
+    """``attributes`` with the connection's process where its lookup has finished since the
+    request began (a new connection's first request: the lookup runs while it is relayed)."""
+    if attributes is None or attributes.process is not None:
+        return attributes
+    found = connection_process(connection)
+    return attributes if found is None else replace(attributes, process=found)

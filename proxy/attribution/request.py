@@ -1,0 +1,135 @@
+"""Who a request says it comes from: the ``AtlasBurn-*`` headers, the ``/@<app>/`` path prefix,
+and the provider credential it carries (as a ``key_id``).
+
+Headers (DESIGN "Attribution"): ``AtlasBurn-App``, ``AtlasBurn-User``, ``AtlasBurn-Session``, and
+``AtlasBurn-Tag-<Name>`` (free dimensions). Every ``AtlasBurn-*`` header is the daemon's own and is
+removed before the request goes upstream (``headers.request_head``). Bounds: at most ``MAX_TAGS``
+tags (the first ones sent), names and values at most ``MAX_BYTES`` UTF-8 bytes (cut at a character
+boundary), made inert (``proxy.text``); more or longer are cut, never refused. An empty value says
+nothing. A header given twice: the first counts. Tag names are lower-cased (HTTP header names are
+not case-sensitive, and HTTP/2 sends them lower-case), so ``AtlasBurn-Tag-Team`` is ``team``.
+
+The path prefix ``/@<app>/`` is for clients that can only set a base URL
+(``OPENAI_BASE_URL=http://127.0.0.1:8787/@ci-bot/v1``): ``split_app`` takes it off the path, which
+is then routed as usual. A header wins over the prefix.
+
+The credential, in this order: ``Authorization`` (the token after ``Bearer ``, else the whole
+value), ``x-api-key`` (Anthropic), ``api-key`` (Azure OpenAI), ``x-goog-api-key`` (Gemini), then
+``key=`` in the query (Gemini). Only its ``key_id`` is kept (``keys``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from urllib.parse import parse_qsl, unquote
+
+from ..text import inert
+from . import MAX_BYTES, MAX_TAGS, Attributes, Process
+from .keys import KeyIds
+
+PREFIX = b"atlasburn-"
+_OWN = b"atlasburn-api-key"
+# Credential headers, lower-case, in the order they are preferred.
+_CREDENTIALS = (b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key")
+_RANK = {name: rank for rank, name in enumerate(_CREDENTIALS)}
+
+
+def bounded(value: str) -> str:
+    """``value`` inert and cut to ``MAX_BYTES`` UTF-8 bytes at a character boundary."""
+    value = inert(value, MAX_BYTES)
+    raw = value.encode("utf-8", "surrogatepass")
+    if len(raw) <= MAX_BYTES:
+        return value
+    return raw[:MAX_BYTES].decode("utf-8", "ignore")
+
+
+def split_app(raw_path: str) -> tuple[str | None, str]:
+    """(app, the rest of the path) for a path ``/@<app>/<rest>``; (None, path) for any other.
+    The app is percent-decoded and bounded; ``/@/...`` names none."""
+    if not raw_path.startswith("/@"):
+        return None, raw_path
+    segment, slash, rest = raw_path[2:].partition("/")
+    app = bounded(unquote(segment, errors="replace")) if segment else None
+    return app or None, "/" + rest if slash else "/"
+
+
+class RequestAttribution:
+    """Reads a request's attribution; ``keys`` None: no ``key_id`` (no secret available)."""
+
+    def __init__(self, keys: KeyIds | None) -> None:
+        self.keys = keys
+
+    def read(
+        self,
+        raw_headers: Iterable[tuple[bytes, bytes]],
+        raw_query: str,
+        app: str | None,
+        process: Process | None,
+    ) -> Attributes:
+        """The request's ``Attributes``: headers, then ``app`` from the path prefix where no
+        header names one, the credential's ``key_id`` (and its configured name), ``process``."""
+        user = session = None
+        header_app = None
+        tags: dict[str, str] = {}
+        credential: bytes | None = None
+        rank = len(_CREDENTIALS)
+        for name, value in raw_headers:
+            lower = name.lower()
+            if lower.startswith(PREFIX):
+                if lower == _OWN or not value:
+                    continue
+                what = lower[len(PREFIX) :]
+                if what == b"app":
+                    if header_app is None:
+                        header_app = _text(value)
+                elif what == b"user":
+                    if user is None:
+                        user = _text(value)
+                elif what == b"session":
+                    if session is None:
+                        session = _text(value)
+                elif what.startswith(b"tag-") and len(what) > 4 and len(tags) < MAX_TAGS:
+                    tag = bounded(what[4:].decode("latin-1"))
+                    if tag not in tags:
+                        tags[tag] = _text(value)
+                continue
+            r = _RANK.get(lower)
+            if r is not None and r < rank and value:
+                credential, rank = value, r
+        key_id = key_name = None
+        if self.keys is not None:
+            if credential is not None:
+                credential = _token(credential)
+            elif "key=" in raw_query:
+                credential = _query_key(raw_query)
+            if credential:
+                key_id = self.keys.key_id(credential)
+                key_name = self.keys.names.get(key_id)
+        return Attributes(
+            app=header_app or app,
+            user=user or None,
+            session=session or None,
+            tags=tuple((k, v) for k, v in tags.items() if v),
+            key_id=key_id,
+            key_name=key_name,
+            process=process,
+        )
+
+
+def _text(value: bytes) -> str:
+    return bounded(value.decode("utf-8", "replace").strip())
+
+
+def _token(value: bytes) -> bytes:
+    """The key in a credential header: ``Bearer <token>``'s token, else the value."""
+    value = value.strip()
+    if value[:7].lower() == b"bearer ":
+        return value[7:].strip()
+    return value
+
+
+def _query_key(raw_query: str) -> bytes | None:
+    for name, value in parse_qsl(raw_query, keep_blank_values=False):
+        if name == "key":
+            return value.encode("utf-8", "surrogatepass")
+    return None
