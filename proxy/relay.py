@@ -60,6 +60,8 @@ from .fingerprint import fingerprint, form_fingerprint, raw_hasher
 from .guardrails import (
     SPEND_LAYER,
     AgentLoopDetector,
+    Budgets,
+    BudgetSuspension,
     KillSwitch,
     LoopGuard,
     SpendCap,
@@ -117,6 +119,7 @@ class _Exchange:
         "billed",
         "attributes",
         "connection",
+        "budgets",
     )
 
     def __init__(self) -> None:
@@ -133,6 +136,7 @@ class _Exchange:
         self.billed = False  # a POST to an endpoint that is not free: an answer costs
         self.attributes: Attributes | None = None  # who sent it
         self.connection: Any = None  # the client connection's handler (its process lookup)
+        self.budgets: tuple[str, ...] = ()  # the budgets its spend counts in
 
 
 class Relay:
@@ -151,6 +155,7 @@ class Relay:
         access: AccessLog | None = None,
         agent: AgentLoopDetector | None = None,
         attribution: RequestAttribution | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self.pool = pool
         self.record = record
@@ -161,6 +166,7 @@ class Relay:
         self.metrics = metrics
         self.access = access or AccessLog(False)
         self.attribution = attribution or RequestAttribution(None)
+        self.budgets = budgets or Budgets(config.guardrails.budgets)
         # Retry-After for a suspension without an end: when the daemon next asks the API.
         self.poll_seconds = config.telemetry.poll_interval_seconds
         # Targets that refused an injected stream_options: not asked again for a while.
@@ -256,6 +262,11 @@ class Relay:
             # A fingerprint the fleet has seen two short of the threshold: Redis is asked
             # (within a few ms) before it goes through. Any other request waits for nothing.
             suspension = await self.loop.check_fleet(fp, request.headers)
+        budgets: tuple[str, ...] = ()
+        if suspension is None and self.budgets.active:
+            budgets = self.budgets.matching(attributes, upstream.name, meta.model or "")
+            if budgets:
+                suspension = self.budgets.check(budgets, started)
         if suspension is not None:
             return self._refuse(started, t0, read_body, route, meta, fp, suspension, attributes)
 
@@ -264,6 +275,7 @@ class Relay:
         ex.billed = costly
         ex.attributes = attributes
         ex.connection = request.protocol
+        ex.budgets = budgets
         if counted and self.loop.counts(request.headers):
             ex.occurrence = fp
         # (Stream usage is asked for only in a body the daemon may rewrite: a plain one.)
@@ -351,12 +363,15 @@ class Relay:
         if request.headers.get(hdrs.CONTENT_ENCODING) is None:
             reader = FormReader.open(request.headers.get(hdrs.CONTENT_TYPE))
         suspension = self.kill.check(started)
+        budgets: tuple[str, ...] = ()
+        if suspension is None and self.budgets.active:  # (the model is known from the answer)
+            budgets = self.budgets.matching(attributes, upstream.name, "")
+            if budgets:
+                suspension = self.budgets.check(budgets, started)
         if suspension is not None:
             hasher.update(first)  # what is known of it: the rest is never read
             fp = "sha256:" + hasher.hexdigest()
-            refusal = self._refuse(
-                started, t0, read_body, route, meta, fp, suspension, attributes
-            )
+            refusal = self._refuse(started, t0, read_body, route, meta, fp, suspension, attributes)
             refusal.force_close()
             return refusal
         ex = _Exchange()
@@ -364,6 +379,7 @@ class Relay:
         ex.billed = _costly(request, upstream.adapter, meta)
         ex.attributes = attributes
         ex.connection = request.protocol
+        ex.budgets = budgets
         slot = False
         try:
             if not first:
@@ -469,6 +485,8 @@ class Relay:
             over = self.spend.add(event.cost_usd)
             if over is not None and self.kill.check() is None:
                 self.kill.suspend_now(SPEND_LAYER, over[0], over[1], "local")
+        if event.budgets and event.cost_usd > 0:
+            self.budgets.add(event.budgets, event.cost_usd)
         if self.metrics is not None:
             self.metrics.observe(event, time.perf_counter() - t0 - waited)
         self.access.write(event, request_id())
@@ -488,7 +506,9 @@ class Relay:
         left = suspension.seconds_left(time.time())
         wait = self.poll_seconds if left is None else left
         seconds = max(1, math.ceil(wait))
-        if suspension.source == "conversation":  # this request alone: nothing is suspended
+        if isinstance(suspension, BudgetSuspension):  # this request alone: the org flows
+            message = suspension.message(seconds)
+        elif suspension.source == "conversation":  # this request alone: nothing is suspended
             message = (
                 f"AtlasBurn guardrail {suspension.layer}: {suspension.reason}: "
                 f"{CONVERSATION_HINT}; {EXEMPT_HINT}"
@@ -852,6 +872,7 @@ class Relay:
             and 200 <= ex.status < 300
             and source in (UsageSource.MISSING, UsageSource.PARTIAL),
             attributes=with_process(ex.attributes, ex.connection),
+            budgets=ex.budgets,
         )
 
 
