@@ -340,3 +340,25 @@ async def test_the_fleet_sums_a_budget(
     assert layer == "budget"
     assert 3530 <= retry <= 3600
     assert message == REFUSAL.format(retry).replace("'app-a' spent", "'app-a' the fleet spent")
+
+
+def test_the_commented_example_parses() -> None:
+    """config.example.toml's commented-out budgets, uncommented, are a valid config."""
+    import tomllib
+
+    from proxy.config import parse_config
+
+    lines = (Path(__file__).parent.parent / "config.example.toml").read_text().splitlines()
+    start = lines.index("# [[guardrails.budgets]]")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#"):
+            break
+        block.append(line[2:] if line.startswith("# ") else "")
+    config = parse_config(tomllib.loads("\n".join(block)), env={})
+    assert config.guardrails.budgets == (
+        BudgetConfig("ci-bot", (("app", "ci-*"),), 5.0, 50.0, 0.8),
+        BudgetConfig(
+            "search-key", (("key_id", "key_0123456789abcdef"), ("model", "gpt-4o*")), 0.0, 20.0
+        ),
+    )
