@@ -5,9 +5,9 @@ tag) over rolling windows: the last 60 minutes and the last 24 hours, in minute 
 spend cap keeps them. Crossing one refuses only the requests it matches (429, layer ``budget``)
 until enough spend has aged out of the window; the org is never suspended, other traffic flows.
 
-On the hot path a request costs ``matching`` (a dict lookup once its (attributes, provider,
-model) was seen: results are cached, bounded by ``MAX_CACHED``; one attribute test when no budget
-is configured) and ``check`` (one float comparison per matched budget: whether a budget is over
+On the hot path a request costs ``matching`` (the values of the dimensions budgets name, then a
+dict lookup once those were seen: results are cached, bounded by ``MAX_CACHED``; one test when
+no budget is configured; about 1 us with 21 budgets, 11 us for a first sight) and ``check`` (one float comparison per matched budget: whether a budget is over
 is worked out when spend is added, not per request).
 
 Restarts: each event carries the names of the budgets its spend counts in (``Event.budgets``,
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUDGET_LAYER = "budget"
-MAX_CACHED = 4096  # distinct (attributes, provider, model) whose matched budgets are remembered
+MAX_CACHED = 4096  # distinct (provider, model, matched dimensions) whose budgets are remembered
 WINDOWS = ((3600, "hour", "max_usd_per_hour"), (86400, "day", "max_usd_per_day"))
 _NONE = Attributes()
 
@@ -129,14 +129,10 @@ class Budget:
         # as Redis last answered; empty without a fleet, or while Redis is away.
         self.fleet_totals: dict[str, tuple[float, float]] = {}
 
-    def matches(self, attributes: Attributes, provider: str, model: str) -> bool:
+    def matches(self, values: dict[str, str | None]) -> bool:
+        """Whether every dimension of ``match`` has a value (in ``values``) its pattern fits."""
         for dimension, pattern in self.match:
-            if dimension == "provider":
-                value: str | None = provider
-            elif dimension == "model":
-                value = model
-            else:
-                value = attributes.dimension(dimension)
+            value = values.get(dimension)
             if not value or not fnmatchcase(value, pattern):
                 return False
         return True
@@ -185,7 +181,9 @@ class Budgets:
         self.budgets: dict[str, Budget] = {}
         self.fleet: Fleet | None = None  # the fleet's totals too, with [fleet] redis_url
         self.warnings: dict[tuple[str, str], int] = {}  # (budget, window) -> warnings given
-        self._cache: dict[tuple[Attributes, str, str], tuple[str, ...]] = {}
+        # The values of the dimensions any budget names -> the budgets they match.
+        self._dimensions: tuple[str, ...] = ()  # those dimensions, besides provider and model
+        self._cache: dict[tuple[str | None, ...], tuple[str, ...]] = {}
         self.configure(budgets)
 
     def configure(self, budgets: tuple[BudgetConfig, ...]) -> None:
@@ -201,6 +199,8 @@ class Budgets:
                 budget.fleet_totals = kept.fleet_totals
             new[config.name] = budget
         self.budgets = new
+        named = {d for b in new.values() for d, _ in b.match} - {"provider", "model"}
+        self._dimensions = tuple(sorted(named))
         self._cache = {}
         now = time.time()
         for budget in new.values():  # new limits: over or not, from the spend as it stands
@@ -211,16 +211,17 @@ class Budgets:
         return bool(self.budgets)
 
     def matching(self, attributes: Attributes | None, provider: str, model: str) -> tuple[str, ...]:
-        """The names of the budgets a request counts in, in config order (cached)."""
+        """The names of the budgets a request counts in, in config order. Cached by the values
+        of the dimensions budgets name (not by the whole attributes: a new session or pid of
+        the same app is no new entry)."""
         if not self.budgets:
             return ()
-        key = (attributes or _NONE, provider, model)
+        attrs = attributes or _NONE
+        key = (provider, model, *[attrs.dimension(d) for d in self._dimensions])
         found = self._cache.get(key)
         if found is None:
-            attrs = key[0]
-            found = tuple(
-                name for name, b in self.budgets.items() if b.matches(attrs, provider, model)
-            )
+            values = dict(zip(("provider", "model", *self._dimensions), key, strict=True))
+            found = tuple(name for name, b in self.budgets.items() if b.matches(values))
             if len(self._cache) >= MAX_CACHED:
                 del self._cache[next(iter(self._cache))]  # the one seen first
             self._cache[key] = found
