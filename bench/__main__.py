@@ -33,6 +33,12 @@ import uvloop
 from . import TIMING_HEAD, by_scenario, markdown, timing_cells, wrk
 from .agent import NO_AGENT_CONFIG, NO_AGENT_TARGET, agent_table
 from .agent_body import AgentBody
+from .attribution import (
+    HEADERS,
+    NO_ATTRIBUTION_CONFIG,
+    NO_ATTRIBUTION_TARGET,
+    attribution_table,
+)
 from .fleet import (
     FLEET_TARGET,
     SPEND_CAP,
@@ -72,6 +78,7 @@ class Scenario:
     rounds: int = 1  # interleaved rounds (direct, pass-through, daemon, direct, ...)
     answer_bytes: int = 0  # the provider's JSON answer padded to about this size
     agent: bool = False  # the body: the 100-message agent conversation (bench/agent_body.py)
+    attribution: bool = False  # attribution headers; also the daemon without attribution
 
 
 def scenarios(full: bool) -> list[Scenario]:
@@ -93,6 +100,14 @@ def scenarios(full: bool) -> list[Scenario]:
             12000 if full else 4000,
             agent=True,
             note="100-message agent conversation (45 tool calls), the agent-loop layer on and off",
+            rounds=3,
+        ),
+        Scenario(
+            "attribution-c64",
+            64,
+            30000 if full else 12000,
+            attribution=True,
+            note="small chat completion with attribution headers and a key, attribution on and off",
             rounds=3,
         ),
         Scenario(
@@ -182,6 +197,8 @@ class Targets:
         self.names: tuple[str, ...] = ("direct", "pass-through", "atlasburn-proxy")
         if scenario.agent:
             self.names += (NO_AGENT_TARGET,)
+        if scenario.attribution:
+            self.names += (NO_ATTRIBUTION_TARGET,)
         if redis is not None:
             self.names += (FLEET_TARGET,)
 
@@ -234,6 +251,8 @@ class Targets:
         others: list[tuple[str, str, str]] = []  # (target, file and state name, extra config)
         if s.agent:
             others.append((NO_AGENT_TARGET, "no-agent-loop", spend + NO_AGENT_CONFIG))
+        if s.attribution:
+            others.append((NO_ATTRIBUTION_TARGET, "no-attribution", spend + NO_ATTRIBUTION_CONFIG))
         if self.redis is not None:
             others.append((FLEET_TARGET, "fleet", spend + fleet_config(self.redis.url)))
         for target, label, extra in others:
@@ -281,6 +300,7 @@ async def load(url: str, s: Scenario, start_nonce: int) -> tuple[float, list[flo
     latencies: list[float] = []
     ttfbs: list[float] = []
     counter = iter(range(start_nonce, start_nonce + s.requests))
+    headers = {"Content-Type": "application/json", **(HEADERS if s.attribution else {})}
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
 
@@ -297,9 +317,7 @@ async def load(url: str, s: Scenario, start_nonce: int) -> tuple[float, list[flo
                     body["stream"] = True
                 raw = json.dumps(body, separators=(",", ":")).encode()
             t0 = time.perf_counter()
-            async with session.post(
-                url + "/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"}
-            ) as r:
+            async with session.post(url + "/v1/chat/completions", data=raw, headers=headers) as r:
                 if s.stream:
                     first = await r.content.readany()
                     ttfbs.append(time.perf_counter() - t0)
@@ -518,7 +536,7 @@ async def main(args: argparse.Namespace) -> None:
         rows: list[tuple[str, str, wrk.WrkRound, str]] = []
         with tempfile.TemporaryDirectory() as tmp:
             for s in chosen:
-                if s.stream or s.name.startswith("soak") or s.agent:
+                if s.stream or s.name.startswith("soak") or s.agent or s.attribution:
                     continue  # wrk mode: the non-streaming request/answer scenarios
                 print(
                     f"... {s.name} with wrk: {s.note}, concurrency {s.concurrency}, "
@@ -542,7 +560,8 @@ async def main(args: argparse.Namespace) -> None:
                 print(
                     f"... {s.name}: {s.note}, concurrency {s.concurrency}, {s.requests:,} "
                     f"requests{' (and the daemon in fleet mode)' if redis else ''}"
-                    f"{' (and the daemon without the agent-loop layer)' if s.agent else ''}",
+                    f"{' (and the daemon without the agent-loop layer)' if s.agent else ''}"
+                    f"{' (and the daemon without attribution)' if s.attribution else ''}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -571,6 +590,10 @@ async def main(args: argparse.Namespace) -> None:
                 redis.stop()
     if results:
         print(table(results, idle))
+    attributed = attribution_table(results)
+    if attributed:
+        print("\nattribution on against off (same rounds, interleaved, keep-alive clients):\n")
+        print(attributed)
     agents = agent_table(results)
     if agents:
         print("\nthe agent-loop detector on against off (same rounds, interleaved):\n")

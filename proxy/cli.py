@@ -55,9 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
     report.add_argument("--since", default="24h", help="e.g. 30m, 24h, 7d, or all (default 24h)")
     report.add_argument(
-        "--by", default="model", choices=("provider", "model", "endpoint", "fingerprint")
+        "--by",
+        default="model",
+        metavar="DIMENSION",
+        help="provider, model (default), endpoint, fingerprint, app, user, session, key, unit,"
+        " exe or tag:<Name>",
     )
     report.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    key_id = sub.add_parser(
+        "key-id",
+        help="read a provider key on stdin and print its key_id (for [attribution.key_names])",
+    )
+    key_id.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
 
     status = sub.add_parser("status", help="the running daemon's kill flag")
     status.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
@@ -82,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return show_prices(args.config, args.provider, args.service_tier, args.models)
     if args.command == "report":
         return show_report(args.config, args.since, args.by, args.json)
+    if args.command == "key-id":
+        return print_key_id(args.config)
     if args.command in ("status", "suspend", "resume"):
         return operate(args)
     return run(args.config, args.listen)
@@ -172,6 +184,11 @@ def show_report(config_path: str | None, since: str, by: str, as_json: bool) -> 
         print(f"--since: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
+        report.group_path(by)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    try:
         rows = report.query(config.storage.path, by, seconds)
     except FileNotFoundError:
         rows = []
@@ -185,6 +202,55 @@ def show_report(config_path: str | None, since: str, by: str, as_json: bool) -> 
         print(json.dumps(out, indent=2))
     else:
         print(report.render(rows, by, since, seconds))
+    return EXIT_OK
+
+
+def print_key_id(config_path: str | None) -> int:
+    """Read one provider key on stdin (a prompt that does not echo on a terminal) and print
+    its ``key_id`` under this installation's secret (``storage.path``'s directory; made if
+    there is none yet, as the daemon would). The key is never printed or kept."""
+    import getpass
+
+    from .attribution.keys import KeyIds, key_secret
+    from .errors import StateFileError
+
+    try:
+        config = load_config(resolve_config_path(config_path))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    if sys.stdin.isatty():
+        text = getpass.getpass("provider key (not echoed): ")
+    else:
+        text = sys.stdin.read(65536)
+    key = text.strip()
+    if key[:7].lower() == "bearer ":
+        key = key[7:].strip()
+    if not key:
+        print(
+            "key-id: no key on stdin (e.g. printenv OPENAI_API_KEY | atlasburn-proxy key-id)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    state_dir = config.storage.path.parent
+    try:
+        secret = key_secret(state_dir, create=False)
+        if secret is None:
+            secret = key_secret(state_dir, create=True)
+            print(
+                f"key-id: generated this installation's key-id secret in {state_dir}",
+                file=sys.stderr,
+            )
+    except StateFileError as exc:
+        print(f"key-id: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    assert secret is not None
+    key_id = KeyIds(secret).key_id(key.encode("utf-8", "surrogatepass"))
+    name = config.attribution.key_names.get(key_id)
+    if name:
+        print(f"key-id: [attribution.key_names] names it {name!r}", file=sys.stderr)
+    print(key_id)
     return EXIT_OK
 
 

@@ -233,6 +233,8 @@ class GuardrailsConfig:
 class AttributionConfig:
     """``[attribution]``: who is spending (DESIGN "Attribution")."""
 
+    # false: events carry no attributes (AtlasBurn-* headers are still never relayed).
+    enabled: bool = True
     # Find the calling process of a client on this host (Linux only: /proc).
     process: bool = field(default_factory=lambda: os.path.isdir("/proc/self/fd"))
     # key_id -> a name for reports and budgets ("key_0123456789abcdef" = "team-search").
@@ -872,6 +874,7 @@ def _key_name(value: str) -> str:
 
 def _attribution(t: _Table) -> AttributionConfig:
     d = AttributionConfig()
+    enabled = t.get("enabled", bool, d.enabled)
     process = t.get("process", bool, d.process)
     names = t.table("key_names")
     key_names: dict[str, str] = {}
@@ -887,7 +890,7 @@ def _attribution(t: _Table) -> AttributionConfig:
             key_names[key_id] = name
     names.done()
     t.done()
-    return AttributionConfig(process=process, key_names=key_names)
+    return AttributionConfig(enabled=enabled, process=process, key_names=key_names)
 
 
 def redis_location(url: str) -> str:

@@ -22,7 +22,8 @@ from typing import Any
 import orjson
 
 from .adapters.base import UsageSource
-from .attribution import Attributes
+from .attribution import MAX_BYTES, MAX_TAGS, Attributes, Process
+from .attribution.request import bounded
 from .text import LIMIT, inert
 
 
@@ -194,7 +195,7 @@ def parse_event(obj: Any, now: float | None = None) -> Event:
     missing = [key for key in FIELDS if key not in obj]
     if missing:
         raise InvalidEvent(f"missing field(s): {', '.join(missing)}")
-    unknown = sorted(set(obj) - set(FIELDS))
+    unknown = sorted(set(obj) - set(FIELDS) - {"attributes"})
     if unknown:
         raise InvalidEvent(f"unknown field(s): {', '.join(unknown)}")
     ts = obj["ts"]
@@ -260,6 +261,81 @@ def parse_event(obj: Any, now: float | None = None) -> Event:
         usage_source=UsageSource.REPORTED,
         priced=True,
         origin="ingest",
+        attributes=parse_attributes(obj["attributes"]) if "attributes" in obj else None,
     )
     check_encodable(event)
     return event
+
+
+_KEY_ID = re.compile(r"key_[0-9a-f]{16}")
+_ATTRIBUTE_MEMBERS = ("app", "user", "session", "tags", "key_id", "key_name", "process")
+_MAX_PID = 2**22  # Linux's pid_max limit
+
+
+def parse_attributes(obj: Any) -> Attributes | None:
+    """An ingested event's ``attributes`` (DESIGN "Attribution"), validated: an object of
+    ``app``, ``user``, ``session``, ``key_name`` (strings of 1-128 UTF-8 bytes), ``tags`` (an
+    object of at most 10 names to values, each 1-128 bytes), ``key_id`` (``key_`` and 16
+    lowercase hex digits) and ``process`` (``pid`` 1 to 2**22, ``exe`` and ``unit`` strings of
+    1-128 bytes); every member optional. Strings are kept inert. None for ``{}``; InvalidEvent
+    naming the member otherwise."""
+    if not isinstance(obj, dict):
+        raise InvalidEvent(f"attributes: expected an object, got {_shown(obj)}")
+    unknown = sorted(set(obj) - set(_ATTRIBUTE_MEMBERS))
+    if unknown:
+        raise InvalidEvent(f"attributes: unknown member(s): {', '.join(map(_shown, unknown))}")
+    tags: list[tuple[str, str]] = []
+    raw_tags = obj.get("tags", {})
+    if not isinstance(raw_tags, dict) or len(raw_tags) > MAX_TAGS:
+        raise InvalidEvent(
+            f"attributes.tags: expected an object of at most {MAX_TAGS} names to strings"
+        )
+    for name, value in raw_tags.items():
+        tag = _attribute_text(name, "attributes.tags (a name)").lower()
+        tags.append((tag, _attribute_text(value, f"attributes.tags.{tag}")))
+    key_id = obj.get("key_id")
+    if key_id is not None and (not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id)):
+        raise InvalidEvent("attributes.key_id: expected 'key_' and 16 lowercase hex digits")
+    process = None
+    raw = obj.get("process")
+    if raw is not None:
+        if not isinstance(raw, dict) or not set(raw) <= {"pid", "exe", "unit"} or "pid" not in raw:
+            raise InvalidEvent(
+                "attributes.process: expected an object with pid and optional exe, unit"
+            )
+        pid = raw["pid"]
+        if type(pid) is not int or not 1 <= pid <= _MAX_PID:
+            raise InvalidEvent(
+                f"attributes.process.pid: expected an integer from 1 to {_MAX_PID},"
+                f" got {_shown(pid)}"
+            )
+        process = Process(
+            pid,
+            _optional_text(raw, "exe", "attributes.process.exe"),
+            _optional_text(raw, "unit", "attributes.process.unit"),
+        )
+    attributes = Attributes(
+        app=_optional_text(obj, "app", "attributes.app"),
+        user=_optional_text(obj, "user", "attributes.user"),
+        session=_optional_text(obj, "session", "attributes.session"),
+        tags=tuple(dict(tags).items()),
+        key_id=key_id,
+        key_name=_optional_text(obj, "key_name", "attributes.key_name"),
+        process=process,
+    )
+    return attributes if attributes else None
+
+
+def _optional_text(obj: dict[str, Any], key: str, name: str) -> str | None:
+    return _attribute_text(obj[key], name) if key in obj else None
+
+
+def _attribute_text(value: Any, name: str) -> str:
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > MAX_BYTES
+        or len(value.encode("utf-8", "surrogatepass")) > MAX_BYTES
+    ):
+        raise InvalidEvent(f"{name}: expected a string of 1-{MAX_BYTES} bytes, got {_shown(value)}")
+    return bounded(value)

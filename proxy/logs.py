@@ -189,6 +189,13 @@ class AccessLog:
         if not self.enabled or not ACCESS.isEnabledFor(logging.INFO):
             return
         ts = iso_ms(time.time())
+        # Who sent it, where known (attribution): app, the key's id (never the key), the unit.
+        attributes = event.attributes
+        app = key_id = unit = None
+        if attributes is not None:
+            app, key_id = attributes.app, attributes.key_id
+            if attributes.process is not None:
+                unit = attributes.process.unit
         if self.json:
             line = orjson.dumps(
                 {
@@ -208,6 +215,9 @@ class AccessLog:
                     "latency_ms": event.latency_ms,
                     "usage": event.usage_source.value,
                     "refused_by": event.refused_by,
+                    "app": app,
+                    "key_id": key_id,
+                    "unit": unit,
                 }
             ).decode()  # (every string in it is inert already: proxy.text)
         else:
@@ -220,6 +230,12 @@ class AccessLog:
                 f" latency_ms={event.latency_ms} usage={event.usage_source.value}"
                 f" refused_by={_logfmt_value(event.refused_by)}"
             )
+            if app is not None:
+                line += f" app={_logfmt_value(app)}"
+            if key_id is not None:
+                line += f" key_id={key_id}"
+            if unit is not None:
+                line += f" unit={_logfmt_value(unit)}"
         self._lines.append(line + "\n")
         if len(self._lines) >= self.FLUSH_LINES:
             self.flush()

@@ -2,13 +2,15 @@
 
 Per-request numbers are counted as each request ends (label children cached, so a request costs a
 few dictionary lookups); the state of the spool, shipper, pricer and guardrails is read only when
-scraped. Label values are bounded: provider (configured names), status (HTTP codes), layer and
-model. A model gets a label of its own once its provider answered a request for it with 2xx, for
-at most ``MAX_MODELS`` (provider, model) pairs; from then on all its events use it, whatever
-their status. Before that, and past the bound, a model counts as ``other``: a name the provider
-refused (404 model_not_found, 401) is whatever a client sent, and random ones must not take the
-slots of the models really in use. No fingerprint, key or free text is ever a label, and a model
-label is at most 256 printable characters (``proxy.text.inert``).
+scraped. Label values are bounded: provider (configured names), status (HTTP codes), layer,
+model and app (the ``AtlasBurn-App`` header or the ``/@<app>/`` prefix; "" for none). A model
+gets a label of its own once its provider answered a request for it with 2xx, for at most
+``MAX_MODELS`` (provider, model) pairs; from then on all its events use it, whatever their
+status. Before that, and past the bound, a model counts as ``other``: a name the provider refused
+(404 model_not_found, 401) is whatever a client sent, and random ones must not take the slots of
+the models really in use. An app is labelled the same way, for at most ``MAX_APPS`` apps. No
+fingerprint, key or free text is ever a label, and a model or app label is at most 256 printable
+characters (``proxy.text.inert``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .events import Event
 from .text import inert
 
 MAX_MODELS = 200
+MAX_APPS = 100
 MAX_LAYERS = 32
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -52,20 +55,20 @@ class Metrics:
             "atlasburn_requests",
             "Proxied requests by provider, model and the status the client "
             "got (429 for a guardrail refusal)",
-            ["provider", "model", "status"],
+            ["provider", "model", "status", "app"],
             registry=r,
         )
         self.tokens = Counter(
             "atlasburn_tokens",
             "Tokens by provider, model and direction (in: input including "
             "cached; out: output including reasoning)",
-            ["provider", "model", "direction"],
+            ["provider", "model", "direction", "app"],
             registry=r,
         )
         self.cost = Counter(
             "atlasburn_cost_usd",
-            "Spend in USD by provider and model",
-            ["provider", "model"],
+            "Spend in USD by provider, model and app",
+            ["provider", "model", "app"],
             registry=r,
         )
         self.unknown_cost = Counter(
@@ -111,8 +114,9 @@ class Metrics:
         )
         self._limit_children: dict[str, Any] = {}
         self._unknown_children: dict[tuple[str, str, str], Any] = {}
-        self._children: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
+        self._children: dict[tuple[str, str, int, str], tuple[Any, Any, Any, Any]] = {}
         self._models: set[tuple[str, str]] = set()  # (provider, model) labelled: answered 2xx
+        self._apps: set[str] = {""}  # apps labelled: answered 2xx ("": none named)
         self._upstream: dict[str, Any] = {}
         self._layers: set[str] = set()
 
@@ -126,19 +130,32 @@ class Metrics:
             return model
         return "other"
 
+    def _app(self, app: str, status: int) -> str:
+        if app in self._apps:
+            return app
+        app = inert(app)
+        if 200 <= status < 300 and len(self._apps) <= MAX_APPS:
+            self._apps.add(app)
+            return app
+        return "other"
+
     def observe(self, event: Event, overhead: float | None) -> None:
-        key = (event.provider, event.model, event.status)
+        attributes = event.attributes
+        app = (attributes.app or "") if attributes is not None else ""
+        key = (event.provider, event.model, event.status, app)
         children = self._children.get(key)
         if children is None:
             model = self._model(event.provider, event.model, event.status)
+            labelled = self._app(app, event.status)
             children = (
-                self.requests.labels(event.provider, model, str(event.status)),
-                self.tokens.labels(event.provider, model, "in"),
-                self.tokens.labels(event.provider, model, "out"),
-                self.cost.labels(event.provider, model),
+                self.requests.labels(event.provider, model, str(event.status), labelled),
+                self.tokens.labels(event.provider, model, "in", labelled),
+                self.tokens.labels(event.provider, model, "out", labelled),
+                self.cost.labels(event.provider, model, labelled),
             )
-            # Only a labelled model's: one counted as other may get its label with its next 2xx.
-            if model != "other" and len(self._children) < MAX_MODELS * 50:
+            # Only a labelled model's and app's: one counted as other may get its label with
+            # its next 2xx.
+            if model != "other" and labelled != "other" and len(self._children) < MAX_MODELS * 50:
                 self._children[key] = children
         requests, tokens_in, tokens_out, cost = children
         requests.inc()

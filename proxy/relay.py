@@ -197,6 +197,7 @@ class Relay:
         self._drop_plain = self._drop | _ACCEPT_ENCODING
         if self.sockets is not None:
             self.sockets.configure(config)
+        self.attributing = config.attribution.enabled
         if self.attribution.keys is not None:
             self.attribution.keys.names = config.attribution.key_names
 
@@ -213,8 +214,12 @@ class Relay:
             return _plain_error(
                 404, "no_route", f"no provider serves {rel.path!r}; use /<provider>/... or /v1/..."
             )
-        attributes = self.attribution.read(
-            request.raw_headers, rel.raw_query_string, app, connection_process(request.protocol)
+        attributes = (
+            self.attribution.read(
+                request.raw_headers, rel.raw_query_string, app, connection_process(request.protocol)
+            )
+            if self.attributing
+            else None
         )
         if self.sockets is not None and is_upgrade(request):
             return await self.sockets.handle(request, route, started, t0, attributes)
@@ -342,7 +347,7 @@ class Relay:
         started: float,
         t0: float,
         read_body: float,
-        attributes: Attributes,
+        attributes: Attributes | None,
     ) -> web.StreamResponse:
         """A body too large to hold (over ``server.max_buffered_body_bytes``): it goes to the
         provider as it arrives. Its fingerprint is the hash of its raw bytes, known once it is

@@ -22,7 +22,45 @@ from pathlib import Path
 from .store import REFUSED, UNPRICED, USAGE_UNKNOWN
 from .text import inert
 
-GROUPS = ("provider", "model", "endpoint", "fingerprint")
+GROUPS = (
+    "provider",
+    "model",
+    "endpoint",
+    "fingerprint",
+    "app",
+    "user",
+    "session",
+    "key",
+    "unit",
+    "exe",
+)
+# Where each dimension is in a stored event (its ingest body); ``tag:<Name>`` is
+# ``$.attributes.tags."<name>"``. ``key`` groups by key_id and shows its name beside it.
+_PATHS = {
+    "provider": "$.provider",
+    "model": "$.model",
+    "endpoint": "$.endpoint",
+    "fingerprint": "$.fingerprint",
+    "app": "$.attributes.app",
+    "user": "$.attributes.user",
+    "session": "$.attributes.session",
+    "key": "$.attributes.key_id",
+    "unit": "$.attributes.process.unit",
+    "exe": "$.attributes.process.exe",
+}
+_TAG = re.compile(r"tag:([A-Za-z0-9_-]{1,128})")
+NONE = "(none)"  # the row of the events that do not say (no app header, no process found...)
+
+
+def group_path(by: str) -> str:
+    """The JSON path of ``--by``'s value in a stored event; ValueError naming the choices."""
+    path = _PATHS.get(by)
+    if path is not None:
+        return path
+    m = _TAG.fullmatch(by)
+    if m is None:
+        raise ValueError(f"--by must be one of {', '.join(GROUPS)} or tag:<Name>, got {by!r}")
+    return f'$.attributes.tags."{m.group(1).lower()}"'
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -79,9 +117,10 @@ def cutoff_ts(since_seconds: float, now: float | None = None) -> str:
 def query(path: Path, by: str, since_seconds: float | None, now: float | None = None) -> list[Row]:
     """Rows grouped ``by`` one column, biggest spend first, of the events whose ``ts`` is at
     most ``since_seconds`` before ``now`` (epoch seconds; the clock when None), to the second
-    (``cutoff_ts``); every event for None. Raises FileNotFoundError, ValueError for ``by``."""
-    if by not in GROUPS:
-        raise ValueError(f"--by must be one of {', '.join(GROUPS)}")
+    (``cutoff_ts``); every event for None. Events that have no value for ``by`` (no app
+    named...) are one row, ``NONE``, so that the rows add up to the total. Raises
+    FileNotFoundError, ValueError for ``by``."""
+    where = group_path(by)
     if not path.exists():
         raise FileNotFoundError(path)
     cutoff = "" if since_seconds is None else cutoff_ts(since_seconds, now)
@@ -91,22 +130,23 @@ def query(path: Path, by: str, since_seconds: float | None, now: float | None = 
         # SQLite 3.45+ would read it as JSONB); what the body does not carry is in the row's
         # flags (store.REFUSED, store.UNPRICED).
         rows = db.execute(
-            f"SELECT json_extract(j, '$.{by}'), COUNT(*), SUM(flags & {REFUSED} != 0), "
+            "SELECT json_extract(j, ?), COUNT(*), "
+            f"SUM(flags & {REFUSED} != 0), "
             f"SUM(json_extract(j, '$.status') >= 400 AND flags & {REFUSED} = 0), "
             "SUM(json_extract(j, '$.tokens_in')), SUM(json_extract(j, '$.tokens_out')), "
             f"SUM(json_extract(j, '$.cost_usd')), SUM(flags & {UNPRICED} != 0), "
-            f"SUM(flags & {UNPRICED | USAGE_UNKNOWN} != 0) "
+            f"SUM(flags & {UNPRICED | USAGE_UNKNOWN} != 0), "
+            "MAX(json_extract(j, '$.attributes.key_name')) "
             "FROM (SELECT CAST(body AS TEXT) AS j, flags FROM events) "
             "WHERE json_extract(j, '$.ts') >= ? "
             "GROUP BY 1 ORDER BY 7 DESC, 2 DESC, 1",
-            (cutoff,),
+            (where, cutoff),
         ).fetchall()
     finally:
         db.close()
     return [
         Row(
-            # Inert: a spool written by an older version may hold any model a client sent.
-            key=inert(str(r[0])),
+            key=_key(r[0], r[9] if by == "key" else None),
             requests=int(r[1] or 0),
             refused=int(r[2] or 0),
             errors=int(r[3] or 0),
@@ -118,6 +158,14 @@ def query(path: Path, by: str, since_seconds: float | None, now: float | None = 
         )
         for r in rows
     ]
+
+
+def _key(value: object, name: object) -> str:
+    if value is None:
+        return NONE
+    # Inert: a spool written by an older version may hold any model a client sent.
+    key = inert(str(value))
+    return f"{key} ({inert(str(name))})" if name is not None else key
 
 
 def total(rows: list[Row]) -> Row:

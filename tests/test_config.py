@@ -63,7 +63,7 @@ def test_example_file_documents_exactly_the_defaults() -> None:
     example = load_config(EXAMPLE, env={})
     defaults = Config()
     sections = ("server", "upstream", "logging", "atlasburn", "telemetry", "guardrails")
-    for section in (*sections, "price_data"):
+    for section in (*sections, "attribution", "price_data"):
         assert getattr(example, section) == getattr(defaults, section), section
     assert example.providers == defaults.providers
     assert example.storage == defaults.storage
@@ -74,7 +74,7 @@ def test_example_file_names_every_key() -> None:
     doc = tomllib.loads(EXAMPLE.read_text())
     cfg = Config()
     sections = ("server", "upstream", "logging", "storage", "atlasburn", "telemetry")
-    for section in (*sections, "price_data"):
+    for section in (*sections, "attribution", "price_data"):
         assert set(doc[section]) == set(type(getattr(cfg, section)).__slots__), section
     assert set(doc["guardrails"]["dumb_loop_detector"]) == set(
         type(cfg.guardrails.dumb_loop_detector).__slots__
@@ -414,3 +414,65 @@ def test_a_changed_fleet_url_is_named_for_a_restart() -> None:
     new = parse_config({"fleet": {"redis_url": "redis://127.0.0.1:6380/2"}})
     assert changed_keys(old, new) == ["fleet.redis_url"]
     assert not "fleet.redis_url".startswith(LIVE_KEYS)  # applied at the next start
+
+
+def test_attribution_and_budget_errors_name_the_key() -> None:
+    got = problems(
+        {
+            "attribution": {
+                "process": "yes",
+                "key_names": {"key_0123456789abcdef": "team-search", "key_bad": "x"},
+            },
+            "guardrails": {
+                "budgets": [
+                    {
+                        "name": "ci",
+                        "match": {"app": "ci-*", "tag:Team": "search", "bogus": "x"},
+                        "max_usd_per_hour": 5,
+                    },
+                    {"name": "ci", "match": {}},
+                    {"match": {"app": ""}, "max_usd_per_day": 1, "warn_at": 2},
+                    "not a table",
+                ]
+            },
+        }
+    )
+    assert got == [
+        "guardrails.budgets[3]: expected a table, got str 'not a table'",
+        "guardrails.budgets[0].match.bogus: unknown dimension; expected one of app, user,"
+        " key_id, key_name, unit, model, provider or tag:<Name>",
+        "guardrails.budgets[1].name: another budget is named 'ci'",
+        "guardrails.budgets[1].match: required: a table of what the budget covers, e.g."
+        ' match = { app = "ci-bot" }',
+        "guardrails.budgets[1].max_usd_per_hour: set max_usd_per_hour and/or max_usd_per_day"
+        " (above 0)",
+        "guardrails.budgets[2].name: required: a budget's name shows in refusals, logs and"
+        " reports",
+        "guardrails.budgets[2].match.app: expected 1-128 bytes (a value or a shell glob), got ''",
+        "guardrails.budgets[2].match: required: a table of what the budget covers, e.g."
+        ' match = { app = "ci-bot" }',
+        "guardrails.budgets[2].warn_at: must be between 0.01 and 1, got 2.0",
+        "attribution.process: expected true or false, got str 'yes'",
+        "attribution.key_names.key_bad: expected a key id like 'key_0123456789abcdef'"
+        " (atlasburn-proxy key-id prints one)",
+    ]
+
+
+def test_budget_match_is_sorted_and_tags_lower_cased() -> None:
+    cfg = parse_config(
+        {
+            "guardrails": {
+                "budgets": [
+                    {
+                        "name": "search",
+                        "match": {"tag:Team": "search", "app": "web-*"},
+                        "max_usd_per_day": 20,
+                    }
+                ]
+            }
+        },
+        env={},
+    )
+    [budget] = cfg.guardrails.budgets
+    assert budget.match == (("app", "web-*"), ("tag:team", "search"))
+    assert (budget.max_usd_per_hour, budget.max_usd_per_day, budget.warn_at) == (0.0, 20.0, 0.8)

@@ -98,7 +98,7 @@ async def test_metrics_move_with_traffic(fake: FakeProvider, start_daemon: Start
     assert before[("atlasburn_ready", ())] == 1.0
     assert (
         "atlasburn_requests_total",
-        (("model", "gpt-4o-mini"), ("provider", "openai"), ("status", "200")),
+        (("app", ""), ("model", "gpt-4o-mini"), ("provider", "openai"), ("status", "200")),
     ) not in before
     async with aiohttp.ClientSession() as s:
         for i in range(2):
@@ -109,12 +109,12 @@ async def test_metrics_move_with_traffic(fake: FakeProvider, start_daemon: Start
         async with s.post(d.url + "/v1/chat/completions", json=CHAT) as r:
             assert r.status == 429
     after = await metrics(d)
-    ok = (("model", "gpt-4o-mini"), ("provider", "openai"), ("status", "200"))
+    ok = (("app", ""), ("model", "gpt-4o-mini"), ("provider", "openai"), ("status", "200"))
     assert after[("atlasburn_requests_total", ok)] == 2
-    assert after[("atlasburn_requests_total", ok[:2] + (("status", "429"),))] == 1
-    lm = (("model", "gpt-4o-mini"), ("provider", "openai"))
-    assert after[("atlasburn_tokens_total", (("direction", "in"),) + lm)] == 2 * 1536
-    assert after[("atlasburn_tokens_total", (("direction", "out"),) + lm)] == 2 * 7
+    assert after[("atlasburn_requests_total", ok[:3] + (("status", "429"),))] == 1
+    lm = (("app", ""), ("model", "gpt-4o-mini"), ("provider", "openai"))
+    assert after[("atlasburn_tokens_total", lm[:1] + (("direction", "in"),) + lm[1:])] == 2 * 1536
+    assert after[("atlasburn_tokens_total", lm[:1] + (("direction", "out"),) + lm[1:])] == 2 * 7
     assert after[("atlasburn_cost_usd_total", lm)] == pytest.approx(2 * 0.0001578, rel=1e-12)
     assert after[("atlasburn_guardrail_refusals_total", (("layer", "manual"),))] == 1
     assert after[("atlasburn_overhead_seconds_count", ())] == 3

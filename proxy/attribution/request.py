@@ -35,12 +35,15 @@ _RANK = {name: rank for rank, name in enumerate(_CREDENTIALS)}
 
 
 def bounded(value: str) -> str:
-    """``value`` inert and cut to ``MAX_BYTES`` UTF-8 bytes at a character boundary."""
-    value = inert(value, MAX_BYTES)
-    raw = value.encode("utf-8", "surrogatepass")
-    if len(raw) <= MAX_BYTES:
-        return value
-    return raw[:MAX_BYTES].decode("utf-8", "ignore")
+    """``value`` inert (``proxy.text``) in at most ``MAX_BYTES`` UTF-8 bytes; a cut one ends
+    with ``…`` like any inert text."""
+    limit = MAX_BYTES
+    while True:
+        out = inert(value, limit)
+        excess = len(out.encode("utf-8", "surrogatepass")) - MAX_BYTES
+        if excess <= 0:
+            return out
+        limit = min(limit, len(out)) - max(1, excess // 4)
 
 
 def split_app(raw_path: str) -> tuple[str | None, str]:

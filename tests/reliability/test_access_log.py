@@ -75,3 +75,21 @@ async def test_usage_in_the_access_log_says_what_was_metered(
         ("openai", "499", "none", ""),
         ("openai", "429", "none", "operator"),
     ]
+
+
+async def test_access_lines_say_who_without_the_key(start_proxy: StartProxy) -> None:
+    """An access line names the app and the key's id (attribution), never the key."""
+    key = "sk-Q7vZ2mX9kR4tW1yB6nH3cJ8dLp0F"
+    proxy = await start_proxy(ship=False)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            proxy.url + "/@ci-bot/v1/chat/completions",
+            json=CHAT,
+            headers={"Authorization": f"Bearer {key}"},
+        ) as r:
+            assert r.status == 200
+            await r.read()
+    await proxy.stop()
+    [line] = [line for line in proxy.process.lines if "logger=atlasburn.access" in line]
+    assert re.search(r" app=ci-bot key_id=key_[0-9a-f]{16}$", line.rstrip()), line
+    assert not any(key[:8] in line for line in proxy.process.lines)
