@@ -7,8 +7,9 @@ until enough spend has aged out of the window; the org is never suspended, other
 
 On the hot path a request costs ``matching`` (the values of the dimensions budgets name, then a
 dict lookup once those were seen: results are cached, bounded by ``MAX_CACHED``; one test when
-no budget is configured; about 1 us with 21 budgets, 11 us for a first sight) and ``check`` (one float comparison per matched budget: whether a budget is over
-is worked out when spend is added, not per request).
+no budget is configured; about 1 us with 21 budgets, 11 us at a first sight) and ``check`` (one
+float comparison per matched budget: whether a budget is over is worked out when spend is
+added, not per request).
 
 Restarts: each event carries the names of the budgets its spend counts in (``Event.budgets``,
 set by the relay); the store adds that spend per budget and minute in the same group commit as
