@@ -8,6 +8,7 @@ known only once it is answered), the next is refused.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import shutil
@@ -22,13 +23,13 @@ import openai
 import pytest
 
 from proxy.app import RELAY
-from proxy.attribution.keys import KeyIds, key_secret
 from proxy.config import BudgetConfig, StorageConfig
 from proxy.guardrails import Budgets
 from proxy.store import Store
 
 from .conftest import RunningDaemon, StartDaemon, eventually
 from .fakes.provider import FakeProvider
+from .test_attribution import key_id_command
 from .test_fleet import redis_url  # noqa: F401  (the fixture: a redis-server of this module's)
 
 COST = 0.0001578
@@ -125,14 +126,16 @@ async def test_an_app_over_its_budget_is_refused_while_another_flows(
 async def test_a_key_scoped_budget(
     fake: FakeProvider, start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
-    """``match = { key_id = ... }``: the id the daemon derives from the credential (what
-    ``atlasburn-proxy key-id`` prints), under the secret beside the store."""
-    state = tmp_path / "keyed"
-    secret = key_secret(state, create=True)
-    assert secret is not None
-    key_id = KeyIds(secret).key_id(b"sk-team-search")
+    """``match = { key_id = ... }``: the id ``atlasburn-proxy key-id`` prints for the key (run
+    before the daemon first starts: it makes the installation's secret beside the store)."""
+    spool = tmp_path / "keyed" / "spool.sqlite3"
+    config = tmp_path / "c.toml"
+    config.write_text(f'[storage]\npath = "{spool}"\n')
+    done = await asyncio.to_thread(key_id_command, config, "sk-team-search\n")
+    assert done.returncode == 0, done.stderr
+    key_id = done.stdout.strip()
     d = await start_daemon(
-        storage={"path": str(state / "spool.sqlite3")},
+        storage={"path": str(spool)},
         **budgets(
             {
                 "name": "search-key",
@@ -148,14 +151,33 @@ async def test_a_key_scoped_budget(
         await chat(other)
     assert layer == "budget"
     assert 86330 <= retry <= 86400
-    assert message.startswith(
+    assert message == (
         "AtlasBurn guardrail budget: budget 'search-key' spent $0.000316 in the last day, over"
-        " its $0.000300 limit;"
-    )
-    assert message.endswith(
-        "raise max_usd_per_day of the [[guardrails.budgets]] entry named 'search-key' and reload"
+        f" its $0.000300 limit; requests it matches are refused for {retry}s more (other"
+        " traffic flows). To allow more, raise max_usd_per_day of the [[guardrails.budgets]]"
+        " entry named 'search-key' and reload"
     )
     assert [e.budgets for e in d.events] == [("search-key",), ("search-key",), (), ()]
+
+
+async def test_a_budget_by_key_name(fake: FakeProvider, start_daemon: StartDaemon) -> None:
+    """``[attribution.key_names]`` names a key; a budget matches the name (a glob here)."""
+    d = await start_daemon()
+    async with client(d, key="sk-team-search") as c:
+        await chat(c, "0")
+    first = d.events[0].attributes
+    assert first is not None and first.key_id is not None
+    await d.daemon.stop()
+    named = await start_daemon(
+        storage={"path": str(d.daemon.config.storage.path)},
+        attribution={"key_names": {first.key_id: "team-search"}},
+        **budgets({"name": "teams", "match": {"key_name": "team-*"}, "max_usd_per_hour": 1e-4}),
+    )
+    async with client(named, key="sk-team-search") as c, client(named, key="sk-x") as other:
+        await chat(c, "1")  # $0.0001578: over $0.0001
+        assert (await refused(c))[0] == "budget"
+        await chat(other)
+    assert [e.budgets for e in named.events] == [("teams",), (), ()]
 
 
 async def test_warn_at_logs_once_per_crossing_and_counts(
