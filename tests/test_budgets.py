@@ -384,3 +384,58 @@ def test_the_commented_example_parses() -> None:
             "search-key", (("key_id", "key_0123456789abcdef"), ("model", "gpt-4o*")), 0.0, 20.0
         ),
     )
+
+
+async def test_a_websocket_session_counts_in_its_budget_and_is_refused_over_it(
+    start_daemon: StartDaemon,
+) -> None:
+    """A Realtime session is priced when it ends ($0.0239136 here): over the $0.02 budget of its
+    app, the next handshake of that app is refused with 429 before the upgrade."""
+    from .fakes.realtime import FakeRealtime
+    from .fakes.server import start
+    from .test_websocket import TEXT_COST, TEXT_USAGES
+
+    upstream = FakeRealtime(usages=TEXT_USAGES)
+    running = await start(upstream.app())
+    upstream.url = running.url
+    try:
+        d = await start_daemon(
+            providers={"openai": {"base_url": running.url}},
+            **budgets({"name": "voice", "match": {"app": "voice"}, "max_usd_per_hour": 0.02}),
+        )
+        c = openai.AsyncOpenAI(
+            api_key="sk-test",
+            base_url=d.url + "/v1",
+            max_retries=0,
+            default_headers={"AtlasBurn-App": "voice"},
+        )
+        async with c.realtime.connect(model="gpt-realtime") as conn:
+            for _ in range(2):
+                await conn.response.create()
+                async for event in conn:
+                    if event.type == "response.done":
+                        break
+        await eventually(lambda: len(d.events) == 1)
+        handshake = {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+            "AtlasBurn-App": "voice",
+        }
+        async with aiohttp.ClientSession() as s:
+            async with s.get(d.url + "/v1/realtime?model=gpt-realtime", headers=handshake) as r:
+                assert r.status == 429
+                assert r.headers["AtlasBurn-Guardrail"] == "budget"
+                message = (await r.json())["error"]["message"]
+    finally:
+        await running.stop()
+    assert message.startswith(
+        "AtlasBurn guardrail budget: budget 'voice' spent $0.023914 in the last hour, over its"
+        " $0.020000 limit;"
+    )
+    assert [(e.status, e.budgets, round(e.cost_usd, 9)) for e in d.events] == [
+        (101, ("voice",), round(TEXT_COST, 9)),
+        (429, (), 0.0),
+    ]
+    assert len(upstream.handshakes) == 1
