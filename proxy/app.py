@@ -30,7 +30,7 @@ from .browsers import BrowserGuard
 from .config import Config
 from .errors import ClientBodyTimeout
 from .events import Event, Recorder
-from .guardrails import KillSwitch, LoopGuard, SpendCap
+from .guardrails import Budgets, KillSwitch, LoopGuard, SpendCap
 from .guardrails.fleet import Fleet
 from .http1 import Pool
 from .logs import AccessLog, setup_logging
@@ -125,9 +125,11 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
         spend = SpendCap(guards.spend_cap)
         if spend.enabled:
             spend.restore(await store.spend_buckets(86400))
+        budgets = Budgets(guards.budgets)
+        budgets.restore(await store.budget_buckets(86400))
         fleet = None
         if config.fleet.redis_url:
-            fleet = Fleet(config.fleet, config.atlasburn.org_id, kill, loop, spend)
+            fleet = Fleet(config.fleet, config.atlasburn.org_id, kill, loop, spend, budgets)
             fleet.start()  # in the background: traffic never waits for Redis
         keys = KeyChecker(key)
         app[API] = LocalAPI(
@@ -152,6 +154,7 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             metrics,
             access,
             attribution=attribution,
+            budgets=budgets,
         )
         app[RELAY] = relay
         relay.sockets = sockets = WebSocketRelay(relay, config)
@@ -162,6 +165,7 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             kill.listeners.append(shipper.report_suspension)
         metrics.add_state(lambda: _state(app, store, kill, loop, relay.pricer, shipper, fleet))
         metrics.add_pool(pool.stats)
+        metrics.add_budgets(lambda: app[RELAY].budgets.state())
         refresher = PriceRefresher(config.price_data, lambda c: app[RELAY].pricer.use(c))
         app[PRICE_DATA] = refresher
         refreshing = (
@@ -336,6 +340,7 @@ async def reload(app: web.Application, new: Config) -> tuple[list[str], list[str
     relay.spend.configure(guards.spend_cap)
     if guards.spend_cap.enabled and not old.guardrails.spend_cap.enabled:
         relay.spend.restore(await app[STORE].spend_buckets(86400))
+    relay.budgets.configure(guards.budgets)
     relay.access.enabled = new.logging.access
     relay.access.json = new.logging.format == "json"
     relay.configure(new, pricer)

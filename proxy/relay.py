@@ -60,6 +60,8 @@ from .fingerprint import fingerprint, form_fingerprint, raw_hasher
 from .guardrails import (
     SPEND_LAYER,
     AgentLoopDetector,
+    Budgets,
+    BudgetSuspension,
     KillSwitch,
     LoopGuard,
     SpendCap,
@@ -117,6 +119,7 @@ class _Exchange:
         "billed",
         "attributes",
         "connection",
+        "budgets",
     )
 
     def __init__(self) -> None:
@@ -133,6 +136,7 @@ class _Exchange:
         self.billed = False  # a POST to an endpoint that is not free: an answer costs
         self.attributes: Attributes | None = None  # who sent it
         self.connection: Any = None  # the client connection's handler (its process lookup)
+        self.budgets: tuple[str, ...] = ()  # the budgets its spend counts in
 
 
 class Relay:
@@ -151,6 +155,7 @@ class Relay:
         access: AccessLog | None = None,
         agent: AgentLoopDetector | None = None,
         attribution: RequestAttribution | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self.pool = pool
         self.record = record
@@ -164,6 +169,7 @@ class Relay:
         # request id, connection).
         self.waiting: dict[int, tuple[Event, float, str, Any]] = {}
         self.attribution = attribution or RequestAttribution(None)
+        self.budgets = budgets or Budgets(config.guardrails.budgets)
         # Retry-After for a suspension without an end: when the daemon next asks the API.
         self.poll_seconds = config.telemetry.poll_interval_seconds
         # Targets that refused an injected stream_options: not asked again for a while.
@@ -264,6 +270,11 @@ class Relay:
             # A fingerprint the fleet has seen two short of the threshold: Redis is asked
             # (within a few ms) before it goes through. Any other request waits for nothing.
             suspension = await self.loop.check_fleet(fp, request.headers)
+        budgets: tuple[str, ...] = ()
+        if suspension is None and self.budgets.active:
+            budgets = self.budgets.matching(attributes, upstream.name, meta.model or "")
+            if budgets:
+                suspension = self.budgets.check(budgets, started)
         if suspension is not None:
             return self._refuse(
                 started, t0, read_body, route, meta, fp, suspension, attributes, request.protocol
@@ -274,6 +285,7 @@ class Relay:
         ex.billed = costly
         ex.attributes = attributes
         ex.connection = request.protocol
+        ex.budgets = budgets
         if counted and self.loop.counts(request.headers):
             ex.occurrence = fp
         # (Stream usage is asked for only in a body the daemon may rewrite: a plain one.)
@@ -361,6 +373,11 @@ class Relay:
         if request.headers.get(hdrs.CONTENT_ENCODING) is None:
             reader = FormReader.open(request.headers.get(hdrs.CONTENT_TYPE))
         suspension = self.kill.check(started)
+        budgets: tuple[str, ...] = ()
+        if suspension is None and self.budgets.active:  # (the model is known from the answer)
+            budgets = self.budgets.matching(attributes, upstream.name, "")
+            if budgets:
+                suspension = self.budgets.check(budgets, started)
         if suspension is not None:
             hasher.update(first)  # what is known of it: the rest is never read
             fp = "sha256:" + hasher.hexdigest()
@@ -374,6 +391,7 @@ class Relay:
         ex.billed = _costly(request, upstream.adapter, meta)
         ex.attributes = attributes
         ex.connection = request.protocol
+        ex.budgets = budgets
         slot = False
         try:
             if not first:
@@ -474,13 +492,16 @@ class Relay:
         self._done(event, t0, ex.waited, ex.connection)
 
     def _done(self, event: Event, t0: float, waited: float, connection: Any = None) -> None:
-        """Everything that follows one finished request: record, spend, metrics, log.
+        """Everything that follows one finished request: spend, record, metrics, log.
 
-        A request that ends before its new connection's process lookup (``connection.process``)
+        Spend counts at once (the spend cap, the budgets matched by what is known now). A
+        request that ends before its new connection's process lookup (``connection.process``)
         has: its event waits for the lookup (at most its deadline, a fraction of a second; the
-        client has its answer already), so that the first request of a connection, and every
-        request of a client that opens one connection per request, names its process too."""
+        client has its answer already) before it is recorded, so that the first request of a
+        connection, and every request of a client that opens one connection per request, names
+        its process too; a budget that matches only with the process counts it then."""
         overhead = time.perf_counter() - t0 - waited
+        self._spent(event)
         lookup = _pending_lookup(event, connection)
         if lookup is None:
             self._recorded(event, overhead, request_id())
@@ -489,12 +510,33 @@ class Relay:
         self.waiting[key] = (event, overhead, request_id(), connection)
         lookup.add_done_callback(lambda _: self._looked_up(key))
 
+    def _spent(self, event: Event) -> None:
+        if event.cost_usd <= 0:
+            return
+        if self.spend.enabled:
+            over = self.spend.add(event.cost_usd)
+            if over is not None and self.kill.check() is None:
+                self.kill.suspend_now(SPEND_LAYER, over[0], over[1], "local")
+        if self.budgets.active:
+            # Matched again with the answer's model (the check before the request had only
+            # what the request said).
+            event.budgets = self.budgets.matching(event.attributes, event.provider, event.model)
+            if event.budgets:
+                self.budgets.add(event.budgets, event.cost_usd)
+
     def _looked_up(self, key: int) -> None:
         waiting = self.waiting.pop(key, None)
-        if waiting is not None:  # (None: recorded by flush_waiting at shutdown)
-            event, overhead, rid, connection = waiting
-            event.attributes = with_process(event.attributes, connection)
-            self._recorded(event, overhead, rid)
+        if waiting is None:  # recorded by flush_waiting at shutdown
+            return
+        event, overhead, rid, connection = waiting
+        event.attributes = with_process(event.attributes, connection)
+        if event.cost_usd > 0 and self.budgets.active:
+            now = self.budgets.matching(event.attributes, event.provider, event.model)
+            more = tuple(name for name in now if name not in event.budgets)
+            if more:  # budgets of a unit or an exe: known only now
+                self.budgets.add(more, event.cost_usd)
+                event.budgets += more
+        self._recorded(event, overhead, rid)
 
     def flush_waiting(self) -> None:
         """Record, without their process, the events still waiting for a process lookup (the
@@ -505,10 +547,6 @@ class Relay:
 
     def _recorded(self, event: Event, overhead: float, rid: str) -> None:
         self.record(event)
-        if self.spend.enabled and event.cost_usd > 0:
-            over = self.spend.add(event.cost_usd)
-            if over is not None and self.kill.check() is None:
-                self.kill.suspend_now(SPEND_LAYER, over[0], over[1], "local")
         if self.metrics is not None:
             self.metrics.observe(event, overhead)
         self.access.write(event, rid)
@@ -529,7 +567,9 @@ class Relay:
         left = suspension.seconds_left(time.time())
         wait = self.poll_seconds if left is None else left
         seconds = max(1, math.ceil(wait))
-        if suspension.source == "conversation":  # this request alone: nothing is suspended
+        if isinstance(suspension, BudgetSuspension):  # this request alone: the org flows
+            message = suspension.message(seconds)
+        elif suspension.source == "conversation":  # this request alone: nothing is suspended
             message = (
                 f"AtlasBurn guardrail {suspension.layer}: {suspension.reason}: "
                 f"{CONVERSATION_HINT}; {EXEMPT_HINT}"
@@ -894,6 +934,7 @@ class Relay:
             and 200 <= ex.status < 300
             and source in (UsageSource.MISSING, UsageSource.PARTIAL),
             attributes=with_process(ex.attributes, ex.connection),
+            budgets=ex.budgets,
         )
 
 

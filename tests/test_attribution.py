@@ -463,10 +463,11 @@ print(os.getpid())
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="process attribution needs /proc")
 async def test_every_request_names_its_calling_process(
-    fake: FakeProvider, daemon: RunningDaemon
+    fake: FakeProvider, start_daemon: StartDaemon
 ) -> None:
     """A client on this host, changed in nothing, one connection per request: each event names
     its process (the lookup of a new connection is waited for by the event, not the client)."""
+    daemon = await start_daemon(attribution={"process": True})  # (the suite has it off)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CLIENT, daemon.url, "3", stdout=asyncio.subprocess.PIPE
     )
@@ -496,10 +497,11 @@ async def test_process_lookup_off_names_no_process(
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="process attribution needs /proc")
 async def test_an_instant_refusal_waits_for_its_connections_lookup(
-    fake: FakeProvider, daemon: RunningDaemon
+    fake: FakeProvider, start_daemon: StartDaemon
 ) -> None:
     """A 429 on a new connection is answered before the connection's process is known: its
     event waits for the lookup (the client does not), and names the process."""
+    daemon = await start_daemon(attribution={"process": True})  # (the suite has it off)
     await daemon.daemon.kill.suspend("manual", "test", 60, "api")
     host, port = daemon.url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))

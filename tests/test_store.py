@@ -332,7 +332,7 @@ async def test_a_schema_1_spool_is_upgraded_without_losing_anything(tmp_path: Pa
         (11, PENDING, FROM_INGEST),
         (12, PENDING, 0),  # ids go on from where the old table was
     ]
-    assert rows(path, "PRAGMA user_version") == [(2,)]
+    assert rows(path, "PRAGMA user_version") == [(3,)]
     assert rows(path, "PRAGMA integrity_check") == [("ok",)]
 
 
