@@ -256,6 +256,40 @@ async def test_upstream_refusing_the_handshake_is_relayed_as_its_answer(
     ]
 
 
+async def test_a_handshake_not_upgraded_is_recorded_as_answered(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """An upstream redirect is relayed, not followed (no host but the configured one is ever
+    contacted), and an answer that is no upgrade is recorded with its own status, not a stream."""
+    elsewhere = FakeRealtime(usages=TEXT_USAGES)
+    running = await start(elsewhere.app())
+    daemons.upstream.redirect_to = running.url + "/v1/realtime?model=gpt-realtime"
+    try:
+        daemon = await daemons.start()
+        handshake = {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+        }
+        async with aiohttp.ClientSession() as s:
+            async with s.get(
+                ws_url(daemon, "redirect"), headers=handshake, allow_redirects=False
+            ) as r:
+                assert r.status == 302
+                assert r.headers["Location"] == daemons.upstream.redirect_to
+            async with s.get(ws_url(daemon, "plain"), headers=handshake) as r:
+                assert r.status == 200
+                assert await r.json() == {"object": "list", "data": []}
+        assert elsewhere.handshakes == []
+    finally:
+        await running.stop()
+    assert [(e.status, e.model, e.stream, e.usage_source) for e in daemons.events] == [
+        (302, "redirect", False, UsageSource.NONE),
+        (200, "plain", False, UsageSource.NONE),
+    ]
+
+
 async def test_kill_flag_answers_429_before_the_upgrade(daemons: Daemons) -> None:
     daemon = await daemons.start()
     await daemon.kill.suspend("manual", "budget review", 30, "api")
