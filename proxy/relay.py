@@ -536,7 +536,11 @@ class Relay:
                     error = await up.read(BUFFER_LIMIT)
                 except _UPSTREAM_ERRORS as exc:
                     raise _upstream_error(exc, upstream.name) from None
-                if b"stream_options" not in error:
+                readable = error
+                coding = up.header("content-encoding")
+                if coding is not None and error:  # compressed although identity was asked for
+                    readable = decode_body(error, coding, BUFFER_LIMIT) or b""
+                if b"stream_options" not in readable:
                     return await self._answer_whole(request, route, meta, ex, error)
                 assert ex.target is not None
                 if not self.refusals.refused(ex.target):  # (else requests already in flight)

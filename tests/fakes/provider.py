@@ -14,7 +14,8 @@ request headers inject faults:
   JSON / SSE answer of about 1 MiB of gzip that inflates to 1 GiB of zeros: ``gzip_bomb``),
   ``redirect`` (302 elsewhere), ``corrupt`` (with ``x-fake-encoding``: a stream's first event,
   then bytes that do not decode, then silence),
-  ``reject-stream-options`` (400 for a body with ``stream_options``),
+  ``reject-stream-options`` (400 for a body with ``stream_options``; compressed in
+  ``x-fake-encoding`` if named),
   ``echo-headers`` (answer the request headers as JSON), ``hop-response`` (answer with hop-by-hop
   headers);
 - ``x-fake-fixture: <folder>/<name>``: answer that recording (SSE for ``.sse``, else JSON)
@@ -312,8 +313,8 @@ class FakeProvider:
             body = None
         if fault == "reject-stream-options" and isinstance(body, dict) and "stream_options" in body:
             # What a host that does not know the option answers (e.g. older OpenAI-compatible
-            # servers).
-            return web.json_response(
+            # servers); compressed in ``x-fake-encoding`` if named, whatever was accepted.
+            refusal = json.dumps(
                 {
                     "error": {
                         "message": "Unrecognized request argument supplied: stream_options",
@@ -321,8 +322,14 @@ class FakeProvider:
                         "param": None,
                         "code": None,
                     }
-                },
+                }
+            ).encode()
+            coded = request.headers.get("x-fake-encoding", "")
+            return web.Response(
                 status=400,
+                body=compress(coded, refusal) if coded else refusal,
+                content_type="application/json",
+                headers={"Content-Encoding": coded} if coded else None,
             )
         if body is None and _FORM_STREAM in raw:  # a form (an upload) asking for a stream
             body = {"stream": True}
