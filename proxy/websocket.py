@@ -28,7 +28,8 @@ Metering: the server's text frames feed a ``RealtimeMeter`` (``adapters.realtime
 recorded per session, as soon as one side closed or failed (before the closing handshakes, so it
 is there by the time the client sees its close): endpoint ``/realtime``, status 101, latency the
 session's duration, tokens summed over every ``response.done``. A session that ended abnormally
-records what it had seen, marked partial.
+records what it had seen, marked partial; a session upgraded whose usage is missing or partial
+is of unknown cost (``Event.usage_unknown``), as a plain request is.
 """
 
 from __future__ import annotations
@@ -423,6 +424,7 @@ class _Session:
             stream=self.upgraded,  # (a handshake not upgraded got a plain HTTP answer)
             usage_source=source,
             priced=priced,
+            usage_unknown=source in (UsageSource.MISSING, UsageSource.PARTIAL),
         )
         # The session's own time is the client's and the provider's, not the daemon's.
         waited = time.perf_counter() - self.t0 if self.upgraded else self.waited

@@ -228,6 +228,26 @@ async def test_upstream_failure_closes_the_client_and_records_usage_so_far(
     assert event.usage_source is UsageSource.PARTIAL
 
 
+async def test_a_session_without_its_whole_usage_is_of_unknown_cost(daemons: Daemons) -> None:
+    """A session whose usage is missing (no ``response.done`` seen: a Gemini Live session, whose
+    usage is not read) or partial (cut) is spend not known, as for a plain request."""
+    daemon = await daemons.start()
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(ws_url(daemon)) as ws:
+            await ws.receive()  # session.created
+        async with s.ws_connect(ws_url(daemon)) as ws:
+            await ws.receive()  # session.created
+            await ws.send_str(json.dumps({"type": "response.create"}))
+            await ws.receive()
+            await ws.receive()  # response.done
+            await ws.send_str("drop-me")
+            await ws.receive()
+    assert [(e.usage_source, e.tokens_in, e.unknown_cost) for e in daemons.events] == [
+        (UsageSource.MISSING, 0, "missing"),
+        (UsageSource.PARTIAL, 1200, "partial"),
+    ]
+
+
 async def test_upstream_refusing_the_handshake_is_relayed_as_its_answer(
     daemons: Daemons,
 ) -> None:
