@@ -24,7 +24,8 @@ request headers inject faults:
 - ``x-fake-encoding: gzip | br | deflate | zstd | identity``, or several stacked (``gzip, br``:
   gzip, then brotli), and ``x-fake-framing: length | chunked``: a JSON answer compressed so, sent
   with Content-Length or chunked (in three pieces); a stream compressed so, event by event
-  (each flushed), whatever the request's Accept-Encoding says;
+  (each flushed), whatever the request's Accept-Encoding says; ``x-fake-encoding-lines: split``
+  sends stacked codings as one ``Content-Encoding`` line each;
 - ``x-fake-location: URL``: with ``redirect``, where the 302 points;
 - ``x-fake-chunks: N`` (with ``x-fake-delay-ms``): a chat stream of N content chunks, then the
   finish chunk and ``[DONE]``; ``x-fake-bytes: N``: a stream of N bytes of SSE comments (``:``
@@ -67,6 +68,18 @@ def sse_events(raw: bytes) -> list[bytes]:
 BIG = 1 << 20  # request bodies over this are kept as size and digest only
 # The field a multipart form (an audio transcription) asks for a stream with, as the SDKs send it.
 _FORM_STREAM = b'Content-Disposition: form-data; name="stream"\r\n\r\ntrue\r\n'
+
+def _coding_lines(resp: web.StreamResponse, request: web.Request, encoding: str) -> None:
+    """``Content-Encoding: encoding``; with ``x-fake-encoding-lines: split``, one header line per
+    coding (as a CDN that adds its own coding sends them: one list, RFC 9110 section 5.3)."""
+    if not encoding:
+        return
+    if request.headers.get("x-fake-encoding-lines") == "split":
+        for coding in encoding.split(","):
+            resp.headers.add("Content-Encoding", coding.strip())
+    else:
+        resp.headers["Content-Encoding"] = encoding
+
 
 class Packer:
     """Compresses a body piece by piece in one Content-Encoding value (codings stacked in the
@@ -383,10 +396,13 @@ class FakeProvider:
             encoding = "deflate"
         if encoding:
             data = COMPRESS[encoding](data) if encoding in COMPRESS else compress(encoding, data)
-            headers["Content-Encoding"] = encoding
         if not chunked:
-            return web.Response(body=data, headers=headers)
+            whole = web.Response(body=data)
+            whole.headers.update(headers)
+            _coding_lines(whole, request, encoding)
+            return whole
         resp = web.StreamResponse(headers=headers)
+        _coding_lines(resp, request, encoding)
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         third = len(data) // 3
@@ -412,7 +428,7 @@ class FakeProvider:
         packer = None
         if (encoding := request.headers.get("x-fake-encoding", "identity")) != "identity":
             packer = Packer(encoding)
-            resp.headers["Content-Encoding"] = encoding
+            _coding_lines(resp, request, encoding)
         await resp.prepare(request)
         how = "done"
         try:
