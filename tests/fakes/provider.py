@@ -126,7 +126,7 @@ def compress(encoding: str, data: bytes) -> bytes:
 
 
 COMPRESS = {
-    "gzip": gzip.compress,
+    "gzip": functools.partial(gzip.compress, mtime=0),  # (the same bytes every second)
     "deflate": zlib.compress,
     "br": brotli.compress,
     "zstd": zstd.compress,
