@@ -8,6 +8,11 @@ second: the cutoff is rounded down to a whole second, so an event of the cutoff'
 free: answers (2xx, to a POST that is billed) whose usage was missing or partial (a stream cut
 mid-answer: its cost is at least what was counted), and events of models with no price
 (``unpriced``, a part of it).
+
+``--by hour`` and ``--by day`` are a time series: one row per hour (``2026-11-30T04:00Z``) or UTC
+day (``2026-11-30``) of the events' ``ts`` that has any, oldest first. ``--by fingerprint`` is
+one row per (fingerprint, provider, model), the fingerprint whole, so that a repeat that is
+legitimate can be copied into ``guardrails.dumb_loop_detector.allow_fingerprints``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,12 @@ GROUPS = (
     "key",
     "unit",
     "exe",
+    "hour",
+    "day",
 )
+# --by hour|day: the leading characters of the event's ts that name its bucket (ts is ISO 8601 UTC).
+_BUCKETS = {"hour": 13, "day": 10}
+_BUCKET_SUFFIX = {"hour": ":00Z", "day": ""}
 # Where each dimension is in a stored event (its ingest body); ``tag:<Name>`` is
 # ``$.attributes.tags."<name>"``. ``key`` groups by key_id and shows its name beside it.
 _PATHS = {
@@ -53,7 +63,10 @@ NONE = "(none)"  # the row of the events that do not say (no app header, no proc
 
 
 def group_path(by: str) -> str:
-    """The JSON path of ``--by``'s value in a stored event; ValueError naming the choices."""
+    """The JSON path of ``--by``'s value in a stored event (``$.ts`` for hour and day);
+    ValueError naming the choices."""
+    if by in _BUCKETS:
+        return "$.ts"
     path = _PATHS.get(by)
     if path is not None:
         return path
@@ -61,6 +74,8 @@ def group_path(by: str) -> str:
     if m is None:
         raise ValueError(f"--by must be one of {', '.join(GROUPS)} or tag:<Name>, got {by!r}")
     return f'$.attributes.tags."{m.group(1).lower()}"'
+
+
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -86,10 +101,16 @@ class Row:
     cost_usd: float
     unpriced: int
     unknown_cost: int
+    # --by fingerprint: the provider and model of the fingerprint's events (None otherwise).
+    provider: str | None = None
+    model: str | None = None
 
     def as_dict(self, by: str) -> dict[str, object]:
+        named: dict[str, object] = {by: self.key}
+        if self.provider is not None or self.model is not None:
+            named |= {"provider": self.provider, "model": self.model}
         return {
-            by: self.key,
+            **named,
             "requests": self.requests,
             "refused": self.refused,
             "errors": self.errors,
@@ -119,34 +140,41 @@ def query(path: Path, by: str, since_seconds: float | None, now: float | None = 
     most ``since_seconds`` before ``now`` (epoch seconds; the clock when None), to the second
     (``cutoff_ts``); every event for None. Events that have no value for ``by`` (no app
     named...) are one row, ``NONE``, so that the rows add up to the total. Raises
-    FileNotFoundError, ValueError for ``by``."""
+    FileNotFoundError, ValueError for ``by``. ``by`` hour or day: one row per bucket, oldest
+    first; fingerprint: one row per (fingerprint, provider, model)."""
     where = group_path(by)
     if not path.exists():
         raise FileNotFoundError(path)
     cutoff = "" if since_seconds is None else cutoff_ts(since_seconds, now)
+    group: tuple[str, object] = ("json_extract(j, ?)", where)
+    if by in _BUCKETS:
+        group = ("substr(json_extract(j, '$.ts'), 1, ?)", _BUCKETS[by])
+    order = "1" if by in _BUCKETS else "7 DESC, 2 DESC, 1"
+    also = "1, 11, 12" if by == "fingerprint" else "1"
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         # The event fields are read from the stored ingest body (JSON text in a BLOB: cast, or
         # SQLite 3.45+ would read it as JSONB); what the body does not carry is in the row's
         # flags (store.REFUSED, store.UNPRICED).
         rows = db.execute(
-            "SELECT json_extract(j, ?), COUNT(*), "
+            f"SELECT {group[0]}, COUNT(*), "
             f"SUM(flags & {REFUSED} != 0), "
             f"SUM(json_extract(j, '$.status') >= 400 AND flags & {REFUSED} = 0), "
             "SUM(json_extract(j, '$.tokens_in')), SUM(json_extract(j, '$.tokens_out')), "
             f"SUM(json_extract(j, '$.cost_usd')), SUM(flags & {UNPRICED} != 0), "
             f"SUM(flags & {UNPRICED | USAGE_UNKNOWN} != 0), "
-            "MAX(json_extract(j, '$.attributes.key_name')) "
+            "MAX(json_extract(j, '$.attributes.key_name')), "
+            "json_extract(j, '$.provider'), json_extract(j, '$.model') "
             "FROM (SELECT CAST(body AS TEXT) AS j, flags FROM events) "
             "WHERE json_extract(j, '$.ts') >= ? "
-            "GROUP BY 1 ORDER BY 7 DESC, 2 DESC, 1",
-            (where, cutoff),
+            f"GROUP BY {also} ORDER BY {order}",
+            (group[1], cutoff),
         ).fetchall()
     finally:
         db.close()
     return [
         Row(
-            key=_key(r[0], r[9] if by == "key" else None),
+            key=_key(r[0], r[9] if by == "key" else None) + _BUCKET_SUFFIX.get(by, ""),
             requests=int(r[1] or 0),
             refused=int(r[2] or 0),
             errors=int(r[3] or 0),
@@ -155,6 +183,8 @@ def query(path: Path, by: str, since_seconds: float | None, now: float | None = 
             cost_usd=float(r[6] or 0),
             unpriced=int(r[7] or 0),
             unknown_cost=int(r[8] or 0),
+            provider=_key(r[10], None) if by == "fingerprint" else None,
+            model=_key(r[11], None) if by == "fingerprint" else None,
         )
         for r in rows
     ]
@@ -186,11 +216,14 @@ def render(
     rows: list[Row], by: str, since: str, since_seconds: float | None, now: float | None = None
 ) -> str:
     """The report as a table for a terminal: ``since`` as the user gave it, the first second
-    covered (``cutoff_ts``), one line per row and the total; keys cut to 48 characters."""
+    covered (``cutoff_ts``), one line per row and the total; keys cut to 48 characters, except
+    a fingerprint, shown whole with its provider and model (cut to 48)."""
     start = "the beginning" if since_seconds is None else cutoff_ts(since_seconds, now) + "Z"
     lines = [f"Spend since {start} ({since}), by {by}"]
+    named = by == "fingerprint"
     header = (
         by,
+        *(("provider", "model") if named else ()),
         "requests",
         "refused",
         "errors",
@@ -202,7 +235,8 @@ def render(
     )
     cells = [header] + [
         (
-            inert(r.key, 48),
+            inert(r.key, 80 if named else 48),
+            *((inert(r.provider or "", 48), inert(r.model or "", 48)) if named else ()),
             f"{r.requests:,}",
             f"{r.refused:,}",
             f"{r.errors:,}",
@@ -214,13 +248,14 @@ def render(
         )
         for r in [*rows, total(rows)]
     ]
+    texts = 3 if named else 1  # left-aligned columns
     widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
     for n, c in enumerate(cells):
         if n == len(cells) - 1:
             lines.append("  ".join("-" * w for w in widths))
         lines.append(
             "  ".join(
-                c[i].ljust(widths[i]) if i == 0 else c[i].rjust(widths[i])
+                c[i].ljust(widths[i]) if i < texts else c[i].rjust(widths[i])
                 for i in range(len(header))
             ).rstrip()
         )
