@@ -186,10 +186,38 @@ async def test_operator_commands_and_a_suspension_that_survives_restarts(
 
 
 def test_operator_commands_without_a_daemon(tmp_path: Path) -> None:
+    port = free_port()
     config = tmp_path / "c.toml"
     config.write_text(
-        f'[server]\nlisten = "127.0.0.1:{free_port()}"\n[atlasburn]\napi_key = "abn_test_cli_key"\n'
+        f'[server]\nlisten = "127.0.0.1:{port}"\n[atlasburn]\napi_key = "abn_test_cli_key"\n'
     )
     code, _, err = run_cli("status", "--config", str(config))
     assert code == 1
-    assert err.startswith("cannot reach the daemon at http://127.0.0.1:")
+    said, failed = err.splitlines()
+    assert said == f"status: daemon http://127.0.0.1:{port}"
+    assert failed.startswith(f"cannot reach the daemon at http://127.0.0.1:{port}: ")
+
+
+async def test_operator_commands_take_listen_like_run_and_say_which_daemon(
+    fake: FakeProvider, tmp_path: Path
+) -> None:
+    """A daemon started with ``run --listen`` (its config does not say where it listens) is
+    found by the operator commands given the same ``--listen``; each names the daemon."""
+    listen = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "c.toml"
+    config.write_text(f'[providers.openai]\nbase_url = "{fake.url}"\n')
+    p = await spawn_daemon("--config", str(config), "--listen", listen)
+    said = f"daemon http://{listen}\n"
+
+    def command(*args: str) -> tuple[int, str, str]:
+        return run_cli(*args, "--config", str(config), "--listen", listen)
+
+    code, out, err = await asyncio.to_thread(command, "suspend", "--reason", "incident 43")
+    assert (code, err) == (0, "suspend: " + said)
+    assert re.fullmatch(r"org org_local: SUSPENDED until \S+Z by manual: incident 43\n", out)
+    code, out, err = await asyncio.to_thread(command, "status")
+    assert (code, err, out.startswith("org org_local: SUSPENDED")) == (0, "status: " + said, True)
+    code, out, err = await asyncio.to_thread(command, "resume")
+    assert (code, out, err) == (0, "org org_local: ok (guardrail:org_local)\n", "resume: " + said)
+    p.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(p.proc.wait(), 10) == 0
