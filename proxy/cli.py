@@ -134,8 +134,9 @@ def check_config(path: str) -> int:
 def show_prices(
     config_path: str | None, provider: str | None, tier: str | None, models: list[str]
 ) -> int:
-    """One line per (provider, model) with a price, in USD per million tokens; exit 1 when some
-    model has no price on any provider asked about."""
+    """One line per (provider, model) with a price, in USD per million tokens, under the
+    providers that carry the model (``pricing.NOT_CARRIED``); exit 1 when some model has no
+    price on any provider asked about, 2 for a service tier the data does not know."""
     from .pricing import Pricer, usd_per_mtok
 
     try:
@@ -149,12 +150,20 @@ def show_prices(
         return EXIT_CONFIG
     names = [provider] if provider else list(config.providers)
     pricer = Pricer.from_config(config.providers, config.pricing)
+    known = pricer.service_tiers()
+    if tier is not None and tier not in known:
+        print(f"--service-tier: unknown tier {tier!r}; known: {', '.join(known)}", file=sys.stderr)
+        return EXIT_CONFIG
     header = ("provider", "model", "input", "cached", "write", "write-1h", "output", "source")
     rows: list[tuple[str, ...]] = []
     missing = []
     for model in models:
         found = False
-        for name in names:
+        override = config.pricing.get(model)
+        # A [pricing] entry for every provider is one row, not one per provider (most of which
+        # could never be sent the model).
+        everywhere = provider is None and override is not None and override.provider == ""
+        for name in names[:1] if everywhere else names:
             rates = pricer.rates(name, model, tier)
             if rates is None:
                 continue
@@ -163,7 +172,7 @@ def show_prices(
                 r = rate_set
                 label = model if start == 0 else f"  > {start:,} input tokens"
                 rows.append(
-                    (name, label)
+                    ("(any)" if everywhere else name, label)
                     + tuple(
                         usd_per_mtok(v)
                         for v in (
