@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from .conftest import StartDaemon
@@ -147,3 +148,45 @@ def test_report_on_a_store_that_does_not_exist_says_so(tmp_path: Path) -> None:
         f"report: no store at {tmp_path / 'none.sqlite3'} (storage.path): the daemon has not run"
         " with this config; pass the --config it runs with\n"
     )
+
+
+async def test_a_loop_is_allowed_straight_from_the_report(
+    fake: FakeProvider, start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A loop trips; its 429 and ``report --by fingerprint`` name the same fingerprint; put in
+    ``allow_fingerprints`` as printed, the same requests pass."""
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "poll"}]}
+    spool = tmp_path / "loop" / "spool.sqlite3"
+    d = await start_daemon(storage={"path": str(spool)})
+    async with aiohttp.ClientSession() as s:
+        statuses = []
+        for _ in range(4):
+            async with s.post(d.url + "/v1/chat/completions", json=body) as r:
+                statuses.append(r.status)
+                message = (await r.json()).get("error", {}).get("message", "")
+    await d.daemon.stop()
+    assert statuses == [200, 200, 200, 429]
+    config = tmp_path / "c.toml"
+    config.write_text(f'[storage]\npath = "{spool}"\n')
+    done = cli("report", "--config", str(config), "--by", "fingerprint", "--json")
+    assert done.returncode == 0, done.stderr
+    [row] = json.loads(done.stdout)["rows"]
+    fp = row["fingerprint"]
+    assert (row["provider"], row["model"], row["requests"], row["refused"]) == (
+        "openai",
+        "gpt-4o-mini",
+        4,
+        1,
+    )
+    assert f'add "{fp}" to guardrails.dumb_loop_detector.allow_fingerprints' in message
+
+    allowed = await start_daemon(
+        storage={"path": str(tmp_path / "allowed" / "spool.sqlite3")},
+        guardrails={"dumb_loop_detector": {"allow_fingerprints": [fp]}},
+    )
+    async with aiohttp.ClientSession() as s:
+        statuses = []
+        for _ in range(6):
+            async with s.post(allowed.url + "/v1/chat/completions", json=body) as r:
+                statuses.append(r.status)
+    assert statuses == [200] * 6
