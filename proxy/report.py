@@ -135,29 +135,36 @@ def cutoff_ts(since_seconds: float, now: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(math.floor(start)))
 
 
+def _grouped(by: str) -> str:
+    """The SQL of the value rows are grouped by (``?`` is ``group_path(by)``): an hour or a
+    day is the leading characters of the event's ts (ISO 8601 UTC)."""
+    if by in _BUCKETS:
+        return f"substr(json_extract(j, ?), 1, {_BUCKETS[by]})"
+    return "json_extract(j, ?)"
+
+
+# --by fingerprint: a row per (fingerprint, provider, model); hour and day: oldest first.
+_GROUP_BY = {"fingerprint": "1, 11, 12"}
+_ORDER = {"hour": "1", "day": "1"}
+
+
 def query(path: Path, by: str, since_seconds: float | None, now: float | None = None) -> list[Row]:
     """Rows grouped ``by`` one column, biggest spend first, of the events whose ``ts`` is at
     most ``since_seconds`` before ``now`` (epoch seconds; the clock when None), to the second
     (``cutoff_ts``); every event for None. Events that have no value for ``by`` (no app
     named...) are one row, ``NONE``, so that the rows add up to the total. Raises
-    FileNotFoundError, ValueError for ``by``. ``by`` hour or day: one row per bucket, oldest
-    first; fingerprint: one row per (fingerprint, provider, model)."""
+    FileNotFoundError, ValueError for ``by``."""
     where = group_path(by)
     if not path.exists():
         raise FileNotFoundError(path)
     cutoff = "" if since_seconds is None else cutoff_ts(since_seconds, now)
-    group: tuple[str, object] = ("json_extract(j, ?)", where)
-    if by in _BUCKETS:
-        group = ("substr(json_extract(j, '$.ts'), 1, ?)", _BUCKETS[by])
-    order = "1" if by in _BUCKETS else "7 DESC, 2 DESC, 1"
-    also = "1, 11, 12" if by == "fingerprint" else "1"
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         # The event fields are read from the stored ingest body (JSON text in a BLOB: cast, or
         # SQLite 3.45+ would read it as JSONB); what the body does not carry is in the row's
         # flags (store.REFUSED, store.UNPRICED).
         rows = db.execute(
-            f"SELECT {group[0]}, COUNT(*), "
+            f"SELECT {_grouped(by)}, COUNT(*), "
             f"SUM(flags & {REFUSED} != 0), "
             f"SUM(json_extract(j, '$.status') >= 400 AND flags & {REFUSED} = 0), "
             "SUM(json_extract(j, '$.tokens_in')), SUM(json_extract(j, '$.tokens_out')), "
@@ -167,8 +174,8 @@ def query(path: Path, by: str, since_seconds: float | None, now: float | None = 
             "json_extract(j, '$.provider'), json_extract(j, '$.model') "
             "FROM (SELECT CAST(body AS TEXT) AS j, flags FROM events) "
             "WHERE json_extract(j, '$.ts') >= ? "
-            f"GROUP BY {also} ORDER BY {order}",
-            (group[1], cutoff),
+            f"GROUP BY {_GROUP_BY.get(by, '1')} ORDER BY {_ORDER.get(by, '7 DESC, 2 DESC, 1')}",
+            (where, cutoff),
         ).fetchall()
     finally:
         db.close()
