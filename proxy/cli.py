@@ -84,24 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_daemon_options(parser: argparse.ArgumentParser) -> None:
-    """``--config`` and ``--listen``, as ``run`` takes them: a command that talks to the daemon
-    (or reads its store) finds it the way the daemon was started."""
-    parser.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
-    parser.add_argument("--listen", metavar="HOST:PORT", help="override server.listen")
-
-
-def load_for_command(args: argparse.Namespace) -> Config | None:
-    """The config a command other than ``run`` works with (``--config``, ``--listen``), or
-    None once every problem is printed on stderr (exit 2)."""
-    try:
-        return load_config(resolve_config_path(args.config), listen=args.listen)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
-        return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check-config":
@@ -238,6 +220,24 @@ def show_report(args: argparse.Namespace) -> int:
     else:
         print(report.render(rows, by, since, seconds))
     return EXIT_OK
+
+
+def add_daemon_options(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--listen``, as ``run`` takes them: a command that talks to the daemon
+    (or reads its store) finds it the way the daemon was started."""
+    parser.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="override server.listen")
+
+
+def load_for_command(args: argparse.Namespace) -> Config | None:
+    """The config a command other than ``run`` works with (``--config``, ``--listen``), or
+    None once every problem is printed on stderr (exit 2)."""
+    try:
+        return load_config(resolve_config_path(args.config), listen=args.listen)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return None
 
 
 def print_key_id(config_path: str | None) -> int:

@@ -76,6 +76,19 @@ def group_path(by: str) -> str:
     return f'$.attributes.tags."{m.group(1).lower()}"'
 
 
+def _grouped(by: str) -> str:
+    """The SQL of the value rows are grouped by (``?`` is ``group_path(by)``): an hour or a
+    day is the leading characters of the event's ts (ISO 8601 UTC)."""
+    if by in _BUCKETS:
+        return f"substr(json_extract(j, ?), 1, {_BUCKETS[by]})"
+    return "json_extract(j, ?)"
+
+
+# --by fingerprint: a row per (fingerprint, provider, model); hour and day: oldest first.
+_GROUP_BY = {"fingerprint": "1, 11, 12"}
+_ORDER = {"hour": "1", "day": "1"}
+
+
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -133,19 +146,6 @@ def cutoff_ts(since_seconds: float, now: float | None = None) -> str:
     with it or sorts after it, an earlier one sorts before it."""
     start = (time.time() if now is None else now) - since_seconds
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(math.floor(start)))
-
-
-def _grouped(by: str) -> str:
-    """The SQL of the value rows are grouped by (``?`` is ``group_path(by)``): an hour or a
-    day is the leading characters of the event's ts (ISO 8601 UTC)."""
-    if by in _BUCKETS:
-        return f"substr(json_extract(j, ?), 1, {_BUCKETS[by]})"
-    return "json_extract(j, ?)"
-
-
-# --by fingerprint: a row per (fingerprint, provider, model); hour and day: oldest first.
-_GROUP_BY = {"fingerprint": "1, 11, 12"}
-_ORDER = {"hour": "1", "day": "1"}
 
 
 def query(path: Path, by: str, since_seconds: float | None, now: float | None = None) -> list[Row]:
