@@ -17,6 +17,7 @@ legitimate can be copied into ``guardrails.dumb_loop_detector.allow_fingerprints
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sqlite3
@@ -78,15 +79,25 @@ def group_path(by: str) -> str:
 
 def _grouped(by: str) -> str:
     """The SQL of the value rows are grouped by (``?`` is ``group_path(by)``): an hour or a
-    day is the leading characters of the event's ts (ISO 8601 UTC)."""
+    day is the leading characters of the event's ts (ISO 8601 UTC); a fingerprint goes with
+    its provider and model (a JSON array: ``_named`` reads it)."""
     if by in _BUCKETS:
         return f"substr(json_extract(j, ?), 1, {_BUCKETS[by]})"
+    if by == "fingerprint":
+        return (
+            "json_array(json_extract(j, ?), json_extract(j, '$.provider'),"
+            " json_extract(j, '$.model'))"
+        )
     return "json_extract(j, ?)"
 
 
-# --by fingerprint: a row per (fingerprint, provider, model); hour and day: oldest first.
-_GROUP_BY = {"fingerprint": "1, 11, 12"}
-_ORDER = {"hour": "1", "day": "1"}
+def _named(by: str, value: object, name: object) -> tuple[str, str | None, str | None]:
+    """A row's key, and (``--by fingerprint``) its provider and model, from the grouped value
+    (``_grouped``) and the key's name (``--by key``)."""
+    if by == "fingerprint":
+        fp, provider, model = json.loads(str(value))
+        return _key(fp, None), _key(provider, None), _key(model, None)
+    return _key(value, name if by == "key" else None) + _BUCKET_SUFFIX.get(by, ""), None, None
 
 
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -170,18 +181,17 @@ def query(path: Path, by: str, since_seconds: float | None, now: float | None = 
             "SUM(json_extract(j, '$.tokens_in')), SUM(json_extract(j, '$.tokens_out')), "
             f"SUM(json_extract(j, '$.cost_usd')), SUM(flags & {UNPRICED} != 0), "
             f"SUM(flags & {UNPRICED | USAGE_UNKNOWN} != 0), "
-            "MAX(json_extract(j, '$.attributes.key_name')), "
-            "json_extract(j, '$.provider'), json_extract(j, '$.model') "
+            "MAX(json_extract(j, '$.attributes.key_name')) "
             "FROM (SELECT CAST(body AS TEXT) AS j, flags FROM events) "
             "WHERE json_extract(j, '$.ts') >= ? "
-            f"GROUP BY {_GROUP_BY.get(by, '1')} ORDER BY {_ORDER.get(by, '7 DESC, 2 DESC, 1')}",
+            "GROUP BY 1 ORDER BY 7 DESC, 2 DESC, 1",
             (where, cutoff),
         ).fetchall()
     finally:
         db.close()
-    return [
+    out = [
         Row(
-            key=_key(r[0], r[9] if by == "key" else None) + _BUCKET_SUFFIX.get(by, ""),
+            key=named[0],
             requests=int(r[1] or 0),
             refused=int(r[2] or 0),
             errors=int(r[3] or 0),
@@ -190,11 +200,15 @@ def query(path: Path, by: str, since_seconds: float | None, now: float | None = 
             cost_usd=float(r[6] or 0),
             unpriced=int(r[7] or 0),
             unknown_cost=int(r[8] or 0),
-            provider=_key(r[10], None) if by == "fingerprint" else None,
-            model=_key(r[11], None) if by == "fingerprint" else None,
+            provider=named[1],
+            model=named[2],
         )
         for r in rows
+        for named in [_named(by, r[0], r[9])]
     ]
+    if by in _BUCKETS:  # a time series: oldest first
+        out.sort(key=lambda row: row.key)
+    return out
 
 
 def _key(value: object, name: object) -> str:
