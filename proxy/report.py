@@ -187,9 +187,11 @@ def query(path: Path, by: str, since_seconds: float | None, now: float | None = 
             "GROUP BY 1 ORDER BY 7 DESC, 2 DESC, 1",
             (where, cutoff),
         ).fetchall()
+        if by in _BUCKETS:  # a time series: oldest first
+            rows.sort(key=lambda r: str(r[0]))
     finally:
         db.close()
-    out = [
+    return [
         Row(
             key=named[0],
             requests=int(r[1] or 0),
@@ -206,9 +208,6 @@ def query(path: Path, by: str, since_seconds: float | None, now: float | None = 
         for r in rows
         for named in [_named(by, r[0], r[9])]
     ]
-    if by in _BUCKETS:  # a time series: oldest first
-        out.sort(key=lambda row: row.key)
-    return out
 
 
 def _key(value: object, name: object) -> str:
