@@ -416,6 +416,24 @@ def test_a_changed_fleet_url_is_named_for_a_restart() -> None:
     assert not "fleet.redis_url".startswith(LIVE_KEYS)  # applied at the next start
 
 
+def test_a_changed_attribution_section_is_named_as_applied() -> None:
+    """SIGHUP after naming a key in [attribution.key_names] applied the name but logged
+    "reload: applied nothing (no change)"."""
+    from proxy.app import LIVE_KEYS, changed_keys
+
+    old = parse_config({"attribution": {"process": True}})
+    new = parse_config(
+        {
+            "attribution": {
+                "process": False,
+                "key_names": {"key_0123456789abcdef": "team-search"},
+            }
+        }
+    )
+    assert changed_keys(old, new) == ["attribution.process", "attribution.key_names"]
+    assert all(k.startswith(LIVE_KEYS) for k in changed_keys(old, new))
+
+
 def test_attribution_and_budget_errors_name_the_key() -> None:
     got = problems(
         {
