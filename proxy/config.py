@@ -202,7 +202,8 @@ class SpendCapConfig:
 # What a budget's ``match`` may name: attribution dimensions and the event's own fields.
 BUDGET_DIMENSIONS = ("app", "user", "key_id", "key_name", "unit", "model", "provider")
 _BUDGET_NAME = re.compile(r"[A-Za-z0-9_.:@+-]{1,64}")
-_TAG_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# What a header name may hold (RFC 9110 token): AtlasBurn-Tag-<Name> carries any of it.
+_TAG_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
 MAX_BUDGETS = 256
 
 
@@ -840,7 +841,11 @@ def _budget_match(t: _Table) -> tuple[tuple[str, str], ...]:
         key = dimension
         if dimension.startswith("tag:"):
             if not _TAG_NAME.fullmatch(dimension[4:]):
-                t.problem(dimension, "a tag name is 1-128 letters, digits, _ and -")
+                t.problem(
+                    dimension,
+                    "a tag name is 1-128 characters of a header name: letters, digits and"
+                    " ! # $ % & ' * + . ^ _ ` | ~ -",
+                )
                 continue
             # Tags come from header names, which HTTP does not distinguish by case.
             key = "tag:" + dimension[4:].lower()
