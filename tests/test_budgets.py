@@ -445,13 +445,15 @@ async def test_a_websocket_session_counts_in_its_budget_and_is_refused_over_it(
 
 
 # A client that opens one connection per request (urllib, like curl or requests.post without
-# a Session): argv url, count; prints each answer's status.
+# a Session): argv url, count, and "slow" for streams; prints each answer's status.
 ONE_SHOT_CLIENT = """
 import sys, urllib.error, urllib.request
+slow = sys.argv[3:] == ["slow"]  # a stream of events 50 ms apart: its process is found by then
 for i in range(int(sys.argv[2])):
-    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "%d"}]}' % i
-    req = urllib.request.Request(sys.argv[1], data=body, headers={
-        "Content-Type": "application/json", "Authorization": "Bearer sk-test"})
+    body = b'{"model": "gpt-4o-mini", "stream": %s,"messages": [{"role":"user","content":"%d"}]}'
+    req = urllib.request.Request(sys.argv[1], data=body % (b"true" if slow else b"false", i),
+        headers={"Content-Type": "application/json", "Authorization": "Bearer sk-test",
+                 "x-fake-delay-ms": "50"})
     try:
         with urllib.request.urlopen(req) as resp:
             resp.read()
@@ -475,16 +477,17 @@ async def test_a_budget_by_unit_refuses_a_client_that_opens_a_connection_per_req
     scope = root / f"{name}.slice" / f"{name}.scope"
     scope.mkdir(parents=True)
 
-    async def run_client(count: int) -> list[str]:
+    async def run_client(count: int, *slow: str) -> list[str]:
         """The client, started in the scope (a shell that moves itself there, then runs it)."""
         proc = await asyncio.create_subprocess_exec(
             "sh",
             "-c",
-            f'echo $$ > {scope / "cgroup.procs"} && exec "$0" -c "$1" "$2" "$3"',
+            f'echo $$ > {scope / "cgroup.procs"} && exec "$0" -c "$@"',
             sys.executable,
             ONE_SHOT_CLIENT,
             d.url + "/v1/chat/completions",
             str(count),
+            *slow,
             stdout=asyncio.subprocess.PIPE,
         )
         out, _ = await proc.communicate()
@@ -498,7 +501,7 @@ async def test_a_budget_by_unit_refuses_a_client_that_opens_a_connection_per_req
             ),
         )
         # The first crosses the budget (its cost known once answered, its unit once found).
-        assert await run_client(1) == ["200"]
+        assert await run_client(1, "slow") == ["200"]
         await eventually(lambda: len(d.events) == 1)
         assert await run_client(12) == ["429"] * 12
         units = [
