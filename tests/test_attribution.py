@@ -535,3 +535,21 @@ async def test_a_tag_named_with_any_header_character_is_reported_and_budgeted(
     config.write_text(f'[storage]\npath = "{spool}"\n')
     out = await asyncio.to_thread(run_report, config, "--since", "all", "--by", "tag:Cost.Center")
     assert {row["tag:Cost.Center"]: row["requests"] for row in out["rows"]} == {"eng": 2}
+
+
+async def test_a_bare_bearer_scheme_is_no_credential(
+    fake: FakeProvider, daemon: RunningDaemon
+) -> None:
+    """``Authorization: Bearer`` with no token (a tool whose token setting is empty) beside
+    ``x-api-key``: the key_id was that of the word ``Bearer``, the same for every key."""
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 16, "messages": MESSAGES}
+    async with aiohttp.ClientSession() as s:
+        for headers in (
+            {"Authorization": "Bearer ", "x-api-key": KEY},
+            {"Authorization": "bearer", "x-api-key": "sk-other"},
+            {"Authorization": "Bearer"},
+        ):
+            async with s.post(daemon.url + "/v1/messages", json=body, headers=headers) as r:
+                assert r.status == 200, await r.text()
+    ids = [e.attributes.key_id if e.attributes else None for e in daemon.events]
+    assert ids == [expected_id(daemon, KEY), expected_id(daemon, "sk-other"), None]
