@@ -6,7 +6,8 @@
 
 It starts what ``python -m bench --layers`` starts for the scenario (the fake provider, a local
 redis-server, the daemon with every layer on: ``atlasburn-proxy+layers``, bench/layers.py; the
-pass-through and the default daemon too, idle), warms the daemon up, then drives it with the
+pass-through and the default daemon too, idle; ``--default``: the default daemon profiled
+instead), warms the daemon up, then drives it with the
 bench's closed-loop client (attribution headers and a key on every request) while
 ``py-spy record`` samples it (``--rate`` Hz; ``--nonblocking``, the daemon never paused, but
 with ``--native``, C frames too, which pauses it at every sample and halves its throughput;
@@ -20,10 +21,11 @@ It prints:
 - per thread, without py-spy: its CPU time (utime + stime, ``/proc/<pid>/task/<tid>/stat``
   fields 14 and 15, in clock ticks of ``SC_CLK_TCK``; proc(5)) over the run, in all and per
   request, its name (the Python thread's, from ``py-spy dump``; the kernel's ``comm``
-  otherwise), and how many times it was switched to (``voluntary_ctxt_switches`` +
-  ``nonvoluntary_ctxt_switches`` of ``/proc/<pid>/task/<tid>/status``) per request: which
-  threads wake per request; and the commands Redis ran per request (``INFO``, those inside
-  scripts included).
+  otherwise), and per request how many times it blocked and was woken again
+  (``voluntary_ctxt_switches`` of ``/proc/<pid>/task/<tid>/status``: which threads wake per
+  request) and how many times the kernel took its CPU away (``nonvoluntary_ctxt_switches``:
+  preempted, many when one CPU is shared); and the commands Redis ran per request (``INFO``,
+  those inside scripts included).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ from .procs import HZ, OTHER_CPU
 class ThreadStat:
     name: str  # the kernel's comm
     cpu: float  # seconds, utime + stime
-    switches: int  # voluntary + nonvoluntary context switches
+    woken: int  # voluntary context switches: it blocked (and was woken again)
+    preempted: int  # nonvoluntary context switches: the kernel took its CPU away
 
 
 def threads(pid: int) -> dict[int, ThreadStat]:
@@ -69,12 +72,17 @@ def threads(pid: int) -> dict[int, ThreadStat]:
             continue
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat.rsplit(")", 1)[1].split()
-        switches = sum(
-            int(line.split()[1])
-            for line in status.splitlines()
-            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
+        switches = {
+            key: int(value)
+            for key, _, value in (line.partition(":") for line in status.splitlines())
+            if key.endswith("ctxt_switches")
+        }
+        out[int(task.name)] = ThreadStat(
+            comm,
+            (int(fields[11]) + int(fields[12])) / HZ,
+            switches["voluntary_ctxt_switches"],
+            switches["nonvoluntary_ctxt_switches"],
         )
-        out[int(task.name)] = ThreadStat(comm, (int(fields[11]) + int(fields[12])) / HZ, switches)
     return out
 
 
@@ -125,7 +133,7 @@ def short(frame: str) -> str:
     return f"{name} ({where})"
 
 
-async def run(s: Scenario, seconds: float, rate: int, n: int, native: bool) -> None:
+async def run(s: Scenario, seconds: float, rate: int, n: int, native: bool, target: str) -> None:
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
         sys.exit("python -m bench.profile needs py-spy: pip install py-spy")
@@ -133,7 +141,7 @@ async def run(s: Scenario, seconds: float, rate: int, n: int, native: bool) -> N
         redis = await RedisServer(Path(tmp)).start()
         try:
             async with Targets(s, True, Path(tmp), redis, fleet=False, layers=True) as targets:
-                url, pid = targets.urls[LAYERS_TARGET], targets.procs[LAYERS_TARGET].pid
+                url, pid = targets.urls[target], targets.procs[target].pid
                 await load(url, replace(s, requests=min(200, s.requests)), 10**9)
                 # First the threads, with nothing attached; then py-spy, as long.
                 before, redis0 = threads(pid), await redis.stats()
@@ -163,7 +171,7 @@ async def run(s: Scenario, seconds: float, rate: int, n: int, native: bool) -> N
     commands = (redis1.commands - redis0.commands) / served
     print(
         f"{s.name}{' (one CPU for all)' if procs.PROXY_CPU == OTHER_CPU else ''}: "
-        f"{LAYERS_TARGET}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n\n"
+        f"{target}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n\n"
         f"py-spy: {spied:,} requests in {spied_for:.1f} s ({spied / spied_for:,.0f}/s), process "
         f"CPU {cpu * 1e6 / spied:,.0f} µs/request, {total:,} samples at {rate} Hz (idle "
         "excluded)\n"
@@ -177,16 +185,17 @@ async def run(s: Scenario, seconds: float, rate: int, n: int, native: bool) -> N
         f"({served / elapsed:,.0f}/s), process CPU {busy * 1e6 / served:,.0f} µs/request; Redis "
         f"ran {commands:.2f} commands per request\n"
     )
-    rows = [["thread", "tid", "CPU ms", "CPU µs/request", "switches/request"]]
+    rows = [["thread", "tid", "CPU ms", "CPU µs/req", "woken/req", "preempted/req"]]
     for tid, a in sorted(after.items(), key=lambda kv: -(kv[1].cpu - _cpu(before, kv[0]))):
-        b = before.get(tid, ThreadStat(a.name, 0.0, 0))
+        b = before.get(tid, ThreadStat(a.name, 0.0, 0, 0))
         rows.append(
             [
                 names.get(tid, a.name),
                 str(tid),
                 f"{(a.cpu - b.cpu) * 1e3:,.0f}",
                 f"{(a.cpu - b.cpu) * 1e6 / served:,.1f}",
-                f"{(a.switches - b.switches) / served:.2f}",
+                f"{(a.woken - b.woken) / served:.2f}",
+                f"{(a.preempted - b.preempted) / served:.2f}",
             ]
         )
     print()
@@ -215,6 +224,11 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=15, help="functions listed")
     parser.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
+    parser.add_argument(
+        "--default",
+        action="store_true",
+        help=f"profile atlasburn-proxy (the default config), not {LAYERS_TARGET}",
+    )
     args = parser.parse_args()
     found = [s for s in scenarios(False) if s.name == args.scenario]
     if not found:
@@ -224,7 +238,8 @@ def main() -> None:
         procs.colocate()
     s = replace(found[0], headers=True)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(run(s, args.seconds, args.rate, args.top, args.native))
+        target = "atlasburn-proxy" if args.default else LAYERS_TARGET
+        runner.run(run(s, args.seconds, args.rate, args.top, args.native, target))
 
 
 if __name__ == "__main__":
