@@ -16,8 +16,10 @@ Before that, as long, the same load with nothing attached, for the per-thread fi
 
 It prints:
 
-- the functions most often on the stack (inclusive: a sample counts once for every function
-  on its stack) and most often at the top of it (self), as shares of all samples;
+- the daemon's own functions (proxy/, less its entry points) most often on the stack
+  (inclusive: a sample counts once for every function on its stack) and the functions of any
+  code most often at the top of it (self: C code called from a function counts as the
+  function's; the event loop's own C code as ``Runner.run``), as shares of all samples;
 - per thread, without py-spy: its CPU time (utime + stime, ``/proc/<pid>/task/<tid>/stat``
   fields 14 and 15, in clock ticks of ``SC_CLK_TCK``; proc(5)) over the run, in all and per
   request, its name (the Python thread's, from ``py-spy dump``; the kernel's ``comm``
@@ -94,18 +96,15 @@ def python_names(spy: str, pid: int) -> dict[int, str]:
     return {int(t): name for t, name in re.findall(r'^Thread (\d+) \(\w+\): "([^"]*)"', dump, re.M)}
 
 
-# The frames every sample of a thread holds (the process's and the threads' entry points):
-# not listed as inclusive, where they would head the list with no news.
-ENTRY = {
-    "_run_module_as_main (<frozen runpy>)",
-    "_run_code (<frozen runpy>)",
-    "<module> (proxy/__main__.py)",
-}
+# The daemon's entry points, on the stack of every sample of the main thread: not listed as
+# inclusive, where they would head the list with no news.
+ENTRY = ("main (", "run (", "_run_loop (", "<module> (")
 
 
 def top(raw: str, n: int) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
-    """py-spy's raw (collapsed) output: the samples, the ``n`` functions most often on a stack
-    (inclusive) and most often at its top (self), with their sample counts."""
+    """py-spy's raw (collapsed) output: the samples, the ``n`` functions of the daemon's own
+    code (proxy/) most often on a stack (inclusive) and the ``n`` functions of any code most
+    often at its top (self), with their sample counts."""
     inclusive: Counter[str] = Counter()
     leaf: Counter[str] = Counter()
     total = 0
@@ -116,8 +115,9 @@ def top(raw: str, n: int) -> tuple[int, list[tuple[str, int]], list[tuple[str, i
         k = int(count)
         frames = [f for f in stack.split(";") if not f.startswith(("thread (", "process "))]
         total += k
-        for f in set(frames) - ENTRY:
-            inclusive[f] += k
+        for f in set(frames):
+            if f"{os.sep}proxy{os.sep}" in f and not f.startswith(ENTRY):
+                inclusive[f] += k
         if frames:
             leaf[frames[-1]] += k
     return total, inclusive.most_common(n), leaf.most_common(n)
@@ -176,7 +176,7 @@ async def run(s: Scenario, seconds: float, rate: int, n: int, native: bool, targ
         f"CPU {cpu * 1e6 / spied:,.0f} µs/request, {total:,} samples at {rate} Hz (idle "
         "excluded)\n"
     )
-    rows = [["function (inclusive)", "share", "function (self)", "share"]]
+    rows = [["proxy/ function (inclusive)", "share", "any function (self)", "share"]]
     for (f1, k1), (f2, k2) in zip(inclusive, leaf, strict=False):
         rows.append([short(f1), f"{k1 / total:.1%}", short(f2), f"{k2 / total:.1%}"])
     print(markdown(rows))
