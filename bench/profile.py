@@ -116,7 +116,7 @@ def top(raw: str, n: int) -> tuple[int, list[tuple[str, int]], list[tuple[str, i
         frames = [f for f in stack.split(";") if not f.startswith(("thread (", "process "))]
         total += k
         for f in set(frames):
-            if f"{os.sep}proxy{os.sep}" in f and not f.startswith(ENTRY):
+            if " (proxy/" in short(f) and not f.startswith(ENTRY):
                 inclusive[f] += k
         if frames:
             leaf[frames[-1]] += k
