@@ -5,11 +5,23 @@
     python -m bench --only chat-c64 --no-loop-detector
     python -m bench --fleet --only chat-c1 chat-c64 propagation   # fleet mode (bench/fleet.py)
     python -m bench --only agent-c16 --rounds 5   # the agent-loop layer on and off (bench/agent.py)
+    python -m bench --layers --only chat-c1 body100k-c16 agent200k-c1 agent1m-c1 --rounds 3
+    python -m bench --layers --colocate --only chat-c1 agent200k-c1 agent1m-c1 --rounds 3
+
+``--layers`` (bench/layers.py): also ``atlasburn-proxy+layers``, the daemon with every layer on
+(fleet mode against a local redis-server, the loop detectors, attribution with process lookup,
+a budget matching the app; every client sends attribution headers and a key), in the same
+interleaved rounds as the default daemon, and a table of each daemon against the pass-through
+with issue 19's targets. ``--colocate``: the proxies under test pinned to the client's CPU (the
+provider, the ingest and Redis are there too): one CPU for all, as a sidecar shares its pod's;
+the scenarios' names get ``-colo``. The agent scenarios ``agent200k-c1``, ``agent200k-c16``,
+``agent1m-c1`` and ``agent1m-c16`` send a 200 KB and a 1 MB conversation with tool calls in the
+history (``bench/agent_body.py``, ``size``).
 
 Each target is measured with the same closed-loop client (aiohttp + uvloop; every answer checked
 byte for byte; every request carries a unique nonce so the loop detector never fires). The proxy
-under test is pinned to CPU 0, the fake provider and the client to CPU 1, and the proxy's CPU time
-per request is read from /proc. See bench/README.md.
+under test is pinned to CPU 0 (CPU 1 with ``--colocate``), the fake provider and the client to
+CPU 1, and the proxy's CPU time per request is read from /proc. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ from pathlib import Path
 import aiohttp
 import uvloop
 
-from . import TIMING_HEAD, by_scenario, markdown, timing_cells, wrk
+from . import TIMING_HEAD, by_scenario, markdown, procs, timing_cells, wrk
 from .agent import NO_AGENT_CONFIG, NO_AGENT_TARGET, agent_table
 from .agent_body import AgentBody
 from .attribution import (
@@ -51,9 +63,9 @@ from .fleet import (
     propagation_table,
     wait_connected,
 )
+from .layers import LAYERS_TARGET, layers_config, targets_table
 from .procs import (
     OTHER_CPU,
-    PROXY_CPU,
     cpu_seconds,
     free_port,
     rss_mb,
@@ -78,6 +90,8 @@ class Scenario:
     rounds: int = 1  # interleaved rounds (direct, pass-through, daemon, direct, ...)
     answer_bytes: int = 0  # the provider's JSON answer padded to about this size
     agent: bool = False  # the body: the 100-message agent conversation (bench/agent_body.py)
+    agent_bytes: int = 0  # the body: an agent conversation of about this size (agent_body.py)
+    headers: bool = False  # attribution headers and a key on every request (--layers)
     attribution: bool = False  # attribution headers; also the daemon without attribution
 
 
@@ -101,6 +115,23 @@ def scenarios(full: bool) -> list[Scenario]:
             agent=True,
             note="100-message agent conversation (45 tool calls), the agent-loop layer on and off",
             rounds=3,
+        ),
+        *(
+            Scenario(
+                f"agent{label}-c{c}",
+                c,
+                n * (3 if full else 1),
+                agent_bytes=size,
+                note=f"{label[:-1]} {label[-1].upper()}B agent conversation (tool calls in the "
+                "history)",
+                rounds=3,
+            )
+            for label, size, c, n in (
+                ("200k", 200_000, 1, 600),
+                ("200k", 200_000, 16, 1600),
+                ("1m", 1_000_000, 1, 200),
+                ("1m", 1_000_000, 16, 400),
+            )
         ),
         Scenario(
             "attribution-c64",
@@ -180,17 +211,25 @@ class Result:
 
 class Targets:
     """The fake provider, the ingest, the pass-through and the daemon, for one scenario shape;
-    with ``redis``, also the daemon in fleet mode (its own ingest), and the spend cap on in
-    both daemons; for an agent scenario, also the daemon without the agent-loop detector (its
-    own ingest)."""
+    with ``redis`` and ``fleet``, also the daemon in fleet mode (its own ingest), and the spend
+    cap on in both daemons; with ``redis`` and ``layers``, also the daemon with every layer on
+    (bench/layers.py; its own ingest); for an agent scenario, also the daemon without the
+    agent-loop detector (its own ingest)."""
 
     def __init__(
-        self, scenario: Scenario, loop_detector: bool, tmp: Path, redis: RedisServer | None = None
+        self,
+        scenario: Scenario,
+        loop_detector: bool,
+        tmp: Path,
+        redis: RedisServer | None = None,
+        fleet: bool = True,
+        layers: bool = False,
     ) -> None:
         self.scenario = scenario
         self.loop_detector = loop_detector
         self.tmp = tmp
-        self.redis = redis
+        self.redis = redis if fleet else None  # the fleet's daemon's Redis (its stats)
+        self.layers_redis = redis if layers else None
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.urls: dict[str, str] = {}
         self.ingests: dict[str, str] = {}  # daemon -> its fake ingest
@@ -199,8 +238,10 @@ class Targets:
             self.names += (NO_AGENT_TARGET,)
         if scenario.attribution:
             self.names += (NO_ATTRIBUTION_TARGET,)
-        if redis is not None:
+        if self.redis is not None:
             self.names += (FLEET_TARGET,)
+        if self.layers_redis is not None:
+            self.names += (LAYERS_TARGET,)
 
     async def __aenter__(self) -> Targets:
         s = self.scenario
@@ -226,7 +267,7 @@ class Targets:
         provider = f"http://127.0.0.1:{p_port}"
         self.urls["direct"] = provider
         self.procs["pass-through"] = spawn(
-            PROXY_CPU,
+            procs.PROXY_CPU,
             "-m",
             "bench.servers",
             "passthrough",
@@ -255,6 +296,8 @@ class Targets:
             others.append((NO_ATTRIBUTION_TARGET, "no-attribution", spend + NO_ATTRIBUTION_CONFIG))
         if self.redis is not None:
             others.append((FLEET_TARGET, "fleet", spend + fleet_config(self.redis.url)))
+        if self.layers_redis is not None:
+            others.append((LAYERS_TARGET, "layers", layers_config(self.layers_redis.url)))
         for target, label, extra in others:
             port, ingest_port = free_port(), free_port()
             self.procs[f"{label}-ingest"] = spawn(
@@ -276,6 +319,8 @@ class Targets:
             await wait_port(port)
         if self.redis is not None:
             await wait_connected(self.urls[FLEET_TARGET])
+        if self.layers_redis is not None:
+            await wait_connected(self.urls[LAYERS_TARGET])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -296,11 +341,14 @@ async def load(url: str, s: Scenario, start_nonce: int) -> tuple[float, list[flo
         b"".join(stream_events(s.chunks, usage=False)) if s.stream else chat_answer(s.answer_bytes)
     )
     pad = "x" * max(0, s.body_bytes - 200)
-    agent = AgentBody() if s.agent else None
+    agent = AgentBody(s.agent_bytes) if s.agent or s.agent_bytes else None
     latencies: list[float] = []
     ttfbs: list[float] = []
     counter = iter(range(start_nonce, start_nonce + s.requests))
-    headers = {"Content-Type": "application/json", **(HEADERS if s.attribution else {})}
+    headers = {
+        "Content-Type": "application/json",
+        **(HEADERS if s.attribution or s.headers else {}),
+    }
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
 
@@ -343,12 +391,17 @@ async def sample_rss(pid: int, peak: list[float]) -> None:
 
 
 async def run_scenario(
-    s: Scenario, loop_detector: bool, tmp: Path, redis: RedisServer | None = None
+    s: Scenario,
+    loop_detector: bool,
+    tmp: Path,
+    redis: RedisServer | None = None,
+    fleet: bool = True,
+    layers: bool = False,
 ) -> list[Result]:
     results: dict[str, Result] = {}
     if redis is not None:
         await redis.reset()
-    async with Targets(s, loop_detector, tmp, redis) as targets:
+    async with Targets(s, loop_detector, tmp, redis, fleet, layers) as targets:
         names = targets.names
         nonce = 0
         warmed = 0
@@ -460,7 +513,7 @@ def table(results: list[Result], idle_rss: float | None) -> str:
 async def idle_rss(tmp: Path) -> float:
     port = free_port()
     env = {**os.environ, "STATE_DIRECTORY": str(tmp / "idle")}
-    proc = spawn(PROXY_CPU, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}", env=env)
+    proc = spawn(procs.PROXY_CPU, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}", env=env)
     try:
         await wait_port(port)
         await asyncio.sleep(1.0)
@@ -520,23 +573,30 @@ async def run_wrk_scenario(
 async def main(args: argparse.Namespace) -> None:
     os.sched_setaffinity(0, {int(OTHER_CPU)})  # the client shares CPU 1 with the provider
     chosen = [s for s in scenarios(args.full) if not args.only or s.name in args.only]
+    if args.colocate:
+        procs.colocate()  # the proxies under test on CPU 1 too
+        chosen = [replace(s, name=s.name + "-colo") for s in chosen]
+    if args.layers:
+        chosen = [replace(s, headers=True) for s in chosen]
     if args.answer_bytes:
         chosen = [s if s.stream else replace(s, answer_bytes=args.answer_bytes) for s in chosen]
     if args.rounds:
         chosen = [replace(s, rounds=args.rounds) for s in chosen]
-    if args.fleet and shutil.which("redis-server") is None:
+    if (args.fleet or args.layers) and shutil.which("redis-server") is None:
         sys.exit(
-            "python -m bench --fleet needs redis-server (Debian: apt-get install redis-server)"
+            "python -m bench --fleet and --layers need redis-server (Debian: apt-get install "
+            "redis-server)"
         )
     if args.wrk:
-        if args.fleet:
-            sys.exit("python -m bench --fleet runs with the Python client (not --wrk)")
+        if args.fleet or args.layers:
+            sys.exit("python -m bench --fleet and --layers run with the Python client (not --wrk)")
         if not wrk.available():
             sys.exit("python -m bench --wrk needs wrk (Debian: apt-get install wrk)")
         rows: list[tuple[str, str, wrk.WrkRound, str]] = []
         with tempfile.TemporaryDirectory() as tmp:
             for s in chosen:
-                if s.stream or s.name.startswith("soak") or s.agent or s.attribution:
+                skip = s.stream or s.name.startswith("soak") or s.agent or s.agent_bytes
+                if skip or s.attribution:
                     continue  # wrk mode: the non-streaming request/answer scenarios
                 print(
                     f"... {s.name} with wrk: {s.note}, concurrency {s.concurrency}, "
@@ -553,20 +613,23 @@ async def main(args: argparse.Namespace) -> None:
     notes: dict[str, str] = {}
     spread = None
     with tempfile.TemporaryDirectory() as tmp:
-        redis = await RedisServer(Path(tmp)).start() if args.fleet else None
+        redis = await RedisServer(Path(tmp)).start() if args.fleet or args.layers else None
         try:
             idle = await idle_rss(Path(tmp))
             for s in chosen:
                 print(
                     f"... {s.name}: {s.note}, concurrency {s.concurrency}, {s.requests:,} "
-                    f"requests{' (and the daemon in fleet mode)' if redis else ''}"
+                    f"requests{' (and the daemon in fleet mode)' if args.fleet else ''}"
+                    f"{' (and the daemon with every layer on)' if args.layers else ''}"
                     f"{' (and the daemon without the agent-loop layer)' if s.agent else ''}"
                     f"{' (and the daemon without attribution)' if s.attribution else ''}",
                     file=sys.stderr,
                     flush=True,
                 )
-                results += await run_scenario(s, not args.no_loop_detector, Path(tmp), redis)
-                if redis is not None:
+                results += await run_scenario(
+                    s, not args.no_loop_detector, Path(tmp), redis, args.fleet, args.layers
+                )
+                if args.fleet and redis is not None:
                     spent, stats = await fleet_spend(redis), await redis.stats()
                     notes[s.name] = (
                         f"afterwards Redis held {stats.keys:,} keys in"
@@ -575,6 +638,7 @@ async def main(args: argparse.Namespace) -> None:
                     )
             if (
                 redis is not None
+                and args.fleet
                 and args.propagation
                 and (not args.only or "propagation" in args.only)
             ):
@@ -598,7 +662,13 @@ async def main(args: argparse.Namespace) -> None:
     if agents:
         print("\nthe agent-loop detector on against off (same rounds, interleaved):\n")
         print(agents)
-    if redis is not None and results:
+    if args.layers and results:
+        print(
+            "\neach daemon against the pass-through, issue 19's targets (same rounds, "
+            f"interleaved{'; one CPU for all' if args.colocate else ''}):\n"
+        )
+        print(targets_table(results))
+    if args.fleet and results:
         print("\nfleet mode against standalone (the spend cap on in both):\n")
         print(fleet_table(results, notes))
     if spread is not None:
@@ -624,6 +694,18 @@ if __name__ == "__main__":
         action="store_true",
         help="also the daemon in fleet mode against a local redis-server, and the suspension "
         "propagation (select it alone with --only propagation)",
+    )
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="also the daemon with every layer on (fleet mode against a local redis-server, "
+        "the loop detectors, attribution with process lookup, a budget; bench/layers.py), and "
+        "each daemon against the pass-through with issue 19's targets",
+    )
+    parser.add_argument(
+        "--colocate",
+        action="store_true",
+        help="the proxies under test on the client's CPU (with the provider): one CPU for all",
     )
     parser.add_argument(
         "--propagation", type=int, default=100, help="suspensions measured with --fleet (0: none)"

@@ -17,6 +17,12 @@ detector canonicalises and hashes their calls on every request.
 request's nonce goes (every request a distinct fingerprint: the dumb loop detector never fires).
 
     python -m bench.agent_body      # what the body holds, checked
+    python -m bench.agent_body 1000000   # the same with earlier work until about 1 MB
+
+``size`` (``conversation``, ``AgentBody``; the ``agent200k-*`` and ``agent1m-*`` scenarios)
+inserts earlier tool-calling work of the same session after the task, items of fresh seeded
+plans, until the body holds about that many bytes; the last 98 messages stay as above, so the
+detector's lookback sees the same calls.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import json
 import random
 import string
+import sys
 from collections import Counter
 from typing import Any
 
@@ -437,14 +444,11 @@ def _call_id(rng: random.Random) -> str:
     return "call_" + "".join(rng.choices(string.ascii_letters + string.digits, k=24))
 
 
-def conversation(nonce: str = HOLE) -> dict[str, Any]:
-    """The request body, the user's task carrying ``nonce``."""
-    rng = random.Random(15)
-    messages: list[dict[str, Any]] = [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": TASK.format(nonce=nonce)},
-    ]
-    for i, item in enumerate(_plan(rng)):
+def _turns(rng: random.Random, plan: list[Any], first: int = 0) -> list[dict[str, Any]]:
+    """The messages of ``plan``'s items (``first``: the index of its first item, which decides
+    whether an assistant turn says something before calling)."""
+    messages: list[dict[str, Any]] = []
+    for i, item in enumerate(plan, first):
         if isinstance(item, tuple):
             messages += [
                 {"role": "assistant", "content": item[0], "refusal": None},
@@ -471,6 +475,44 @@ def conversation(nonce: str = HOLE) -> dict[str, Any]:
             {"role": "tool", "tool_call_id": cid, "content": result}
             for cid, (_, _, result) in zip(ids, item, strict=True)
         ]
+    return messages
+
+
+def _history(size: int) -> list[dict[str, Any]]:
+    """Earlier work of the same session, before the task's last 98 messages: items of fresh
+    plans (each its own seed, so every result and call id differs) until their JSON holds
+    about ``size`` bytes."""
+    messages: list[dict[str, Any]] = []
+    total, seed = 0, 1000
+    while total < size:
+        rng = random.Random(seed)
+        for i, item in enumerate(_plan(rng)):
+            turn = _turns(rng, [item], i)
+            messages += turn
+            total += sum(len(json.dumps(m, separators=(",", ":"))) + 1 for m in turn)
+            if total >= size:
+                break
+        seed += 1
+    return messages
+
+
+def conversation(nonce: str = HOLE, size: int = 0) -> dict[str, Any]:
+    """The request body, the user's task carrying ``nonce``. ``size`` (bytes; 0: the 100-message
+    body of about 65 KB): earlier tool-calling work of the session inserted after the task,
+    until the body's JSON holds about that many bytes (the last 98 messages stay the same)."""
+    rng = random.Random(15)
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": TASK.format(nonce=nonce)},
+    ]
+    tail = _turns(rng, _plan(rng))
+    if size:
+        base = len(json.dumps(_body(messages + tail), separators=(",", ":")))
+        messages += _history(size - base)
+    return _body(messages + tail)
+
+
+def _body(messages: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "model": MODEL,
         "messages": messages,
@@ -491,18 +533,20 @@ def tool_calls(body: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
-def check(body: dict[str, Any]) -> dict[str, int]:
+def check(body: dict[str, Any], sized: bool = False) -> dict[str, int]:
     """Raise unless the body is what the scenario promises; the tool names called
-    ``THRESHOLD`` times or more among the last ``LOOKBACK`` calls, with their counts."""
+    ``THRESHOLD`` times or more among the last ``LOOKBACK`` calls, with their counts.
+    ``sized``: a body built with a ``size`` (any number of messages and calls)."""
     messages = body["messages"]
     calls = tool_calls(body)
     problems = []
-    if len(messages) != 100:
+    if len(messages) != 100 and not sized:
         problems.append(f"{len(messages)} messages, not 100")
-    if not 40 <= len(calls) <= 50:
+    if not 40 <= len(calls) <= 50 and not sized:
         problems.append(f"{len(calls)} tool calls")
+    least = 150 if sized else 200  # earlier work holds a few shorter `git diff --stat`s
     for name, _, result in calls:
-        if not 200 <= len(result.encode()) <= 2000:
+        if not least <= len(result.encode()) <= 2000:
             problems.append(f"a {name} result of {len(result.encode())} bytes")
     for m in messages:
         for c in m.get("tool_calls", ()):
@@ -523,11 +567,12 @@ def check(body: dict[str, Any]) -> dict[str, int]:
 
 
 class AgentBody:
-    """The body serialised once; ``request(nonce)`` splices a request's nonce in."""
+    """The body serialised once; ``request(nonce)`` splices a request's nonce in. ``size``:
+    bytes of the conversation (0: the 100-message body)."""
 
-    def __init__(self) -> None:
-        body = conversation()
-        check(body)
+    def __init__(self, size: int = 0) -> None:
+        body = conversation(size=size)
+        check(body, sized=bool(size))
         raw = json.dumps(body, separators=(",", ":")).encode()
         hole = json.dumps(HOLE)[1:-1].encode()
         self.head, self.tail = raw.split(hole)
@@ -537,8 +582,9 @@ class AgentBody:
 
 
 def main() -> None:
-    body = conversation("123")
-    busy = check(body)
+    size = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    body = conversation("123", size)
+    busy = check(body, sized=bool(size))
     calls = tool_calls(body)
     raw = json.dumps(body, separators=(",", ":")).encode()
     sizes = sorted(len(r.encode()) for _, _, r in calls)

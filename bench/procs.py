@@ -1,7 +1,9 @@
 """The benchmark's processes: ports, CPU pinning, the daemon's config, and what /proc says.
 
 The proxy under test runs on ``PROXY_CPU``; everything else (the fake provider, the ingest, the
-client, Redis) on ``OTHER_CPU``, so that they do not fight over the proxy's core.
+client, Redis) on ``OTHER_CPU``, so that they do not fight over the proxy's core. ``colocate()``
+(``python -m bench --colocate``) puts the proxy on ``OTHER_CPU`` too: one CPU for the proxy, the
+client and the provider, as a sidecar shares its pod's CPUs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ PROXY_CPU = "0"
 OTHER_CPU = "1"
 HZ = os.sysconf("SC_CLK_TCK")
 API_KEY = "abn_bench_key"
+
+
+def colocate() -> None:
+    """From now on the proxies under test share ``OTHER_CPU`` with everything else (callers
+    read ``procs.PROXY_CPU`` when they spawn, not a copy imported before)."""
+    global PROXY_CPU
+    PROXY_CPU = OTHER_CPU
 
 
 def free_port() -> int:
