@@ -258,6 +258,7 @@ def _state(
         "atlasburn_spool_bytes": store.spool_bytes,
         "atlasburn_loop_tracked_fingerprints": len(loop.detector),
         "atlasburn_events_committed": store.committed_total,
+        "atlasburn_store_commits": store.commits_total,
         "atlasburn_events_dropped": store.dropped_total,
         "atlasburn_events_poisoned": store.poisoned_total,
         "atlasburn_store_write_errors": store.write_errors_total,

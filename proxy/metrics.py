@@ -229,6 +229,11 @@ STATE: dict[str, tuple[str, str]] = {
     "atlasburn_spool_bytes": ("gauge", "Bytes of events in the spool"),
     "atlasburn_loop_tracked_fingerprints": ("gauge", "Fingerprints the loop detector holds"),
     "atlasburn_events_committed": ("counter", "Events committed to the spool since start"),
+    "atlasburn_store_commits": (
+        "counter",
+        "Transactions that committed events (group commits: events per commit ="
+        " atlasburn_events_committed / this)",
+    ),
     "atlasburn_events_dropped": ("counter", "Events dropped past a spool or memory bound"),
     "atlasburn_events_poisoned": ("counter", "Events the AtlasBurn API refused, kept aside"),
     "atlasburn_store_write_errors": ("counter", "Failed spool commits (retried)"),

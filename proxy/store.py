@@ -235,6 +235,7 @@ class Store:
         self.pending_events = 0
         # Counters (also persisted: a restart does not reset what was lost).
         self.committed_total = 0
+        self.commits_total = 0  # transactions that committed events
         self.dropped_total = 0
         self.write_errors_total = 0
         self.poisoned_total = 0
@@ -354,7 +355,7 @@ class Store:
                 else:
                     # Group commit: let one interval's events gather (longer while writes fail).
                     await self._pause(delay, self._stop)
-                    ok = await self.flush()
+                    ok = await self.flush(only_queued=True)
                     delay = interval if ok else min(delay * 2, _MAX_WRITE_DELAY)
                 await self._maintain()
                 self._writer_failing = False
@@ -382,12 +383,21 @@ class Store:
         except TimeoutError:
             pass
 
-    async def flush(self) -> bool:
-        """Commit every queued event now. False when the write failed (events stay queued)."""
+    async def flush(self, *, only_queued: bool = False) -> bool:
+        """Commit every queued event now. False when the write failed (events stay queued).
+
+        ``only_queued``: only the events queued when it began (the group commit). Events that
+        arrive during a commit wait for the next interval: otherwise, under steady one-at-a-time
+        traffic, a new event arrives during every transaction and the writer commits one or two
+        events at a time back to back, each commit waking aiosqlite's thread several times."""
         async with self._flushing:  # one flush at a time: each event is written once
-            while self._queue:
+            left = len(self._queue) if only_queued else -1
+            while self._queue and left != 0:
+                taken = min(len(self._queue), _CHUNK)
                 if not await self._flush():
                     return False
+                if left > 0:
+                    left = max(0, left - taken)
             return True
 
     async def _flush(self) -> bool:
@@ -446,6 +456,7 @@ class Store:
             self._queue.popleft()
         self._counters_dirty = False
         self.committed_total += len(events)
+        self.commits_total += 1
         self.spool_bytes += size
         if self._ship:
             self.pending_events += len(events)

@@ -88,6 +88,29 @@ async def test_group_commit_and_restart(tmp_path: Path) -> None:
     ]
 
 
+async def test_steady_events_are_committed_in_groups(tmp_path: Path) -> None:
+    """Steady traffic that outpaces one commit (an event arriving while the last ones are
+    written, as at concurrency 1 under load) is one commit per interval, not commits back to
+    back for whatever arrived during the previous one."""
+    s = await Store.open(config(tmp_path / "s.sqlite3", commit_interval_ms=100), ship=True)
+    s.start()
+    try:
+        started = time.monotonic()
+        n = 0
+        while time.monotonic() - started < 1.0:
+            s.enqueue(event(n))
+            n += 1
+            time.sleep(0.0003)  # noqa: ASYNC251 (the request's own work, on the event loop)
+            await asyncio.sleep(0)  # the writer's steps run between requests
+        elapsed = time.monotonic() - started
+        await eventually(lambda: s.committed_total == n, within=10)
+        # About one commit per 100 ms of it; the writer used to commit back to back as long
+        # as anything had arrived meanwhile (hundreds of commits here).
+        assert s.commits_total <= elapsed / 0.1 + 5, (s.commits_total, n, elapsed)
+    finally:
+        await s.close()
+
+
 async def test_local_only_events_are_kept_not_pending(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
     s = await Store.open(config(path), ship=False)
