@@ -57,7 +57,7 @@ T = TypeVar("T")
 
 PENDING, SHIPPED, LOCAL, POISONED = 0, 1, 2, 3
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS events (
     state INTEGER NOT NULL,
     size INTEGER NOT NULL,
     flags INTEGER NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    refused_by TEXT  -- local-only (schema 3): the guardrail layer that refused it, else NULL
 );
 CREATE INDEX IF NOT EXISTS events_state ON events (state, id);
 CREATE TABLE IF NOT EXISTS batches (
@@ -110,7 +111,9 @@ FROM_INGEST = 4  # posted to the local /api/ingest, not relayed here
 FREE = 8  # nothing was spent: not answered 2xx, and cost 0 (dropped first past max_spool_mb)
 USAGE_UNKNOWN = 16  # a billed 2xx answer whose usage was missing or partial (Event.usage_unknown)
 
-_INSERT = "INSERT INTO events (created, state, size, flags, body) VALUES (?, ?, ?, ?, ?)"
+_INSERT = (
+    "INSERT INTO events (created, state, size, flags, body, refused_by) VALUES (?, ?, ?, ?, ?, ?)"
+)
 _ROW_OVERHEAD = 40  # bytes of a row besides its body, roughly
 _ADD_SPEND = (
     "INSERT INTO spend (minute, usd) VALUES (?, ?) "
@@ -164,12 +167,12 @@ DROP INDEX IF EXISTS events_batch;
 DROP INDEX IF EXISTS events_created;
 ALTER TABLE events RENAME TO events_v1;
 {SCHEMA}
-INSERT INTO events (id, created, state, size, flags, body)
+INSERT INTO events (id, created, state, size, flags, body, refused_by)
     SELECT id, created, state, length(body) + {_ROW_OVERHEAD},
         (refused_by IS NOT NULL) * {REFUSED}
         + (priced = 0 AND usage_source IN ('reported', 'requested')) * {UNPRICED}
         + (origin = 'ingest') * {FROM_INGEST},
-        body
+        body, refused_by
     FROM events_v1;
 INSERT INTO batches (id, first_id, last_id)
     SELECT batch_id, MIN(id), MAX(id) FROM events_v1
@@ -185,24 +188,43 @@ COMMIT;
 """
 
 
+# Schema 2 (0.1.0 with attribution): the refusing layer was not kept (the status page counts
+# refusals by layer); older refusals keep NULL, shown as an unknown layer.
+_FROM_V2 = f"""
+BEGIN IMMEDIATE;
+ALTER TABLE events ADD COLUMN refused_by TEXT;
+PRAGMA user_version = {SCHEMA_VERSION};
+COMMIT;
+"""
+
+
 async def _migrate(db: aiosqlite.Connection) -> None:
     """Create the schema, or bring an older spool up to date in one transaction."""
     async with db.execute("PRAGMA user_version") as cur:
         row = await cur.fetchone()
     if row is not None and row[0] >= SCHEMA_VERSION:
         return
+    if row is not None and row[0] == 2:
+        log.warning("store: upgrading the spool to schema %d (once)", SCHEMA_VERSION)
+        await _script(db, _FROM_V2)
+        return
     async with db.execute("SELECT name FROM pragma_table_info('events')") as cur:
         columns = {r[0] for r in await cur.fetchall()}
     if "provider" in columns:
         log.warning("store: upgrading the spool to schema %d (once)", SCHEMA_VERSION)
-        try:
-            await db.executescript(_FROM_V1)
-        except BaseException:
-            if db.in_transaction:
-                await db.execute("ROLLBACK")
-            raise
+        await _script(db, _FROM_V1)
         return
     await db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+
+
+async def _script(db: aiosqlite.Connection, script: str) -> None:
+    """Run a migration script (one transaction): rolled back whole if any statement fails."""
+    try:
+        await db.executescript(script)
+    except BaseException:
+        if db.in_transaction:
+            await db.execute("ROLLBACK")
+        raise
 
 
 class Store:
@@ -449,7 +471,7 @@ class Store:
             flags |= FROM_INGEST
         if not e.cost_usd and not 200 <= e.status < 300:
             flags |= FREE
-        return (now, state, len(body) + _ROW_OVERHEAD, flags, body)
+        return (now, state, len(body) + _ROW_OVERHEAD, flags, body, e.refused_by)
 
     def _quarantine(self, head: int, bad: list[tuple[Event, Exception]]) -> list[Event]:
         """Take the events that could not be encoded (each with what encoding raised) out of
