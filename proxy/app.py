@@ -41,6 +41,8 @@ from .server import Runner
 from .shipper import Shipper
 from .store import Store
 from .tasks import spawn
+from .ui.page import StatusPage, secured
+from .ui.sessions import Sessions
 from .websocket import WebSocketRelay
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ GUARDRAILS_API = web.AppKey("guardrails_api", GuardrailsAPI)
 SHIPPER = web.AppKey("shipper", Shipper)
 BROWSERS = web.AppKey("browsers", BrowserGuard)
 PRICE_DATA = web.AppKey("price_data", PriceRefresher)
+STATUS_PAGE = web.AppKey("status_page", StatusPage)
 
 
 def _guarded(handler: Handler) -> Handler:
@@ -133,6 +136,8 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             keys, store, kill, config.atlasburn.org_id, config.server.max_body_bytes, loop
         )
         app[GUARDRAILS_API] = GuardrailsAPI(app[API], store, kill, keys.who)
+        app[API].sessions = sessions = Sessions()
+        app[STATUS_PAGE] = StatusPage(app[API], sessions, kill, config.storage.path)
         pool = make_pool(config)
         app[POOL] = pool
         pricer = Pricer.from_config(config.providers, config.pricing)
@@ -227,12 +232,30 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
     async def enforce(request: web.Request) -> web.StreamResponse:
         return await request.app[GUARDRAILS_API].handle(request)
 
-    app.router.add_route("*", "/api/ingest", _guarded(ingest))
-    app.router.add_route("*", "/api/guardrails/enforce", _guarded(enforce))
+    app.router.add_route("*", "/api/ingest", _guarded(secured(ingest)))
+    app.router.add_route("*", "/api/guardrails/enforce", _guarded(secured(enforce)))
+    _status_page(app)
     # [\s\S], not ".": a path may hold a newline (%0A decoded), and a path no route matches gets
     # aiohttp's own text/plain 404 instead of the relay's answer in the provider's shape.
     app.router.add_route("*", r"/{tail:[\s\S]*}", _guarded(relay), expect_handler=expect)
     return app
+
+
+def _status_page(app: web.Application) -> None:
+    """The routes of the status page (``proxy.ui.page``)."""
+
+    def route(name: str) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            handler: Handler = getattr(request.app[STATUS_PAGE], name)
+            return await handler(request)
+
+        return _guarded(secured(handle))
+
+    app.router.add_get("/ui", route("page"))
+    app.router.add_get("/ui/login", route("login"))
+    app.router.add_get(r"/ui/{name:[a-z]+\.(?:js|css)}", route("asset"))
+    app.router.add_route("*", "/api/stats", route("stats"))
+    app.router.add_route("*", "/api/ui/login-tokens", route("login_tokens"))
 
 
 def _state(

@@ -81,7 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="clear the org's kill flag")
     resume.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
     resume.add_argument("--reason", default="resumed by an operator")
+    add_ui_parser(sub)
     return parser
+
+
+def add_ui_parser(sub: Any) -> None:
+    ui = sub.add_parser("ui", help="print (and open) a one-time login URL for the status page")
+    ui.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
+    ui.add_argument("--listen", metavar="HOST:PORT", help="the daemon's address (server.listen)")
+    ui.add_argument("--no-browser", action="store_true", help="print the URL, open nothing")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return print_key_id(args.config)
     if args.command in ("status", "suspend", "resume"):
         return operate(args)
+    if args.command == "ui":
+        return open_ui(args.config, args.listen, args.no_browser)
     return run(args.config, args.listen)
 
 
@@ -285,6 +295,32 @@ def operate(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
     print(control.describe(config, answer))
+    return EXIT_OK
+
+
+def open_ui(config_path: str | None, listen: str | None, no_browser: bool) -> int:
+    """``ui``: the status page's one-time login URL on stdout (opened where a browser can be)."""
+    from .control import OperatorError
+    from .ui import command
+
+    try:
+        config = load_config(resolve_config_path(config_path), listen=listen)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        url = command.login_url(config)
+    except OperatorError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILURE
+    except StateFileError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    print(url, flush=True)
+    print("(a one-time link: it works once, within two minutes)", file=sys.stderr)
+    if not no_browser and command.can_open_browser():
+        command.open_browser(url)
     return EXIT_OK
 
 
