@@ -188,25 +188,11 @@ COMMIT;
 """
 
 
-# Schema 2 (0.1.0 with attribution): the refusing layer was not kept (the status page counts
-# refusals by layer); older refusals keep NULL, shown as an unknown layer.
-_FROM_V2 = f"""
-BEGIN IMMEDIATE;
-ALTER TABLE events ADD COLUMN refused_by TEXT;
-PRAGMA user_version = {SCHEMA_VERSION};
-COMMIT;
-"""
-
-
 async def _migrate(db: aiosqlite.Connection) -> None:
     """Create the schema, or bring an older spool up to date in one transaction."""
     async with db.execute("PRAGMA user_version") as cur:
         row = await cur.fetchone()
     if row is not None and row[0] >= SCHEMA_VERSION:
-        return
-    if row is not None and row[0] == 2:
-        log.warning("store: upgrading the spool to schema %d (once)", SCHEMA_VERSION)
-        await _script(db, _FROM_V2)
         return
     async with db.execute("SELECT name FROM pragma_table_info('events')") as cur:
         columns = {r[0] for r in await cur.fetchall()}
@@ -214,7 +200,16 @@ async def _migrate(db: aiosqlite.Connection) -> None:
         log.warning("store: upgrading the spool to schema %d (once)", SCHEMA_VERSION)
         await _script(db, _FROM_V1)
         return
-    await db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+    # Schema 2 and later add to it: new tables (CREATE ... IF NOT EXISTS) and columns. The
+    # refusing layer (schema 3) was not kept before: older refusals keep NULL (layer unknown).
+    added = ""
+    if columns and "refused_by" not in columns:
+        log.warning("store: upgrading the spool to schema %d (once)", SCHEMA_VERSION)
+        added = "ALTER TABLE events ADD COLUMN refused_by TEXT;\n"
+    await _script(
+        db,
+        f"BEGIN IMMEDIATE;\n{added}{SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;\n",
+    )
 
 
 async def _script(db: aiosqlite.Connection, script: str) -> None:
