@@ -252,7 +252,7 @@ def _status_page(app: web.Application) -> None:
         return _guarded(secured(handle))
 
     app.router.add_get("/ui", route("page"))
-    app.router.add_get("/ui/login", route("login"))
+    app.router.add_get("/ui/login", route("login"), allow_head=False)  # HEAD uses no token
     app.router.add_get(r"/ui/{name:[a-z]+\.(?:js|css)}", route("asset"))
     app.router.add_route("*", "/api/stats", route("stats"))
     app.router.add_route("*", "/api/ui/login-tokens", route("login_tokens"))

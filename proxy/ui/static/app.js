@@ -6,7 +6,7 @@
 const REFRESH_MS = 5000;
 const SVG = "http://www.w3.org/2000/svg";
 const COLORS = ["#2f6fde", "#e8833a", "#3aa35b", "#c8372d", "#8a5cd1", "#1aa3a3", "#c79a1d", "#8a8f99"];
-const state = { range: "day", stack: "by_model", data: null, busy: false };
+const state = { range: "day", stack: "by_model", data: null, busy: false, again: false };
 
 function $(id) { return document.getElementById(id); }
 
@@ -148,8 +148,12 @@ function render(data) {
 }
 
 async function refresh() {
-  if (state.busy) return;
+  if (state.busy) {
+    state.again = true; // (e.g. the range changed while a fetch was under way)
+    return;
+  }
   state.busy = true;
+  state.again = false;
   try {
     const answer = await fetch("/api/stats?range=" + state.range, { credentials: "same-origin", cache: "no-store" });
     if (answer.status === 401) {
@@ -166,6 +170,7 @@ async function refresh() {
   } finally {
     state.busy = false;
   }
+  if (state.again) refresh();
 }
 
 async function enforce(method, body) {
