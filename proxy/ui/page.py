@@ -164,7 +164,8 @@ class StatusPage:
         }
 
     def budgets(self) -> list[dict[str, Any]]:
-        """``[{"name", "scope", "limit_usd", "spent_usd", "left_usd", "window"}]``."""
+        """``[{"name", "scope", "window", "spent_usd", "limit_usd", "left_usd"}]``: one row per
+        budget and window (``[[guardrails.budgets]]``; none until budgets are enforced)."""
         return []
 
 
