@@ -23,13 +23,14 @@ from aiohttp.typedefs import Handler
 from . import __version__
 from .api import GuardrailsAPI, LocalAPI, error
 from .attribution.keys import KeyIds, key_secret
+from .attribution.process import ProcessFinder
 from .attribution.request import RequestAttribution
 from .auth import KeyChecker, local_key
 from .browsers import BrowserGuard
 from .config import Config
 from .errors import ClientBodyTimeout
 from .events import Event, Recorder
-from .guardrails import KillSwitch, LoopGuard, SpendCap
+from .guardrails import Budgets, KillSwitch, LoopGuard, SpendCap
 from .guardrails.fleet import Fleet
 from .http1 import Pool
 from .logs import AccessLog, setup_logging
@@ -127,9 +128,11 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
         spend = SpendCap(guards.spend_cap)
         if spend.enabled:
             spend.restore(await store.spend_buckets(86400))
+        budgets = Budgets(guards.budgets)
+        budgets.restore(await store.budget_buckets(86400))
         fleet = None
         if config.fleet.redis_url:
-            fleet = Fleet(config.fleet, config.atlasburn.org_id, kill, loop, spend)
+            fleet = Fleet(config.fleet, config.atlasburn.org_id, kill, loop, spend, budgets)
             fleet.start()  # in the background: traffic never waits for Redis
         keys = KeyChecker(key)
         app[API] = LocalAPI(
@@ -156,6 +159,7 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             metrics,
             access,
             attribution=attribution,
+            budgets=budgets,
         )
         app[RELAY] = relay
         relay.sockets = sockets = WebSocketRelay(relay, config)
@@ -166,6 +170,7 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             kill.listeners.append(shipper.report_suspension)
         metrics.add_state(lambda: _state(app, store, kill, loop, relay.pricer, shipper, fleet))
         metrics.add_pool(pool.stats)
+        metrics.add_budgets(lambda: app[RELAY].budgets.state())
         refresher = PriceRefresher(config.price_data, lambda c: app[RELAY].pricer.use(c))
         app[PRICE_DATA] = refresher
         refreshing = (
@@ -180,6 +185,7 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
                 refreshing.cancel()
             # Each step runs even if one before it raised (logged; the first is raised at the
             # end): above all the store closes, or aiosqlite's thread keeps the process alive.
+            relay.flush_waiting()  # events waiting for a process lookup: recorded now
             steps: list[Callable[[], Awaitable[object]]] = [access.stop, store.flush]
             if shipper is not None:
                 steps.append(shipper.stop)
@@ -292,6 +298,7 @@ def _state(
 
 # Keys a reload applies while running; any other change waits for a restart (and is named).
 LIVE_KEYS = (
+    "attribution",
     "providers",
     "pricing",
     "guardrails",
@@ -356,6 +363,7 @@ async def reload(app: web.Application, new: Config) -> tuple[list[str], list[str
     relay.spend.configure(guards.spend_cap)
     if guards.spend_cap.enabled and not old.guardrails.spend_cap.enabled:
         relay.spend.restore(await app[STORE].spend_buckets(86400))
+    relay.budgets.configure(guards.budgets)
     relay.access.enabled = new.logging.access
     relay.access.json = new.logging.format == "json"
     relay.configure(new, pricer)
@@ -401,6 +409,7 @@ class Daemon:
         self.app = make_app(config, record)
         self.runner = Runner(self.app, config.server, self.app[METRICS])
         limits = self.runner.limits
+        self._attribute_processes(config)
         self.app[METRICS].add_state(
             lambda: {
                 "atlasburn_client_connections": float(len(limits.open)),
@@ -444,9 +453,27 @@ class Daemon:
     async def reload(self, config: Config) -> tuple[list[str], list[str]]:
         applied = await reload(self.app, config)
         self.runner.limits.configure(self.app[CONFIG].server)
+        old = self._attribute_processes(self.app[CONFIG])
+        if old is not None:
+            await asyncio.to_thread(old.close)
         return applied
+
+    def _attribute_processes(self, config: Config) -> ProcessFinder | None:
+        """Look up each loopback client's process (``[attribution] process``) from now on, or
+        stop; the finder no longer used, if any (to close)."""
+        limits = self.runner.limits
+        wanted = config.attribution.enabled and config.attribution.process
+        if wanted and limits.finder is None:
+            limits.finder = ProcessFinder()
+        elif not wanted and limits.finder is not None:
+            old, limits.finder = limits.finder, None
+            return old
+        return None
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, then close."""
         self.app[READY].clear()
         await self.runner.cleanup()
+        finder, self.runner.limits.finder = self.runner.limits.finder, None
+        if finder is not None:
+            await asyncio.to_thread(finder.close)

@@ -206,6 +206,11 @@ class Metrics:
     def add_pool(self, read: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
         self.registry.register(_Pool(read))
 
+    def add_budgets(self, read: Callable[[], list[tuple[str, str, float, float, int]]]) -> None:
+        """The budgets' state at scrape time: (budget, window, USD spent, USD limit, warnings)
+        per configured budget and window (names from the config: a bounded label set)."""
+        self.registry.register(_Budgets(read))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -273,6 +278,43 @@ class _Pool(Collector):
             opened.add_metric([upstream], total)
         yield now
         yield opened
+
+
+class _Budgets(Collector):
+    """``[[guardrails.budgets]]``: spend, limit and warnings per budget and window."""
+
+    def __init__(self, read: Callable[[], list[tuple[str, str, float, float, int]]]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        rows = self._read()
+        if not rows:
+            return
+        labels = ["budget", "window"]
+        spend = GaugeMetricFamily(
+            "atlasburn_budget_spend_usd",
+            "Spend in USD counted in each budget over its window (hour: the last 60 minutes, "
+            "day: the last 24 hours); the fleet's total with [fleet]",
+            labels=labels,
+        )
+        limit = GaugeMetricFamily(
+            "atlasburn_budget_limit_usd", "Each budget's limit per window in USD", labels=labels
+        )
+        warnings = CounterMetricFamily(
+            "atlasburn_budget_warnings",
+            "Times a budget's spend crossed its warn_at fraction of a window's limit",
+            labels=labels,
+        )
+        for name, window, spent, cap, warned in rows:
+            spend.add_metric([name, window], spent)
+            limit.add_metric([name, window], cap)
+            warnings.add_metric([name, window], warned)
+        yield spend
+        yield limit
+        yield warnings
 
 
 class _State(Collector):

@@ -60,6 +60,8 @@ from .fingerprint import fingerprint, form_fingerprint, raw_hasher
 from .guardrails import (
     SPEND_LAYER,
     AgentLoopDetector,
+    Budgets,
+    BudgetSuspension,
     KillSwitch,
     LoopGuard,
     SpendCap,
@@ -117,6 +119,7 @@ class _Exchange:
         "billed",
         "attributes",
         "connection",
+        "budgets",
     )
 
     def __init__(self) -> None:
@@ -133,6 +136,7 @@ class _Exchange:
         self.billed = False  # a POST to an endpoint that is not free: an answer costs
         self.attributes: Attributes | None = None  # who sent it
         self.connection: Any = None  # the client connection's handler (its process lookup)
+        self.budgets: tuple[str, ...] = ()  # the budgets its spend counts in
 
 
 class Relay:
@@ -151,6 +155,7 @@ class Relay:
         access: AccessLog | None = None,
         agent: AgentLoopDetector | None = None,
         attribution: RequestAttribution | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self.pool = pool
         self.record = record
@@ -160,7 +165,11 @@ class Relay:
         self.spend = spend or SpendCap(config.guardrails.spend_cap)
         self.metrics = metrics
         self.access = access or AccessLog(False)
+        # Events waiting for their connection's process lookup: id -> (event, overhead s,
+        # request id, connection).
+        self.waiting: dict[int, tuple[Event, float, str, Any]] = {}
         self.attribution = attribution or RequestAttribution(None)
+        self.budgets = budgets or Budgets(config.guardrails.budgets)
         # Retry-After for a suspension without an end: when the daemon next asks the API.
         self.poll_seconds = config.telemetry.poll_interval_seconds
         # Targets that refused an injected stream_options: not asked again for a while.
@@ -261,14 +270,22 @@ class Relay:
             # A fingerprint the fleet has seen two short of the threshold: Redis is asked
             # (within a few ms) before it goes through. Any other request waits for nothing.
             suspension = await self.loop.check_fleet(fp, request.headers)
+        budgets: tuple[str, ...] = ()
+        if suspension is None and self.budgets.active:
+            budgets = self.budgets.matching(attributes, upstream.name, meta.model or "")
+            if budgets:
+                suspension = self.budgets.check(budgets, started)
         if suspension is not None:
-            return self._refuse(started, t0, read_body, route, meta, fp, suspension, attributes)
+            return self._refuse(
+                started, t0, read_body, route, meta, fp, suspension, attributes, request.protocol
+            )
 
         ex = _Exchange()
         ex.waited = read_body
         ex.billed = costly
         ex.attributes = attributes
         ex.connection = request.protocol
+        ex.budgets = budgets
         if counted and self.loop.counts(request.headers):
             ex.occurrence = fp
         # (Stream usage is asked for only in a body the daemon may rewrite: a plain one.)
@@ -356,11 +373,16 @@ class Relay:
         if request.headers.get(hdrs.CONTENT_ENCODING) is None:
             reader = FormReader.open(request.headers.get(hdrs.CONTENT_TYPE))
         suspension = self.kill.check(started)
+        budgets: tuple[str, ...] = ()
+        if suspension is None and self.budgets.active:  # (the model is known from the answer)
+            budgets = self.budgets.matching(attributes, upstream.name, "")
+            if budgets:
+                suspension = self.budgets.check(budgets, started)
         if suspension is not None:
             hasher.update(first)  # what is known of it: the rest is never read
             fp = "sha256:" + hasher.hexdigest()
             refusal = self._refuse(
-                started, t0, read_body, route, meta, fp, suspension, attributes
+                started, t0, read_body, route, meta, fp, suspension, attributes, request.protocol
             )
             refusal.force_close()
             return refusal
@@ -369,6 +391,7 @@ class Relay:
         ex.billed = _costly(request, upstream.adapter, meta)
         ex.attributes = attributes
         ex.connection = request.protocol
+        ex.budgets = budgets
         slot = False
         try:
             if not first:
@@ -465,18 +488,68 @@ class Relay:
                 metered = ex.meter.result()
             except Exception:  # a meter bug must not cost the request its event
                 log.exception("usage meter failed for %s %s", route.upstream.name, meta.endpoint)
-        self._done(self._event(started, t0, route, meta, ex, metered, fp), t0, ex.waited)
+        event = self._event(started, t0, route, meta, ex, metered, fp)
+        self._done(event, t0, ex.waited, ex.connection)
 
-    def _done(self, event: Event, t0: float, waited: float) -> None:
-        """Everything that follows one finished request: record, spend, metrics, log."""
-        self.record(event)
-        if self.spend.enabled and event.cost_usd > 0:
+    def _done(self, event: Event, t0: float, waited: float, connection: Any = None) -> None:
+        """Everything that follows one finished request: spend, record, metrics, log.
+
+        Spend counts at once (the spend cap, the budgets matched by what is known now). A
+        request that ends before its new connection's process lookup (``connection.process``)
+        has: its event waits for the lookup (at most its deadline, a fraction of a second; the
+        client has its answer already) before it is recorded, so that the first request of a
+        connection, and every request of a client that opens one connection per request, names
+        its process too; a budget that matches only with the process counts it then."""
+        overhead = time.perf_counter() - t0 - waited
+        self._spent(event)
+        lookup = _pending_lookup(event, connection)
+        if lookup is None:
+            self._recorded(event, overhead, request_id())
+            return
+        key = id(event)
+        self.waiting[key] = (event, overhead, request_id(), connection)
+        lookup.add_done_callback(lambda _: self._looked_up(key))
+
+    def _spent(self, event: Event) -> None:
+        if event.cost_usd <= 0:
+            return
+        if self.spend.enabled:
             over = self.spend.add(event.cost_usd)
             if over is not None and self.kill.check() is None:
                 self.kill.suspend_now(SPEND_LAYER, over[0], over[1], "local")
+        if self.budgets.active:
+            # Matched again with the answer's model (the check before the request had only
+            # what the request said).
+            event.budgets = self.budgets.matching(event.attributes, event.provider, event.model)
+            if event.budgets:
+                self.budgets.add(event.budgets, event.cost_usd)
+
+    def _looked_up(self, key: int) -> None:
+        waiting = self.waiting.pop(key, None)
+        if waiting is None:  # recorded by flush_waiting at shutdown
+            return
+        event, overhead, rid, connection = waiting
+        event.attributes = with_process(event.attributes, connection)
+        if event.cost_usd > 0 and self.budgets.active:
+            now = self.budgets.matching(event.attributes, event.provider, event.model)
+            more = tuple(name for name in now if name not in event.budgets)
+            if more:  # budgets of a unit or an exe: known only now
+                self.budgets.add(more, event.cost_usd)
+                event.budgets += more
+        self._recorded(event, overhead, rid)
+
+    def flush_waiting(self) -> None:
+        """Record, without their process, the events still waiting for a process lookup (the
+        daemon is stopping: the store closes next)."""
+        waiting, self.waiting = self.waiting, {}
+        for event, overhead, rid, _ in waiting.values():
+            self._recorded(event, overhead, rid)
+
+    def _recorded(self, event: Event, overhead: float, rid: str) -> None:
+        self.record(event)
         if self.metrics is not None:
-            self.metrics.observe(event, time.perf_counter() - t0 - waited)
-        self.access.write(event, request_id())
+            self.metrics.observe(event, overhead)
+        self.access.write(event, rid)
 
     def _refuse(
         self,
@@ -488,12 +561,15 @@ class Relay:
         fp: str,
         suspension: Suspension,
         attributes: Attributes | None = None,
+        connection: Any = None,
     ) -> web.Response:
         """A 429 in the provider's own shape, which the OpenAI and Anthropic SDKs do not retry."""
         left = suspension.seconds_left(time.time())
         wait = self.poll_seconds if left is None else left
         seconds = max(1, math.ceil(wait))
-        if suspension.source == "conversation":  # this request alone: nothing is suspended
+        if isinstance(suspension, BudgetSuspension):  # this request alone: the org flows
+            message = suspension.message(seconds)
+        elif suspension.source == "conversation":  # this request alone: nothing is suspended
             message = (
                 f"AtlasBurn guardrail {suspension.layer}: {suspension.reason}: "
                 f"{CONVERSATION_HINT}; {EXEMPT_HINT}"
@@ -540,6 +616,7 @@ class Relay:
             ),
             t0,
             waited,
+            connection,
         )
         return response
 
@@ -857,7 +934,16 @@ class Relay:
             and 200 <= ex.status < 300
             and source in (UsageSource.MISSING, UsageSource.PARTIAL),
             attributes=with_process(ex.attributes, ex.connection),
+            budgets=ex.budgets,
         )
+
+
+def _pending_lookup(event: Event, connection: Any) -> asyncio.Future[Any] | None:
+    """The connection's process lookup, if the event could use it and it is not done yet."""
+    if event.attributes is None or event.attributes.process is not None:
+        return None
+    lookup = getattr(connection, "process", None)
+    return lookup if lookup is not None and not lookup.done() else None
 
 
 def _costly(request: web.Request, adapter: Adapter, meta: RequestMeta) -> bool:

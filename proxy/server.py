@@ -62,6 +62,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from .api import error
+from .attribution import Process
+from .attribution.process import ProcessFinder
 from .config import ServerConfig
 from .errors import ClientBodyTimeout
 from .metrics import Metrics
@@ -129,6 +131,8 @@ class _Limits:
         self.metrics = metrics
         self.open: dict[_Handler, None] = {}
         self._warned = 0.0
+        # Set to look up each loopback client's process (``proxy.attribution.process``).
+        self.finder: ProcessFinder | None = None
         self.configure(config)
 
     def configure(self, config: ServerConfig) -> None:
@@ -230,6 +234,9 @@ class _Handler(RequestHandler):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._close_when_done = False  # the request's answer is the connection's last
+        # The client's process (loopback clients, when the limits have a finder): a future, done
+        # once the lookup (in a thread, started with the connection) is; None without a finder.
+        self.process: asyncio.Future[Process | None] | None = None
 
     # -- states
 
@@ -296,6 +303,11 @@ class _Handler(RequestHandler):
         self.head_since = now  # the first request's head is due within header_timeout
         self._arm(now + self.limits.header_timeout)
         self.limits.admit(self)
+        finder = self.limits.finder
+        if finder is not None:  # only schedules: the lookup runs in the finder's thread
+            self.process = finder.lookup(
+                transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+            )
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.limits.gone(self)

@@ -25,7 +25,8 @@ identity across retries and restarts until it is delivered or split.
 
 Cost per event on the writer thread, the hot path's one shared core: one narrow row (the ingest
 JSON plus what reports need) and one index entry; a batch is two statements whatever its size; spend
-per minute (the spend cap's restart memory) is kept in its own small table, summed at each commit.
+per minute (the spend cap's restart memory) is kept in its own small table, summed at each commit,
+and so is the spend per budget and minute (``Event.budgets``: the budgets' restart memory).
 Rows need no time index: ids grow with time, so a time bound is found by a binary search on ids.
 """
 
@@ -57,7 +58,7 @@ T = TypeVar("T")
 
 PENDING, SHIPPED, LOCAL, POISONED = 0, 1, 2, 3
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 3: budget_spend; 4: events.refused_by
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -67,7 +68,7 @@ CREATE TABLE IF NOT EXISTS events (
     size INTEGER NOT NULL,
     flags INTEGER NOT NULL,
     body BLOB NOT NULL,
-    refused_by TEXT  -- local-only (schema 3): the guardrail layer that refused it, else NULL
+    refused_by TEXT  -- local-only (schema 4): the guardrail layer that refused it, else NULL
 );
 CREATE INDEX IF NOT EXISTS events_state ON events (state, id);
 CREATE TABLE IF NOT EXISTS batches (
@@ -79,6 +80,12 @@ CREATE TABLE IF NOT EXISTS spend (
     minute INTEGER PRIMARY KEY,
     usd REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS budget_spend (
+    budget TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    usd REAL NOT NULL,
+    PRIMARY KEY (budget, minute)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS guardrails (
     org_id TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -118,6 +125,10 @@ _ROW_OVERHEAD = 40  # bytes of a row besides its body, roughly
 _ADD_SPEND = (
     "INSERT INTO spend (minute, usd) VALUES (?, ?) "
     "ON CONFLICT (minute) DO UPDATE SET usd = usd + excluded.usd"
+)
+_ADD_BUDGET_SPEND = (
+    "INSERT INTO budget_spend (budget, minute, usd) VALUES (?, ?, ?) "
+    "ON CONFLICT (budget, minute) DO UPDATE SET usd = usd + excluded.usd"
 )
 _HAS_USAGE = frozenset({UsageSource.REPORTED, UsageSource.REQUESTED})
 _SPEND_KEPT_SECONDS = 2 * 86400
@@ -201,7 +212,7 @@ async def _migrate(db: aiosqlite.Connection) -> None:
         await _script(db, _FROM_V1)
         return
     # Schema 2 and later add to it: new tables (CREATE ... IF NOT EXISTS) and columns. The
-    # refusing layer (schema 3) was not kept before: older refusals keep NULL (layer unknown).
+    # refusing layer (schema 4) was not kept before: older refusals keep NULL (layer unknown).
     added = ""
     if columns and "refused_by" not in columns:
         log.warning("store: upgrading the spool to schema %d (once)", SCHEMA_VERSION)
@@ -405,6 +416,7 @@ class Store:
         rows: list[tuple[Any, ...]] = []
         bad: list[tuple[Event, Exception]] = []
         spent = 0.0
+        budgets: dict[str, float] = {}  # budget name -> USD of this commit's events
         for e in events:
             # Whatever one event makes fail is that event's: it is quarantined, not the batch.
             try:
@@ -415,6 +427,9 @@ class Store:
                 continue
             rows.append(row)
             spent += cost
+            if cost > 0:
+                for name in e.budgets:
+                    budgets[name] = budgets.get(name, 0.0) + cost
         if bad:
             # (Even when no event is left: the transaction then saves the dropped count.)
             events = self._quarantine(len(events), bad)
@@ -426,6 +441,11 @@ class Store:
                     await self._save_counters()
                 if spent > 0:
                     await self._db.execute(_ADD_SPEND, (int(now // 60) * 60, spent))
+                if budgets:
+                    minute = int(now // 60) * 60
+                    await self._db.executemany(
+                        _ADD_BUDGET_SPEND, [(b, minute, usd) for b, usd in budgets.items()]
+                    )
         except (sqlite3.Error, OSError) as exc:
             self.write_errors_total += 1
             if not self._write_failing:
@@ -598,6 +618,9 @@ class Store:
             await self._db.execute(
                 "DELETE FROM spend WHERE minute < ?", (now - _SPEND_KEPT_SECONDS,)
             )
+            await self._db.execute(
+                "DELETE FROM budget_spend WHERE minute < ?", (now - _SPEND_KEPT_SECONDS,)
+            )
         return deleted
 
     # ------------------------------------------------------------------ shipping
@@ -708,6 +731,17 @@ class Store:
             (int((time.time() - seconds) // 60) * 60,),
         ) as cur:
             return [(float(m), float(usd)) for m, usd in await cur.fetchall()]
+
+    async def budget_buckets(self, seconds: float) -> dict[str, list[tuple[float, float]]]:
+        """Each budget's spend per minute over the last ``seconds``, oldest first, by name."""
+        out: dict[str, list[tuple[float, float]]] = {}
+        async with self._db.execute(
+            "SELECT budget, minute, usd FROM budget_spend WHERE minute >= ? ORDER BY minute",
+            (int((time.time() - seconds) // 60) * 60,),
+        ) as cur:
+            for name, minute, usd in await cur.fetchall():
+                out.setdefault(str(name), []).append((float(minute), float(usd)))
+        return out
 
     # ------------------------------------------------------------------ guardrail state
 

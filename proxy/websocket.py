@@ -187,13 +187,21 @@ class WebSocketRelay:
         model = query.get("model") or query.get("deployment") or ""
         fp = fingerprint(upstream.kind, endpoint, {"model": model}, b"")
         suspension = relay.kill.check(started)
+        budgets: tuple[str, ...] = ()
+        if suspension is None and relay.budgets.active:
+            budgets = relay.budgets.matching(attributes, upstream.name, model)
+            if budgets:
+                suspension = relay.budgets.check(budgets, started)
         if suspension is not None:
             meta = replace(meta, endpoint=endpoint, model=model, stream=True)
-            return relay._refuse(started, t0, 0.0, route, meta, fp, suspension, attributes)
+            return relay._refuse(
+                started, t0, 0.0, route, meta, fp, suspension, attributes, request.protocol
+            )
 
         session = _Session(self, route, started, t0, endpoint, model, fp)
         session.attributes = attributes
         session.connection = request.protocol
+        session.budgets = budgets
         try:
             return await session.run(request)
         finally:
@@ -228,6 +236,7 @@ class _Session:
         self.waited = 0.0  # seconds the daemon waited on the provider during the handshake
         self.attributes: Attributes | None = None  # who opened it
         self.connection: Any = None  # the client connection's handler (its process lookup)
+        self.budgets: tuple[str, ...] = ()  # the budgets its spend counts in
 
     async def run(self, request: web.Request) -> web.StreamResponse:
         owner = self.owner
@@ -413,10 +422,11 @@ class _Session:
             usage_source=source,
             priced=priced,
             attributes=with_process(self.attributes, self.connection),
+            budgets=self.budgets,
         )
         # The session's own time is the client's and the provider's, not the daemon's.
         waited = time.perf_counter() - self.t0 if self.upgraded else self.waited
-        relay._done(event, self.t0, waited)
+        relay._done(event, self.t0, waited, self.connection)
 
 
 async def _pump(src: Any, dst: Any, feed: Callable[[str], None] | None) -> tuple[int, bytes] | None:

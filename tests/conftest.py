@@ -148,6 +148,10 @@ async def start_daemon(fake: FakeProvider, tmp_path: Path) -> AsyncIterator[Star
             {
                 "server": {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 2},
                 "storage": {"path": str(tmp_path / f"state{len(running)}" / "spool.sqlite3")},
+                # The test process is every client here: its own pid is the last one a process
+                # lookup reads, and an event waits for its connection's lookup. Process
+                # attribution is tested on its own (test_attribution.py, reliability/).
+                "attribution": {"process": False},
                 "providers": {
                     "openai": {"base_url": url},
                     "anthropic": {"base_url": url},

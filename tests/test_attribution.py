@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import sqlite3
 import stat
 import subprocess
@@ -28,6 +29,7 @@ from .fakes.provider import FakeProvider
 from .test_infra import metrics
 
 ROOT = Path(__file__).parent.parent
+EXE = Path(sys.executable).resolve().name  # e.g. python3.11, not the 15-character comm
 KEY = "sk-Q7vZ2mX9kR4tW1yB6nH3cJ8dLp0F"  # a canary: no piece of it is a word
 API_KEY = "abn_test_attribution"
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -442,3 +444,78 @@ async def test_attribution_off_keeps_nothing_and_still_relays_no_own_header(
     assert event.attributes is None and "attributes" not in event.to_ingest()
     assert [seen.path for seen in fake.requests] == ["/v1/chat/completions"]
     assert own_headers(fake) == []
+
+
+# One connection per request (urllib keeps none), each a chat stream the fake provider sends
+# 30 ms an event, as a real one takes a while: a connection closed before its lookup ran (an
+# instant answer to a one-shot client) is gone from the kernel's tables and names no process.
+CLIENT = """
+import json, os, sys, urllib.request
+for i in range(int(sys.argv[2])):
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True,
+                       "messages": [{"role": "user", "content": f"{os.getpid()} {i}"}]}).encode()
+    request = urllib.request.Request(sys.argv[1] + "/v1/chat/completions", data=body, headers={
+        "Content-Type": "application/json", "x-fake-delay-ms": "30"})
+    urllib.request.urlopen(request).read()
+print(os.getpid())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="process attribution needs /proc")
+async def test_every_request_names_its_calling_process(
+    fake: FakeProvider, start_daemon: StartDaemon
+) -> None:
+    """A client on this host, changed in nothing, one connection per request: each event names
+    its process (the lookup of a new connection is waited for by the event, not the client)."""
+    daemon = await start_daemon(attribution={"process": True})  # (the suite has it off)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLIENT, daemon.url, "3", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    pid = int(out)
+    await eventually(lambda: len(daemon.events) == 3)
+    exe = EXE
+    for event in daemon.events:
+        assert event.attributes is not None and event.attributes.process is not None
+        assert (event.attributes.process.pid, event.attributes.process.exe) == (pid, exe)
+    assert all(e.to_ingest()["attributes"]["process"]["pid"] == pid for e in daemon.events)
+
+
+async def test_process_lookup_off_names_no_process(
+    fake: FakeProvider, start_daemon: StartDaemon
+) -> None:
+    d = await start_daemon(attribution={"process": False})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLIENT, d.url, "1", stdout=asyncio.subprocess.PIPE
+    )
+    await proc.communicate()
+    await eventually(lambda: len(d.events) == 1)
+    [event] = d.events
+    assert event.attributes is None or event.attributes.process is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="process attribution needs /proc")
+async def test_an_instant_refusal_waits_for_its_connections_lookup(
+    fake: FakeProvider, start_daemon: StartDaemon
+) -> None:
+    """A 429 on a new connection is answered before the connection's process is known: its
+    event waits for the lookup (the client does not), and names the process."""
+    daemon = await start_daemon(attribution={"process": True})  # (the suite has it off)
+    await daemon.daemon.kill.suspend("manual", "test", 60, "api")
+    host, port = daemon.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = b'{"model":"gpt-4o-mini","messages":[]}'
+    writer.write(
+        b"POST /@ci-bot/v1/chat/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type:"
+        b" application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (host.encode(), port.encode(), len(body), body)
+    )
+    assert (await reader.readline()).startswith(b"HTTP/1.1 429")
+    await eventually(lambda: len(daemon.events) == 1)  # the connection is still open
+    writer.close()
+    [event] = daemon.events
+    assert event.to_ingest()["attributes"] == {
+        "app": "ci-bot",
+        "process": {"pid": os.getpid(), "exe": EXE},
+    }

@@ -58,6 +58,7 @@ async def case_daemon(
     config = parse_config(
         {
             "server": {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 2},
+            "attribution": {"process": False},  # (see conftest.start_daemon)
             "storage": {"path": str(tmp_path / "state" / "spool.sqlite3")},
             "providers": {
                 "openai": {"base_url": url},

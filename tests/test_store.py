@@ -343,17 +343,21 @@ async def test_a_schema_1_spool_is_upgraded_without_losing_anything(tmp_path: Pa
         (12, PENDING, 0),  # ids go on from where the old table was
     ]
     assert rows(path, "SELECT id FROM events WHERE refused_by = 'local'") == [(10,)]
-    assert rows(path, "PRAGMA user_version") == [(3,)]
+    assert rows(path, "PRAGMA user_version") == [(4,)]
     assert rows(path, "PRAGMA integrity_check") == [("ok",)]
 
 
-async def test_a_schema_2_spool_gains_the_refusing_layer(tmp_path: Path) -> None:
-    """Refusals are counted by layer (the status page): the layer is kept in its own column,
-    never in the stored body (which is shipped as it is); older refusals have none."""
-    path = tmp_path / "v2.sqlite3"
+@pytest.mark.parametrize("version", [2, 3])
+async def test_an_older_spool_gains_the_refusing_layer(tmp_path: Path, version: int) -> None:
+    """Refusals are counted by layer (the status page): the layer is kept in its own column
+    (schema 4), never in the stored body (which is shipped as it is); older refusals have none.
+    A schema 2 spool also gains budget_spend (schema 3)."""
+    path = tmp_path / "old.sqlite3"
     db = sqlite3.connect(path)
     db.executescript(
-        SCHEMA.replace(",\n    refused_by TEXT", "\n    -- ") + "PRAGMA user_version = 2;"
+        SCHEMA.replace(",\n    refused_by TEXT", "\n    -- ")
+        + ("DROP TABLE budget_spend;" if version == 2 else "")
+        + f"PRAGMA user_version = {version};"
     )
     assert "refused_by" not in [r[1] for r in db.execute("PRAGMA table_info(events)")]
     db.execute(
@@ -376,7 +380,8 @@ async def test_a_schema_2_spool_gains_the_refusing_layer(tmp_path: Path) -> None
         (2, REFUSED, "manual"),
         (3, 0, None),
     ]
-    assert rows(path, "PRAGMA user_version") == [(3,)]
+    assert rows(path, "SELECT COUNT(*) FROM budget_spend") == [(0,)]
+    assert rows(path, "PRAGMA user_version") == [(4,)]
 
 
 async def test_a_cancelled_shipping_step_leaves_no_transaction_open(store: Store) -> None:

@@ -66,6 +66,7 @@ class Daemons:
         config = parse_config(
             {
                 "server": {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 2, **server},
+                "attribution": {"process": False},  # (see conftest.start_daemon)
                 "storage": {"path": str(self.tmp_path / "state" / "spool.sqlite3")},
                 "providers": {"openai": {"base_url": self.upstream.url}},
             },

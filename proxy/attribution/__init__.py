@@ -43,7 +43,9 @@ class Process:
         return out
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen (a frozen dataclass sets each field through object.__setattr__: a microsecond per
+# request), but hashable by value: treat it as immutable all the same.
+@dataclass(slots=True, unsafe_hash=True)
 class Attributes:
     """What one event says about who sent it; None (or no tags) for what is not known.
     Strings are at most ``MAX_BYTES`` UTF-8 bytes and inert (``proxy.text``)."""

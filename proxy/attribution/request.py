@@ -56,11 +56,36 @@ def split_app(raw_path: str) -> tuple[str | None, str]:
     return app or None, "/" + rest if slash else "/"
 
 
+_CACHED = 4096  # values and key ids remembered (the same few repeat on every request)
+
+
 class RequestAttribution:
-    """Reads a request's attribution; ``keys`` None: no ``key_id`` (no secret available)."""
+    """Reads a request's attribution; ``keys`` None: no ``key_id`` (no secret available).
+
+    The same apps, users, tags and keys come with request after request: their bounded text and
+    their key ids are remembered (at most ``_CACHED`` each, forgotten all at once when full), so
+    a request costs dictionary lookups, not an HMAC and a UTF-8 check per header."""
 
     def __init__(self, keys: KeyIds | None) -> None:
         self.keys = keys
+        self._texts: dict[bytes, str] = {}
+        self._ids: dict[bytes, str] = {}
+
+    def _text(self, value: bytes) -> str:
+        text = self._texts.get(value)
+        if text is None:
+            if len(self._texts) >= _CACHED:
+                self._texts.clear()
+            text = self._texts[value] = _text(value)
+        return text
+
+    def _key_id(self, keys: KeyIds, credential: bytes) -> str:
+        key_id = self._ids.get(credential)
+        if key_id is None:
+            if len(self._ids) >= _CACHED:
+                self._ids.clear()
+            key_id = self._ids[credential] = keys.key_id(credential)
+        return key_id
 
     def read(
         self,
@@ -84,17 +109,17 @@ class RequestAttribution:
                 what = lower[len(PREFIX) :]
                 if what == b"app":
                     if header_app is None:
-                        header_app = _text(value)
+                        header_app = self._text(value)
                 elif what == b"user":
                     if user is None:
-                        user = _text(value)
+                        user = self._text(value)
                 elif what == b"session":
                     if session is None:
-                        session = _text(value)
+                        session = self._text(value)
                 elif what.startswith(b"tag-") and len(what) > 4 and len(tags) < MAX_TAGS:
-                    tag = bounded(what[4:].decode("latin-1"))
+                    tag = self._text(what[4:])
                     if tag not in tags:
-                        tags[tag] = _text(value)
+                        tags[tag] = self._text(value)
                 continue
             r = _RANK.get(lower)
             if r is not None and r < rank and value:
@@ -106,7 +131,7 @@ class RequestAttribution:
             elif "key=" in raw_query:
                 credential = _query_key(raw_query)
             if credential:
-                key_id = self.keys.key_id(credential)
+                key_id = self._key_id(self.keys, credential)
                 key_name = self.keys.names.get(key_id)
         return Attributes(
             app=header_app or app,

@@ -8,13 +8,18 @@
   same result ``threshold`` times among a conversation's last ``lookback`` calls trips it.
 - ``spend``: the spend cap (``SpendCap``): rolling hourly and daily USD sums of the daemon's
   own priced events in minute buckets.
+- ``budgets``: budgets per scope (``Budgets``): the spend of the requests each
+  ``[[guardrails.budgets]]`` entry matches, capped per rolling hour and day; crossing one
+  refuses only what it matches.
 - ``fleet``: the fleet sync (``Fleet``, with ``[fleet] redis_url``): the kill flag, the loop
-  count and the spend total shared by every daemon of the org through Redis, in the background.
+  count, the spend total and the budgets' totals shared by every daemon of the org through
+  Redis, in the background.
 
 The relay, the local API and the shipper import what they need from here.
 """
 
 from .agent_loop import AGENT_LOOP_LAYER, AgentLoopDetector
+from .budgets import BUDGET_LAYER, Budgets, BudgetSuspension
 from .dumb_loop import LOOP_LAYER, RETRY_HEADER, LoopDetector, LoopGuard, RecentKeys, Trip
 from .kill_switch import SERVER_LAYER, KillSwitch, Suspension
 from .spend import SPEND_LAYER, SpendCap
@@ -22,6 +27,9 @@ from .spend import SPEND_LAYER, SpendCap
 __all__ = [
     "AGENT_LOOP_LAYER",
     "AgentLoopDetector",
+    "BUDGET_LAYER",
+    "Budgets",
+    "BudgetSuspension",
     "LOOP_LAYER",
     "RETRY_HEADER",
     "SERVER_LAYER",

@@ -28,6 +28,13 @@ Redis only twice, each at most ``ACK_WAIT_SECONDS`` (below).
   per org (``<prefix>spend:<org>``: minute buckets and rolling hour and day totals, kept up to
   date in O(1) a call); a daemon whose addition takes the fleet over a cap suspends the org
   (and the flag reaches the fleet like any other).
+- The budgets (``[[guardrails.budgets]]``). The same scripts as the spend cap's, one hash per
+  budget (``<prefix>budget:<org>:<name>``): each daemon adds its spend per budget every
+  ``SPEND_FLUSH_SECONDS`` and, in the same round trip, reads back every configured budget's
+  totals (an addition of $0 for a budget it did not spend in), at least every
+  ``BUDGET_SYNC_SECONDS``; a budget is over on a daemon when the fleet's total is (it refuses
+  the requests the budget matches, on every daemon, within about a second). Refilled after a
+  Redis loss like the spend cap's.
 
 Redis down, slow, emptied or restarted: every daemon guards alone meanwhile (its own loop
 detector, spend cap and flag, as without a fleet), logs the loss once, and reconnects with a
@@ -62,6 +69,7 @@ from redis.retry import Retry
 from ..config import FleetConfig, redis_location
 from ..events import iso_ms, ts_epoch
 from ..text import inert
+from .budgets import Budgets
 from .dumb_loop import LoopGuard
 from .kill_switch import KillSwitch, Suspension
 from .spend import SPEND_LAYER, SpendCap, usd_text
@@ -75,6 +83,7 @@ RECONNECT_MIN_SECONDS = 0.25
 RECONNECT_MAX_SECONDS = 10.0
 HEARTBEAT_SECONDS = 1.0  # an idle connection sends a PING this often (a blackhole is a loss)
 SPEND_FLUSH_SECONDS = 0.25
+BUDGET_SYNC_SECONDS = 1.0  # the fleet's budget totals are read at least this often
 # An answered request's answer is held back at most this long until Redis has counted it (and
 # published it, if it is near the threshold): the client's next identical request may reach
 # another daemon a moment later. Only while Redis answers within it: after one answer waited in
@@ -262,6 +271,7 @@ class Fleet:
         kill: KillSwitch,
         loop: LoopGuard,
         spend: SpendCap,
+        budgets: Budgets | None = None,
     ) -> None:
         self.url = config.redis_url.reveal()
         self.where = redis_location(self.url)
@@ -271,11 +281,18 @@ class Fleet:
         self.channel = f"{prefix}fleet:{org_id}"
         self.loop_prefix = f"{prefix}loop:{org_id}:"
         self.spend_key = f"{prefix}spend:{org_id}"
+        self.budget_prefix = f"{prefix}budget:{org_id}:"
         self.name = f"{socket.gethostname()[:64]}:{os.getpid()}:{random.getrandbits(32):08x}"
         self.kill = kill
         self.loop = loop
         self.spend = spend
         spend.fleet = self
+        self.budgets = budgets
+        if budgets is not None:
+            budgets.fleet = self
+        self._budget_spend: dict[str, dict[int, float]] = {}  # name -> minute -> USD not sent
+        self._budget_epochs: dict[str, str] = {}  # name -> its hash's epoch (as _spend_epoch)
+        self._budget_sha = ""  # _SPEND, loaded on this connection
         self.messages_sent = 0
         self.messages_received = 0
         self.reconnects = 0
@@ -371,6 +388,16 @@ class Fleet:
         if len(self._spend) > 1440:  # a day of minutes while Redis is away: the oldest go
             del self._spend[min(self._spend)]
 
+    def budget_spent(self, name: str, usd: float, now: float) -> None:
+        """Priced spend (USD) counted in budget ``name``: the fleet's within a quarter second."""
+        pending = self._budget_spend.get(name)
+        if pending is None:
+            pending = self._budget_spend[name] = {}
+        minute = int(now // 60 * 60)
+        pending[minute] = pending.get(minute, 0.0) + usd
+        if len(pending) > 1440:  # a day of minutes while Redis is away: the oldest go
+            del pending[min(pending)]
+
     def _kill_changed(self, suspension: Suspension | None, version: int) -> None:
         self._flag_dirty = True
         self._wake.set()
@@ -393,6 +420,12 @@ class Fleet:
         if self.connected and self._spend and self._spend_script is not None:
             try:  # the last quarter second's spend, within a second
                 await _within(1.0, self._send_spend(self._spend_script))
+            except (RedisError, OSError, TimeoutError):
+                pass
+        client = self._client
+        if client is not None and self._budget_spend and self._budget_sha:
+            try:  # the budgets' likewise
+                await _within(1.0, self._sync_budgets(client, self._budget_sha))
             except (RedisError, OSError, TimeoutError):
                 pass
         deadline = asyncio.get_running_loop().time() + STOP_SECONDS
@@ -445,6 +478,9 @@ class Fleet:
                 ever = True
             finally:
                 self._client = None
+                self._budget_sha = ""
+                if self.budgets is not None:
+                    self.budgets.fleet_lost()  # each budget by this daemon's spend meanwhile
                 self._resets.clear()
                 while self._occurrences:
                     _release(self._occurrences.popleft()[2])
@@ -468,6 +504,8 @@ class Fleet:
             self._flag_dirty = False
             await self._push_flag(client, flag, initial=True)
             await self._refill_spend(refill)
+            await self._refill_budgets(refill)
+            budget_sha = await _within(COMMAND_TIMEOUT_SECONDS, client.script_load(_SPEND))
             self._client = client  # connected
             if again:
                 self.reconnects += 1
@@ -475,7 +513,8 @@ class Fleet:
             else:
                 log.info("fleet: connected to Redis at %s as %s", self.where, self.name)
             reader = asyncio.ensure_future(self._read(pubsub))
-            writer = asyncio.ensure_future(self._write(client, flag, occurrence, spend))
+            self._budget_sha = budget_sha
+            writer = asyncio.ensure_future(self._write(client, flag, occurrence, spend, budget_sha))
             try:
                 done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -490,8 +529,10 @@ class Fleet:
 
     # ------------------------------------------------------------------ writing
 
-    async def _write(self, client: redis.Redis, flag: Any, occurrence: str, spend: Any) -> None:
-        last_spend = time.monotonic()
+    async def _write(
+        self, client: redis.Redis, flag: Any, occurrence: str, spend: Any, budget_sha: str
+    ) -> None:
+        last_spend = last_budgets = time.monotonic()
         while True:
             try:
                 await _within(SPEND_FLUSH_SECONDS, self._wake.wait())
@@ -510,6 +551,16 @@ class Fleet:
             if self._spend and now - last_spend >= SPEND_FLUSH_SECONDS:
                 last_spend = now
                 await self._send_spend(spend)
+                did = True
+            budgets = self.budgets
+            if (
+                budgets is not None
+                and budgets.active
+                and now - last_budgets
+                >= (SPEND_FLUSH_SECONDS if self._budget_spend else BUDGET_SYNC_SECONDS)
+            ):
+                last_budgets = now
+                await self._sync_budgets(client, budget_sha)
                 did = True
             if not did and now - last_spend >= HEARTBEAT_SECONDS:
                 last_spend = now
@@ -620,6 +671,75 @@ class Fleet:
             ),
         )
         self._spend_epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+
+    async def _refill_budgets(self, script: Any) -> None:
+        """``_refill_spend`` for each budget's hash."""
+        if self.budgets is None:
+            return
+        now = int(time.time() // 60 * 60)
+        for name, budget in self.budgets.budgets.items():
+            pending = self._budget_spend.get(name, {})
+            history: list[Any] = []
+            for minute, usd in budget.minutes():
+                usd -= pending.get(int(minute), 0.0)
+                if usd > 0:
+                    history += (int(minute), repr(usd))
+            epoch = await _within(
+                COMMAND_TIMEOUT_SECONDS,
+                script(
+                    keys=[self.budget_prefix + name],
+                    args=[
+                        self._budget_epochs.get(name, ""),
+                        f"{random.getrandbits(64):016x}",
+                        now,
+                        *history,
+                    ],
+                ),
+            )
+            self._budget_epochs[name] = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+
+    async def _sync_budgets(self, client: redis.Redis, sha: str) -> None:
+        """Add each budget's spend not sent yet, and read back every budget's fleet totals, in
+        one round trip (the spend cap's script, one hash per budget)."""
+        budgets = self.budgets
+        if budgets is None:
+            return
+        now = time.time()
+        current = int(now // 60 * 60)
+        pending, self._budget_spend = self._budget_spend, {}
+        calls: list[tuple[str, int]] = []  # (budget, script calls for it)
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for name, budget in budgets.budgets.items():
+                    hour_cap = repr(budget.config.max_usd_per_hour)
+                    day_cap = repr(budget.config.max_usd_per_day)
+                    adds = sorted(pending.get(name, {}).items()) or [(current, 0.0)]
+                    for minute, usd in adds:
+                        pipe.evalsha(
+                            sha,
+                            1,
+                            self.budget_prefix + name,
+                            minute,
+                            repr(usd),
+                            current,
+                            hour_cap,
+                            day_cap,
+                        )
+                    calls.append((name, len(adds)))
+                results = await _within(COMMAND_TIMEOUT_SECONDS, pipe.execute())
+        except BaseException:
+            for name, minutes in pending.items():  # not added: kept for the next attempt
+                if name in budgets.budgets:
+                    mine = self._budget_spend.setdefault(name, {})
+                    for minute, usd in minutes.items():
+                        mine[minute] = mine.get(minute, 0.0) + usd
+            raise
+        at = 0
+        for name, n in calls:
+            at += n
+            hour, day, hour_wait, day_wait = (float(v) for v in results[at - 1])
+            totals = {"hour": (hour, hour_wait), "day": (day, day_wait)}
+            budgets.fleet_view(name, totals, now)
 
     async def _send_spend(self, script: Any) -> None:
         now = time.time()
