@@ -140,7 +140,6 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
         )
         app[GUARDRAILS_API] = GuardrailsAPI(app[API], store, kill, keys.who)
         app[API].sessions = sessions = Sessions()
-        app[STATUS_PAGE] = StatusPage(app[API], sessions, kill, config.storage.path)
         pool = make_pool(config)
         app[POOL] = pool
         pricer = Pricer.from_config(config.providers, config.pricing)
@@ -162,6 +161,9 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             budgets=budgets,
         )
         app[RELAY] = relay
+        app[STATUS_PAGE] = StatusPage(
+            app[API], sessions, kill, config.storage.path, lambda: app[RELAY].budgets
+        )
         relay.sockets = sockets = WebSocketRelay(relay, config)
         shipper = Shipper(config, store, kill) if ship else None
         if shipper is not None:

@@ -15,6 +15,7 @@ import shutil
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -81,9 +82,12 @@ async def ui_command(daemon: RunningDaemon, spool: Path, tmp_path: Path) -> str:
     return url
 
 
-async def started(start_daemon: StartDaemon, tmp_path: Path) -> tuple[RunningDaemon, Path]:
+async def started(
+    start_daemon: StartDaemon, tmp_path: Path, **overrides: Any
+) -> tuple[RunningDaemon, Path]:
     spool = tmp_path / "state" / "spool.sqlite3"
-    return await start_daemon(storage={"path": str(spool), "commit_interval_ms": 20}), spool
+    storage = {"path": str(spool), "commit_interval_ms": 20}
+    return await start_daemon(storage=storage, **overrides), spool
 
 
 def client(daemon: RunningDaemon, app: str) -> openai.AsyncOpenAI:
@@ -119,7 +123,11 @@ async def logged_in(browser: Browser, url: str) -> tuple[BrowserContext, Page]:
 async def test_see_spend_suspend_and_resume_in_a_browser(
     fake: FakeProvider, start_daemon: StartDaemon, browser: Browser, tmp_path: Path
 ) -> None:
-    d, spool = await started(start_daemon, tmp_path)
+    budgets = [
+        {"name": "billing", "match": {"app": "billing"}, "max_usd_per_hour": 0.001},
+        {"name": "search", "match": {"app": "search"}, "max_usd_per_day": 0.0002},
+    ]
+    d, spool = await started(start_daemon, tmp_path, guardrails={"budgets": budgets})
     await chat(d, "billing", "the same question")
     await chat(d, "billing", "the same question")
     await chat(d, "search", "another question")
@@ -161,6 +169,12 @@ async def test_see_spend_suspend_and_resume_in_a_browser(
     )
     await expect(page.locator("#guard-state")).to_have_text("ok")
     await expect(page.locator("#spend-legend span")).to_have_text(["gpt-4o-mini"])
+    await expect(page.locator("#budgets tbody tr")).to_have_text(
+        [
+            "billingapp=billinghour$0.000316$0.001000$0.000684",
+            "searchapp=searchday$0.000158$0.000200$0.000042",
+        ]
+    )
 
     await page.fill("#reason", "runaway batch job")
     await page.click("#suspend")
@@ -185,6 +199,12 @@ async def test_see_spend_suspend_and_resume_in_a_browser(
     await expect(page.locator("#updated")).to_contain_text("last hour")
     await expect(page.locator("#total-requests")).to_have_text("5", timeout=WAIT_MS)
     await expect(page.locator("#total-cost")).to_have_text(f"${4 * CHAT_COST:.6f}")
+    await expect(page.locator("#budgets tbody tr")).to_have_text(
+        [
+            "billingapp=billinghour$0.000316$0.001000$0.000684",
+            "searchapp=searchday$0.000316$0.000200$0.000000 (over: refused)",
+        ]
+    )
     # stacked by app, biggest spend first (a tie: by name)
     await expect(page.locator("#spend-legend span")).to_have_text(["billing", "search"])
     await expect(page.locator("#by-app tbody tr")).to_have_text(

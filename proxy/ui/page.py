@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from aiohttp.typedefs import Handler
 from .. import stats
 from ..api import LocalAPI, error, local_port
 from ..auth import HEADER
-from ..guardrails import KillSwitch
+from ..guardrails import Budgets, KillSwitch
 from .sessions import SESSION_SECONDS, Sessions, cookie_name
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,8 @@ def _file(name: str) -> bytes:
 
 
 class StatusPage:
-    """The handlers; ``budgets`` gives the budget rows (``[]`` until budgets exist)."""
+    """The handlers; ``budgets`` gives the budgets in force (the relay's: a reload replaces
+    them)."""
 
     def __init__(
         self,
@@ -81,11 +84,13 @@ class StatusPage:
         sessions: Sessions,
         kill: KillSwitch,
         store_path: Path,
+        budgets: Callable[[], Budgets],
     ) -> None:
         self._local = local
         self._sessions = sessions
         self._kill = kill
         self._store_path = store_path
+        self._budgets = budgets
         self._readers = asyncio.Semaphore(MAX_READERS)
         self._page = _file("index.html")
         self._assets = {name: _file(name) for name in ASSETS}
@@ -163,10 +168,28 @@ class StatusPage:
             "expires_at": current.expires_iso() if current else None,
         }
 
-    def budgets(self) -> list[dict[str, Any]]:
-        """``[{"name", "scope", "window", "spent_usd", "limit_usd", "left_usd"}]``: one row per
-        budget and window (``[[guardrails.budgets]]``; none until budgets are enforced)."""
-        return []
+    def budgets(self, now: float | None = None) -> list[dict[str, Any]]:
+        """``[{"name", "scope", "window", "spent_usd", "limit_usd", "left_usd", "over"}]``: one
+        row per ``[[guardrails.budgets]]`` entry and window that has a limit, in config order.
+        Spent is what the budget counts (the fleet's total with ``[fleet]`` when larger);
+        ``over``: its requests are refused now."""
+        now = time.time() if now is None else now
+        budgets = self._budgets()
+        rows = []
+        for name, window, spent, limit, _ in budgets.state(now):
+            budget = budgets.budgets[name]
+            rows.append(
+                {
+                    "name": name,
+                    "scope": " ".join(f"{d}={p}" for d, p in budget.match),
+                    "window": window,
+                    "spent_usd": round(spent, 10),
+                    "limit_usd": limit,
+                    "left_usd": round(max(limit - spent, 0.0), 10),
+                    "over": budget.until > now,
+                }
+            )
+        return rows
 
 
 def _html(status: int, message: str) -> web.Response:
