@@ -138,7 +138,7 @@ function render(data) {
   fill("by-model", data.by_model, rowColumns, "no requests in this range");
   fill("by-app", data.by_app, rowColumns, "no requests in this range");
   fill("refusals", data.refusals, [[(r) => r.layer], [(r) => count(r.requests)]], "nothing refused in this range");
-  fill("budgets", data.budgets, [[(r) => r.name], [(r) => r.scope], [(r) => r.window], [(r) => usd(r.spent_usd)], [(r) => usd(r.limit_usd)], [(r) => usd(r.left_usd) + (r.over ? " (over: refused)" : "")]], "no budgets configured");
+  fill("budgets", data.budgets, [[(r) => r.name], [(r) => r.scope], [(r) => r.window], [(r) => usd(r.spent_usd)], [(r) => usd(r.limit_usd)], [(r) => usd(r.left_usd)], [(r) => (r.over ? "over" : "ok")]], "no budgets configured");
   fill("fingerprints", data.fingerprints, [
     [(r) => r.fingerprint, "fp"], [(r) => r.provider], [(r) => r.model], [(r) => r.app],
     [(r) => count(r.requests)], [(r) => count(r.refused)], [(r) => usd(r.cost_usd)], [(r) => r.last_ts],
