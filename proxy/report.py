@@ -120,13 +120,15 @@ def query(
     since_seconds: float | None,
     now: float | None = None,
     db: sqlite3.Connection | None = None,
+    first_id: int = 0,
 ) -> list[Row]:
     """Rows grouped ``by`` one column, biggest spend first, of the events whose ``ts`` is at
     most ``since_seconds`` before ``now`` (epoch seconds; the clock when None), to the second
     (``cutoff_ts``); every event for None. Events that have no value for ``by`` (no app
     named...) are one row, ``NONE``, so that the rows add up to the total. ``db``: a connection
     to use (``stats`` passes its read-only, time-bounded one; left open), else ``path`` is
-    opened read-only. Raises FileNotFoundError, ValueError for ``by``."""
+    opened read-only; ``first_id``: rows before it are not read (``stats.first_id``). Raises
+    FileNotFoundError, ValueError for ``by``."""
     where = group_path(by)
     if db is None and not path.exists():
         raise FileNotFoundError(path)
@@ -146,10 +148,10 @@ def query(
             f"SUM(json_extract(j, '$.cost_usd')), SUM(flags & {UNPRICED} != 0), "
             f"SUM(flags & {UNPRICED | USAGE_UNKNOWN} != 0), "
             "MAX(json_extract(j, '$.attributes.key_name')) "
-            "FROM (SELECT CAST(body AS TEXT) AS j, flags FROM events) "
+            "FROM (SELECT CAST(body AS TEXT) AS j, flags FROM events WHERE id >= ?) "
             "WHERE json_extract(j, '$.ts') >= ? "
             "GROUP BY 1 ORDER BY 7 DESC, 2 DESC, 1",
-            (where, cutoff),
+            (where, first_id, cutoff),
         ).fetchall()
     finally:
         if own:

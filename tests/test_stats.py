@@ -4,6 +4,7 @@ rows as ``report`` (one query layer)."""
 from __future__ import annotations
 
 import calendar
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,31 @@ async def test_the_last_hour(tmp_path: Path) -> None:
             "last_ts": "2026-11-29T12:02:01Z",
         }
     ]
+
+
+async def test_rows_stored_before_the_range_are_not_read(tmp_path: Path) -> None:
+    """Each row's ``created`` is when it was stored, a little after its ts: the snapshot skips
+    the rows stored more than 5 minutes before its first bucket (they cannot hold an event of
+    it) and reads the same numbers."""
+    path = await filled(tmp_path / "s" / "spool.sqlite3", EVENTS)
+    everything = stats.snapshot(path, "hour", now=NOW)
+    db = sqlite3.connect(path)
+    db.execute(
+        "UPDATE events SET created ="
+        " strftime('%s', substr(json_extract(CAST(body AS TEXT), '$.ts'), 1, 19)) + 1"
+    )
+    db.commit()
+    # 10:00:00 stored at 10:00:01, before 11:00:00 (the first bucket, 11:05, less 5 minutes)
+    assert stats.first_id(db, NOW - 150 - 11 * 300) == 2
+    assert stats.first_id(db, NOW + 3600) == 11  # (after the last row)
+    assert stats.first_id(db, 0) == 1
+    db.close()
+    assert stats.snapshot(path, "hour", now=NOW) == everything
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM events WHERE id <= 2")  # retention: ids with gaps
+    db.commit()
+    assert stats.first_id(db, NOW - 150 - 11 * 300) == 3
+    db.close()
 
 
 async def test_day_and_week_buckets(tmp_path: Path) -> None:
