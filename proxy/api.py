@@ -58,13 +58,13 @@ class LocalAPI:
         self._max_body = max_body
         self.sessions: Sessions | None = None  # the status page's logins (``proxy.ui``)
 
-    def authorize(self, request: web.Request) -> web.Response | None:
-        """None when the key is right, or the request carries a session cookie of the status
-        page (a state change only from the daemon's own page: ``browsers.own_origin``), else
-        the 401 (403) to answer."""
+    def authorize(self, request: web.Request, session: bool = True) -> web.Response | None:
+        """None when the key is right, or (``session``) the request carries a session cookie of
+        the status page (a state change only from the daemon's own page:
+        ``browsers.own_origin``), else the 401 (403) to answer."""
         if self._keys.check(request.headers.get(HEADER)):
             return None
-        if self.sessions is not None and self.sessions.valid(
+        if session and self.sessions is not None and self.sessions.valid(
             request.cookies.get(cookie_name(local_port(request)))
         ):
             if request.method in ("GET", "HEAD") or own_origin(request.headers):
@@ -112,7 +112,7 @@ class LocalAPI:
             raise _Refusal(error(400, "invalid_json", f"body is not JSON: {exc}")) from None
 
     async def ingest(self, request: web.Request) -> web.StreamResponse:
-        refused = self.authorize(request)
+        refused = self.authorize(request, session=False)  # the page never posts events
         if refused is not None:
             return refused
         try:

@@ -339,8 +339,10 @@ async def test_headers_and_session_rules(
         async with s.post(d.url + "/api/guardrails/enforce", json=body, headers=origin) as r:
             assert r.status == 200
         assert d.daemon.kill.check() is not None
-        # a session cannot mint logins; the key can
+        # a session cannot mint logins, nor post events
         async with s.post(d.url + "/api/ui/login-tokens", headers=origin) as r:
+            assert r.status == 401
+        async with s.post(d.url + "/api/ingest", json={"events": []}, headers=origin) as r:
             assert r.status == 401
     async with aiohttp.ClientSession() as s:
         async with s.get(d.url + "/api/stats") as r:
