@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Protocol
 
 TIMING_HEAD = (
@@ -70,3 +71,20 @@ def markdown(rows: list[list[str]]) -> str:
     ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def round_ratios(on: Any, off: Any, column: int) -> str:
+    """Each interleaved round's ratio of two targets (``column`` 0: req/s, 1: CPU per request)
+    and their median, e.g. ``0.98 1.01 0.99 (median 0.990)``: the two measured one right after
+    the other, so a ratio holds where the machine's load moved between rounds."""
+    ratios = [
+        a[column] / b[column]
+        for a, b in zip(
+            on.rounds or [(on.rps, on.cpu_us)], off.rounds or [(off.rps, off.cpu_us)], strict=True
+        )
+        if a[column] and b[column]
+    ]
+    if not ratios:
+        return ""
+    shown = " ".join(f"{x:.3f}" for x in ratios)
+    return f"{shown} (median {statistics.median(ratios):.3f})"

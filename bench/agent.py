@@ -8,10 +8,9 @@ medians and each round's ratio (the two daemons measured one right after the oth
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
-from . import by_scenario, markdown
+from . import by_scenario, markdown, round_ratios
 
 NO_AGENT_TARGET = "atlasburn-proxy-no-agent-loop"
 NO_AGENT_CONFIG = "[guardrails.agent_loop_detector]\nenabled = false\n"
@@ -31,14 +30,6 @@ def agent_table(results: list[Any]) -> str:
         on, off = group.get("atlasburn-proxy"), group.get(NO_AGENT_TARGET)
         if on is None or off is None or not on.cpu_us or not off.cpu_us:
             continue
-        per_round = [
-            a / b
-            for (_, a), (_, b) in zip(
-                on.rounds or [(on.rps, on.cpu_us)], off.rounds or [(off.rps, off.cpu_us)],
-                strict=True,
-            )
-            if a and b
-        ]  # fmt: skip
         ratio = on.cpu_us / off.cpu_us
         rows.append(
             [
@@ -52,8 +43,7 @@ def agent_table(results: list[Any]) -> str:
                 f"{on.cpu_us:,.0f}",
                 f"{off.cpu_us:,.0f}",
                 f"{ratio:.3f}",
-                " ".join(f"{x:.2f}" for x in per_round)
-                + (f" (median {statistics.median(per_round):.3f})" if per_round else ""),
+                round_ratios(on, off, 1),
                 f"≤ {TARGET_RATIO:.2f}: {'met' if ratio <= TARGET_RATIO else 'MISSED'}",
             ]
         )

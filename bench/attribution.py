@@ -8,10 +8,9 @@ keep-alive connections (issue 17: on costs at most 3% of the throughput of off).
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
-from . import by_scenario, markdown
+from . import by_scenario, markdown, round_ratios
 
 NO_ATTRIBUTION_TARGET = "atlasburn-proxy-no-attribution"
 NO_ATTRIBUTION_CONFIG = "[attribution]\nenabled = false\nprocess = false\n"
@@ -36,14 +35,6 @@ def attribution_table(results: list[Any]) -> str:
         on, off = group.get("atlasburn-proxy"), group.get(NO_ATTRIBUTION_TARGET)
         if on is None or off is None or not on.cpu_us or not off.cpu_us:
             continue
-        per_round = [
-            a / b
-            for (a, _), (b, _) in zip(
-                on.rounds or [(on.rps, on.cpu_us)], off.rounds or [(off.rps, off.cpu_us)],
-                strict=True,
-            )
-            if a and b
-        ]  # fmt: skip
         ratio = on.rps / off.rps
         rows.append(
             [
@@ -51,8 +42,7 @@ def attribution_table(results: list[Any]) -> str:
                 f"{on.rps:,.0f}",
                 f"{off.rps:,.0f}",
                 f"{ratio:.3f}",
-                " ".join(f"{x:.3f}" for x in per_round)
-                + (f" (median {statistics.median(per_round):.3f})" if per_round else ""),
+                round_ratios(on, off, 0),
                 f"{on.p50_ms:.2f}",
                 f"{off.p50_ms:.2f}",
                 f"{on.cpu_us:,.0f}",

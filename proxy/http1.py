@@ -415,6 +415,12 @@ class Response:
                 lookup.setdefault(key.lower(), value)
         return lookup.get(name)
 
+    def coding(self) -> str | None:
+        """``Content-Encoding``: every line of it joined, in order (a CDN may add its coding in a
+        line of its own; lines of one list header are one list, RFC 9110 section 5.3), or None."""
+        values = [value for key, value in self.headers if key.lower() == "content-encoding"]
+        return ", ".join(values) if values else None
+
     @property
     def content_length(self) -> int | None:
         if self.header("transfer-encoding") is not None:

@@ -643,7 +643,11 @@ class Relay:
                     error = await up.read(BUFFER_LIMIT)
                 except _UPSTREAM_ERRORS as exc:
                     raise _upstream_error(exc, upstream.name) from None
-                if b"stream_options" not in error:
+                readable = error
+                coding = up.coding()
+                if coding is not None and error:  # compressed although identity was asked for
+                    readable = decode_body(error, coding, BUFFER_LIMIT) or b""
+                if b"stream_options" not in readable:
                     return await self._answer_whole(request, route, meta, ex, error)
                 assert ex.target is not None
                 if not self.refusals.refused(ex.target):  # (else requests already in flight)
@@ -683,7 +687,7 @@ class Relay:
                     return _error(route, ex.status, "upstream_cut", _describe(exc, upstream.name))
                 return await self._answer_whole(request, route, meta, ex, data)
 
-        encoding = up.header("content-encoding")
+        encoding = up.coding()
         ex.meter = adapter.meter(meta, content_type)
         feed = self._tap(ex.meter, encoding)
         hide: StreamFilter | None = None
@@ -756,7 +760,7 @@ class Relay:
         up = ex.up
         assert up is not None
         ex.meter = route.upstream.adapter.meter(meta, up.header("content-type") or "")
-        self._tap(ex.meter, up.header("content-encoding"))(data)
+        self._tap(ex.meter, up.coding())(data)
         whole = web.Response(status=up.status, reason=up.reason, headers=_response_headers(up))
         whole.body = data
         self._answered(ex, up.status)

@@ -28,7 +28,8 @@ Metering: the server's text frames feed a ``RealtimeMeter`` (``adapters.realtime
 recorded per session, as soon as one side closed or failed (before the closing handshakes, so it
 is there by the time the client sees its close): endpoint ``/realtime``, status 101, latency the
 session's duration, tokens summed over every ``response.done``. A session that ended abnormally
-records what it had seen, marked partial.
+records what it had seen, marked partial; a session upgraded whose usage is missing or partial
+is of unknown cost (``Event.usage_unknown``), as a plain request is.
 """
 
 from __future__ import annotations
@@ -96,16 +97,34 @@ def is_upgrade(request: web.Request) -> bool:
     return "upgrade" in {t.strip().lower() for t in connection.split(",")}
 
 
+class _Redirected(Exception):
+    """The upstream answered the handshake with a redirect: relayed, never followed."""
+
+
 class _Handshakes:
     """What each upstream handshake answered, keyed by the task that made it: aiohttp's
     ``ws_connect`` raises on a refusal with the status and headers only, so the body is read
-    here, from the request tracing hook that sees the response first."""
+    here, from the request tracing hook that sees the response first. ``ws_connect`` follows
+    redirects (it has no switch for it): the redirect hook stops it with ``_Redirected``."""
 
     def __init__(self) -> None:
         self.seen: dict[asyncio.Task[Any] | None, tuple[int, str, list[tuple[str, str]], bytes]]
         self.seen = {}
         self.trace = aiohttp.TraceConfig()
         self.trace.on_request_end.append(self._ended)
+        self.trace.on_request_redirect.append(self._redirected)
+
+    async def _redirected(
+        self,
+        session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceRequestRedirectParams,
+    ) -> None:
+        try:
+            await self._ended(session, ctx, params)  # type: ignore[arg-type]
+        finally:
+            params.response.close()
+        raise _Redirected
 
     async def _ended(
         self,
@@ -275,7 +294,9 @@ class _Session:
                 compress=0,
             )
         except aiohttp.WSServerHandshakeError as exc:
-            return self._refused(exc)
+            return self._refused(exc.status)
+        except _Redirected:
+            return self._refused(0)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             owner.handshakes.pop()
             self.status = 504 if isinstance(exc, TimeoutError) else 502
@@ -322,11 +343,12 @@ class _Session:
             await _close_quietly(up, WSCloseCode.GOING_AWAY)
         return client
 
-    def _refused(self, exc: aiohttp.WSServerHandshakeError) -> web.Response:
-        """The upstream refused the handshake: its answer, as it gave it."""
+    def _refused(self, status: int) -> web.Response:
+        """The upstream refused the handshake (or redirected it: ``status`` 0): its answer, as
+        it gave it."""
         answer = self.owner.handshakes.pop()
-        self.status = exc.status
-        if answer is None or exc.status == 101:  # a 101 that is not a valid WebSocket answer
+        self.status = status or (answer[0] if answer is not None else 0)
+        if answer is None or self.status == 101:  # a 101 that is not a valid WebSocket answer
             self.status = 502
             upstream = self.route.upstream
             message = f"upstream {upstream.name} answered the WebSocket handshake wrongly"
@@ -418,9 +440,10 @@ class _Session:
             cost_usd=cost,
             latency_ms=round((time.perf_counter() - self.t0) * 1000),
             fingerprint=self.fp,
-            stream=True,
+            stream=self.upgraded,  # (a handshake not upgraded got a plain HTTP answer)
             usage_source=source,
             priced=priced,
+            usage_unknown=source in (UsageSource.MISSING, UsageSource.PARTIAL),
             attributes=with_process(self.attributes, self.connection),
             budgets=self.budgets,
         )

@@ -27,6 +27,7 @@ from .conftest import RunningDaemon, StartDaemon, eventually, shipping
 from .fakes.ingest import FakeIngest, ingest_event
 from .fakes.provider import FakeProvider
 from .test_infra import metrics
+from .test_report_since import run_report
 
 ROOT = Path(__file__).parent.parent
 EXE = Path(sys.executable).resolve().name  # e.g. python3.11, not the 15-character comm
@@ -299,18 +300,6 @@ async def test_ingest_validates_attributes(start_daemon: StartDaemon) -> None:
     assert "attributes" not in last
 
 
-def report(config: Path, *args: str) -> Any:
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy", "report", "--config", str(config), "--json", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
 async def test_report_by_each_dimension_adds_up(
     fake: FakeProvider, start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
@@ -331,7 +320,7 @@ async def test_report_by_each_dimension_adds_up(
     config = tmp_path / "c.toml"
     config.write_text(f'[storage]\npath = "{spool}"\n')
     one = 0.0001578  # a chat completion of the fake: 512 x 0.15 + 1024 x 0.075 + 7 x 0.60 / 1e6
-    by_model = (await asyncio.to_thread(report, config, "--since", "all"))["total"]
+    by_model = (await asyncio.to_thread(run_report, config, "--since", "all"))["total"]
     assert by_model["requests"] == 4
     assert by_model["cost_usd"] == pytest.approx(4 * one, rel=1e-9)
     expected = {
@@ -342,11 +331,11 @@ async def test_report_by_each_dimension_adds_up(
         "session": {"(none)": 4},
     }
     for by, counts in expected.items():
-        out = await asyncio.to_thread(report, config, "--since", "all", "--by", by)
+        out = await asyncio.to_thread(run_report, config, "--since", "all", "--by", by)
         assert {row[by]: row["requests"] for row in out["rows"]} == counts, by
         assert sum(row["cost_usd"] for row in out["rows"]) == pytest.approx(4 * one, rel=1e-9)
         assert out["total"] == {**{k: v for k, v in by_model.items() if k != "model"}, by: "total"}
-    rows = (await asyncio.to_thread(report, config, "--since", "all", "--by", "app"))["rows"]
+    rows = (await asyncio.to_thread(run_report, config, "--since", "all", "--by", "app"))["rows"]
     assert rows[0] == {
         "app": "ci-bot",
         "requests": 2,
@@ -410,7 +399,9 @@ async def test_the_key_is_never_kept_anywhere(
     config.write_text(f'[storage]\npath = "{spool}"\n')
     reports = ""
     for by in ("model", "app", "key", "user", "unit"):
-        reports += json.dumps(await asyncio.to_thread(report, config, "--since", "all", "--by", by))
+        reports += json.dumps(
+            await asyncio.to_thread(run_report, config, "--since", "all", "--by", by)
+        )
     stored = b"".join(p.read_bytes() for p in spool.parent.iterdir() if p.is_file())
     places = {
         "events": json.dumps([e.to_ingest() for e in d.events]) + repr(d.events),

@@ -465,3 +465,83 @@ async def test_gemini_sse_event_with_an_inline_image(
         UsageSource.REPORTED,
     )
     assert abs(event.cost_usd - float(GEMINI_COST)) < 1e-12
+
+
+# o3-deep-research, USD: per million tokens in and out, and per web search call ($10 per 1,000).
+DEEP_RESEARCH = {"in": Decimal("10.00"), "out": Decimal("40.00"), "search": Decimal("0.01")}
+SEARCHES = 300
+DEEP_USAGE = {
+    "input_tokens": 100000,
+    "input_tokens_details": {"cached_tokens": 0},
+    "output_tokens": 20000,
+    "output_tokens_details": {"reasoning_tokens": 15000},
+    "total_tokens": 120000,
+}
+# 100,000 * 10 / 1e6 + 20,000 * 40 / 1e6 + 300 * 0.01 = 1.0 + 0.8 + 3.0
+DEEP_COST = (
+    100000 * DEEP_RESEARCH["in"] / M
+    + 20000 * DEEP_RESEARCH["out"] / M
+    + SEARCHES * DEEP_RESEARCH["search"]
+)
+
+
+def deep_research_items() -> list[dict[str, Any]]:
+    """A deep-research answer's output: a search (with its sources) and a reasoning summary, 300
+    times, then the report: about 700 KB, so its middle is not in the meter's skeleton."""
+    items: list[dict[str, Any]] = []
+    for i in range(SEARCHES):
+        sources = [{"type": "url", "url": f"https://example.com/{i}/{j}"} for j in range(20)]
+        action = {"type": "search", "query": f"query {i}", "sources": sources}
+        items.append(
+            {"type": "web_search_call", "id": f"ws_{i}", "status": "completed", "action": action}
+        )
+        summary = [{"type": "summary_text", "text": "Weighing the sources. " * 40}]
+        items.append({"type": "reasoning", "id": f"rs_{i}", "summary": summary})
+    text = "The report. " * 2000
+    content = [{"type": "output_text", "text": text, "annotations": []}]
+    items.append({"type": "message", "id": "msg", "role": "assistant", "content": content})
+    return items
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_responses_every_search_of_a_long_answer_is_billed(
+    daemon_large: tuple[LargeProvider, RunningDaemon], stream: bool
+) -> None:
+    """The middle of a long ``output`` is left out of the skeleton: the web search calls there
+    are billed all the same."""
+    provider, daemon = daemon_large
+    items = deep_research_items()
+    response = {
+        "id": "resp_1",
+        "object": "response",
+        "status": "completed",
+        "model": "o3-deep-research-2025-06-26",
+        "output": items,
+        "usage": DEEP_USAGE,
+    }
+
+    def answer() -> Iterator[bytes]:
+        yield orjson.dumps(response)
+
+    def events() -> Iterator[bytes]:
+        created = {"type": "response.created", "response": {"id": "resp_1", "output": []}}
+        yield b"event: response.created\ndata: " + orjson.dumps(created) + b"\n\n"
+        for n, item in enumerate(items):
+            done = {"type": "response.output_item.done", "output_index": n, "item": item}
+            yield b"event: response.output_item.done\ndata: " + orjson.dumps(done) + b"\n\n"
+        completed = {"type": "response.completed", "response": response}
+        yield b"event: response.completed\ndata: " + orjson.dumps(completed) + b"\n\n"
+
+    assert len(orjson.dumps(response)) > 600_000
+    if stream:
+        provider.content_type = "text/event-stream"
+    provider.body = events if stream else answer
+    body = {"model": "o3-deep-research", "input": "research", "stream": stream}
+    assert await relay(daemon, "/v1/responses", body) == provider.sent
+    [event] = daemon.events
+    assert (event.tokens_in, event.tokens_out, event.usage_source) == (
+        100000,
+        20000,
+        UsageSource.REPORTED,
+    )
+    assert abs(event.cost_usd - float(DEEP_COST)) < 1e-12

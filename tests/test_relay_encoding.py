@@ -68,6 +68,30 @@ async def test_a_stream_in_every_coding_is_metered(
     )
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stacked_codings_in_separate_header_lines_are_metered(
+    fake: FakeProvider, daemon: RunningDaemon, stream: bool
+) -> None:
+    """``Content-Encoding: gzip`` and ``Content-Encoding: br`` as two lines are one list, gzip
+    then brotli (RFC 9110 section 5.3), as a CDN that adds its own coding sends them."""
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.post(
+            daemon.url + "/anthropic/v1/messages",
+            json={**MESSAGE, "stream": stream},
+            headers={**HEADERS, "x-fake-encoding": "gzip, br", "x-fake-encoding-lines": "split"},
+        ) as r:
+            assert r.headers.getall("Content-Encoding") == ["gzip", "br"]
+            got = await r.read()
+    name = "message_stream.sse" if stream else "message.json"
+    assert decode_body(got, "gzip, br", 1 << 20) == fixture("anthropic", name)
+    [event] = daemon.events
+    assert (event.tokens_in, event.tokens_out, event.usage_source) == (
+        4225,
+        150,
+        UsageSource.REPORTED,
+    )
+
+
 @pytest.mark.parametrize(
     ("sent", "upstream_got"),
     [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import aiohttp
+import openai
 import pytest
 
 from proxy.adapters.base import UsageSource
@@ -152,6 +153,25 @@ async def test_provider_that_rejects_stream_options_gets_the_original_request(
     assert fake.requests[-1].body == raw
     assert [e.status for e in daemon.events] == [200, 200]
     assert [e.usage_source for e in daemon.events] == [UsageSource.MISSING] * 2
+
+
+async def test_a_compressed_refusal_is_read_as_a_refusal(
+    fake: FakeProvider, daemon: RunningDaemon
+) -> None:
+    """A host that compresses its 400 although the daemon asked for identity still refused
+    ``stream_options``: the client (the openai SDK) gets its stream, not a 400 about an option
+    it never sent."""
+    headers = {"x-fake-fault": "reject-stream-options", "x-fake-encoding": "gzip"}
+    async with openai.AsyncOpenAI(
+        api_key="sk-test", base_url=daemon.url + "/v1", max_retries=0
+    ) as client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_headers=headers
+        )
+        chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage is None
+    assert ["stream_options" in json.loads(seen.body) for seen in fake.requests] == [True, False]
+    assert [(e.status, e.usage_source) for e in daemon.events] == [(200, UsageSource.MISSING)]
 
 
 async def test_other_400s_are_relayed_as_they_are(

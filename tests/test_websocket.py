@@ -229,6 +229,26 @@ async def test_upstream_failure_closes_the_client_and_records_usage_so_far(
     assert event.usage_source is UsageSource.PARTIAL
 
 
+async def test_a_session_without_its_whole_usage_is_of_unknown_cost(daemons: Daemons) -> None:
+    """A session whose usage is missing (no ``response.done`` seen: a Gemini Live session, whose
+    usage is not read) or partial (cut) is spend not known, as for a plain request."""
+    daemon = await daemons.start()
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(ws_url(daemon)) as ws:
+            await ws.receive()  # session.created
+        async with s.ws_connect(ws_url(daemon)) as ws:
+            await ws.receive()  # session.created
+            await ws.send_str(json.dumps({"type": "response.create"}))
+            await ws.receive()
+            await ws.receive()  # response.done
+            await ws.send_str("drop-me")
+            await ws.receive()
+    assert [(e.usage_source, e.tokens_in, e.unknown_cost) for e in daemons.events] == [
+        (UsageSource.MISSING, 0, "missing"),
+        (UsageSource.PARTIAL, 1200, "partial"),
+    ]
+
+
 async def test_upstream_refusing_the_handshake_is_relayed_as_its_answer(
     daemons: Daemons,
 ) -> None:
@@ -254,6 +274,40 @@ async def test_upstream_refusing_the_handshake_is_relayed_as_its_answer(
     assert [(e.status, e.model, e.tokens_in, e.usage_source) for e in daemons.events] == [
         (403, "refuse", 0, UsageSource.NONE),
         (403, "refuse", 0, UsageSource.NONE),
+    ]
+
+
+async def test_a_handshake_not_upgraded_is_recorded_as_answered(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """An upstream redirect is relayed, not followed (no host but the configured one is ever
+    contacted), and an answer that is no upgrade is recorded with its own status, not a stream."""
+    elsewhere = FakeRealtime(usages=TEXT_USAGES)
+    running = await start(elsewhere.app())
+    daemons.upstream.redirect_to = running.url + "/v1/realtime?model=gpt-realtime"
+    try:
+        daemon = await daemons.start()
+        handshake = {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+        }
+        async with aiohttp.ClientSession() as s:
+            async with s.get(
+                ws_url(daemon, "redirect"), headers=handshake, allow_redirects=False
+            ) as r:
+                assert r.status == 302
+                assert r.headers["Location"] == daemons.upstream.redirect_to
+            async with s.get(ws_url(daemon, "plain"), headers=handshake) as r:
+                assert r.status == 200
+                assert await r.json() == {"object": "list", "data": []}
+        assert elsewhere.handshakes == []
+    finally:
+        await running.stop()
+    assert [(e.status, e.model, e.stream, e.usage_source) for e in daemons.events] == [
+        (302, "redirect", False, UsageSource.NONE),
+        (200, "plain", False, UsageSource.NONE),
     ]
 
 

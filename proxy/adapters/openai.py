@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -135,6 +136,64 @@ def _tool_calls(output: Any) -> tuple[int, int]:
     return web, files
 
 
+# A Responses answer's billed tool calls, as their item type is written in its JSON text (quotes
+# inside strings are escaped, so these bytes occur only as a string of the document itself).
+_WEB_CALL = b'"web_search_call"'
+_FILE_CALL = b'"file_search_call"'
+
+
+class _Tokens:
+    """How often ``token`` occurs in a text fed in pieces however split (one ``bytes.count`` in
+    C per piece, plus the few bytes around each cut)."""
+
+    __slots__ = ("token", "n", "_carry")
+
+    def __init__(self, token: bytes) -> None:
+        self.token = token
+        self.n = 0
+        self._carry = b""  # the last len(token) - 1 bytes fed
+
+    def feed(self, chunk: bytes) -> None:
+        k = len(self.token) - 1
+        self.n += chunk.count(self.token) + (self._carry + chunk[:k]).count(self.token)
+        self._carry = (self._carry + chunk[-k:])[-k:]
+
+
+def _with_calls(usage: Usage | None, web: int, files: int) -> Usage | None:
+    """``usage`` billing at least ``web`` web and ``files`` file search calls."""
+    if usage is None or (web <= usage.web_searches and files <= usage.file_searches):
+        return usage
+    return replace(
+        usage,
+        web_searches=max(web, usage.web_searches),
+        file_searches=max(files, usage.file_searches),
+    )
+
+
+class ResponsesJSONMeter(JSONMeter):
+    """A Responses answer: as ``JSONMeter``, and its web and file search calls counted in its
+    text as it passes. An answer too large to keep whole is read into its skeleton, which keeps
+    only the first and latest items of a long ``output`` (a deep-research answer: hundreds of
+    searches): the calls in between are billed all the same."""
+
+    __slots__ = ("_web", "_files")
+
+    def __init__(self) -> None:
+        super().__init__(_read_body, tail_keys=("usage", "service_tier", "model"))
+        self._web = _Tokens(_WEB_CALL)
+        self._files = _Tokens(_FILE_CALL)
+
+    def feed(self, chunk: bytes) -> None:
+        super().feed(chunk)
+        self._web.feed(chunk)
+        self._files.feed(chunk)
+
+    def result(self) -> Metered:
+        metered = super().result()
+        usage = _with_calls(metered.usage, self._web.n, self._files.n)
+        return metered if usage is metered.usage else replace(metered, usage=usage)
+
+
 def _read_body(body: Any) -> Metered:
     if not isinstance(body, dict):
         return Metered(None, None)
@@ -196,16 +255,29 @@ class ChatStreamMeter(SSEMeter):
 
 
 class ResponsesStreamMeter(SSEMeter):
-    """Responses API events: usage and model from the terminal ``response.*`` event."""
+    """Responses API events: usage and model from the terminal ``response.*`` event; the web and
+    file search calls also from each ``response.output_item.done`` (a terminal event too large
+    to read whole keeps only the first and latest items of its ``output``)."""
 
-    __slots__ = ("usage", "model")
+    __slots__ = ("usage", "model", "web", "files")
 
     def __init__(self) -> None:
         super().__init__()
         self.usage: Usage | None = None
         self.model: str | None = None
+        self.web = 0  # web search calls done
+        self.files = 0  # file search calls done
 
     def on_event(self, event: bytes, data: bytes) -> None:
+        if (event == b"response.output_item.done" or not event) and (
+            _WEB_CALL in data or _FILE_CALL in data
+        ):
+            obj = loads(data)
+            if type(obj) is dict and obj.get("type") == "response.output_item.done":
+                web, files = _tool_calls([obj.get("item")])
+                self.web += web
+                self.files += files
+                return
         wanted = (
             event in _RESPONSES_TERMINAL
             or (not event and b'"usage":{' in data)  # a host that sends no event names
@@ -225,7 +297,7 @@ class ResponsesStreamMeter(SSEMeter):
             self.usage = usage
 
     def summary(self) -> Metered:
-        return Metered(self.usage, self.model)
+        return Metered(_with_calls(self.usage, self.web, self.files), self.model)
 
 
 log = logging.getLogger(__name__)
@@ -357,6 +429,8 @@ class OpenAIAdapter:
             if meta.endpoint == "/responses":
                 return ResponsesStreamMeter()
             return ChatStreamMeter()
+        if meta.endpoint == "/responses":
+            return ResponsesJSONMeter()
         return JSONMeter(_read_body, tail_keys=("usage", "service_tier", "model"))
 
     def error_body(self, status: int, message: str, code: str) -> bytes:

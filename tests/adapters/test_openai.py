@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -92,3 +93,28 @@ def test_usage_filter_handles_spaced_json_and_crlf() -> None:
         b"data: [DONE]\r\n\r\n"
         b'data: {"cut'
     )
+
+
+@given(st.data())
+def test_search_calls_of_a_large_responses_answer_counted_however_split(
+    data: st.DataObject,
+) -> None:
+    """Past what the meter keeps whole, the web and file search calls are counted in the text
+    as it passes: every cut, even inside an item's type, counts each call once."""
+    searches = data.draw(st.integers(0, 40))
+    files = data.draw(st.integers(0, 5))
+    # 20 KB reasoning items among the calls: the skeleton passes its budget again and again.
+    summary = [{"type": "summary_text", "text": "x" * 20_000}]
+    items: list[dict[str, object]] = [{"type": "reasoning", "summary": summary}] * 30
+    items += [{"type": "web_search_call", "id": "ws", "status": "completed"}] * searches
+    items += [{"type": "file_search_call", "id": "fs", "queries": ["q"]}] * files
+    items = data.draw(st.permutations(items))
+    usage = {"input_tokens": 10, "output_tokens": 2, "total_tokens": 12}
+    body = orjson.dumps({"model": "gpt-4.1", "output": items, "usage": usage})
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=30)))
+    m = adapter.meter(adapter.describe("/v1/responses", None), "application/json")
+    for start, end in zip([0, *cuts], [*cuts, len(body)], strict=True):
+        m.feed(body[start:end])
+    got = m.result().usage
+    assert got is not None
+    assert (got.web_searches, got.file_searches) == (searches, files)

@@ -14,7 +14,8 @@ request headers inject faults:
   JSON / SSE answer of about 1 MiB of gzip that inflates to 1 GiB of zeros: ``gzip_bomb``),
   ``redirect`` (302 elsewhere), ``corrupt`` (with ``x-fake-encoding``: a stream's first event,
   then bytes that do not decode, then silence),
-  ``reject-stream-options`` (400 for a body with ``stream_options``),
+  ``reject-stream-options`` (400 for a body with ``stream_options``; compressed in
+  ``x-fake-encoding`` if named),
   ``echo-headers`` (answer the request headers as JSON), ``hop-response`` (answer with hop-by-hop
   headers);
 - ``x-fake-fixture: <folder>/<name>``: answer that recording (SSE for ``.sse``, else JSON)
@@ -23,7 +24,8 @@ request headers inject faults:
 - ``x-fake-encoding: gzip | br | deflate | zstd | identity``, or several stacked (``gzip, br``:
   gzip, then brotli), and ``x-fake-framing: length | chunked``: a JSON answer compressed so, sent
   with Content-Length or chunked (in three pieces); a stream compressed so, event by event
-  (each flushed), whatever the request's Accept-Encoding says;
+  (each flushed), whatever the request's Accept-Encoding says; ``x-fake-encoding-lines: split``
+  sends stacked codings as one ``Content-Encoding`` line each;
 - ``x-fake-location: URL``: with ``redirect``, where the 302 points;
 - ``x-fake-chunks: N`` (with ``x-fake-delay-ms``): a chat stream of N content chunks, then the
   finish chunk and ``[DONE]``; ``x-fake-bytes: N``: a stream of N bytes of SSE comments (``:``
@@ -66,6 +68,18 @@ def sse_events(raw: bytes) -> list[bytes]:
 BIG = 1 << 20  # request bodies over this are kept as size and digest only
 # The field a multipart form (an audio transcription) asks for a stream with, as the SDKs send it.
 _FORM_STREAM = b'Content-Disposition: form-data; name="stream"\r\n\r\ntrue\r\n'
+
+def _coding_lines(resp: web.StreamResponse, request: web.Request, encoding: str) -> None:
+    """``Content-Encoding: encoding``; with ``x-fake-encoding-lines: split``, one header line per
+    coding (as a CDN that adds its own coding sends them: one list, RFC 9110 section 5.3)."""
+    if not encoding:
+        return
+    if request.headers.get("x-fake-encoding-lines") == "split":
+        for coding in encoding.split(","):
+            resp.headers.add("Content-Encoding", coding.strip())
+    else:
+        resp.headers["Content-Encoding"] = encoding
+
 
 class Packer:
     """Compresses a body piece by piece in one Content-Encoding value (codings stacked in the
@@ -112,7 +126,7 @@ def compress(encoding: str, data: bytes) -> bytes:
 
 
 COMPRESS = {
-    "gzip": gzip.compress,
+    "gzip": functools.partial(gzip.compress, mtime=0),  # (the same bytes every second)
     "deflate": zlib.compress,
     "br": brotli.compress,
     "zstd": zstd.compress,
@@ -312,8 +326,8 @@ class FakeProvider:
             body = None
         if fault == "reject-stream-options" and isinstance(body, dict) and "stream_options" in body:
             # What a host that does not know the option answers (e.g. older OpenAI-compatible
-            # servers).
-            return web.json_response(
+            # servers); compressed in ``x-fake-encoding`` if named, whatever was accepted.
+            refusal = json.dumps(
                 {
                     "error": {
                         "message": "Unrecognized request argument supplied: stream_options",
@@ -321,8 +335,14 @@ class FakeProvider:
                         "param": None,
                         "code": None,
                     }
-                },
+                }
+            ).encode()
+            coded = request.headers.get("x-fake-encoding", "")
+            return web.Response(
                 status=400,
+                body=compress(coded, refusal) if coded else refusal,
+                content_type="application/json",
+                headers={"Content-Encoding": coded} if coded else None,
             )
         if body is None and _FORM_STREAM in raw:  # a form (an upload) asking for a stream
             body = {"stream": True}
@@ -376,10 +396,13 @@ class FakeProvider:
             encoding = "deflate"
         if encoding:
             data = COMPRESS[encoding](data) if encoding in COMPRESS else compress(encoding, data)
-            headers["Content-Encoding"] = encoding
         if not chunked:
-            return web.Response(body=data, headers=headers)
+            whole = web.Response(body=data)
+            whole.headers.update(headers)
+            _coding_lines(whole, request, encoding)
+            return whole
         resp = web.StreamResponse(headers=headers)
+        _coding_lines(resp, request, encoding)
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         third = len(data) // 3
@@ -405,7 +428,7 @@ class FakeProvider:
         packer = None
         if (encoding := request.headers.get("x-fake-encoding", "identity")) != "identity":
             packer = Packer(encoding)
-            resp.headers["Content-Encoding"] = encoding
+            _coding_lines(resp, request, encoding)
         await resp.prepare(request)
         how = "done"
         try:

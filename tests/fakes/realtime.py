@@ -11,7 +11,9 @@ what the daemon must relay without reading into it, and plays a script:
   without a close frame; a ping it gets is answered with a pong of the same data, and a close
   frame with a close of the same code and reason.
 
-A handshake whose ``model`` query is ``refuse`` gets 403 with ``REFUSAL`` and ``x-request-id``.
+A handshake whose ``model`` query is ``refuse`` gets 403 with ``REFUSAL`` and ``x-request-id``;
+``plain`` gets a plain 200 JSON answer (an upstream that does not speak WebSocket); ``redirect``
+gets a 302 to ``redirect_to``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class FakeRealtime:
     sent: list[tuple[WSMsgType, Any]] = field(default_factory=list)
     protocols: tuple[str, ...] = ()
     url: str = ""
+    redirect_to: str = ""
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -49,6 +52,10 @@ class FakeRealtime:
                 content_type="application/json",
                 headers={"x-request-id": "req_refused"},
             )
+        if request.query.get("model") == "plain":
+            return web.json_response({"object": "list", "data": []})
+        if request.query.get("model") == "redirect":
+            raise web.HTTPFound(self.redirect_to)
         ws = web.WebSocketResponse(autoclose=False, autoping=False, protocols=self.protocols)
         ws.headers["x-request-id"] = "req_ok"
         await ws.prepare(request)
