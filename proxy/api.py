@@ -212,7 +212,7 @@ def _reason(body: dict[str, Any]) -> str:
 
 
 class GuardrailsAPI:
-    """``/api/guardrails/enforce``: POST suspends, DELETE resumes, GET reads (DESIGN.md)."""
+    """``/api/guardrails/enforce``: POST suspends, DELETE resumes, GET reads (docs/contract.md)."""
 
     def __init__(self, local: LocalAPI, store: Store, kill: KillSwitch, who: str) -> None:
         self._local = local

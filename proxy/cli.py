@@ -1,4 +1,7 @@
-"""Command line: ``atlasburn-proxy run | check-config`` (also ``python -m proxy``).
+"""Command line: ``atlasburn-proxy run | check-config | prices | report | key-id | status |
+suspend | resume`` (also ``python -m proxy``). The commands that talk to the daemon or read its
+store take ``--config`` and ``--listen`` like ``run`` and say on stderr which daemon (URL) or
+store (path) they use.
 
 Exit codes: 0 clean stop, 1 runtime failure (e.g. the address is taken), 2 bad configuration or
 an unsafe state directory (the systemd unit does not restart on 2: restarting cannot fix either).
@@ -37,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon in the foreground")
-    run.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
-    run.add_argument("--listen", metavar="HOST:PORT", help="override server.listen")
+    add_daemon_options(run)
 
     check = sub.add_parser("check-config", help="validate a config file and print every error")
     check.add_argument("file", metavar="FILE")
@@ -52,14 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     prices.add_argument("--service-tier", metavar="TIER", help="e.g. flex or priority (OpenAI)")
 
     report = sub.add_parser("report", help="spend, tokens, requests and refusals from the store")
-    report.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
+    add_daemon_options(report)
     report.add_argument("--since", default="24h", help="e.g. 30m, 24h, 7d, or all (default 24h)")
     report.add_argument(
         "--by",
         default="model",
         metavar="DIMENSION",
         help="provider, model (default), endpoint, fingerprint, app, user, session, key, unit,"
-        " exe or tag:<Name>",
+        " exe, tag:<Name>, or hour or day (a time series)",
     )
     report.add_argument("--json", action="store_true", help="JSON instead of a table")
 
@@ -70,16 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     key_id.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
 
     status = sub.add_parser("status", help="the running daemon's kill flag")
-    status.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
+    add_daemon_options(status)
     suspend = sub.add_parser("suspend", help="suspend the org: every proxied request gets 429")
-    suspend.add_argument(
-        "--config", metavar="FILE", help="TOML config (default: embedded defaults)"
-    )
+    add_daemon_options(suspend)
     suspend.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
     suspend.add_argument("--reason", default="suspended by an operator")
     suspend.add_argument("--layer", default="manual")
     resume = sub.add_parser("resume", help="clear the org's kill flag")
-    resume.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
+    add_daemon_options(resume)
     resume.add_argument("--reason", default="resumed by an operator")
     add_ui_parser(sub)
     return parser
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "prices":
         return show_prices(args.config, args.provider, args.service_tier, args.models)
     if args.command == "report":
-        return show_report(args.config, args.since, args.by, args.json)
+        return show_report(args)
     if args.command == "key-id":
         return print_key_id(args.config)
     if args.command in ("status", "suspend", "resume"):
@@ -126,8 +126,9 @@ def check_config(path: str) -> int:
 def show_prices(
     config_path: str | None, provider: str | None, tier: str | None, models: list[str]
 ) -> int:
-    """One line per (provider, model) with a price, in USD per million tokens; exit 1 when some
-    model has no price on any provider asked about."""
+    """One line per (provider, model) with a price, in USD per million tokens, under the
+    providers that carry the model (``pricing.NOT_CARRIED``); exit 1 when some model has no
+    price on any provider asked about, 2 for a service tier the data does not know."""
     from .pricing import Pricer, usd_per_mtok
 
     try:
@@ -141,12 +142,20 @@ def show_prices(
         return EXIT_CONFIG
     names = [provider] if provider else list(config.providers)
     pricer = Pricer.from_config(config.providers, config.pricing)
+    known = pricer.service_tiers()
+    if tier is not None and tier not in known:
+        print(f"--service-tier: unknown tier {tier!r}; known: {', '.join(known)}", file=sys.stderr)
+        return EXIT_CONFIG
     header = ("provider", "model", "input", "cached", "write", "write-1h", "output", "source")
     rows: list[tuple[str, ...]] = []
     missing = []
     for model in models:
         found = False
-        for name in names:
+        override = config.pricing.get(model)
+        # A [pricing] entry for every provider is one row, not one per provider (most of which
+        # could never be sent the model).
+        everywhere = provider is None and override is not None and override.provider == ""
+        for name in names[:1] if everywhere else names:
             rates = pricer.rates(name, model, tier)
             if rates is None:
                 continue
@@ -155,7 +164,7 @@ def show_prices(
                 r = rate_set
                 label = model if start == 0 else f"  > {start:,} input tokens"
                 rows.append(
-                    (name, label)
+                    ("(any)" if everywhere else name, label)
                     + tuple(
                         usd_per_mtok(v)
                         for v in (
@@ -178,18 +187,19 @@ def show_prices(
     return EXIT_FAILURE if missing else EXIT_OK
 
 
-def show_report(config_path: str | None, since: str, by: str, as_json: bool) -> int:
+def show_report(args: argparse.Namespace) -> int:
+    """The report of the store that ``--config`` names (said on stderr); exit 1 when there is
+    no store there (nothing was ever recorded with this config: likely the wrong one)."""
     import json
 
     from . import report
 
-    try:
-        config = load_config(resolve_config_path(config_path))
-        seconds = report.parse_since(since)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
+    since, by, as_json = args.since, args.by, args.json
+    config = load_for_command(args)
+    if config is None:
         return EXIT_CONFIG
+    try:
+        seconds = report.parse_since(since)
     except ValueError as exc:
         print(f"--since: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -198,10 +208,17 @@ def show_report(config_path: str | None, since: str, by: str, as_json: bool) -> 
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
+    store = config.storage.path
     try:
-        rows = report.query(config.storage.path, by, seconds)
+        rows = report.query(store, by, seconds)
     except FileNotFoundError:
-        rows = []
+        print(
+            f"report: no store at {store} (storage.path): the daemon has not run with this"
+            " config; pass the --config it runs with",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    print(f"report: store {store}", file=sys.stderr)
     if as_json:
         out = {
             "since": since,
@@ -213,6 +230,24 @@ def show_report(config_path: str | None, since: str, by: str, as_json: bool) -> 
     else:
         print(report.render(rows, by, since, seconds))
     return EXIT_OK
+
+
+def add_daemon_options(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--listen``, as ``run`` takes them: a command that talks to the daemon
+    (or reads its store) finds it the way the daemon was started."""
+    parser.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="override server.listen")
+
+
+def load_for_command(args: argparse.Namespace) -> Config | None:
+    """The config a command other than ``run`` works with (``--config``, ``--listen``), or
+    None once every problem is printed on stderr (exit 2)."""
+    try:
+        return load_config(resolve_config_path(args.config), listen=args.listen)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return None
 
 
 def print_key_id(config_path: str | None) -> int:
@@ -267,12 +302,10 @@ def print_key_id(config_path: str | None) -> int:
 def operate(args: argparse.Namespace) -> int:
     from . import control
 
-    try:
-        config = load_config(resolve_config_path(args.config))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
+    config = load_for_command(args)
+    if config is None:
         return EXIT_CONFIG
+    print(f"{args.command}: daemon {control.base_url(config)}", file=sys.stderr)
     try:
         if args.command == "status":
             answer = control.call(config, "GET")

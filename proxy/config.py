@@ -11,6 +11,7 @@ only the OpenAI upstream, a new name adds a provider, and ``enabled = false`` re
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -482,9 +483,14 @@ class _Table:
         return out
 
     def done(self) -> None:
+        """Report each key of the table that nothing asked for, with the nearest known key
+        (``server.lisen: unknown key; did you mean `listen`?``) when one is close."""
+        known = sorted(self._seen)
         for name in self._data:
             if name not in self._seen:
-                self.problem(name, "unknown key")
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean `{close[0]}`?" if close else ""
+                self.problem(name, "unknown key" + hint)
 
 
 def _describe(value: object) -> str:
@@ -963,6 +969,12 @@ def _providers(t: _Table) -> dict[str, ProviderConfig]:
         base_url = pt.get("base_url", str, known.base_url if known else None, parse_http_url)
         inject = pt.get("inject_stream_usage", bool, True)
         price_as = pt.get("price_as", str, "", _price_as)
+        if pt.has("base_url") and base_url is not None and base_url.path.endswith("/v1"):
+            pt.warn(
+                "base_url",
+                f"the path ends in /v1, and clients' paths carry their own version: requests"
+                f" would go to {base_url.path}/v1/...; leave /v1 out of base_url",
+            )
         if enabled and known is None:
             if not pt.has("kind"):
                 pt.problem("kind", f"required for a new provider; one of {', '.join(ADAPTERS)}")

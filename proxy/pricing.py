@@ -49,6 +49,13 @@ _COST_DIVISOR = 10**18  # tokens * pico-USD/MTok -> USD
 
 # genai-prices provider ids for a provider whose base URL matches none of its API patterns.
 KIND_CATALOG = {"openai": "openai", "anthropic": "anthropic", "gemini": "google", "azure": "azure"}
+# Models a wire format cannot carry though its catalog provider prices them, by model-name
+# prefix: Google's catalog prices Claude as Vertex AI serves it (Anthropic's wire format, at
+# ``:rawPredict``) and falls back to Anthropic's catalog, but the Gemini API's
+# ``generateContent`` carries Google's own models only. Such a model is not priced (and not
+# listed by ``prices``) on a provider of that kind.
+NOT_CARRIED: dict[str, tuple[str, ...]] = {"gemini": ("claude-",)}
+DEFAULT_TIER = "default"
 
 # How long a resolved rate stays cached: prices with a time-of-day condition (off-peak discounts)
 # are re-resolved every minute, all others every hour (dated price changes land within the hour).
@@ -222,6 +229,18 @@ class Catalog:
         self._snapshot = data_snapshot.get_snapshot() if snapshot is None else snapshot
         # The packaged corrections unless given (tests pass ``()`` for genai-prices alone).
         self.corrections = packaged(_KNOWN_KEYS) if corrections is None else corrections
+
+    def service_tiers(self) -> tuple[str, ...]:
+        """``default`` and every service tier the data prices apart (``flex``, ``priority``...),
+        sorted."""
+        tiers = {DEFAULT_TIER}
+        for provider in self._snapshot.providers:
+            for model in provider.models:
+                for variant in model.price_variants or ():
+                    when = getattr(variant, "when", None)
+                    if isinstance(when, dict) and isinstance(when.get("service_tier"), str):
+                        tiers.add(when["service_tier"])
+        return tuple(sorted(tiers))
 
     def provider(self, base_url: str, price_as: str, kind: str) -> Any | None:
         """The catalog provider for one configured upstream, or None."""
@@ -417,6 +436,10 @@ class Pricer:
             catalog = None
         return cls(providers, overrides, catalog)
 
+    def service_tiers(self) -> tuple[str, ...]:
+        """The service tiers a price can be asked for (``Catalog.service_tiers``)."""
+        return (DEFAULT_TIER,) if self._catalog is None else self._catalog.service_tiers()
+
     def rates(self, provider: str, model: str, service_tier: str | None = None) -> Rates | None:
         """The rates for (provider, model, tier), or None for an unknown price. The model and
         tier come from clients and providers: they are cache keys, so they are bounded first
@@ -471,7 +494,7 @@ class Pricer:
         if not model or self._catalog is None:
             return None
         cfg = self._providers.get(provider)
-        if cfg is None or cfg.price_as == "none":
+        if cfg is None or cfg.price_as == "none" or model.startswith(NOT_CARRIED.get(cfg.kind, ())):
             return None
         if provider not in self._catalog_providers:
             self._catalog_providers[provider] = self._catalog.provider(

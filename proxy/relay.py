@@ -68,6 +68,7 @@ from .guardrails import (
     Suspension,
 )
 from .guardrails.agent_loop import AGENT_LOOP_LAYER, CONVERSATION_HINT, EXEMPT_HINT
+from .guardrails.dumb_loop import LOOP_LAYER, repeat_hint
 from .guardrails.fleet import ACK_WAIT_SECONDS
 from .headers import RESPONSE_DROP, filter_headers, request_head
 from .http1 import (
@@ -574,16 +575,22 @@ class Relay:
                 f"AtlasBurn guardrail {suspension.layer}: {suspension.reason}: "
                 f"{CONVERSATION_HINT}; {EXEMPT_HINT}"
             )
+        elif self.loop.blocked.get(fp) is suspension:  # scope "fingerprint": this one alone
+            message = (
+                f"AtlasBurn guardrail {suspension.layer}: {suspension.reason}; requests identical"
+                f" to this one are refused for {seconds}s (the org is not suspended); "
+                + repeat_hint(suspension.reason, self.loop.exempt_header)
+            )
         else:
             message = (
                 f"AtlasBurn guardrail: org {suspension.org_id} is suspended by {suspension.layer}"
-                f" ({suspension.reason}); retry after {seconds}s"
+                f" ({suspension.reason}); retry after {seconds}s. An operator resumes it with"
+                " `atlasburn-proxy resume` (or DELETE /api/guardrails/enforce)"
             )
             if suspension.layer == AGENT_LOOP_LAYER:
-                message += (
-                    ". An operator resumes it with `atlasburn-proxy resume` (or DELETE"
-                    f" /api/guardrails/enforce); {EXEMPT_HINT}"
-                )
+                message += f"; {EXEMPT_HINT}"
+            elif suspension.layer == LOOP_LAYER:
+                message += "; " + repeat_hint(suspension.reason, self.loop.exempt_header)
         body = route.upstream.adapter.error_body(429, message, "atlasburn_guardrail")
         response = web.Response(
             status=429,

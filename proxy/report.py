@@ -8,10 +8,16 @@ second: the cutoff is rounded down to a whole second, so an event of the cutoff'
 free: answers (2xx, to a POST that is billed) whose usage was missing or partial (a stream cut
 mid-answer: its cost is at least what was counted), and events of models with no price
 (``unpriced``, a part of it).
+
+``--by hour`` and ``--by day`` are a time series: one row per hour (``2026-11-30T04:00Z``) or UTC
+day (``2026-11-30``) of the events' ``ts`` that has any, oldest first. ``--by fingerprint`` is
+one row per (fingerprint, provider, model), the fingerprint whole, so that a repeat that is
+legitimate can be copied into ``guardrails.dumb_loop_detector.allow_fingerprints``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sqlite3
@@ -33,7 +39,12 @@ GROUPS = (
     "key",
     "unit",
     "exe",
+    "hour",
+    "day",
 )
+# --by hour|day: the leading characters of the event's ts that name its bucket (ts is ISO 8601 UTC).
+_BUCKETS = {"hour": 13, "day": 10}
+_BUCKET_SUFFIX = {"hour": ":00Z", "day": ""}
 # Where each dimension is in a stored event (its ingest body); ``tag:<Name>`` is
 # ``$.attributes.tags."<name>"``. ``key`` groups by key_id and shows its name beside it.
 _PATHS = {
@@ -53,7 +64,10 @@ NONE = "(none)"  # the row of the events that do not say (no app header, no proc
 
 
 def group_path(by: str) -> str:
-    """The JSON path of ``--by``'s value in a stored event; ValueError naming the choices."""
+    """The JSON path of ``--by``'s value in a stored event (``$.ts`` for hour and day);
+    ValueError naming the choices."""
+    if by in _BUCKETS:
+        return "$.ts"
     path = _PATHS.get(by)
     if path is not None:
         return path
@@ -61,6 +75,31 @@ def group_path(by: str) -> str:
     if m is None:
         raise ValueError(f"--by must be one of {', '.join(GROUPS)} or tag:<Name>, got {by!r}")
     return f'$.attributes.tags."{m.group(1).lower()}"'
+
+
+def _grouped(by: str) -> str:
+    """The SQL of the value rows are grouped by (``?`` is ``group_path(by)``): an hour or a
+    day is the leading characters of the event's ts (ISO 8601 UTC); a fingerprint goes with
+    its provider and model (a JSON array: ``_named`` reads it)."""
+    if by in _BUCKETS:
+        return f"substr(json_extract(j, ?), 1, {_BUCKETS[by]})"
+    if by == "fingerprint":
+        return (
+            "json_array(json_extract(j, ?), json_extract(j, '$.provider'),"
+            " json_extract(j, '$.model'))"
+        )
+    return "json_extract(j, ?)"
+
+
+def _named(by: str, value: object, name: object) -> tuple[str, str | None, str | None]:
+    """A row's key, and (``--by fingerprint``) its provider and model, from the grouped value
+    (``_grouped``) and the key's name (``--by key``)."""
+    if by == "fingerprint":
+        fp, provider, model = json.loads(str(value))
+        return _key(fp, None), _key(provider, None), _key(model, None)
+    return _key(value, name if by == "key" else None) + _BUCKET_SUFFIX.get(by, ""), None, None
+
+
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -86,10 +125,16 @@ class Row:
     cost_usd: float
     unpriced: int
     unknown_cost: int
+    # --by fingerprint: the provider and model of the fingerprint's events (None otherwise).
+    provider: str | None = None
+    model: str | None = None
 
     def as_dict(self, by: str) -> dict[str, object]:
+        named: dict[str, object] = {by: self.key}
+        if self.provider is not None or self.model is not None:
+            named |= {"provider": self.provider, "model": self.model}
         return {
-            by: self.key,
+            **named,
             "requests": self.requests,
             "refused": self.refused,
             "errors": self.errors,
@@ -141,7 +186,7 @@ def query(
         # SQLite 3.45+ would read it as JSONB); what the body does not carry is in the row's
         # flags (store.REFUSED, store.UNPRICED).
         rows = db.execute(
-            "SELECT json_extract(j, ?), COUNT(*), "
+            f"SELECT {_grouped(by)}, COUNT(*), "
             f"SUM(flags & {REFUSED} != 0), "
             f"SUM(json_extract(j, '$.status') >= 400 AND flags & {REFUSED} = 0), "
             "SUM(json_extract(j, '$.tokens_in')), SUM(json_extract(j, '$.tokens_out')), "
@@ -153,12 +198,14 @@ def query(
             "GROUP BY 1 ORDER BY 7 DESC, 2 DESC, 1",
             (where, first_id, cutoff),
         ).fetchall()
+        if by in _BUCKETS:  # a time series: oldest first
+            rows.sort(key=lambda r: str(r[0]))
     finally:
         if own:
             db.close()
     return [
         Row(
-            key=_key(r[0], r[9] if by == "key" else None),
+            key=named[0],
             requests=int(r[1] or 0),
             refused=int(r[2] or 0),
             errors=int(r[3] or 0),
@@ -167,8 +214,11 @@ def query(
             cost_usd=float(r[6] or 0),
             unpriced=int(r[7] or 0),
             unknown_cost=int(r[8] or 0),
+            provider=named[1],
+            model=named[2],
         )
         for r in rows
+        for named in [_named(by, r[0], r[9])]
     ]
 
 
@@ -198,11 +248,14 @@ def render(
     rows: list[Row], by: str, since: str, since_seconds: float | None, now: float | None = None
 ) -> str:
     """The report as a table for a terminal: ``since`` as the user gave it, the first second
-    covered (``cutoff_ts``), one line per row and the total; keys cut to 48 characters."""
+    covered (``cutoff_ts``), one line per row and the total; keys cut to 48 characters, except
+    a fingerprint, shown whole with its provider and model (cut to 48)."""
     start = "the beginning" if since_seconds is None else cutoff_ts(since_seconds, now) + "Z"
     lines = [f"Spend since {start} ({since}), by {by}"]
+    named = by == "fingerprint"
     header = (
         by,
+        *(("provider", "model") if named else ()),
         "requests",
         "refused",
         "errors",
@@ -214,7 +267,8 @@ def render(
     )
     cells = [header] + [
         (
-            inert(r.key, 48),
+            inert(r.key, 80 if named else 48),
+            *((inert(r.provider or "", 48), inert(r.model or "", 48)) if named else ()),
             f"{r.requests:,}",
             f"{r.refused:,}",
             f"{r.errors:,}",
@@ -226,13 +280,14 @@ def render(
         )
         for r in [*rows, total(rows)]
     ]
+    texts = 3 if named else 1  # left-aligned columns
     widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
     for n, c in enumerate(cells):
         if n == len(cells) - 1:
             lines.append("  ".join("-" * w for w in widths))
         lines.append(
             "  ".join(
-                c[i].ljust(widths[i]) if i == 0 else c[i].rjust(widths[i])
+                c[i].ljust(widths[i]) if i < texts else c[i].rjust(widths[i])
                 for i in range(len(header))
             ).rstrip()
         )

@@ -58,6 +58,40 @@ def test_check_config_lists_every_error(tmp_path: Path) -> None:
     ]
 
 
+def test_check_config_suggests_the_nearest_known_key(tmp_path: Path) -> None:
+    bad = tmp_path / "typo.toml"
+    bad.write_text(
+        '[server]\nlisen = "127.0.0.1:9000"\nbogus = 1\n'
+        "[guardrails.dumb_loop_detector]\nallow_fingerprint = []\n"
+    )
+    code, out, err = run_cli("check-config", str(bad))
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        "server.lisen: unknown key; did you mean `listen`?",
+        "server.bogus: unknown key",
+        "guardrails.dumb_loop_detector.allow_fingerprint: unknown key;"
+        " did you mean `allow_fingerprints`?",
+        f"{bad}: 3 error(s)",
+    ]
+
+
+def test_check_config_warns_of_a_base_url_ending_in_v1(tmp_path: Path) -> None:
+    """Clients send /v1/chat/completions: a base_url of .../v1 would make it /v1/v1/... A
+    warning (an upstream may really want it), naming the key; the default ones are fine."""
+    config = tmp_path / "v1.toml"
+    config.write_text(
+        '[providers.local]\nkind = "openai"\nbase_url = "http://127.0.0.1:11434/v1/"\n'
+        '[providers.anthropic]\nbase_url = "https://api.anthropic.com/v1"\n'
+    )
+    code, out, err = run_cli("check-config", str(config))
+    assert (code, out) == (0, f"{config}: ok (4 providers: openai, anthropic, gemini, local)\n")
+    assert err.splitlines() == [
+        f"warning: providers.{name}.base_url: the path ends in /v1, and clients' paths carry"
+        " their own version: requests would go to /v1/v1/...; leave /v1 out of base_url"
+        for name in ("local", "anthropic")
+    ]
+
+
 def test_run_exits_2_on_bad_config_before_binding(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[server]\nmax_body_bytes = -1\n")
@@ -186,10 +220,38 @@ async def test_operator_commands_and_a_suspension_that_survives_restarts(
 
 
 def test_operator_commands_without_a_daemon(tmp_path: Path) -> None:
+    port = free_port()
     config = tmp_path / "c.toml"
     config.write_text(
-        f'[server]\nlisten = "127.0.0.1:{free_port()}"\n[atlasburn]\napi_key = "abn_test_cli_key"\n'
+        f'[server]\nlisten = "127.0.0.1:{port}"\n[atlasburn]\napi_key = "abn_test_cli_key"\n'
     )
     code, _, err = run_cli("status", "--config", str(config))
     assert code == 1
-    assert err.startswith("cannot reach the daemon at http://127.0.0.1:")
+    said, failed = err.splitlines()
+    assert said == f"status: daemon http://127.0.0.1:{port}"
+    assert failed.startswith(f"cannot reach the daemon at http://127.0.0.1:{port}: ")
+
+
+async def test_operator_commands_take_listen_like_run_and_say_which_daemon(
+    fake: FakeProvider, tmp_path: Path
+) -> None:
+    """A daemon started with ``run --listen`` (its config does not say where it listens) is
+    found by the operator commands given the same ``--listen``; each names the daemon."""
+    listen = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "c.toml"
+    config.write_text(f'[providers.openai]\nbase_url = "{fake.url}"\n')
+    p = await spawn_daemon("--config", str(config), "--listen", listen)
+    said = f"daemon http://{listen}\n"
+
+    def command(*args: str) -> tuple[int, str, str]:
+        return run_cli(*args, "--config", str(config), "--listen", listen)
+
+    code, out, err = await asyncio.to_thread(command, "suspend", "--reason", "incident 43")
+    assert (code, err) == (0, "suspend: " + said)
+    assert re.fullmatch(r"org org_local: SUSPENDED until \S+Z by manual: incident 43\n", out)
+    code, out, err = await asyncio.to_thread(command, "status")
+    assert (code, err, out.startswith("org org_local: SUSPENDED")) == (0, "status: " + said, True)
+    code, out, err = await asyncio.to_thread(command, "resume")
+    assert (code, out, err) == (0, "org org_local: ok (guardrail:org_local)\n", "resume: " + said)
+    p.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(p.proc.wait(), 10) == 0

@@ -229,7 +229,7 @@ def test_pricing_overrides() -> None:
         "pricing.m.input: must be between 0 and 1000000, got -1.0",
         "pricing.m.output: required: USD per million tokens",
         "pricing.m.provider: no provider 'nope' is configured",
-        "pricing.m.outptu: unknown key",
+        "pricing.m.outptu: unknown key; did you mean `output`?",
     ]
     assert problems({"providers": {"openai": {"price_as": "Open AI"}}}) == [
         "providers.openai.price_as: expected a genai-prices provider id (e.g. 'openai') or "
@@ -390,7 +390,7 @@ def test_state_dir_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
         ),
         (
             {"guardrails": {"agent_loop_detector": {"lookbak": 30}}},
-            "guardrails.agent_loop_detector.lookbak: unknown key",
+            "guardrails.agent_loop_detector.lookbak: unknown key; did you mean `lookback`?",
         ),
         (
             {"guardrails": {"spend_cap": {"enabled": True}}},

@@ -60,7 +60,14 @@ async def test_openai_sdk_4th_identical_request_is_refused_without_retries(
     error = info.value.body
     assert isinstance(error, dict) and error["code"] == "atlasburn_guardrail"
     fingerprint = d.events[0].fingerprint
-    assert f"fingerprint {fingerprint} seen 4 times in 60s" in error["message"]
+    assert error["message"] == (
+        "AtlasBurn guardrail: org org_local is suspended by dumb_loop_detector (fingerprint"
+        f" {fingerprint} seen 4 times in 60s); retry after {response.headers['Retry-After']}s."
+        " An operator resumes it with `atlasburn-proxy resume` (or DELETE"
+        f' /api/guardrails/enforce); if this repeat is expected, add "{fingerprint}" to'
+        " guardrails.dumb_loop_detector.allow_fingerprints, or set"
+        " guardrails.dumb_loop_detector.exempt_header and send that header with it"
+    )
     refused = [e for e in d.events if e.status == 429]
     assert [(e.refused_by, e.tokens_in, e.cost_usd) for e in refused] == [
         ("dumb_loop_detector", 0, 0.0)
@@ -98,6 +105,7 @@ async def test_gemini_refusal_shape(fake: FakeProvider, start_daemon: StartDaemo
     assert body["error"]["code"] == 429 and body["error"]["status"] == "RESOURCE_EXHAUSTED"
     assert body["error"]["message"] == (
         "AtlasBurn guardrail: org org_local is suspended by manual (budget review); retry after 30s"
+        ". An operator resumes it with `atlasburn-proxy resume` (or DELETE /api/guardrails/enforce)"
     )
     assert fake.requests == []
 
@@ -146,7 +154,13 @@ async def test_scope_fingerprint_refuses_only_that_request(
     fake: FakeProvider, start_daemon: StartDaemon
 ) -> None:
     d = await start_daemon(
-        guardrails={"dumb_loop_detector": {"scope": "fingerprint", "ttl_seconds": 60}}
+        guardrails={
+            "dumb_loop_detector": {
+                "scope": "fingerprint",
+                "ttl_seconds": 60,
+                "exempt_header": "x-expected-repeat",
+            }
+        }
     )
     body = {"model": "gpt-4o-mini", "messages": MESSAGES}
     async with aiohttp.ClientSession() as s:
@@ -154,11 +168,22 @@ async def test_scope_fingerprint_refuses_only_that_request(
         for _ in range(6):
             async with s.post(d.url + "/v1/chat/completions", json=body) as r:
                 statuses.append(r.status)
+                message = (await r.json()).get("error", {}).get("message")
+                retry_after = r.headers.get("Retry-After")
         async with s.post(d.url + "/v1/embeddings", json={"model": "m", "input": "x"}) as r:
             other = r.status
     assert statuses == [200, 200, 200, 429, 429, 429]
     assert other == 200
     assert d.daemon.kill.status == "ok"
+    # Not "the org is suspended", and no `resume` (it would not help): what lets it through.
+    fp = d.events[0].fingerprint
+    assert message == (
+        f"AtlasBurn guardrail dumb_loop_detector: fingerprint {fp} seen 4 times in 60s;"
+        f" requests identical to this one are refused for {retry_after}s (the org is not"
+        f' suspended); if this repeat is expected, add "{fp}" to'
+        " guardrails.dumb_loop_detector.allow_fingerprints, or send the header"
+        " x-expected-repeat with it"
+    )
 
 
 async def test_window_slides(fake: FakeProvider, start_daemon: StartDaemon) -> None:

@@ -150,8 +150,9 @@ def test_prices_command_names_each_source(tmp_path: Path) -> None:
         f" output_mtok) over {GENAI}: deepseek/deepseek-chat"
     )
     assert rows[("openai", "gpt-4o-mini")].endswith(f"{GENAI}: openai/gpt-4o-mini")
-    assert rows[("openai", "my-model")].endswith('config [pricing."my-model"]')
-    assert rows[("deepseek", "my-model")].endswith('config [pricing."my-model"]')
+    # A [pricing] entry for every provider: one row.
+    assert rows[("(any)", "my-model")].endswith('config [pricing."my-model"]')
+    assert [key for key in rows if key[1] == "my-model"] == [("(any)", "my-model")]
 
 
 def test_the_table_ships_in_the_package(tmp_path: Path) -> None:

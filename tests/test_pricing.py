@@ -254,3 +254,58 @@ def test_gemini_grounding_per_prompt_then_per_query(catalog: Catalog) -> None:
     assert pricer(catalog).price("gemini", "gemini-3-pro-preview", usage) == Price(
         float(expected), True
     )
+
+
+def prices(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "prices", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def test_a_model_is_priced_only_on_providers_that_can_carry_it(catalog: Catalog) -> None:
+    """Google's catalog prices Claude (as Vertex AI serves it, in Anthropic's wire format): the
+    Gemini API cannot carry it, so a gemini provider does not price it, nor list it."""
+    p = pricer(catalog)
+    assert p.rates("gemini", "claude-sonnet-4-5") is None
+    assert p.rates("gemini", "claude-opus-4-1") is None  # (Google's fallback to Anthropic's)
+    anthropic = p.rates("anthropic", "claude-sonnet-4-5")
+    assert anthropic is not None and anthropic.source.endswith("anthropic/claude-sonnet-4-5")
+    done = prices("claude-sonnet-4-5", "claude-opus-4-1", "gemini-2.5-flash", "gpt-4o-mini")
+    assert done.returncode == 0, done.stderr
+    rows = [line.split()[:2] for line in done.stdout.splitlines()[2:]]
+    assert rows == [
+        ["anthropic", "claude-sonnet-4-5"],
+        ["anthropic", ">"],  # its rates above 200,000 input tokens
+        ["anthropic", "claude-opus-4-1"],
+        ["gemini", "gemini-2.5-flash"],
+        ["openai", "gpt-4o-mini"],
+    ]
+
+
+def test_a_price_for_every_provider_is_one_row(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[pricing."gpt-4o-mini"]\ninput = 1\noutput = 2\n'
+        '[pricing."my-ft"]\ninput = 0.5\noutput = 1\nprovider = "openai"\n'
+    )
+    done = prices("--config", str(config), "gpt-4o-mini", "my-ft")
+    assert done.returncode == 0, done.stderr
+    assert [line.split() for line in done.stdout.splitlines()[2:]] == [
+        ["(any)", "gpt-4o-mini", "1", "1", "1", "1", "2", "config", '[pricing."gpt-4o-mini"]'],
+        ["openai", "my-ft", "0.5", "0.5", "0.5", "0.5", "1", "config", '[pricing."my-ft"]'],
+    ]
+
+
+def test_an_unknown_service_tier_is_an_error(catalog: Catalog) -> None:
+    assert catalog.service_tiers() == ("default", "fast", "flex", "priority")
+    done = prices("--service-tier", "flx", "gpt-4o-mini")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "--service-tier: unknown tier 'flx'; known: default, fast, flex, priority\n"
+    )
+    done = prices("--service-tier", "flex", "gpt-4o-mini")
+    assert done.returncode == 0, done.stderr

@@ -112,13 +112,6 @@ async def test_report(fake: FakeProvider, start_daemon: StartDaemon, tmp_path: P
     assert table[-1].split() == ["total", "5", "1", "1", "3,077", "14", "0.000316", "0", "0"]
 
 
-def test_report_without_a_store_is_empty(tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text(f'[storage]\npath = "{tmp_path / "none.sqlite3"}"\n')
-    out = json.loads(report(config, "--json"))
-    assert out["rows"] == [] and out["total"]["requests"] == 0
-
-
 def test_report_rejects_a_bad_since(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "proxy", "report", "--since", "yesterday"],

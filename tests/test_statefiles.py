@@ -418,6 +418,7 @@ def test_operator_commands_refuse_a_planted_key(tmp_path: Path) -> None:
     assert (done.returncode, done.stdout, done.stderr) == (
         2,
         "",
+        "status: daemon http://127.0.0.1:8787\n"
         f"storage.path: {planted} belongs to another user: nobody (uid 65534), mode 0600; a "
         "file planted in the state directory is never trusted: remove it\n",
     )

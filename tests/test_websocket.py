@@ -329,6 +329,7 @@ async def test_kill_flag_answers_429_before_the_upgrade(daemons: Daemons) -> Non
             body = await r.json()
     assert body["error"]["message"] == (
         "AtlasBurn guardrail: org org_local is suspended by manual (budget review); retry after 30s"
+        ". An operator resumes it with `atlasburn-proxy resume` (or DELETE /api/guardrails/enforce)"
     )
     client = openai.AsyncOpenAI(api_key="sk-test", base_url=daemon.url + "/v1", max_retries=0)
     with pytest.raises(Exception) as info:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -269,6 +270,23 @@ def _aligned_find(bucket: bytearray, needle: bytes, at: int) -> int:
 
 
 LOOP_LAYER = "dumb_loop_detector"
+ALLOW_KEY = "guardrails.dumb_loop_detector.allow_fingerprints"
+EXEMPT_KEY = "guardrails.dumb_loop_detector.exempt_header"
+_NAMED = re.compile(r"fingerprint (sha256:[0-9a-f]{64})")  # in a trip's reason (``LoopGuard``)
+
+
+def repeat_hint(reason: str, exempt_header: str) -> str:
+    """How to let a repeat that is expected through, for a refusal's message: the fingerprint
+    the trip's ``reason`` names for ``allow_fingerprints``, or the ``exempt_header`` (named when
+    one is configured)."""
+    m = _NAMED.search(reason)
+    which = f'"{m.group(1)}"' if m else "its fingerprint (atlasburn-proxy report --by fingerprint)"
+    header = (
+        f"send the header {exempt_header} with it"
+        if exempt_header
+        else f"set {EXEMPT_KEY} and send that header with it"
+    )
+    return f"if this repeat is expected, add {which} to {ALLOW_KEY}, or {header}"
 RETRY_HEADER = "x-stainless-retry-count"
 _MAX_BLOCKED = 100_000
 # An ingested event's ts up to this far ahead of this host's clock counts as now (clocks

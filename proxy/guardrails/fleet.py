@@ -1,4 +1,5 @@
-"""Fleet sync: one org's guardrails shared by every daemon through Redis (DESIGN.md, "Fleet").
+"""Fleet sync: one org's guardrails shared by every daemon through Redis (docs/contract.md,
+"Fleet").
 
 With ``[fleet] redis_url`` set, the daemons of an org share three things. Each guardrail still
 decides from this daemon's memory, which a background task keeps in step; a request waits for
