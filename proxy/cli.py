@@ -87,8 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_ui_parser(sub: Any) -> None:
     ui = sub.add_parser("ui", help="print (and open) a one-time login URL for the status page")
-    ui.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
-    ui.add_argument("--listen", metavar="HOST:PORT", help="the daemon's address (server.listen)")
+    add_daemon_options(ui)
     ui.add_argument("--no-browser", action="store_true", help="print the URL, open nothing")
 
 
@@ -105,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("status", "suspend", "resume"):
         return operate(args)
     if args.command == "ui":
-        return open_ui(args.config, args.listen, args.no_browser)
+        return open_ui(args)
     return run(args.config, args.listen)
 
 
@@ -331,17 +330,15 @@ def operate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def open_ui(config_path: str | None, listen: str | None, no_browser: bool) -> int:
+def open_ui(args: argparse.Namespace) -> int:
     """``ui``: the status page's one-time login URL on stdout (opened where a browser can be)."""
-    from .control import OperatorError
+    from .control import OperatorError, base_url
     from .ui import command
 
-    try:
-        config = load_config(resolve_config_path(config_path), listen=listen)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
+    config = load_for_command(args)
+    if config is None:
         return EXIT_CONFIG
+    print(f"ui: daemon {base_url(config)}", file=sys.stderr)
     try:
         url = command.login_url(config)
     except OperatorError as exc:
@@ -352,7 +349,7 @@ def open_ui(config_path: str | None, listen: str | None, no_browser: bool) -> in
         return EXIT_CONFIG
     print(url, flush=True)
     print("(a one-time link: it works once, within two minutes)", file=sys.stderr)
-    if not no_browser and command.can_open_browser():
+    if not args.no_browser and command.can_open_browser():
         command.open_browser(url)
     return EXIT_OK
 

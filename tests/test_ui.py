@@ -75,7 +75,10 @@ async def ui_command(daemon: RunningDaemon, spool: Path, tmp_path: Path) -> str:
     SPAWNED.append(proc)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
-    assert err.decode() == "(a one-time link: it works once, within two minutes)\n"
+    assert err.decode() == (
+        f"ui: daemon http://127.0.0.1:{daemon.daemon.port}\n"
+        "(a one-time link: it works once, within two minutes)\n"
+    )
     url = out.decode().strip()
     assert url.startswith(f"http://127.0.0.1:{daemon.daemon.port}/ui/login?token=")
     assert len(url.rsplit("=", 1)[1]) == 43  # 256 random bits, base64url
@@ -373,5 +376,6 @@ async def test_the_ui_command_says_when_no_daemon_answers(tmp_path: Path) -> Non
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert (proc.returncode, out) == (1, b"")
     assert err.decode() == (
+        "ui: daemon http://127.0.0.1:9\n"
         "cannot reach the daemon at http://127.0.0.1:9: [Errno 111] Connection refused\n"
     )
