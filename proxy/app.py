@@ -334,6 +334,7 @@ def changed_keys(old: Config, new: Config) -> list[str]:
         "providers",
         "pricing",
         "price_data",
+        "attribution",
     ):
         a, b = getattr(old, section), getattr(new, section)
         if a == b:

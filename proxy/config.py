@@ -203,7 +203,8 @@ class SpendCapConfig:
 # What a budget's ``match`` may name: attribution dimensions and the event's own fields.
 BUDGET_DIMENSIONS = ("app", "user", "key_id", "key_name", "unit", "model", "provider")
 _BUDGET_NAME = re.compile(r"[A-Za-z0-9_.:@+-]{1,64}")
-_TAG_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# What a header name may hold (RFC 9110 token): AtlasBurn-Tag-<Name> carries any of it.
+_TAG_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
 MAX_BUDGETS = 256
 
 
@@ -846,7 +847,11 @@ def _budget_match(t: _Table) -> tuple[tuple[str, str], ...]:
         key = dimension
         if dimension.startswith("tag:"):
             if not _TAG_NAME.fullmatch(dimension[4:]):
-                t.problem(dimension, "a tag name is 1-128 letters, digits, _ and -")
+                t.problem(
+                    dimension,
+                    "a tag name is 1-128 characters of a header name: letters, digits and"
+                    " ! # $ % & ' * + . ^ _ ` | ~ -",
+                )
                 continue
             # Tags come from header names, which HTTP does not distinguish by case.
             key = "tag:" + dimension[4:].lower()
@@ -856,7 +861,7 @@ def _budget_match(t: _Table) -> tuple[tuple[str, str], ...]:
                 f"unknown dimension; expected one of {', '.join(BUDGET_DIMENSIONS)} or tag:<Name>",
             )
             continue
-        pattern = t.get(dimension, str, "", _pattern)
+        pattern = t.get(dimension, str, "", _key_id_pattern if key == "key_id" else _pattern)
         if pattern:
             pairs.append((key, pattern))
     t.done()
@@ -870,6 +875,33 @@ def _pattern(value: str) -> str:
 
 
 _KEY_ID = re.compile(r"key_[0-9a-f]{16}")
+# What may stay of a key_id glob once its [...] sets, * and ? are taken out.
+_KEY_ID_LITERAL = re.compile(r"[key_0-9a-f]*")
+_KEY_ID_HINT = "expected a key id like 'key_0123456789abcdef' (atlasburn-proxy key-id prints one)"
+
+
+def _not_shown(value: str) -> str:
+    """A value given where a key id belongs, as an error may show it: only one that starts
+    like a key id (anything else may be the provider key itself, never to be echoed)."""
+    return repr(value) if value.startswith("key_") and len(value) <= 24 else "(not shown)"
+
+
+def _key_id_pattern(value: str) -> str:
+    """A budget's ``key_id``: a key id or a glob that can match one; never echoed otherwise."""
+    if not value or len(value.encode()) > 128:
+        raise ValueError(_key_id_glob(value))
+    literal = re.sub(r"\[[^\]]*\]|[*?]", "", value)
+    glob = literal != value
+    if not (_KEY_ID_LITERAL.fullmatch(literal) if glob else _KEY_ID.fullmatch(value)):
+        raise ValueError(_key_id_glob(value))
+    return value
+
+
+def _key_id_glob(value: str) -> str:
+    return (
+        "expected a key id like 'key_0123456789abcdef' or a shell glob of key ids"
+        f" (atlasburn-proxy key-id prints a key's id), got {_not_shown(value)}"
+    )
 
 
 def _key_name(value: str) -> str:
@@ -886,10 +918,9 @@ def _attribution(t: _Table) -> AttributionConfig:
     key_names: dict[str, str] = {}
     for key_id in names.keys():
         if not _KEY_ID.fullmatch(key_id):
-            names.problem(
-                key_id,
-                "expected a key id like 'key_0123456789abcdef' (atlasburn-proxy key-id prints one)",
-            )
+            # The name is shown only if it looks like a mistyped id: it may be the key itself.
+            shown = key_id if _not_shown(key_id) != "(not shown)" else "(not shown)"
+            names.problem(shown, _KEY_ID_HINT)
             continue
         name = names.get(key_id, str, "", _key_name)
         if name:

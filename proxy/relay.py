@@ -51,6 +51,7 @@ from .adapters.base import (
 )
 from .adapters.form import FormReader, describe_form, read_form
 from .attribution import Attributes, connection_process, with_process
+from .attribution.process import DEADLINE as LOOKUP_DEADLINE
 from .attribution.request import RequestAttribution, split_app
 from .config import Config
 from .encoding import DECODE_ERRORS, Inflater, accepted, codings, decode_body, tap
@@ -225,6 +226,9 @@ class Relay:
             if self.attributing
             else None
         )
+        if attributes is not None and attributes.process is None:
+            if self.budgets.active and self.budgets.over_by_process(started):
+                attributes = await _with_awaited_process(attributes, request.protocol)
         if self.sockets is not None and is_upgrade(request):
             return await self.sockets.handle(request, route, started, t0, attributes)
         try:
@@ -947,6 +951,15 @@ class Relay:
             attributes=with_process(ex.attributes, ex.connection),
             budgets=ex.budgets,
         )
+
+
+async def _with_awaited_process(attributes: Attributes, connection: Any) -> Attributes | None:
+    """``attributes`` with the connection's process, once its lookup has ended (waited for at
+    most ``LOOKUP_DEADLINE``): for a budget by unit that is over, which must see it."""
+    lookup = getattr(connection, "process", None)
+    if lookup is not None and not lookup.done():
+        await asyncio.wait((lookup,), timeout=LOOKUP_DEADLINE)
+    return with_process(attributes, connection)
 
 
 def _pending_lookup(event: Event, connection: Any) -> asyncio.Future[Any] | None:

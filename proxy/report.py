@@ -59,7 +59,8 @@ _PATHS = {
     "unit": "$.attributes.process.unit",
     "exe": "$.attributes.process.exe",
 }
-_TAG = re.compile(r"tag:([A-Za-z0-9_-]{1,128})")
+# A tag name is what a header name may hold (RFC 9110 token); none of it ends the quoted key.
+_TAG = re.compile(r"tag:([!#$%&'*+.^_`|~0-9A-Za-z-]{1,128})")
 NONE = "(none)"  # the row of the events that do not say (no app header, no process found...)
 
 

@@ -510,3 +510,46 @@ async def test_an_instant_refusal_waits_for_its_connections_lookup(
         "app": "ci-bot",
         "process": {"pid": os.getpid(), "exe": EXE},
     }
+
+
+async def test_a_tag_named_with_any_header_character_is_reported_and_budgeted(
+    fake: FakeProvider, start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A header name may hold . ! # $ % & ' * + ^ _ ` | ~ -: ``AtlasBurn-Tag-Cost.Center`` was
+    recorded as tag ``cost.center``, but ``report --by tag:cost.center`` and a budget matching
+    ``tag:Cost.Center`` were refused (1-128 letters, digits, _ and -)."""
+    spool = tmp_path / "t" / "spool.sqlite3"
+    budget = {"name": "cc", "match": {"tag:Cost.Center": "eng"}, "max_usd_per_hour": 0.0001}
+    d = await start_daemon(storage={"path": str(spool)}, guardrails={"budgets": [budget]})
+    async with openai_client(d.url + "/v1", **{"AtlasBurn-Tag-Cost.Center": "eng"}) as c:
+        await c.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "1"}]
+        )
+        with pytest.raises(openai.RateLimitError) as info:
+            await c.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "2"}]
+            )
+    assert info.value.response.headers["AtlasBurn-Guardrail"] == "budget"
+    await d.daemon.stop()
+    config = tmp_path / "c.toml"
+    config.write_text(f'[storage]\npath = "{spool}"\n')
+    out = await asyncio.to_thread(run_report, config, "--since", "all", "--by", "tag:Cost.Center")
+    assert {row["tag:Cost.Center"]: row["requests"] for row in out["rows"]} == {"eng": 2}
+
+
+async def test_a_bare_bearer_scheme_is_no_credential(
+    fake: FakeProvider, daemon: RunningDaemon
+) -> None:
+    """``Authorization: Bearer`` with no token (a tool whose token setting is empty) beside
+    ``x-api-key``: the key_id was that of the word ``Bearer``, the same for every key."""
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 16, "messages": MESSAGES}
+    async with aiohttp.ClientSession() as s:
+        for headers in (
+            {"Authorization": "Bearer ", "x-api-key": KEY},
+            {"Authorization": "bearer", "x-api-key": "sk-other"},
+            {"Authorization": "Bearer"},
+        ):
+            async with s.post(daemon.url + "/v1/messages", json=body, headers=headers) as r:
+                assert r.status == 200, await r.text()
+    ids = [e.attributes.key_id if e.attributes else None for e in daemon.events]
+    assert ids == [expected_id(daemon, KEY), expected_id(daemon, "sk-other"), None]

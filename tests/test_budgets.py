@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import shutil
 import sqlite3
+import sys
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -439,3 +442,72 @@ async def test_a_websocket_session_counts_in_its_budget_and_is_refused_over_it(
         (429, (), 0.0),
     ]
     assert len(upstream.handshakes) == 1
+
+
+# A client that opens one connection per request (urllib, like curl or requests.post without
+# a Session): argv url, count, and "slow" for streams; prints each answer's status.
+ONE_SHOT_CLIENT = """
+import sys, urllib.error, urllib.request
+slow = sys.argv[3:] == ["slow"]  # a stream of events 50 ms apart: its process is found by then
+for i in range(int(sys.argv[2])):
+    body = b'{"model": "gpt-4o-mini", "stream": %s,"messages": [{"role":"user","content":"%d"}]}'
+    req = urllib.request.Request(sys.argv[1], data=body % (b"true" if slow else b"false", i),
+        headers={"Content-Type": "application/json", "Authorization": "Bearer sk-test",
+                 "x-fake-delay-ms": "50"})
+    try:
+        with urllib.request.urlopen(req) as resp:
+            resp.read()
+            print(resp.status, flush=True)
+    except urllib.error.HTTPError as exc:
+        print(exc.code, flush=True)
+"""
+
+
+async def test_a_budget_by_unit_refuses_a_client_that_opens_a_connection_per_request(
+    fake: FakeProvider, start_daemon: StartDaemon
+) -> None:
+    """A one-shot client's every request is the first of its connection, sent before the
+    daemon knows its process: a unit budget over its limit let 26 of 40 through."""
+    from .test_process_attribution import _cgroup2_root
+
+    root = _cgroup2_root()
+    if root is None or os.geteuid() != 0 or not os.access(root, os.W_OK):
+        pytest.skip("no writable cgroup v2 tree (as root) to put a client in a scope")
+    name = f"atlasburn-budget-{uuid.uuid4().hex[:8]}"
+    scope = root / f"{name}.slice" / f"{name}.scope"
+    scope.mkdir(parents=True)
+
+    async def run_client(count: int, *slow: str) -> list[str]:
+        """The client, started in the scope (a shell that moves itself there, then runs it)."""
+        proc = await asyncio.create_subprocess_exec(
+            "sh",
+            "-c",
+            f'echo $$ > {scope / "cgroup.procs"} && exec "$0" -c "$@"',
+            sys.executable,
+            ONE_SHOT_CLIENT,
+            d.url + "/v1/chat/completions",
+            str(count),
+            *slow,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+        return out.decode().split()
+
+    try:
+        d = await start_daemon(
+            attribution={"process": True},
+            **budgets(
+                {"name": "svc", "match": {"unit": f"{name}.scope"}, "max_usd_per_hour": 1e-4}
+            ),
+        )
+        # The first crosses the budget (its cost known once answered, its unit once found).
+        assert await run_client(1, "slow") == ["200"]
+        await eventually(lambda: len(d.events) == 1)
+        assert await run_client(12) == ["429"] * 12
+        units = [
+            e.attributes.process.unit for e in d.events if e.attributes and e.attributes.process
+        ]
+        assert units == [f"{name}.scope"] * 13
+    finally:
+        scope.rmdir()
+        scope.parent.rmdir()

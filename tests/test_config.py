@@ -416,6 +416,60 @@ def test_a_changed_fleet_url_is_named_for_a_restart() -> None:
     assert not "fleet.redis_url".startswith(LIVE_KEYS)  # applied at the next start
 
 
+def test_a_changed_attribution_section_is_named_as_applied() -> None:
+    """SIGHUP after naming a key in [attribution.key_names] applied the name but logged
+    "reload: applied nothing (no change)"."""
+    from proxy.app import LIVE_KEYS, changed_keys
+
+    old = parse_config({"attribution": {"process": True}})
+    new = parse_config(
+        {
+            "attribution": {
+                "process": False,
+                "key_names": {"key_0123456789abcdef": "team-search"},
+            }
+        }
+    )
+    assert changed_keys(old, new) == ["attribution.process", "attribution.key_names"]
+    assert all(k.startswith(LIVE_KEYS) for k in changed_keys(old, new))
+
+
+def test_a_provider_key_given_for_a_key_id_is_refused_and_never_shown() -> None:
+    """Naming a key by pasting the key itself (as a key_names entry, or a budget's key_id)
+    echoed it whole in the config error, which `run` writes to the journal; a short one made a
+    budget that could never match."""
+    key = "sk-proj-" + "A1b2" * 40
+    short = "sk-ant-api03-Short"
+    got = problems(
+        {
+            "attribution": {"key_names": {"key_0123456789abcdef": "ok", key: "team"}},
+            "guardrails": {
+                "budgets": [
+                    {"name": "a", "match": {"key_id": key}, "max_usd_per_hour": 1},
+                    {"name": "b", "match": {"key_id": short}, "max_usd_per_hour": 1},
+                    {"name": "c", "match": {"key_id": "key_0123*"}, "max_usd_per_hour": 1},
+                    {"name": "d", "match": {"key_id": "key_01234"}, "max_usd_per_hour": 1},
+                ]
+            },
+        }
+    )
+    wrong = (
+        "expected a key id like 'key_0123456789abcdef' or a shell glob of key ids"
+        " (atlasburn-proxy key-id prints a key's id), got "
+    )
+    required = ': required: a table of what the budget covers, e.g. match = { app = "ci-bot" }'
+    assert got == [
+        f"guardrails.budgets[0].match.key_id: {wrong}(not shown)",
+        f"guardrails.budgets[0].match{required}",
+        f"guardrails.budgets[1].match.key_id: {wrong}(not shown)",
+        f"guardrails.budgets[1].match{required}",
+        f"guardrails.budgets[3].match.key_id: {wrong}'key_01234'",
+        f"guardrails.budgets[3].match{required}",
+        "attribution.key_names.(not shown): expected a key id like 'key_0123456789abcdef'"
+        " (atlasburn-proxy key-id prints one)",
+    ]
+
+
 def test_attribution_and_budget_errors_name_the_key() -> None:
     got = problems(
         {

@@ -122,13 +122,11 @@ class RequestAttribution:
                         tags[tag] = self._text(value)
                 continue
             r = _RANK.get(lower)
-            if r is not None and r < rank and value:
-                credential, rank = value, r
+            if r is not None and r < rank and (token := _token(value)):
+                credential, rank = token, r
         key_id = key_name = None
         if self.keys is not None:
-            if credential is not None:
-                credential = _token(credential)
-            elif "key=" in raw_query:
+            if credential is None and "key=" in raw_query:
                 credential = _query_key(raw_query)
             if credential:
                 key_id = self._key_id(self.keys, credential)
@@ -149,11 +147,12 @@ def _text(value: bytes) -> str:
 
 
 def _token(value: bytes) -> bytes:
-    """The key in a credential header: ``Bearer <token>``'s token, else the value."""
+    """The key in a credential header: ``Bearer <token>``'s token, else the value; empty for
+    ``Bearer`` alone (no token: no credential, not the word)."""
     value = value.strip()
     if value[:7].lower() == b"bearer ":
         return value[7:].strip()
-    return value
+    return b"" if value.lower() == b"bearer" else value
 
 
 def _query_key(raw_query: str) -> bytes | None:

@@ -184,6 +184,7 @@ class Budgets:
         self.warnings: dict[tuple[str, str], int] = {}  # (budget, window) -> warnings given
         # The values of the dimensions any budget names -> the budgets they match.
         self._dimensions: tuple[str, ...] = ()  # those dimensions, besides provider and model
+        self._by_process: tuple[Budget, ...] = ()  # the budgets that match by ``unit``
         self._cache: dict[tuple[str | None, ...], tuple[str, ...]] = {}
         self.configure(budgets)
 
@@ -202,6 +203,7 @@ class Budgets:
         self.budgets = new
         named = {d for b in new.values() for d, _ in b.match} - {"provider", "model"}
         self._dimensions = tuple(sorted(named))
+        self._by_process = tuple(b for b in new.values() if any(d == "unit" for d, _ in b.match))
         self._cache = {}
         now = time.time()
         for budget in new.values():  # new limits: over or not, from the spend as it stands
@@ -210,6 +212,13 @@ class Budgets:
     @property
     def active(self) -> bool:
         return bool(self.budgets)
+
+    def over_by_process(self, now: float) -> bool:
+        """Whether a budget that matches by the calling process (``unit``) refuses now. A new
+        connection's process is found after its first request arrives: while such a budget is
+        over, that request waits for the lookup (the relay), or a client that opens one
+        connection per request (curl, ``requests.post``) would never be refused."""
+        return any(b.until > now for b in self._by_process)
 
     def matching(self, attributes: Attributes | None, provider: str, model: str) -> tuple[str, ...]:
         """The names of the budgets a request counts in, in config order. Cached by the values
