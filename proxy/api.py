@@ -19,11 +19,13 @@ import orjson
 from aiohttp import web
 
 from .auth import HEADER, KeyChecker
+from .browsers import own_origin
 from .encoding import decode_body
 from .events import InvalidEvent, parse_event
 from .guardrails import KillSwitch, LoopGuard
 from .store import Store
 from .text import inert
+from .ui.sessions import Sessions, cookie_name
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,24 @@ class LocalAPI:
         self._loop = loop
         self._org_id = org_id
         self._max_body = max_body
+        self.sessions: Sessions | None = None  # the status page's logins (``proxy.ui``)
 
-    def authorize(self, request: web.Request) -> web.Response | None:
-        """None when the key is right, else the 401 to answer."""
+    def authorize(self, request: web.Request, session: bool = True) -> web.Response | None:
+        """None when the key is right, or (``session``) the request carries a session cookie of
+        the status page (a state change only from the daemon's own page:
+        ``browsers.own_origin``), else the 401 (403) to answer."""
         if self._keys.check(request.headers.get(HEADER)):
             return None
+        if session and self.sessions is not None and self.sessions.valid(
+            request.cookies.get(cookie_name(local_port(request)))
+        ):
+            if request.method in ("GET", "HEAD") or own_origin(request.headers):
+                return None
+            return error(
+                403,
+                "cross_origin_request",
+                "a change made with the status page's session must come from the page itself",
+            )
         if HEADER not in request.headers:
             return error(401, "unauthorized", f"missing {HEADER} header")
         return error(401, "unauthorized", f"wrong {HEADER}")
@@ -97,7 +112,7 @@ class LocalAPI:
             raise _Refusal(error(400, "invalid_json", f"body is not JSON: {exc}")) from None
 
     async def ingest(self, request: web.Request) -> web.StreamResponse:
-        refused = self.authorize(request)
+        refused = self.authorize(request, session=False)  # the page never posts events
         if refused is not None:
             return refused
         try:
@@ -144,6 +159,13 @@ class LocalAPI:
             ),
             content_type="application/json",
         )
+
+
+def local_port(request: web.Request) -> int:
+    """The local port the request arrived on (0 if unknown)."""
+    transport = request.transport
+    name = transport.get_extra_info("sockname") if transport is not None else None
+    return int(name[1]) if isinstance(name, tuple) and len(name) >= 2 else 0
 
 
 class _Refusal(Exception):

@@ -42,6 +42,8 @@ from .server import Runner
 from .shipper import Shipper
 from .store import Store
 from .tasks import spawn
+from .ui.page import StatusPage, secured
+from .ui.sessions import Sessions
 from .websocket import WebSocketRelay
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ GUARDRAILS_API = web.AppKey("guardrails_api", GuardrailsAPI)
 SHIPPER = web.AppKey("shipper", Shipper)
 BROWSERS = web.AppKey("browsers", BrowserGuard)
 PRICE_DATA = web.AppKey("price_data", PriceRefresher)
+STATUS_PAGE = web.AppKey("status_page", StatusPage)
 
 
 def _guarded(handler: Handler) -> Handler:
@@ -136,6 +139,7 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             keys, store, kill, config.atlasburn.org_id, config.server.max_body_bytes, loop
         )
         app[GUARDRAILS_API] = GuardrailsAPI(app[API], store, kill, keys.who)
+        app[API].sessions = sessions = Sessions()
         pool = make_pool(config)
         app[POOL] = pool
         pricer = Pricer.from_config(config.providers, config.pricing)
@@ -157,6 +161,9 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
             budgets=budgets,
         )
         app[RELAY] = relay
+        app[STATUS_PAGE] = StatusPage(
+            app[API], sessions, kill, config.storage.path, lambda: app[RELAY].budgets
+        )
         relay.sockets = sockets = WebSocketRelay(relay, config)
         shipper = Shipper(config, store, kill) if ship else None
         if shipper is not None:
@@ -233,12 +240,30 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
     async def enforce(request: web.Request) -> web.StreamResponse:
         return await request.app[GUARDRAILS_API].handle(request)
 
-    app.router.add_route("*", "/api/ingest", _guarded(ingest))
-    app.router.add_route("*", "/api/guardrails/enforce", _guarded(enforce))
+    app.router.add_route("*", "/api/ingest", _guarded(secured(ingest)))
+    app.router.add_route("*", "/api/guardrails/enforce", _guarded(secured(enforce)))
+    _status_page(app)
     # [\s\S], not ".": a path may hold a newline (%0A decoded), and a path no route matches gets
     # aiohttp's own text/plain 404 instead of the relay's answer in the provider's shape.
     app.router.add_route("*", r"/{tail:[\s\S]*}", _guarded(relay), expect_handler=expect)
     return app
+
+
+def _status_page(app: web.Application) -> None:
+    """The routes of the status page (``proxy.ui.page``)."""
+
+    def route(name: str) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            handler: Handler = getattr(request.app[STATUS_PAGE], name)
+            return await handler(request)
+
+        return _guarded(secured(handle))
+
+    app.router.add_get("/ui", route("page"))
+    app.router.add_get("/ui/login", route("login"), allow_head=False)  # HEAD uses no token
+    app.router.add_get(r"/ui/{name:[a-z]+\.(?:js|css)}", route("asset"))
+    app.router.add_route("*", "/api/stats", route("stats"))
+    app.router.add_route("*", "/api/ui/login-tokens", route("login_tokens"))
 
 
 def _state(

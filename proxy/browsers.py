@@ -143,6 +143,15 @@ def _is_ip(name: str) -> bool:
     return True
 
 
+def own_origin(headers: Mapping[str, str]) -> bool:
+    """Whether the request says it comes from the daemon's own page: an ``Origin`` that is
+    ``http://`` + its ``Host``. A browser sends ``Origin`` with every POST and DELETE it makes,
+    so a state change that a session cookie authorizes must have it."""
+    origin = headers.get("Origin")
+    host = headers.get("Host")
+    return origin is not None and host is not None and _same_origin(origin, host)
+
+
 def _same_origin(origin: str, host: str) -> bool:
     """Whether ``Origin`` is ``http://`` + the request's ``Host`` (the daemon serves plain HTTP)."""
     try:

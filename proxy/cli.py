@@ -81,7 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="clear the org's kill flag")
     add_daemon_options(resume)
     resume.add_argument("--reason", default="resumed by an operator")
+    add_ui_parser(sub)
     return parser
+
+
+def add_ui_parser(sub: Any) -> None:
+    ui = sub.add_parser("ui", help="print (and open) a one-time login URL for the status page")
+    add_daemon_options(ui)
+    ui.add_argument("--no-browser", action="store_true", help="print the URL, open nothing")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return print_key_id(args.config)
     if args.command in ("status", "suspend", "resume"):
         return operate(args)
+    if args.command == "ui":
+        return open_ui(args)
     return run(args.config, args.listen)
 
 
@@ -318,6 +327,30 @@ def operate(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
     print(control.describe(config, answer))
+    return EXIT_OK
+
+
+def open_ui(args: argparse.Namespace) -> int:
+    """``ui``: the status page's one-time login URL on stdout (opened where a browser can be)."""
+    from .control import OperatorError, base_url
+    from .ui import command
+
+    config = load_for_command(args)
+    if config is None:
+        return EXIT_CONFIG
+    print(f"ui: daemon {base_url(config)}", file=sys.stderr)
+    try:
+        url = command.login_url(config)
+    except OperatorError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILURE
+    except StateFileError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    print(url, flush=True)
+    print("(a one-time link: it works once, within two minutes)", file=sys.stderr)
+    if not args.no_browser and command.can_open_browser():
+        command.open_browser(url)
     return EXIT_OK
 
 

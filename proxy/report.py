@@ -160,17 +160,28 @@ def cutoff_ts(since_seconds: float, now: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(math.floor(start)))
 
 
-def query(path: Path, by: str, since_seconds: float | None, now: float | None = None) -> list[Row]:
+def query(
+    path: Path,
+    by: str,
+    since_seconds: float | None,
+    now: float | None = None,
+    db: sqlite3.Connection | None = None,
+    first_id: int = 0,
+) -> list[Row]:
     """Rows grouped ``by`` one column, biggest spend first, of the events whose ``ts`` is at
     most ``since_seconds`` before ``now`` (epoch seconds; the clock when None), to the second
     (``cutoff_ts``); every event for None. Events that have no value for ``by`` (no app
-    named...) are one row, ``NONE``, so that the rows add up to the total. Raises
+    named...) are one row, ``NONE``, so that the rows add up to the total. ``db``: a connection
+    to use (``stats`` passes its read-only, time-bounded one; left open), else ``path`` is
+    opened read-only; ``first_id``: rows before it are not read (``stats.first_id``). Raises
     FileNotFoundError, ValueError for ``by``."""
     where = group_path(by)
-    if not path.exists():
+    if db is None and not path.exists():
         raise FileNotFoundError(path)
     cutoff = "" if since_seconds is None else cutoff_ts(since_seconds, now)
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    own = db is None
+    if db is None:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         # The event fields are read from the stored ingest body (JSON text in a BLOB: cast, or
         # SQLite 3.45+ would read it as JSONB); what the body does not carry is in the row's
@@ -183,15 +194,16 @@ def query(path: Path, by: str, since_seconds: float | None, now: float | None = 
             f"SUM(json_extract(j, '$.cost_usd')), SUM(flags & {UNPRICED} != 0), "
             f"SUM(flags & {UNPRICED | USAGE_UNKNOWN} != 0), "
             "MAX(json_extract(j, '$.attributes.key_name')) "
-            "FROM (SELECT CAST(body AS TEXT) AS j, flags FROM events) "
+            "FROM (SELECT CAST(body AS TEXT) AS j, flags FROM events WHERE id >= ?) "
             "WHERE json_extract(j, '$.ts') >= ? "
             "GROUP BY 1 ORDER BY 7 DESC, 2 DESC, 1",
-            (where, cutoff),
+            (where, first_id, cutoff),
         ).fetchall()
         if by in _BUCKETS:  # a time series: oldest first
             rows.sort(key=lambda r: str(r[0]))
     finally:
-        db.close()
+        if own:
+            db.close()
     return [
         Row(
             key=named[0],

@@ -58,7 +58,7 @@ T = TypeVar("T")
 
 PENDING, SHIPPED, LOCAL, POISONED = 0, 1, 2, 3
 
-SCHEMA_VERSION = 3  # 3: budget_spend
+SCHEMA_VERSION = 4  # 3: budget_spend; 4: events.refused_by
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS events (
     state INTEGER NOT NULL,
     size INTEGER NOT NULL,
     flags INTEGER NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    refused_by TEXT  -- local-only (schema 4): the guardrail layer that refused it, else NULL
 );
 CREATE INDEX IF NOT EXISTS events_state ON events (state, id);
 CREATE TABLE IF NOT EXISTS batches (
@@ -117,7 +118,9 @@ FROM_INGEST = 4  # posted to the local /api/ingest, not relayed here
 FREE = 8  # nothing was spent: not answered 2xx, and cost 0 (dropped first past max_spool_mb)
 USAGE_UNKNOWN = 16  # a billed 2xx answer whose usage was missing or partial (Event.usage_unknown)
 
-_INSERT = "INSERT INTO events (created, state, size, flags, body) VALUES (?, ?, ?, ?, ?)"
+_INSERT = (
+    "INSERT INTO events (created, state, size, flags, body, refused_by) VALUES (?, ?, ?, ?, ?, ?)"
+)
 _ROW_OVERHEAD = 40  # bytes of a row besides its body, roughly
 _ADD_SPEND = (
     "INSERT INTO spend (minute, usd) VALUES (?, ?) "
@@ -175,12 +178,12 @@ DROP INDEX IF EXISTS events_batch;
 DROP INDEX IF EXISTS events_created;
 ALTER TABLE events RENAME TO events_v1;
 {SCHEMA}
-INSERT INTO events (id, created, state, size, flags, body)
+INSERT INTO events (id, created, state, size, flags, body, refused_by)
     SELECT id, created, state, length(body) + {_ROW_OVERHEAD},
         (refused_by IS NOT NULL) * {REFUSED}
         + (priced = 0 AND usage_source IN ('reported', 'requested')) * {UNPRICED}
         + (origin = 'ingest') * {FROM_INGEST},
-        body
+        body, refused_by
     FROM events_v1;
 INSERT INTO batches (id, first_id, last_id)
     SELECT batch_id, MIN(id), MAX(id) FROM events_v1
@@ -206,14 +209,28 @@ async def _migrate(db: aiosqlite.Connection) -> None:
         columns = {r[0] for r in await cur.fetchall()}
     if "provider" in columns:
         log.warning("store: upgrading the spool to schema %d (once)", SCHEMA_VERSION)
-        try:
-            await db.executescript(_FROM_V1)
-        except BaseException:
-            if db.in_transaction:
-                await db.execute("ROLLBACK")
-            raise
+        await _script(db, _FROM_V1)
         return
-    await db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+    # Schema 2 and later add to it: new tables (CREATE ... IF NOT EXISTS) and columns. The
+    # refusing layer (schema 4) was not kept before: older refusals keep NULL (layer unknown).
+    added = ""
+    if columns and "refused_by" not in columns:
+        log.warning("store: upgrading the spool to schema %d (once)", SCHEMA_VERSION)
+        added = "ALTER TABLE events ADD COLUMN refused_by TEXT;\n"
+    await _script(
+        db,
+        f"BEGIN IMMEDIATE;\n{added}{SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;\n",
+    )
+
+
+async def _script(db: aiosqlite.Connection, script: str) -> None:
+    """Run a migration script (one transaction): rolled back whole if any statement fails."""
+    try:
+        await db.executescript(script)
+    except BaseException:
+        if db.in_transaction:
+            await db.execute("ROLLBACK")
+        raise
 
 
 class Store:
@@ -480,7 +497,7 @@ class Store:
             flags |= FROM_INGEST
         if not e.cost_usd and not 200 <= e.status < 300:
             flags |= FREE
-        return (now, state, len(body) + _ROW_OVERHEAD, flags, body)
+        return (now, state, len(body) + _ROW_OVERHEAD, flags, body, e.refused_by)
 
     def _quarantine(self, head: int, bad: list[tuple[Event, Exception]]) -> list[Event]:
         """Take the events that could not be encoded (each with what encoding raised) out of

@@ -276,7 +276,7 @@ async def test_a_store_of_schema_2_gets_the_budget_table(tmp_path: Path) -> None
     finally:
         await s.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchall() == [(3,)]
+    assert db.execute("PRAGMA user_version").fetchall() == [(4,)]
     db.close()
 
 

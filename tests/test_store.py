@@ -7,6 +7,7 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,16 @@ import pytest
 from proxy.adapters.base import UsageSource
 from proxy.config import StorageConfig
 from proxy.events import Event
-from proxy.store import FROM_INGEST, LOCAL, PENDING, REFUSED, SHIPPED, UNPRICED, Store
+from proxy.store import (
+    FROM_INGEST,
+    LOCAL,
+    PENDING,
+    REFUSED,
+    SCHEMA,
+    SHIPPED,
+    UNPRICED,
+    Store,
+)
 
 from .conftest import eventually, fill
 
@@ -355,8 +365,46 @@ async def test_a_schema_1_spool_is_upgraded_without_losing_anything(tmp_path: Pa
         (11, PENDING, FROM_INGEST),
         (12, PENDING, 0),  # ids go on from where the old table was
     ]
-    assert rows(path, "PRAGMA user_version") == [(3,)]
+    assert rows(path, "SELECT id FROM events WHERE refused_by = 'local'") == [(10,)]
+    assert rows(path, "PRAGMA user_version") == [(4,)]
     assert rows(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+@pytest.mark.parametrize("version", [2, 3])
+async def test_an_older_spool_gains_the_refusing_layer(tmp_path: Path, version: int) -> None:
+    """Refusals are counted by layer (the status page): the layer is kept in its own column
+    (schema 4), never in the stored body (which is shipped as it is); older refusals have none.
+    A schema 2 spool also gains budget_spend (schema 3)."""
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        SCHEMA.replace(",\n    refused_by TEXT", "\n    -- ")
+        + ("DROP TABLE budget_spend;" if version == 2 else "")
+        + f"PRAGMA user_version = {version};"
+    )
+    assert "refused_by" not in [r[1] for r in db.execute("PRAGMA table_info(events)")]
+    db.execute(
+        "INSERT INTO events (created, state, size, flags, body) VALUES (1, 0, 42, 1, ?)", (b"{}",)
+    )
+    db.commit()
+    db.close()
+    s = await Store.open(config(path), ship=True)
+    try:
+        s.start()
+        s.enqueue(replace(event(1), status=429, refused_by="manual"))
+        s.enqueue(event(2))
+        await s.flush()
+        batch = await s.next_batch(10)
+        assert batch is not None and b"manual" not in batch.payload()
+    finally:
+        await s.close()
+    assert rows(path, "SELECT id, flags & 1, refused_by FROM events ORDER BY id") == [
+        (1, REFUSED, None),
+        (2, REFUSED, "manual"),
+        (3, 0, None),
+    ]
+    assert rows(path, "SELECT COUNT(*) FROM budget_spend") == [(0,)]
+    assert rows(path, "PRAGMA user_version") == [(4,)]
 
 
 async def test_a_cancelled_shipping_step_leaves_no_transaction_open(store: Store) -> None:

@@ -1,0 +1,69 @@
+"""``atlasburn-proxy ui``: a one-time login URL for the running daemon's status page.
+
+The command asks the daemon (``POST /api/ui/login-tokens``, with the local API key, like
+``status``) for a login token and prints the URL that redeems it; where a browser can be shown
+(a terminal on a desktop: ``DISPLAY`` or ``WAYLAND_DISPLAY`` set, or macOS) it also opens it.
+The URL works once, within two minutes (``sessions.TOKEN_SECONDS``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+import webbrowser
+
+from ..auth import HEADER, local_key
+from ..config import Config
+from ..control import TIMEOUT, OperatorError, base_url
+from ..text import inert
+
+_MAX_ANSWER = 1 << 16
+
+
+def login_url(config: Config) -> str:
+    """The login URL from the daemon of ``config``; OperatorError with what went wrong."""
+    key = local_key(config.atlasburn.api_key.reveal(), config.storage.path.parent, create=False)
+    if key is None:
+        raise OperatorError(
+            "no key for the local API: set atlasburn.api_key, or start the daemon once "
+            f"(it writes one to {config.storage.path.parent / 'local-api-key'})"
+        )
+    base = base_url(config)
+    request = urllib.request.Request(
+        base + "/api/ui/login-tokens", data=b"", method="POST", headers={HEADER: key}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310
+            answer = json.loads(response.read(_MAX_ANSWER))
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = inert(str(json.loads(exc.read(_MAX_ANSWER))["error"]["message"]))
+        except (ValueError, KeyError, TypeError):
+            detail = inert(str(exc.reason))
+        raise OperatorError(f"the daemon at {base} answered {exc.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise OperatorError(f"cannot reach the daemon at {base}: {reason}") from None
+    path = answer.get("path") if isinstance(answer, dict) else None
+    if not isinstance(path, str) or not path.startswith("/ui/login?token="):
+        raise OperatorError(f"the daemon at {base} gave no login URL (an older version?)")
+    return base + path
+
+
+def can_open_browser() -> bool:
+    """Whether a browser window would be seen: an interactive terminal on a desktop."""
+    if not sys.stdout.isatty():
+        return False
+    return sys.platform == "darwin" or bool(
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    )
+
+
+def open_browser(url: str) -> bool:
+    try:
+        return webbrowser.open(url)
+    except webbrowser.Error:
+        return False
