@@ -66,10 +66,37 @@ def request_head(
         drop = drop | {token.strip().lower().encode("latin-1") for token in connection.split(",")}
     if extra:
         drop = drop | extra
-    return b"".join(
+    head = b"".join(
         [
             name + b": " + value + b"\r\n"
             for name, value in raw
             if (lower := name.lower()) not in drop and not lower.startswith(_OWN_PREFIX_RAW)
         ]
     )
+    if SESSION_COOKIE not in head:  # (the status page's cookie: only a browser sends one)
+        return head
+    return b"".join(
+        [
+            name + b": " + kept + b"\r\n"
+            for name, value in raw
+            if (lower := name.lower()) not in drop and not lower.startswith(_OWN_PREFIX_RAW)
+            for kept in [without_session(value) if lower == b"cookie" else value]
+            if kept
+        ]
+    )
+
+
+SESSION_COOKIE = b"atlasburn_session_"
+
+
+def without_session(cookie: bytes) -> bytes:
+    """A ``Cookie`` header's value without the status page's session cookies
+    (``atlasburn_session_<port>``): a browser app on an allowed origin that sends credentials
+    to a provider route must not hand the daemon's session to the provider. b"" when nothing
+    is left of it."""
+    kept = [
+        pair.strip()
+        for pair in cookie.split(b";")
+        if pair.strip() and not pair.strip().startswith(SESSION_COOKIE)
+    ]
+    return b"; ".join(kept)

@@ -53,7 +53,7 @@ from .attribution import Attributes, with_process
 from .config import Config
 from .events import Event, iso_ms
 from .fingerprint import fingerprint
-from .headers import REQUEST_DROP, filter_headers, is_own
+from .headers import REQUEST_DROP, filter_headers, is_own, without_session
 from .routes import Route
 from .text import inert
 
@@ -268,7 +268,11 @@ class _Session:
         )
         drop = _FORWARDED[owner.forwarded_for]
         headers = filter_headers(
-            [(name, value) for name, value in request.headers.items() if not is_own(name)],
+            [
+                (name, _without_session(value) if name.lower() == "cookie" else value)
+                for name, value in request.headers.items()
+                if not is_own(name)
+            ],
             request.headers.get(hdrs.CONNECTION),
             REQUEST_DROP,
             _HANDSHAKE | drop,
@@ -474,6 +478,10 @@ async def _pump(src: Any, dst: Any, feed: Callable[[str], None] | None) -> tuple
             if kind is WSMsgType.ERROR:
                 log.info("websocket side failed: %s", msg.data)
             return None
+
+
+def _without_session(value: str) -> str:
+    return without_session(value.encode("latin-1", "replace")).decode("latin-1")
 
 
 def _sendable(code: int | None, fallback: int) -> int:

@@ -553,3 +553,23 @@ async def test_a_bare_bearer_scheme_is_no_credential(
                 assert r.status == 200, await r.text()
     ids = [e.attributes.key_id if e.attributes else None for e in daemon.events]
     assert ids == [expected_id(daemon, KEY), expected_id(daemon, "sk-other"), None]
+
+
+async def test_the_status_page_session_cookie_never_goes_upstream(
+    fake: FakeProvider, daemon: RunningDaemon
+) -> None:
+    """A browser app that sends credentials to a provider route carries the daemon's status
+    page session cookie too: it is taken out; the app's own cookies are relayed."""
+    async with aiohttp.ClientSession() as s:
+        for cookie, relayed in (
+            ("theme=dark; atlasburn_session_8787=s3cret; lang=en", "theme=dark; lang=en"),
+            ("atlasburn_session_8787=s3cret", None),
+        ):
+            async with s.post(
+                daemon.url + "/v1/embeddings",
+                json={"model": "text-embedding-3-small", "input": cookie},
+                headers={"Cookie": cookie},
+            ) as r:
+                assert r.status == 200
+            assert fake.requests[-1].header("Cookie") == relayed
+    assert not any("s3cret" in v for seen in fake.requests for _, v in seen.headers)
