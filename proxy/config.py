@@ -1008,7 +1008,11 @@ def _providers(t: _Table) -> dict[str, ProviderConfig]:
             )
         if enabled and known is None:
             if not pt.has("kind"):
-                pt.problem("kind", f"required for a new provider; one of {', '.join(ADAPTERS)}")
+                close = difflib.get_close_matches(name, list(DEFAULT_PROVIDERS), n=1)
+                hint = f" (or did you mean [providers.{close[0]}]?)" if close else ""
+                pt.problem(
+                    "kind", f"required for a new provider; one of {', '.join(ADAPTERS)}{hint}"
+                )
             if not pt.has("base_url"):
                 pt.problem("base_url", "required for a new provider")
         pt.done()

@@ -32,13 +32,41 @@ def base_url(config: Config) -> str:
     return f"http://{host}:{config.server.listen.port}"
 
 
-def call(config: Config, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def operator_key(config: Config) -> str:
+    """The local API key an operator command sends: the configured one, else the one the
+    daemon of ``config`` wrote beside its store. OperatorError when there is none."""
     key = local_key(config.atlasburn.api_key.reveal(), config.storage.path.parent, create=False)
     if key is None:
         raise OperatorError(
             "no key for the local API: set atlasburn.api_key, or start the daemon once "
             f"(it writes one to {config.storage.path.parent / 'local-api-key'})"
         )
+    return key
+
+
+def refused(exc: urllib.error.HTTPError, config: Config) -> OperatorError:
+    """The daemon's error answer, in one line. A 401 says which key this command sent: the
+    usual cause is a command run without the daemon's config (another state directory)."""
+    try:
+        detail = inert(str(json.loads(exc.read(_MAX_ANSWER))["error"]["message"]))
+    except (ValueError, KeyError, TypeError):
+        detail = inert(str(exc.reason))
+    message = f"the daemon at {base_url(config)} answered {exc.code}: {detail}"
+    if exc.code == 401:
+        sent = (
+            "the configured atlasburn.api_key"
+            if config.atlasburn.api_key
+            else f"the key in {config.storage.path.parent / 'local-api-key'}"
+        )
+        message += (
+            f" (this command sent {sent}; if the daemon runs with a config file, give this"
+            " command the same one: --config FILE, or ATLASBURN_PROXY_CONFIG)"
+        )
+    return OperatorError(message)
+
+
+def call(config: Config, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    key = operator_key(config)
     url = base_url(config) + "/api/guardrails/enforce"
     data = None
     if method == "GET":
@@ -53,11 +81,7 @@ def call(config: Config, method: str, body: dict[str, Any] | None = None) -> dic
             answer: dict[str, Any] = json.loads(response.read(_MAX_ANSWER))
             return answer
     except urllib.error.HTTPError as exc:
-        try:
-            detail = inert(str(json.loads(exc.read(_MAX_ANSWER))["error"]["message"]))
-        except (ValueError, KeyError, TypeError):
-            detail = inert(str(exc.reason))
-        raise OperatorError(f"the daemon answered {exc.code}: {detail}") from None
+        raise refused(exc, config) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise OperatorError(f"cannot reach the daemon at {base_url(config)}: {reason}") from None

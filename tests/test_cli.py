@@ -253,5 +253,21 @@ async def test_operator_commands_take_listen_like_run_and_say_which_daemon(
     assert (code, err, out.startswith("org org_local: SUSPENDED")) == (0, "status: " + said, True)
     code, out, err = await asyncio.to_thread(command, "resume")
     assert (code, out, err) == (0, "org org_local: ok (guardrail:org_local)\n", "resume: " + said)
+    # The same daemon asked without its config (another state directory, another key): the
+    # 401 says which key was sent and what to give the command.
+    other = tmp_path / "other.toml"
+    other.write_text(f'[storage]\npath = "{tmp_path / "elsewhere" / "spool.sqlite3"}"\n')
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / "elsewhere" / "local-api-key").write_text("abn_local_not_the_daemons\n")
+    (tmp_path / "elsewhere" / "local-api-key").chmod(0o600)
+    code, out, err = await asyncio.to_thread(
+        run_cli, "status", "--config", str(other), "--listen", listen
+    )
+    assert (code, out) == (1, "")
+    assert err.splitlines()[1] == (
+        f"the daemon at http://{listen} answered 401: wrong AtlasBurn-API-Key (this command"
+        f" sent the key in {tmp_path / 'elsewhere' / 'local-api-key'}; if the daemon runs with a"
+        " config file, give this command the same one: --config FILE, or ATLASBURN_PROXY_CONFIG)"
+    )
     p.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(p.proc.wait(), 10) == 0

@@ -530,3 +530,10 @@ def test_budget_match_is_sorted_and_tags_lower_cased() -> None:
     [budget] = cfg.guardrails.budgets
     assert budget.match == (("app", "web-*"), ("tag:team", "search"))
     assert (budget.max_usd_per_hour, budget.max_usd_per_day, budget.warn_at) == (0.0, 20.0, 0.8)
+
+
+def test_a_misspelt_provider_name_is_pointed_at_the_built_in_one() -> None:
+    assert problems({"providers": {"opneai": {"base_url": "https://api.openai.com"}}}) == [
+        "providers.opneai.kind: required for a new provider; one of openai, anthropic, gemini,"
+        " azure (or did you mean [providers.openai]?)"
+    ]

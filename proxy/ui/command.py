@@ -15,22 +15,16 @@ import urllib.error
 import urllib.request
 import webbrowser
 
-from ..auth import HEADER, local_key
+from ..auth import HEADER
 from ..config import Config
-from ..control import TIMEOUT, OperatorError, base_url
-from ..text import inert
+from ..control import TIMEOUT, OperatorError, base_url, operator_key, refused
 
 _MAX_ANSWER = 1 << 16
 
 
 def login_url(config: Config) -> str:
     """The login URL from the daemon of ``config``; OperatorError with what went wrong."""
-    key = local_key(config.atlasburn.api_key.reveal(), config.storage.path.parent, create=False)
-    if key is None:
-        raise OperatorError(
-            "no key for the local API: set atlasburn.api_key, or start the daemon once "
-            f"(it writes one to {config.storage.path.parent / 'local-api-key'})"
-        )
+    key = operator_key(config)
     base = base_url(config)
     request = urllib.request.Request(
         base + "/api/ui/login-tokens", data=b"", method="POST", headers={HEADER: key}
@@ -39,11 +33,7 @@ def login_url(config: Config) -> str:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310
             answer = json.loads(response.read(_MAX_ANSWER))
     except urllib.error.HTTPError as exc:
-        try:
-            detail = inert(str(json.loads(exc.read(_MAX_ANSWER))["error"]["message"]))
-        except (ValueError, KeyError, TypeError):
-            detail = inert(str(exc.reason))
-        raise OperatorError(f"the daemon at {base} answered {exc.code}: {detail}") from None
+        raise refused(exc, config) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise OperatorError(f"cannot reach the daemon at {base}: {reason}") from None
