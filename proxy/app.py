@@ -405,6 +405,18 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
 
+def _lookups(finder: ProcessFinder | None) -> dict[str, float]:
+    """The process lookups' counters for /metrics (none while process attribution is off)."""
+    if finder is None:
+        return {}
+    return {
+        "atlasburn_process_lookups": float(finder.lookups),
+        "atlasburn_process_lookups_found": float(finder.found),
+        "atlasburn_process_lookups_not_found": float(finder.not_found),
+        "atlasburn_process_lookups_skipped": float(finder.skipped),
+    }
+
+
 class Daemon:
     """One running daemon: ``start`` binds and serves, ``stop`` drains and closes."""
 
@@ -418,6 +430,7 @@ class Daemon:
             lambda: {
                 "atlasburn_client_connections": float(len(limits.open)),
                 "atlasburn_client_connections_limit": float(limits.max_connections),
+                **_lookups(limits.finder),
             }
         )
         self.port = 0

@@ -224,6 +224,20 @@ STATE: dict[str, tuple[str, str]] = {
         "gauge",
         "The bound on open client connections (server.max_client_connections)",
     ),
+    "atlasburn_process_lookups": (
+        "counter",
+        "Client connections whose calling process was looked up ([attribution] process)",
+    ),
+    "atlasburn_process_lookups_found": ("counter", "Process lookups that found the process"),
+    "atlasburn_process_lookups_not_found": (
+        "counter",
+        "Process lookups that found none (another namespace or user, a client already gone, a"
+        " lookup past its bounds): those events name no process",
+    ),
+    "atlasburn_process_lookups_skipped": (
+        "counter",
+        "Connections not looked up: too many lookups waiting (a flood of new connections)",
+    ),
     "atlasburn_spool_pending_events": ("gauge", "Events in the spool waiting to be shipped"),
     "atlasburn_spool_queued_events": ("gauge", "Events in memory waiting for the next commit"),
     "atlasburn_spool_bytes": ("gauge", "Bytes of events in the spool"),

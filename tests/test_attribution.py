@@ -471,6 +471,10 @@ async def test_every_request_names_its_calling_process(
         assert event.attributes is not None and event.attributes.process is not None
         assert (event.attributes.process.pid, event.attributes.process.exe) == (pid, exe)
     assert all(e.to_ingest()["attributes"]["process"]["pid"] == pid for e in daemon.events)
+    m = await metrics(daemon)  # (this scrape's own connection is looked up too)
+    assert m[("atlasburn_process_lookups_found_total", ())] >= 3
+    assert m[("atlasburn_process_lookups_not_found_total", ())] == 0
+    assert m[("atlasburn_process_lookups_skipped_total", ())] == 0
 
 
 async def test_process_lookup_off_names_no_process(
