@@ -432,8 +432,11 @@ class _Finder:
                             return self._describe(pid, entry.path, target)
                     except OSError:
                         continue
-                    if n & 255 == 255 and time.monotonic() > deadline:
-                        return None
+                    if n & 31 == 31:
+                        _yield()
+                        if time.monotonic() > deadline:
+                            return None
+            _yield()
             if dirs >= self.max_dirs or time.monotonic() > deadline:
                 return None
         return None
@@ -474,6 +477,14 @@ class _Finder:
             exe=bounded(exe) if exe else None,
             unit=bounded(unit) if unit else None,
         )
+
+
+def _yield() -> None:
+    """Let the event loop's thread have the GIL. The scan is many short system calls with
+    Python between them; without this, a waiting event loop gets the GIL back only at the
+    interpreter's switch interval (5 ms), several times over a scan: a burst of new
+    connections then delayed the first bytes of streams already under way by tens of ms."""
+    time.sleep(0)
 
 
 def supported(proc: str = PROC) -> bool:
