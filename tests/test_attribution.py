@@ -31,7 +31,7 @@ from .test_report_since import run_report
 
 ROOT = Path(__file__).parent.parent
 EXE = Path(sys.executable).resolve().name  # e.g. python3.11, not the 15-character comm
-KEY = "sk-Q7vZ2mX9kR4tW1yB6nH3cJ8dLp0F"  # a canary: no piece of it is a word
+KEY = "sk-test-fake-canary-Q7vZ2mX9kR4tW1y"  # a canary: obviously fake, in no other text
 API_KEY = "abn_test_attribution"
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 

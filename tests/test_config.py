@@ -438,8 +438,8 @@ def test_a_provider_key_given_for_a_key_id_is_refused_and_never_shown() -> None:
     """Naming a key by pasting the key itself (as a key_names entry, or a budget's key_id)
     echoed it whole in the config error, which `run` writes to the journal; a short one made a
     budget that could never match."""
-    key = "sk-proj-" + "A1b2" * 40
-    short = "sk-ant-api03-Short"
+    key = "sk-test-fake-" + "A1b2" * 40  # as long as a real project key, obviously fake
+    short = "sk-test-fake-short"
     got = problems(
         {
             "attribution": {"key_names": {"key_0123456789abcdef": "ok", key: "team"}},

@@ -79,7 +79,7 @@ async def test_usage_in_the_access_log_says_what_was_metered(
 
 async def test_access_lines_say_who_without_the_key(start_proxy: StartProxy) -> None:
     """An access line names the app and the key's id (attribution), never the key."""
-    key = "sk-Q7vZ2mX9kR4tW1yB6nH3cJ8dLp0F"
+    key = "sk-test-fake-canary-Q7vZ2mX9kR4tW1y"
     proxy = await start_proxy(ship=False)
     async with aiohttp.ClientSession() as s:
         async with s.post(
