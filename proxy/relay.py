@@ -167,8 +167,8 @@ class Relay:
         self.spend = spend or SpendCap(config.guardrails.spend_cap)
         self.metrics = metrics
         self.access = access or AccessLog(False)
-        # Events waiting for their connection's process lookup: id -> (event, overhead s,
-        # request id, connection).
+        # Events waiting for their connection's process lookup, or behind one that does,
+        # oldest first: id -> (event, overhead s, request id, connection).
         self.waiting: dict[int, tuple[Event, float, str, Any]] = {}
         self.attribution = attribution or RequestAttribution(None)
         self.budgets = budgets or Budgets(config.guardrails.budgets)
@@ -504,16 +504,18 @@ class Relay:
         has: its event waits for the lookup (at most its deadline, a fraction of a second; the
         client has its answer already) before it is recorded, so that the first request of a
         connection, and every request of a client that opens one connection per request, names
-        its process too; a budget that matches only with the process counts it then."""
+        its process too; a budget that matches only with the process counts it then. Events
+        are recorded in the order their requests ended: one that ends while another waits
+        waits behind it (the spool and the access log stay in order)."""
         overhead = time.perf_counter() - t0 - waited
         self._spent(event)
         lookup = _pending_lookup(event, connection)
-        if lookup is None:
+        if lookup is None and not self.waiting:
             self._recorded(event, overhead, request_id())
             return
-        key = id(event)
-        self.waiting[key] = (event, overhead, request_id(), connection)
-        lookup.add_done_callback(lambda _: self._looked_up(key))
+        self.waiting[id(event)] = (event, overhead, request_id(), connection)
+        if lookup is not None:
+            lookup.add_done_callback(lambda _: self._release())
 
     def _spent(self, event: Event) -> None:
         if event.cost_usd <= 0:
@@ -529,19 +531,22 @@ class Relay:
             if event.budgets:
                 self.budgets.add(event.budgets, event.cost_usd)
 
-    def _looked_up(self, key: int) -> None:
-        waiting = self.waiting.pop(key, None)
-        if waiting is None:  # recorded by flush_waiting at shutdown
-            return
-        event, overhead, rid, connection = waiting
-        event.attributes = with_process(event.attributes, connection)
-        if event.cost_usd > 0 and self.budgets.active:
-            now = self.budgets.matching(event.attributes, event.provider, event.model)
-            more = tuple(name for name in now if name not in event.budgets)
-            if more:  # budgets of a unit or an exe: known only now
-                self.budgets.add(more, event.cost_usd)
-                event.budgets += more
-        self._recorded(event, overhead, rid)
+    def _release(self) -> None:
+        """Record the waiting events from the oldest on, up to the first whose lookup has not
+        ended yet."""
+        while self.waiting:
+            key, (event, overhead, rid, connection) = next(iter(self.waiting.items()))
+            if _pending_lookup(event, connection) is not None:
+                return
+            del self.waiting[key]
+            event.attributes = with_process(event.attributes, connection)
+            if event.cost_usd > 0 and self.budgets.active:
+                now = self.budgets.matching(event.attributes, event.provider, event.model)
+                more = tuple(name for name in now if name not in event.budgets)
+                if more:  # budgets of a unit: known only now
+                    self.budgets.add(more, event.cost_usd)
+                    event.budgets += more
+            self._recorded(event, overhead, rid)
 
     def flush_waiting(self) -> None:
         """Record, without their process, the events still waiting for a process lookup (the
