@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from . import __version__
 from .config import Config, load_config
@@ -25,6 +25,8 @@ from .errors import ConfigError, StateFileError
 from .logs import setup_logging
 
 log = logging.getLogger("proxy")
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -256,7 +258,6 @@ def print_key_id(config_path: str | None) -> int:
     import getpass
 
     from .attribution.keys import KeyIds, key_secret
-    from .errors import StateFileError
 
     try:
         config = load_config(resolve_config_path(config_path))
@@ -298,17 +299,32 @@ def print_key_id(config_path: str | None) -> int:
     return EXIT_OK
 
 
-def operate(args: argparse.Namespace) -> int:
-    from . import control
+def ask_daemon(args: argparse.Namespace, ask: Callable[[Config], T]) -> tuple[Config, T] | int:
+    """For ``status``, ``suspend``, ``resume`` and ``ui``: the config (``--config``,
+    ``--listen``), a line on stderr naming the daemon, then ``ask(config)``. An exit code
+    instead, once the problem is printed: 2 for the config or a refused key file, 1 when the
+    daemon cannot be reached or refuses."""
+    from .control import OperatorError, base_url
 
     config = load_for_command(args)
     if config is None:
         return EXIT_CONFIG
-    print(f"{args.command}: daemon {control.base_url(config)}", file=sys.stderr)
+    print(f"{args.command}: daemon {base_url(config)}", file=sys.stderr)
     try:
-        if args.command == "status":
-            answer = control.call(config, "GET")
-        elif args.command == "suspend":
+        return config, ask(config)
+    except OperatorError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILURE
+    except StateFileError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def operate(args: argparse.Namespace) -> int:
+    from . import control
+
+    def ask(config: Config) -> dict[str, Any]:
+        if args.command == "suspend":
             body = {
                 "action": "suspend",
                 "layer": args.layer,
@@ -316,37 +332,26 @@ def operate(args: argparse.Namespace) -> int:
                 "reason": args.reason,
             }
             control.call(config, "POST", body)
-            answer = control.call(config, "GET")
-        else:
+        elif args.command == "resume":
             control.call(config, "DELETE", {"reason": args.reason})
-            answer = control.call(config, "GET")
-    except control.OperatorError as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_FAILURE
-    except StateFileError as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_CONFIG
+        return control.call(config, "GET")
+
+    asked = ask_daemon(args, ask)
+    if isinstance(asked, int):
+        return asked
+    config, answer = asked
     print(control.describe(config, answer))
     return EXIT_OK
 
 
 def open_ui(args: argparse.Namespace) -> int:
     """``ui``: the status page's one-time login URL on stdout (opened where a browser can be)."""
-    from .control import OperatorError, base_url
     from .ui import command
 
-    config = load_for_command(args)
-    if config is None:
-        return EXIT_CONFIG
-    print(f"ui: daemon {base_url(config)}", file=sys.stderr)
-    try:
-        url = command.login_url(config)
-    except OperatorError as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_FAILURE
-    except StateFileError as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_CONFIG
+    asked = ask_daemon(args, command.login_url)
+    if isinstance(asked, int):
+        return asked
+    _, url = asked
     print(url, flush=True)
     print("(a one-time link: it works once, within two minutes)", file=sys.stderr)
     if not args.no_browser and command.can_open_browser():
