@@ -55,10 +55,8 @@ async def browser() -> AsyncIterator[Browser]:
             await browser.close()
 
 
-async def ui_command(daemon: RunningDaemon, spool: Path, tmp_path: Path) -> str:
-    """The login URL that ``atlasburn-proxy ui`` prints for ``daemon`` (a real process)."""
-    config = tmp_path / "ui.toml"
-    config.write_text(f'[storage]\npath = "{spool}"\n')
+async def run_ui(config: Path, listen: str) -> tuple[int | None, bytes, bytes]:
+    """(exit code, stdout, stderr) of ``atlasburn-proxy ui --config config --listen listen``."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -67,14 +65,22 @@ async def ui_command(daemon: RunningDaemon, spool: Path, tmp_path: Path) -> str:
         "--config",
         str(config),
         "--listen",
-        f"127.0.0.1:{daemon.daemon.port}",
+        listen,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=ROOT,
     )
     SPAWNED.append(proc)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
+    return proc.returncode, out, err
+
+
+async def ui_command(daemon: RunningDaemon, spool: Path, tmp_path: Path) -> str:
+    """The login URL that ``atlasburn-proxy ui`` prints for ``daemon`` (a real process)."""
+    config = tmp_path / "ui.toml"
+    config.write_text(f'[storage]\npath = "{spool}"\n')
+    code, out, err = await run_ui(config, f"127.0.0.1:{daemon.daemon.port}")
+    assert code == 0, err.decode()
     assert err.decode() == (
         f"ui: daemon http://127.0.0.1:{daemon.daemon.port}\n"
         "(a one-time link: it works once, within two minutes)\n"
@@ -359,22 +365,8 @@ async def test_headers_and_session_rules(
 async def test_the_ui_command_says_when_no_daemon_answers(tmp_path: Path) -> None:
     config = tmp_path / "ui.toml"
     config.write_text('[atlasburn]\napi_key = "abn_test_ui_key"\n')
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "ui",
-        "--config",
-        str(config),
-        "--listen",
-        "127.0.0.1:9",  # discard: nothing listens there
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    SPAWNED.append(proc)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert (proc.returncode, out) == (1, b"")
+    code, out, err = await run_ui(config, "127.0.0.1:9")  # discard: nothing listens there
+    assert (code, out) == (1, b"")
     assert err.decode() == (
         "ui: daemon http://127.0.0.1:9\n"
         "cannot reach the daemon at http://127.0.0.1:9: [Errno 111] Connection refused\n"
