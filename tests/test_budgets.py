@@ -34,6 +34,7 @@ from .conftest import RunningDaemon, StartDaemon, eventually
 from .fakes.provider import FakeProvider
 from .test_attribution import key_id_command
 from .test_fleet import redis_url  # noqa: F401  (the fixture: a redis-server of this module's)
+from .test_websocket import HANDSHAKE
 
 COST = 0.0001578
 REFUSAL = (
@@ -419,13 +420,7 @@ async def test_a_websocket_session_counts_in_its_budget_and_is_refused_over_it(
                     if event.type == "response.done":
                         break
         await eventually(lambda: len(d.events) == 1)
-        handshake = {
-            "Upgrade": "websocket",
-            "Connection": "Upgrade",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-            "Sec-WebSocket-Version": "13",
-            "AtlasBurn-App": "voice",
-        }
+        handshake = {**HANDSHAKE, "AtlasBurn-App": "voice"}
         async with aiohttp.ClientSession() as s:
             async with s.get(d.url + "/v1/realtime?model=gpt-realtime", headers=handshake) as r:
                 assert r.status == 429

@@ -95,6 +95,15 @@ async def daemons(upstream: FakeRealtime, tmp_path: Path) -> AsyncIterator[Daemo
         await daemon.stop()
 
 
+# A WebSocket upgrade request's headers (RFC 6455 §4.1; the key is the RFC's own example).
+HANDSHAKE = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version": "13",
+}
+
+
 def ws_url(daemon: Daemon, model: str = "gpt-realtime") -> str:
     return f"{daemon.url}/v1/realtime?model={model}"
 
@@ -253,13 +262,7 @@ async def test_upstream_refusing_the_handshake_is_relayed_as_its_answer(
     daemons: Daemons,
 ) -> None:
     daemon = await daemons.start()
-    handshake = {
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version": "13",
-        "Authorization": "Bearer sk-test",
-    }
+    handshake = {**HANDSHAKE, "Authorization": "Bearer sk-test"}
     async with aiohttp.ClientSession() as s:
         async with s.get(ws_url(daemon, "refuse"), headers=handshake) as r:
             assert r.status == 403
@@ -287,19 +290,13 @@ async def test_a_handshake_not_upgraded_is_recorded_as_answered(
     daemons.upstream.redirect_to = running.url + "/v1/realtime?model=gpt-realtime"
     try:
         daemon = await daemons.start()
-        handshake = {
-            "Upgrade": "websocket",
-            "Connection": "Upgrade",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-            "Sec-WebSocket-Version": "13",
-        }
         async with aiohttp.ClientSession() as s:
             async with s.get(
-                ws_url(daemon, "redirect"), headers=handshake, allow_redirects=False
+                ws_url(daemon, "redirect"), headers=HANDSHAKE, allow_redirects=False
             ) as r:
                 assert r.status == 302
                 assert r.headers["Location"] == daemons.upstream.redirect_to
-            async with s.get(ws_url(daemon, "plain"), headers=handshake) as r:
+            async with s.get(ws_url(daemon, "plain"), headers=HANDSHAKE) as r:
                 assert r.status == 200
                 assert await r.json() == {"object": "list", "data": []}
         assert elsewhere.handshakes == []
@@ -314,14 +311,8 @@ async def test_a_handshake_not_upgraded_is_recorded_as_answered(
 async def test_kill_flag_answers_429_before_the_upgrade(daemons: Daemons) -> None:
     daemon = await daemons.start()
     await daemon.kill.suspend("manual", "budget review", 30, "api")
-    handshake = {
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version": "13",
-    }
     async with aiohttp.ClientSession() as s:
-        async with s.get(ws_url(daemon), headers=handshake) as r:
+        async with s.get(ws_url(daemon), headers=HANDSHAKE) as r:
             assert r.status == 429
             assert r.headers["Retry-After"] == "30"
             assert r.headers["x-should-retry"] == "false"
