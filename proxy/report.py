@@ -28,20 +28,6 @@ from pathlib import Path
 from .store import REFUSED, UNPRICED, USAGE_UNKNOWN
 from .text import inert
 
-GROUPS = (
-    "provider",
-    "model",
-    "endpoint",
-    "fingerprint",
-    "app",
-    "user",
-    "session",
-    "key",
-    "unit",
-    "exe",
-    "hour",
-    "day",
-)
 # --by hour|day: the leading characters of the event's ts that name its bucket (ts is ISO 8601 UTC).
 _BUCKETS = {"hour": 13, "day": 10}
 _BUCKET_SUFFIX = {"hour": ":00Z", "day": ""}
@@ -61,6 +47,8 @@ _PATHS = {
 }
 # A tag name is what a header name may hold (RFC 9110 token); none of it ends the quoted key.
 _TAG = re.compile(r"tag:([!#$%&'*+.^_`|~0-9A-Za-z-]{1,128})")
+# Every --by but tag:<Name>.
+GROUPS = (*_PATHS, *_BUCKETS)
 NONE = "(none)"  # the row of the events that do not say (no app header, no process found...)
 
 
