@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from yarl import URL
 
 from .adapters import ADAPTERS
+from .attribution import MAX_BYTES, TAG_NAME
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -204,7 +205,7 @@ class SpendCapConfig:
 BUDGET_DIMENSIONS = ("app", "user", "key_id", "key_name", "unit", "model", "provider")
 _BUDGET_NAME = re.compile(r"[A-Za-z0-9_.:@+-]{1,64}")
 # What a header name may hold (RFC 9110 token): AtlasBurn-Tag-<Name> carries any of it.
-_TAG_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
+_TAG_NAME = re.compile(TAG_NAME)
 MAX_BUDGETS = 256
 
 
@@ -869,7 +870,7 @@ def _budget_match(t: _Table) -> tuple[tuple[str, str], ...]:
 
 
 def _pattern(value: str) -> str:
-    if not value or len(value.encode()) > 128:
+    if not value or len(value.encode()) > MAX_BYTES:
         raise ValueError(f"expected 1-128 bytes (a value or a shell glob), got {value!r}")
     return value
 
@@ -888,7 +889,7 @@ def _not_shown(value: str) -> str:
 
 def _key_id_pattern(value: str) -> str:
     """A budget's ``key_id``: a key id or a glob that can match one; never echoed otherwise."""
-    if not value or len(value.encode()) > 128:
+    if not value or len(value.encode()) > MAX_BYTES:
         raise ValueError(_key_id_glob(value))
     literal = re.sub(r"\[[^\]]*\]|[*?]", "", value)
     glob = literal != value
@@ -905,7 +906,7 @@ def _key_id_glob(value: str) -> str:
 
 
 def _key_name(value: str) -> str:
-    if not value or len(value.encode()) > 128 or not value.isprintable():
+    if not value or len(value.encode()) > MAX_BYTES or not value.isprintable():
         raise ValueError(f"expected a name of 1-128 bytes, printable, got {value!r}")
     return value
 

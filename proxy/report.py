@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .attribution import TAG_NAME
 from .store import REFUSED, UNPRICED, USAGE_UNKNOWN
 from .text import inert
 
@@ -45,8 +46,7 @@ _PATHS = {
     "unit": "$.attributes.process.unit",
     "exe": "$.attributes.process.exe",
 }
-# A tag name is what a header name may hold (RFC 9110 token); none of it ends the quoted key.
-_TAG = re.compile(r"tag:([!#$%&'*+.^_`|~0-9A-Za-z-]{1,128})")
+_TAG = re.compile(f"tag:({TAG_NAME})")
 # Every --by but tag:<Name>.
 GROUPS = (*_PATHS, *_BUCKETS)
 NONE = "(none)"  # the row of the events that do not say (no app header, no process found...)

@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-# Dimensions ``report --by`` and budgets know besides ``tag:<Name>``.
-DIMENSIONS = ("app", "user", "session", "key_id", "key_name", "unit", "exe")
 MAX_TAGS = 10  # per request; more are cut, never a 4xx
 MAX_BYTES = 128  # per name and per value, in UTF-8 bytes; longer ones are cut
+# A tag's name as ``tag:<Name>`` gives it (report --by, budgets): what a header name may hold
+# (an RFC 9110 token), none of which ends a quoted JSON path key.
+TAG_NAME = rf"[!#$%&'*+.^_`|~0-9A-Za-z-]{{1,{MAX_BYTES}}}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +90,9 @@ class Attributes:
         return out or None
 
     def dimension(self, name: str) -> str | None:
-        """The value of one dimension (``DIMENSIONS`` or ``tag:<Name>``), None when unknown."""
+        """The value of one dimension (a member's name: ``app``, ``user``, ``session``,
+        ``key_id``, ``key_name``; the process's ``unit``, ``exe``, ``pid``; or
+        ``tag:<Name>``), None when unknown."""
         if name.startswith("tag:"):
             tag = name[4:]
             for key, value in self.tags:
