@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from yarl import URL
 
 from .adapters import ADAPTERS
-from .attribution import MAX_BYTES, TAG_NAME
+from .attribution import KEY_ID, MAX_BYTES, TAG_NAME
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -875,7 +875,7 @@ def _pattern(value: str) -> str:
     return value
 
 
-_KEY_ID = re.compile(r"key_[0-9a-f]{16}")
+_KEY_ID = re.compile(KEY_ID)
 # What may stay of a key_id glob once its [...] sets, * and ? are taken out.
 _KEY_ID_LITERAL = re.compile(r"[key_0-9a-f]*")
 _KEY_ID_HINT = "expected a key id like 'key_0123456789abcdef' (atlasburn-proxy key-id prints one)"

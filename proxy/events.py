@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from .adapters.base import UsageSource
-from .attribution import MAX_BYTES, MAX_TAGS, Attributes, Process
+from .attribution import KEY_ID, MAX_BYTES, MAX_TAGS, Attributes, Process
 from .attribution.request import bounded
 from .text import LIMIT, inert
 
@@ -267,7 +267,7 @@ def parse_event(obj: Any, now: float | None = None) -> Event:
     return event
 
 
-_KEY_ID = re.compile(r"key_[0-9a-f]{16}")
+_KEY_ID = re.compile(KEY_ID)
 _ATTRIBUTE_MEMBERS = ("app", "user", "session", "tags", "key_id", "key_name", "process")
 _MAX_PID = 2**22  # Linux's pid_max limit
 

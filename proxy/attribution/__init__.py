@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+KEY_ID = r"key_[0-9a-f]{16}"  # what ``keys.KeyIds.key_id`` gives
 MAX_TAGS = 10  # per request; more are cut, never a 4xx
 MAX_BYTES = 128  # per name and per value, in UTF-8 bytes; longer ones are cut
 # A tag's name as ``tag:<Name>`` gives it (report --by, budgets): what a header name may hold
