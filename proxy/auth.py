@@ -20,8 +20,7 @@ import os
 import secrets
 from pathlib import Path
 
-from .errors import StateFileError
-from .statefiles import StateDir
+from .statefiles import read_or_create
 
 log = logging.getLogger(__name__)
 
@@ -62,34 +61,21 @@ def local_key(configured: str, state_dir: Path, *, create: bool) -> str | None:
     """
     if configured:
         return configured
-    state = StateDir.check(state_dir, create=create)
-    if state is None:
-        return None
+    key, how = read_or_create(
+        state_dir,
+        KEY_FILE,
+        _parse,
+        lambda: ("abn_local_" + secrets.token_urlsafe(32) + "\n").encode(),
+        create=create,
+    )
     path = key_file(state_dir)
-    # Twice at most: a key that another process (a second daemon on the same state directory)
-    # wrote between our read and our create is read, not overwritten.
-    for _ in range(2):
-        data = state.read(KEY_FILE)
-        key = _parse(data) if data is not None else None
-        if key is not None or not create:
-            return key
-        key = "abn_local_" + secrets.token_urlsafe(32)
-        if data is not None:
-            state.replace(KEY_FILE, (key + "\n").encode())
-            log.warning("%s held no key: generated a new key for the local API", path)
-            return key
-        try:
-            state.create(KEY_FILE, (key + "\n").encode())
-        except FileExistsError:
-            continue
+    if how == "replaced":
+        log.warning("%s held no key: generated a new key for the local API", path)
+    elif how == "created":
         log.warning(
             "no atlasburn.api_key configured: generated a key for the local API in %s", path
         )
-        return key
-    raise StateFileError(
-        f"storage.path: {path} keeps changing while it is read; is another "
-        "daemon using the same storage.path?"
-    )
+    return key
 
 
 def _parse(data: bytes) -> str | None:

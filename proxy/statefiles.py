@@ -38,12 +38,15 @@ import os
 import pwd
 import secrets
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import StateFileError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
@@ -366,3 +369,42 @@ def _mkdir(path: Path) -> None:
 
 def _cannot(what: str, path: Path, exc: OSError) -> StateFileError:
     return StateFileError(f"storage.path: cannot {what} {path}: {exc.strerror or exc}")
+
+
+def read_or_create(
+    directory: Path,
+    name: str,
+    parse: Callable[[bytes], T | None],
+    make: Callable[[], bytes],
+    *,
+    create: bool,
+) -> tuple[T | None, str]:
+    """A private value kept in the file ``name`` of the state directory (the local API key,
+    the key-id secret), and how it was had: ``"read"``, ``"created"`` or ``"replaced"`` (a
+    file of ours that held no value: an interrupted first start), or ``"none"`` (no state
+    directory). ``parse`` gives the value of the file's bytes (None: none in them); ``make``
+    the bytes of a new one. ``create=False`` only reads. Never written over another
+    process's: twice at most, a value another daemon on the same directory wrote between our
+    read and our create is read. Raises ``StateFileError`` for a file or directory refused
+    (``StateDir``), or one that keeps changing."""
+    state = StateDir.check(directory, create=create)
+    if state is None:
+        return None, "none"
+    for _ in range(2):
+        data = state.read(name)
+        value = parse(data) if data is not None else None
+        if value is not None or not create:
+            return value, "read"
+        fresh = make()
+        if data is not None:
+            state.replace(name, fresh)
+            return parse(fresh), "replaced"
+        try:
+            state.create(name, fresh)
+        except FileExistsError:
+            continue
+        return parse(fresh), "created"
+    raise StateFileError(
+        f"storage.path: {directory / name} keeps changing while it is read; is another "
+        "daemon using the same storage.path?"
+    )

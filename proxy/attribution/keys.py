@@ -20,8 +20,7 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import StateFileError
-from ..statefiles import StateDir
+from ..statefiles import read_or_create
 
 log = logging.getLogger(__name__)
 
@@ -53,28 +52,16 @@ def key_secret(state_dir: Path, *, create: bool) -> bytes | None:
     never written over another process's). ``create=False``: only read; None when there is
     none. Raises ``StateFileError`` for a file that is a link, another user's, or readable by
     others (``statefiles``): a planted secret would let its planter link ids to keys."""
-    state = StateDir.check(state_dir, create=create)
-    if state is None:
-        return None
-    for _ in range(2):
-        data = state.read(SECRET_FILE)
-        secret = _parse(data) if data is not None else None
-        if secret is not None or not create:
-            return secret
-        fresh = secrets.token_hex(_SECRET_BYTES)
-        if data is not None:
-            state.replace(SECRET_FILE, (fresh + "\n").encode())
-            log.warning("%s held no secret: generated a new one", state_dir / SECRET_FILE)
-            return bytes.fromhex(fresh)
-        try:
-            state.create(SECRET_FILE, (fresh + "\n").encode())
-        except FileExistsError:
-            continue
-        return bytes.fromhex(fresh)
-    raise StateFileError(
-        f"storage.path: {state_dir / SECRET_FILE} keeps changing while it is read; is another "
-        "daemon using the same storage.path?"
+    secret, how = read_or_create(
+        state_dir,
+        SECRET_FILE,
+        _parse,
+        lambda: (secrets.token_hex(_SECRET_BYTES) + "\n").encode(),
+        create=create,
     )
+    if how == "replaced":
+        log.warning("%s held no secret: generated a new one", state_dir / SECRET_FILE)
+    return secret
 
 
 def _parse(data: bytes) -> bytes | None:
