@@ -66,6 +66,7 @@ from .fleet import (
 from .layers import LAYERS_TARGET, layers_config, targets_table
 from .procs import (
     OTHER_CPU,
+    ROOT,
     cpu_seconds,
     free_port,
     rss_mb,
@@ -209,6 +210,25 @@ class Result:
         return data[min(len(data) - 1, int(q * len(data)))] * 1000 if data else 0.0
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """``--baseline REF``: the daemon's code at a git commit, run beside this tree's."""
+
+    target: str  # "atlasburn-proxy@<REF>"
+    source: Path  # a directory holding that commit's proxy/ package
+
+    @classmethod
+    def extract(cls, ref: str, tmp: Path) -> Baseline:
+        source = tmp / "baseline"
+        if not source.exists():
+            source.mkdir()
+            archive = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", ref, "proxy"], check=True, capture_output=True
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+        return cls(f"atlasburn-proxy@{ref}", source)
+
+
 class Targets:
     """The fake provider, the ingest, the pass-through and the daemon, for one scenario shape;
     with ``redis`` and ``fleet``, also the daemon in fleet mode (its own ingest), and the spend
@@ -224,8 +244,10 @@ class Targets:
         redis: RedisServer | None = None,
         fleet: bool = True,
         layers: bool = False,
+        baseline: Baseline | None = None,
     ) -> None:
         self.scenario = scenario
+        self.baseline = baseline
         self.loop_detector = loop_detector
         self.tmp = tmp
         self.redis = redis if fleet else None  # the fleet's daemon's Redis (its stats)
@@ -242,6 +264,8 @@ class Targets:
             self.names += (FLEET_TARGET,)
         if self.layers_redis is not None:
             self.names += (LAYERS_TARGET,)
+        if baseline is not None:
+            self.names += (baseline.target,)
 
     async def __aenter__(self) -> Targets:
         s = self.scenario
@@ -289,16 +313,21 @@ class Targets:
         self.procs["atlasburn-proxy"] = spawn_daemon(config, self.tmp / "state")
         self.urls["atlasburn-proxy"] = f"http://127.0.0.1:{d_port}"
         self.ingests["atlasburn-proxy"] = f"http://127.0.0.1:{i_port}"
-        others: list[tuple[str, str, str]] = []  # (target, file and state name, extra config)
+        # (target, file and state name, extra config, source tree: None for this one)
+        others: list[tuple[str, str, str, Path | None]] = []
         if s.agent:
-            others.append((NO_AGENT_TARGET, "no-agent-loop", spend + NO_AGENT_CONFIG))
+            others.append((NO_AGENT_TARGET, "no-agent-loop", spend + NO_AGENT_CONFIG, None))
         if s.attribution:
-            others.append((NO_ATTRIBUTION_TARGET, "no-attribution", spend + NO_ATTRIBUTION_CONFIG))
+            others.append(
+                (NO_ATTRIBUTION_TARGET, "no-attribution", spend + NO_ATTRIBUTION_CONFIG, None)
+            )
         if self.redis is not None:
-            others.append((FLEET_TARGET, "fleet", spend + fleet_config(self.redis.url)))
+            others.append((FLEET_TARGET, "fleet", spend + fleet_config(self.redis.url), None))
         if self.layers_redis is not None:
-            others.append((LAYERS_TARGET, "layers", layers_config(self.layers_redis.url)))
-        for target, label, extra in others:
+            others.append((LAYERS_TARGET, "layers", layers_config(self.layers_redis.url), None))
+        if self.baseline is not None:
+            others.append((self.baseline.target, "baseline", spend, self.baseline.source))
+        for target, label, extra, source in others:
             port, ingest_port = free_port(), free_port()
             self.procs[f"{label}-ingest"] = spawn(
                 OTHER_CPU, "-m", "bench.servers", "ingest", "--port", str(ingest_port)
@@ -311,7 +340,7 @@ class Targets:
                 self.loop_detector,
                 extra,
             )
-            self.procs[target] = spawn_daemon(config, self.tmp / f"state-{label}")
+            self.procs[target] = spawn_daemon(config, self.tmp / f"state-{label}", source)
             self.urls[target] = f"http://127.0.0.1:{port}"
             self.ingests[target] = f"http://127.0.0.1:{ingest_port}"
             ports += [port, ingest_port]
@@ -397,11 +426,12 @@ async def run_scenario(
     redis: RedisServer | None = None,
     fleet: bool = True,
     layers: bool = False,
+    baseline: Baseline | None = None,
 ) -> list[Result]:
     results: dict[str, Result] = {}
     if redis is not None:
         await redis.reset()
-    async with Targets(s, loop_detector, tmp, redis, fleet, layers) as targets:
+    async with Targets(s, loop_detector, tmp, redis, fleet, layers, baseline) as targets:
         names = targets.names
         nonce = 0
         warmed = 0
@@ -627,7 +657,13 @@ async def main(args: argparse.Namespace) -> None:
                     flush=True,
                 )
                 results += await run_scenario(
-                    s, not args.no_loop_detector, Path(tmp), redis, args.fleet, args.layers
+                    s,
+                    not args.no_loop_detector,
+                    Path(tmp),
+                    redis,
+                    args.fleet,
+                    args.layers,
+                    Baseline.extract(args.baseline, Path(tmp)) if args.baseline else None,
                 )
                 if args.fleet and redis is not None:
                     spent, stats = await fleet_spend(redis), await redis.stats()
@@ -706,6 +742,12 @@ if __name__ == "__main__":
         "--colocate",
         action="store_true",
         help="the proxies under test on the client's CPU (with the provider): one CPU for all",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also the daemon of git commit REF (its proxy/ package, the default config), in "
+        "the same rounds: a change measured side by side with what it changes",
     )
     parser.add_argument(
         "--propagation", type=int, default=100, help="suspensions measured with --fleet (0: none)"

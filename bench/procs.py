@@ -47,10 +47,12 @@ async def wait_port(port: int) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def spawn(cpu: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    cpu: str, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         ["taskset", "-c", cpu, sys.executable, *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -91,7 +93,11 @@ def write_daemon_config(
     return path
 
 
-def spawn_daemon(config: Path, state: Path) -> subprocess.Popen[bytes]:
-    """The daemon under test, on the proxy's CPU, with its own state directory."""
+def spawn_daemon(config: Path, state: Path, source: Path | None = None) -> subprocess.Popen[bytes]:
+    """The daemon under test, on the proxy's CPU, with its own state directory; ``source``: a
+    directory holding another version's ``proxy`` package (``python -m`` imports it from
+    the working directory first)."""
     env = {**os.environ, "STATE_DIRECTORY": str(state)}
-    return spawn(PROXY_CPU, "-m", "proxy", "run", "--config", str(config), env=env)
+    return spawn(
+        PROXY_CPU, "-m", "proxy", "run", "--config", str(config), env=env, cwd=source or ROOT
+    )
