@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -409,6 +410,7 @@ async def serve(config: Config, path: str | None = None, listen: str | None = No
         await daemon.stop()
         return EXIT_FAILURE
 
+    freeze_startup_heap()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -459,3 +461,18 @@ async def serve(config: Config, path: str | None = None, listen: str | None = No
         pinger.cancel()
     log.info("stopped")
     return code
+
+
+def freeze_startup_heap() -> None:
+    """Move what the daemon holds once started (modules, the price catalog, the config, the
+    routes: ~200,000 objects) out of the cyclic garbage collector's reach (``gc.freeze``).
+
+    A large request body parses into tens of thousands of dicts and lists (a 1 MB agent
+    conversation, about 20,000), which trigger collections of the oldest generation; each of
+    those walked the whole startup heap: up to 20 ms of the event loop at a time, about a
+    third of the CPU the daemon spent on such a request (bench/RESULTS.md, issue 19). Frozen
+    objects are still freed by reference counting; only a cycle among them that becomes
+    garbage later (a config replaced by a reload) is kept until exit."""
+    gc.collect()
+    gc.freeze()
+
