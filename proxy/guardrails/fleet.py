@@ -455,7 +455,9 @@ class Fleet:
             client = redis.Redis.from_url(
                 self.url,
                 socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                socket_timeout=COMMAND_TIMEOUT_SECONDS,
+                # None: every command is bounded by _within already, and with a socket timeout
+                # redis-py wraps each write in asyncio.wait_for (a Task per command on 3.11).
+                socket_timeout=None,
                 retry=Retry(NoBackoff(), 0),
                 decode_responses=False,
                 client_name=None,
