@@ -638,17 +638,21 @@ class Fleet:
         threshold: int,
     ) -> None:
         """One script call for the batch's occurrences, and the trips' resets, in one round
-        trip."""
+        trip (without resets, the usual case, the call alone: no pipeline)."""
         resets: list[str] = []
         while self._resets and len(resets) < 512:
             resets.append(self._resets.popleft())
+        keys: list[str] = []
+        args: list[Any] = [window_ms, threshold, self.channel, self.name]
+        for fingerprint, at, _ in batch:
+            self._seq += 1
+            keys.append(self.loop_prefix + fingerprint)
+            args += (at, f"{self.name}:{self._seq}", fingerprint)
+        if not resets:
+            await _within(COMMAND_TIMEOUT_SECONDS, client.evalsha(sha, len(keys), *keys, *args))
+            return
         async with client.pipeline(transaction=False) as pipe:
             if batch:
-                args: list[Any] = [window_ms, threshold, self.channel, self.name]
-                for fingerprint, at, _ in batch:
-                    self._seq += 1
-                    args += (at, f"{self.name}:{self._seq}", fingerprint)
-                keys = [self.loop_prefix + fingerprint for fingerprint, _, _ in batch]
                 pipe.evalsha(sha, len(keys), *keys, *args)
             for fingerprint in resets:
                 pipe.delete(self.loop_prefix + fingerprint)
