@@ -299,7 +299,7 @@ class Fleet:
         self.reconnects = 0
         self.dropped_occurrences = 0
         self._hot: dict[str, tuple[float, ...]] = {}  # fingerprint -> epoch ms, oldest first
-        self._occurrences: deque[tuple[str, int, asyncio.Future[None] | None]] = deque()
+        self._occurrences: deque[tuple[str, int, asyncio.Future[bool] | None]] = deque()
         self._acks_fast = True  # Redis counted the last batch within ACK_WAIT_SECONDS
         self._resets: deque[str] = deque(maxlen=MAX_QUEUED)  # tripped: to forget fleet-wide
         self._client: redis.Redis | None = None  # set while connected
@@ -332,11 +332,11 @@ class Fleet:
             del self._hot[fingerprint]
         return n
 
-    def occurrence(self, fingerprint: str) -> asyncio.Future[None] | None:
+    def occurrence(self, fingerprint: str) -> asyncio.Future[bool] | None:
         """An answered request counted by this daemon's loop detector: the fleet's too. A
-        future done once Redis has counted it, for the relay to hold the answer back by at most
-        ``ACK_WAIT_SECONDS``; None when there is nothing to wait for (disconnected, or Redis
-        slower than that)."""
+        future done (True) once Redis has counted it, for the relay to hold the answer back by
+        at most ``ACK_WAIT_SECONDS`` (``acked``); None when there is nothing to wait for
+        (disconnected, or Redis slower than that)."""
         if not self.connected:
             return None  # not replayed: it is in this daemon's own count
         if len(self._occurrences) >= MAX_QUEUED:
@@ -615,7 +615,7 @@ class Fleet:
     async def _send_occurrences(self, client: redis.Redis, sha: str) -> None:
         window_ms = int(self.loop.detector.window_seconds * 1000)
         threshold = self.loop.detector.threshold
-        batch: list[tuple[str, int, asyncio.Future[None] | None]] = []
+        batch: list[tuple[str, int, asyncio.Future[bool] | None]] = []
         while self._occurrences and len(batch) < 512:
             batch.append(self._occurrences.popleft())
         started = time.monotonic()
@@ -633,7 +633,7 @@ class Fleet:
         self,
         client: redis.Redis,
         sha: str,
-        batch: list[tuple[str, int, asyncio.Future[None] | None]],
+        batch: list[tuple[str, int, asyncio.Future[bool] | None]],
         window_ms: int,
         threshold: int,
     ) -> None:
@@ -848,10 +848,26 @@ class Fleet:
             self.kill.apply(None, version, str(obj.get("reason") or ""))
 
 
-def _release(ack: asyncio.Future[None] | None) -> None:
+def _release(ack: asyncio.Future[bool] | None) -> None:
     """Let an answer held for an occurrence go (counted, dropped, or the connection lost)."""
     if ack is not None and not ack.done():
-        ack.set_result(None)
+        ack.set_result(True)
+
+
+def _give_up(ack: asyncio.Future[bool]) -> None:
+    if not ack.done():
+        ack.set_result(False)
+
+
+async def acked(ack: asyncio.Future[bool]) -> bool:
+    """Wait for ``ack`` (``Fleet.occurrence``) at most ``ACK_WAIT_SECONDS``, timed by the
+    daemon: False when Redis was slower. A timer on the future itself, not asyncio.wait or a
+    timeout around it: no waiter future and no context manager per answer."""
+    timer = asyncio.get_running_loop().call_later(ACK_WAIT_SECONDS, _give_up, ack)
+    try:
+        return await ack
+    finally:
+        timer.cancel()
 
 
 async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
