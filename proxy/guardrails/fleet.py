@@ -517,7 +517,10 @@ class Fleet:
                 log.info("fleet: connected to Redis at %s as %s", self.where, self.name)
             reader = asyncio.ensure_future(self._read(pubsub))
             self._budget_sha = budget_sha
-            writer = asyncio.ensure_future(self._write(client, flag, occurrence, spend, budget_sha))
+            # The writer keeps one connection of the pool for its commands: no pool checkout
+            # and release around each.
+            own = client.client()
+            writer = asyncio.ensure_future(self._write(own, flag, occurrence, spend, budget_sha))
             try:
                 done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -527,6 +530,7 @@ class Fleet:
                 for task in (reader, writer):
                     task.cancel()
                 await asyncio.gather(reader, writer, return_exceptions=True)
+                await _close(own)
         finally:
             await _close(pubsub)
 
