@@ -495,8 +495,12 @@ class Fleet:
         """One connection, from connecting to its loss (raises then)."""
         await _within(COMMAND_TIMEOUT_SECONDS + CONNECT_TIMEOUT_SECONDS, client.ping())
         pubsub = client.pubsub(ignore_subscribe_messages=True)
+        # The writer holds one connection of the pool (each batch of occurrences goes straight
+        # on it): no pool checkout and release around each command.
+        own = client.client()
         try:
             await _within(COMMAND_TIMEOUT_SECONDS, pubsub.subscribe(self.channel))
+            await _within(COMMAND_TIMEOUT_SECONDS, own.initialize())  # takes its connection
             flag = client.register_script(_FLAG)
             spend = self._spend_script = client.register_script(_SPEND)
             refill = client.register_script(_SPEND_REFILL)
@@ -517,9 +521,6 @@ class Fleet:
                 log.info("fleet: connected to Redis at %s as %s", self.where, self.name)
             reader = asyncio.ensure_future(self._read(pubsub))
             self._budget_sha = budget_sha
-            # The writer keeps one connection of the pool for its commands: no pool checkout
-            # and release around each.
-            own = client.client()
             writer = asyncio.ensure_future(self._write(own, flag, occurrence, spend, budget_sha))
             try:
                 done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
@@ -530,8 +531,8 @@ class Fleet:
                 for task in (reader, writer):
                     task.cancel()
                 await asyncio.gather(reader, writer, return_exceptions=True)
-                await _close(own)
         finally:
+            await _close(own)
             await _close(pubsub)
 
     # ------------------------------------------------------------------ writing
@@ -642,7 +643,8 @@ class Fleet:
         threshold: int,
     ) -> None:
         """One script call for the batch's occurrences, and the trips' resets, in one round
-        trip (without resets, the usual case, the call alone: no pipeline)."""
+        trip (without resets, the usual case, the call alone on the writer's own connection:
+        no pipeline, no client machinery)."""
         resets: list[str] = []
         while self._resets and len(resets) < 512:
             resets.append(self._resets.popleft())
@@ -652,8 +654,11 @@ class Fleet:
             self._seq += 1
             keys.append(self.loop_prefix + fingerprint)
             args += (at, f"{self.name}:{self._seq}", fingerprint)
-        if not resets:
-            await _within(COMMAND_TIMEOUT_SECONDS, client.evalsha(sha, len(keys), *keys, *args))
+        conn = client.connection
+        if not resets and conn is not None:
+            await _within(
+                COMMAND_TIMEOUT_SECONDS, _command(conn, "EVALSHA", sha, len(keys), *keys, *args)
+            )
             return
         async with client.pipeline(transaction=False) as pipe:
             if batch:
@@ -879,6 +884,14 @@ async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
     asyncio.wait_for on Python 3.11, it never drops a cancellation)."""
     async with asyncio.timeout(seconds):
         return await awaitable
+
+
+async def _command(conn: Any, *args: Any) -> Any:
+    """One command on a connection of redis-py's (``Redis.client()``'s, held), and its reply:
+    what ``Redis.execute_command`` does without the retries (there are none), the pool and the
+    hooks around it. An error reply raises; a lost or cancelled one disconnects it."""
+    await conn.send_command(*args)
+    return await conn.read_response()
 
 
 async def _close(thing: Any) -> None:
