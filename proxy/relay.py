@@ -70,7 +70,7 @@ from .guardrails import (
 )
 from .guardrails.agent_loop import AGENT_LOOP_LAYER, CONVERSATION_HINT, EXEMPT_HINT
 from .guardrails.dumb_loop import LOOP_LAYER, repeat_hint
-from .guardrails.fleet import ACK_WAIT_SECONDS
+from .guardrails.fleet import acked
 from .headers import RESPONSE_DROP, filter_headers, request_head
 from .http1 import (
     AnswerHeadTooLarge,
@@ -134,7 +134,7 @@ class _Exchange:
         self.waited = 0.0  # seconds spent waiting on the provider or the client
         # The fingerprint the loop detector counts once the provider answers 2xx (None: none).
         self.occurrence: str | None = None
-        self.ack: asyncio.Future[None] | None = None  # the fleet counted the occurrence
+        self.ack: asyncio.Future[bool] | None = None  # the fleet counted the occurrence
         self.billed = False  # a POST to an endpoint that is not free: an answer costs
         self.attributes: Attributes | None = None  # who sent it
         self.connection: Any = None  # the client connection's handler (its process lookup)
@@ -330,8 +330,7 @@ class Relay:
         daemon at once; a slower Redis is not waited for)."""
         ack, ex.ack = ex.ack, None
         if ack is not None and not ack.done():
-            await asyncio.wait({ack}, timeout=ACK_WAIT_SECONDS)  # the daemon's own time
-            if not ack.done() and self.loop.fleet is not None:
+            if not await acked(ack) and self.loop.fleet is not None:
                 self.loop.fleet.late()  # Redis is slow: answers stop waiting for it
 
     def _agent_loop(self, adapter: Adapter, meta: RequestMeta, parsed: Any) -> Suspension | None:

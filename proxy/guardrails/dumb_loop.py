@@ -403,7 +403,7 @@ class LoopGuard:
         reason = f"fingerprint {fingerprint} seen {count} times in {self.detector.label}"
         return self._trip(fingerprint, Trip(count, reason + " across the fleet"))
 
-    def record(self, fingerprint: str) -> asyncio.Future[None] | None:
+    def record(self, fingerprint: str) -> asyncio.Future[bool] | None:
         """A request that ``check`` let through was answered (2xx): count it (never a trip
         here: the next one is refused by ``check``), in the fleet too; what the fleet gives to
         wait for (``Fleet.occurrence``)."""

@@ -299,7 +299,7 @@ class Fleet:
         self.reconnects = 0
         self.dropped_occurrences = 0
         self._hot: dict[str, tuple[float, ...]] = {}  # fingerprint -> epoch ms, oldest first
-        self._occurrences: deque[tuple[str, int, asyncio.Future[None] | None]] = deque()
+        self._occurrences: deque[tuple[str, int, asyncio.Future[bool] | None]] = deque()
         self._acks_fast = True  # Redis counted the last batch within ACK_WAIT_SECONDS
         self._resets: deque[str] = deque(maxlen=MAX_QUEUED)  # tripped: to forget fleet-wide
         self._client: redis.Redis | None = None  # set while connected
@@ -332,11 +332,11 @@ class Fleet:
             del self._hot[fingerprint]
         return n
 
-    def occurrence(self, fingerprint: str) -> asyncio.Future[None] | None:
+    def occurrence(self, fingerprint: str) -> asyncio.Future[bool] | None:
         """An answered request counted by this daemon's loop detector: the fleet's too. A
-        future done once Redis has counted it, for the relay to hold the answer back by at most
-        ``ACK_WAIT_SECONDS``; None when there is nothing to wait for (disconnected, or Redis
-        slower than that)."""
+        future done (True) once Redis has counted it, for the relay to hold the answer back by
+        at most ``ACK_WAIT_SECONDS`` (``acked``); None when there is nothing to wait for
+        (disconnected, or Redis slower than that)."""
         if not self.connected:
             return None  # not replayed: it is in this daemon's own count
         if len(self._occurrences) >= MAX_QUEUED:
@@ -455,7 +455,9 @@ class Fleet:
             client = redis.Redis.from_url(
                 self.url,
                 socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                socket_timeout=COMMAND_TIMEOUT_SECONDS,
+                # None: every command is bounded by _within already, and with a socket timeout
+                # redis-py wraps each write in asyncio.wait_for (a Task per command on 3.11).
+                socket_timeout=None,
                 retry=Retry(NoBackoff(), 0),
                 decode_responses=False,
                 client_name=None,
@@ -493,8 +495,12 @@ class Fleet:
         """One connection, from connecting to its loss (raises then)."""
         await _within(COMMAND_TIMEOUT_SECONDS + CONNECT_TIMEOUT_SECONDS, client.ping())
         pubsub = client.pubsub(ignore_subscribe_messages=True)
+        # The writer holds one connection of the pool (each batch of occurrences goes straight
+        # on it): no pool checkout and release around each command.
+        own = client.client()
         try:
             await _within(COMMAND_TIMEOUT_SECONDS, pubsub.subscribe(self.channel))
+            await _within(COMMAND_TIMEOUT_SECONDS, own.initialize())  # takes its connection
             flag = client.register_script(_FLAG)
             spend = self._spend_script = client.register_script(_SPEND)
             refill = client.register_script(_SPEND_REFILL)
@@ -515,7 +521,7 @@ class Fleet:
                 log.info("fleet: connected to Redis at %s as %s", self.where, self.name)
             reader = asyncio.ensure_future(self._read(pubsub))
             self._budget_sha = budget_sha
-            writer = asyncio.ensure_future(self._write(client, flag, occurrence, spend, budget_sha))
+            writer = asyncio.ensure_future(self._write(own, flag, occurrence, spend, budget_sha))
             try:
                 done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -526,6 +532,7 @@ class Fleet:
                     task.cancel()
                 await asyncio.gather(reader, writer, return_exceptions=True)
         finally:
+            await _close(own)
             await _close(pubsub)
 
     # ------------------------------------------------------------------ writing
@@ -613,7 +620,7 @@ class Fleet:
     async def _send_occurrences(self, client: redis.Redis, sha: str) -> None:
         window_ms = int(self.loop.detector.window_seconds * 1000)
         threshold = self.loop.detector.threshold
-        batch: list[tuple[str, int, asyncio.Future[None] | None]] = []
+        batch: list[tuple[str, int, asyncio.Future[bool] | None]] = []
         while self._occurrences and len(batch) < 512:
             batch.append(self._occurrences.popleft())
         started = time.monotonic()
@@ -631,22 +638,30 @@ class Fleet:
         self,
         client: redis.Redis,
         sha: str,
-        batch: list[tuple[str, int, asyncio.Future[None] | None]],
+        batch: list[tuple[str, int, asyncio.Future[bool] | None]],
         window_ms: int,
         threshold: int,
     ) -> None:
         """One script call for the batch's occurrences, and the trips' resets, in one round
-        trip."""
+        trip (without resets, the usual case, the call alone on the writer's own connection:
+        no pipeline, no client machinery)."""
         resets: list[str] = []
         while self._resets and len(resets) < 512:
             resets.append(self._resets.popleft())
+        keys: list[str] = []
+        args: list[Any] = [window_ms, threshold, self.channel, self.name]
+        for fingerprint, at, _ in batch:
+            self._seq += 1
+            keys.append(self.loop_prefix + fingerprint)
+            args += (at, f"{self.name}:{self._seq}", fingerprint)
+        conn = client.connection
+        if not resets and conn is not None:
+            await _within(
+                COMMAND_TIMEOUT_SECONDS, _command(conn, "EVALSHA", sha, len(keys), *keys, *args)
+            )
+            return
         async with client.pipeline(transaction=False) as pipe:
             if batch:
-                args: list[Any] = [window_ms, threshold, self.channel, self.name]
-                for fingerprint, at, _ in batch:
-                    self._seq += 1
-                    args += (at, f"{self.name}:{self._seq}", fingerprint)
-                keys = [self.loop_prefix + fingerprint for fingerprint, _, _ in batch]
                 pipe.evalsha(sha, len(keys), *keys, *args)
             for fingerprint in resets:
                 pipe.delete(self.loop_prefix + fingerprint)
@@ -842,10 +857,26 @@ class Fleet:
             self.kill.apply(None, version, str(obj.get("reason") or ""))
 
 
-def _release(ack: asyncio.Future[None] | None) -> None:
+def _release(ack: asyncio.Future[bool] | None) -> None:
     """Let an answer held for an occurrence go (counted, dropped, or the connection lost)."""
     if ack is not None and not ack.done():
-        ack.set_result(None)
+        ack.set_result(True)
+
+
+def _give_up(ack: asyncio.Future[bool]) -> None:
+    if not ack.done():
+        ack.set_result(False)
+
+
+async def acked(ack: asyncio.Future[bool]) -> bool:
+    """Wait for ``ack`` (``Fleet.occurrence``) at most ``ACK_WAIT_SECONDS``, timed by the
+    daemon: False when Redis was slower. A timer on the future itself, not asyncio.wait or a
+    timeout around it: no waiter future and no context manager per answer."""
+    timer = asyncio.get_running_loop().call_later(ACK_WAIT_SECONDS, _give_up, ack)
+    try:
+        return await ack
+    finally:
+        timer.cancel()
 
 
 async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
@@ -853,6 +884,14 @@ async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
     asyncio.wait_for on Python 3.11, it never drops a cancellation)."""
     async with asyncio.timeout(seconds):
         return await awaitable
+
+
+async def _command(conn: Any, *args: Any) -> Any:
+    """One command on a connection of redis-py's (``Redis.client()``'s, held), and its reply:
+    what ``Redis.execute_command`` does without the retries (there are none), the pool and the
+    hooks around it. An error reply raises; a lost or cancelled one disconnects it."""
+    await conn.send_command(*args)
+    return await conn.read_response()
 
 
 async def _close(thing: Any) -> None:
