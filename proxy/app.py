@@ -16,6 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -31,7 +32,6 @@ from .config import Config
 from .errors import ClientBodyTimeout
 from .events import Event, Recorder
 from .guardrails import Budgets, KillSwitch, LoopGuard, SpendCap
-from .guardrails.fleet import Fleet
 from .http1 import Pool
 from .logs import AccessLog, setup_logging
 from .metrics import CONTENT_TYPE, Metrics
@@ -45,6 +45,9 @@ from .tasks import spawn
 from .ui.page import StatusPage, secured
 from .ui.sessions import Sessions
 from .websocket import WebSocketRelay
+
+if TYPE_CHECKING:
+    from .guardrails.fleet import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +135,8 @@ def make_app(config: Config, record: Recorder | None = None) -> web.Application:
         budgets.restore(await store.budget_buckets(86400))
         fleet = None
         if config.fleet.redis_url:
+            from .guardrails.fleet import Fleet  # redis-py only for a fleet: 7 MB of memory
+
             fleet = Fleet(config.fleet, config.atlasburn.org_id, kill, loop, spend, budgets)
             fleet.start()  # in the background: traffic never waits for Redis
         keys = KeyChecker(key)

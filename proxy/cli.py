@@ -475,4 +475,3 @@ def freeze_startup_heap() -> None:
     garbage later (a config replaced by a reload) is kept until exit."""
     gc.collect()
     gc.freeze()
-

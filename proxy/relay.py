@@ -69,8 +69,7 @@ from .guardrails import (
     Suspension,
 )
 from .guardrails.agent_loop import AGENT_LOOP_LAYER, CONVERSATION_HINT, EXEMPT_HINT
-from .guardrails.dumb_loop import LOOP_LAYER, repeat_hint
-from .guardrails.fleet import acked
+from .guardrails.dumb_loop import LOOP_LAYER, acked, repeat_hint
 from .headers import RESPONSE_DROP, filter_headers, request_head
 from .http1 import (
     AnswerHeadTooLarge,
@@ -326,8 +325,8 @@ class Relay:
 
     async def _fleet_counted(self, ex: _Exchange) -> None:
         """In a fleet: hold the end of the answer until Redis has counted the occurrence, at
-        most ``fleet.ACK_WAIT_SECONDS`` (the client's next identical request may go to another
-        daemon at once; a slower Redis is not waited for)."""
+        most ``ACK_WAIT_SECONDS`` (the client's next identical request may go to another daemon
+        at once; a slower Redis is not waited for)."""
         ack, ex.ack = ex.ack, None
         if ack is not None and not ack.done():
             if not await acked(ack) and self.loop.fleet is not None:

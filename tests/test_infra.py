@@ -217,6 +217,33 @@ def test_environment_overrides(tmp_path: Path) -> None:
     assert config_path("/cli.toml", {"ATLASBURN_PROXY_CONFIG": "/etc/x.toml"}) == "/cli.toml"
 
 
+# --------------------------------------------------------------------------- memory
+
+
+def _imported(log: str) -> set[str]:
+    """The modules a process imported, from its ``-X importtime`` lines on stderr."""
+    return {m.group(1) for m in re.finditer(r"^import time:.*\|\s+([\w.]+)\s*$", log, re.M)}
+
+
+async def test_a_daemon_without_a_fleet_never_loads_the_redis_client(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """redis-py (and the OpenTelemetry modules it brings) take about 7 MB of a daemon's memory:
+    it is loaded only when ``[fleet] redis_url`` is set (issue 19, idle memory)."""
+    env["PYTHONPROFILEIMPORTTIME"] = "1"  # python -X importtime: every import on stderr
+    daemon = await spawn_daemon("--listen", "127.0.0.1:0", env=env)
+    assert await daemon.stop() == 0
+    standalone = _imported(daemon.log)
+    assert "proxy.relay" in standalone and "aiohttp" in standalone  # the lines were read
+    assert not {m for m in standalone if m.split(".")[0] in ("redis", "opentelemetry")}
+
+    config = tmp_path / "fleet.toml"
+    config.write_text('[fleet]\nredis_url = "redis://127.0.0.1:1"\n')  # nothing listens there
+    daemon = await spawn_daemon("--config", str(config), "--listen", "127.0.0.1:0", env=env)
+    assert await daemon.stop() == 0
+    assert {"redis", "redis.asyncio", "proxy.guardrails.fleet"} <= _imported(daemon.log)
+
+
 # --------------------------------------------------------------------------- sidecar image
 
 

@@ -26,6 +26,14 @@ from .kill_switch import KillSwitch, Suspension
 if TYPE_CHECKING:
     from .fleet import Fleet
 
+# In a fleet, an answered request's answer is held back at most this long until Redis has
+# counted it (and published it, if it is near the threshold): the client's next identical
+# request may reach another daemon a moment later. Only while Redis answers within it: after
+# one answer waited in vain, none waits until a batch is counted within it again. A request
+# whose fingerprint is two short of the threshold waits at most this long for Redis's count.
+# (Here, not in fleet.py: the relay waits with ``acked`` without importing redis-py.)
+ACK_WAIT_SECONDS = 0.05
+
 log = logging.getLogger(__name__)
 
 
@@ -287,6 +295,8 @@ def repeat_hint(reason: str, exempt_header: str) -> str:
         else f"set {EXEMPT_KEY} and send that header with it"
     )
     return f"if this repeat is expected, add {which} to {ALLOW_KEY}, or {header}"
+
+
 RETRY_HEADER = "x-stainless-retry-count"
 _MAX_BLOCKED = 100_000
 # An ingested event's ts up to this far ahead of this host's clock counts as now (clocks
@@ -466,3 +476,19 @@ class LoopGuard:
             trip.reason,
         )
         return suspension
+
+
+def _give_up(ack: asyncio.Future[bool]) -> None:
+    if not ack.done():
+        ack.set_result(False)
+
+
+async def acked(ack: asyncio.Future[bool]) -> bool:
+    """Wait for ``ack`` (``Fleet.occurrence``) at most ``ACK_WAIT_SECONDS``, timed by the
+    daemon: False when Redis was slower. A timer on the future itself, not asyncio.wait or a
+    timeout around it: no waiter future and no context manager per answer."""
+    timer = asyncio.get_running_loop().call_later(ACK_WAIT_SECONDS, _give_up, ack)
+    try:
+        return await ack
+    finally:
+        timer.cancel()

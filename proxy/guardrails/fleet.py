@@ -71,7 +71,7 @@ from ..config import FleetConfig, redis_location
 from ..events import iso_ms, ts_epoch
 from ..text import inert
 from .budgets import Budgets
-from .dumb_loop import LoopGuard
+from .dumb_loop import ACK_WAIT_SECONDS, LoopGuard
 from .kill_switch import KillSwitch, Suspension
 from .spend import SPEND_LAYER, SpendCap, usd_text
 
@@ -85,12 +85,6 @@ RECONNECT_MAX_SECONDS = 10.0
 HEARTBEAT_SECONDS = 1.0  # an idle connection sends a PING this often (a blackhole is a loss)
 SPEND_FLUSH_SECONDS = 0.25
 BUDGET_SYNC_SECONDS = 1.0  # the fleet's budget totals are read at least this often
-# An answered request's answer is held back at most this long until Redis has counted it (and
-# published it, if it is near the threshold): the client's next identical request may reach
-# another daemon a moment later. Only while Redis answers within it: after one answer waited in
-# vain, none waits until a batch is counted within it again. A request whose fingerprint is two
-# short of the threshold waits at most this long for Redis's count.
-ACK_WAIT_SECONDS = 0.05
 STOP_SECONDS = 5.0
 CLEARED_KEPT_SECONDS = 86400
 MAX_HOT = 16384  # fingerprints about to trip that a daemon remembers from the fleet
@@ -861,22 +855,6 @@ def _release(ack: asyncio.Future[bool] | None) -> None:
     """Let an answer held for an occurrence go (counted, dropped, or the connection lost)."""
     if ack is not None and not ack.done():
         ack.set_result(True)
-
-
-def _give_up(ack: asyncio.Future[bool]) -> None:
-    if not ack.done():
-        ack.set_result(False)
-
-
-async def acked(ack: asyncio.Future[bool]) -> bool:
-    """Wait for ``ack`` (``Fleet.occurrence``) at most ``ACK_WAIT_SECONDS``, timed by the
-    daemon: False when Redis was slower. A timer on the future itself, not asyncio.wait or a
-    timeout around it: no waiter future and no context manager per answer."""
-    timer = asyncio.get_running_loop().call_later(ACK_WAIT_SECONDS, _give_up, ack)
-    try:
-        return await ack
-    finally:
-        timer.cancel()
 
 
 async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
