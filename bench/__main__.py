@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -212,14 +213,14 @@ class Result:
 
 @dataclass(frozen=True)
 class Baseline:
-    """``--baseline REF``: the daemon's code at a git commit, run beside this tree's."""
+    """``--baseline REF ...``: the daemon's code at a git commit, run beside this tree's."""
 
     target: str  # "atlasburn-proxy@<REF>"
     source: Path  # a directory holding that commit's proxy/ package
 
     @classmethod
     def extract(cls, ref: str, tmp: Path) -> Baseline:
-        source = tmp / "baseline"
+        source = tmp / f"baseline-{ref}"
         if not source.exists():
             source.mkdir()
             archive = subprocess.run(
@@ -244,10 +245,10 @@ class Targets:
         redis: RedisServer | None = None,
         fleet: bool = True,
         layers: bool = False,
-        baseline: Baseline | None = None,
+        baselines: Sequence[Baseline] = (),
     ) -> None:
         self.scenario = scenario
-        self.baseline = baseline
+        self.baselines = baselines
         self.loop_detector = loop_detector
         self.tmp = tmp
         self.redis = redis if fleet else None  # the fleet's daemon's Redis (its stats)
@@ -264,8 +265,7 @@ class Targets:
             self.names += (FLEET_TARGET,)
         if self.layers_redis is not None:
             self.names += (LAYERS_TARGET,)
-        if baseline is not None:
-            self.names += (baseline.target,)
+        self.names += tuple(b.target for b in baselines)
 
     async def __aenter__(self) -> Targets:
         s = self.scenario
@@ -325,8 +325,8 @@ class Targets:
             others.append((FLEET_TARGET, "fleet", spend + fleet_config(self.redis.url), None))
         if self.layers_redis is not None:
             others.append((LAYERS_TARGET, "layers", layers_config(self.layers_redis.url), None))
-        if self.baseline is not None:
-            others.append((self.baseline.target, "baseline", spend, self.baseline.source))
+        for b in self.baselines:
+            others.append((b.target, b.source.name, spend, b.source))
         for target, label, extra, source in others:
             port, ingest_port = free_port(), free_port()
             self.procs[f"{label}-ingest"] = spawn(
@@ -426,12 +426,12 @@ async def run_scenario(
     redis: RedisServer | None = None,
     fleet: bool = True,
     layers: bool = False,
-    baseline: Baseline | None = None,
+    baselines: Sequence[Baseline] = (),
 ) -> list[Result]:
     results: dict[str, Result] = {}
     if redis is not None:
         await redis.reset()
-    async with Targets(s, loop_detector, tmp, redis, fleet, layers, baseline) as targets:
+    async with Targets(s, loop_detector, tmp, redis, fleet, layers, baselines) as targets:
         names = targets.names
         nonce = 0
         warmed = 0
@@ -663,7 +663,7 @@ async def main(args: argparse.Namespace) -> None:
                     redis,
                     args.fleet,
                     args.layers,
-                    Baseline.extract(args.baseline, Path(tmp)) if args.baseline else None,
+                    [Baseline.extract(ref, Path(tmp)) for ref in args.baseline or ()],
                 )
                 if args.fleet and redis is not None:
                     spent, stats = await fleet_spend(redis), await redis.stats()
@@ -746,8 +746,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--baseline",
         metavar="REF",
-        help="also the daemon of git commit REF (its proxy/ package, the default config), in "
-        "the same rounds: a change measured side by side with what it changes",
+        nargs="+",
+        help="also the daemon of each git commit REF (its proxy/ package, the default config), "
+        "in the same rounds: a change measured side by side with what it changes",
     )
     parser.add_argument(
         "--propagation", type=int, default=100, help="suspensions measured with --fleet (0: none)"
