@@ -465,13 +465,13 @@ async def serve(config: Config, path: str | None = None, listen: str | None = No
 
 def freeze_startup_heap() -> None:
     """Move what the daemon holds once started (modules, the price catalog, the config, the
-    routes: ~200,000 objects) out of the cyclic garbage collector's reach (``gc.freeze``).
+    routes: about 80,000 objects) out of the cyclic garbage collector's reach (``gc.freeze``).
 
     A large request body parses into tens of thousands of dicts and lists (a 1 MB agent
     conversation, about 20,000), which trigger collections of the oldest generation; each of
-    those walked the whole startup heap: up to 20 ms of the event loop at a time, about a
-    third of the CPU the daemon spent on such a request (bench/RESULTS.md, issue 19). Frozen
-    objects are still freed by reference counting; only a cycle among them that becomes
-    garbage later (a config replaced by a reload) is kept until exit."""
+    those walked the whole startup heap, holding the event loop 20 to 50 ms at a time (1 MB
+    agent requests: p99 42 -> 9 ms, CPU per request 13-24% less; bench/RESULTS.md, issue 19).
+    Frozen objects are still freed by reference counting; only a cycle among them that
+    becomes garbage later (a config replaced by a reload) is kept until exit."""
     gc.collect()
     gc.freeze()
