@@ -368,6 +368,36 @@ async def test_the_fleet_sums_a_budget(
     assert message == REFUSAL.format(retry).replace("'app-a' spent", "'app-a' the fleet spent")
 
 
+async def test_the_fleet_sums_a_budget_after_redis_lost_its_scripts(
+    redis_url: str,  # noqa: F811
+    fake: FakeProvider,
+    start_daemon: StartDaemon,
+) -> None:
+    """SCRIPT FLUSH (an operator, a failover to a replica): the budgets' script is loaded again
+    on the same connection; the fleet's sum still refuses, and no daemon dropped Redis."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server missing: run scripts/system-deps")
+    fleet = {"redis_url": redis_url, "key_prefix": f"t{random.getrandbits(32):x}:"}
+    one = await start_daemon(fleet=fleet, **budgets(APP_A))
+    two = await start_daemon(fleet=fleet, **budgets(APP_A))
+    fleets = [d.daemon.app[RELAY].loop.fleet for d in (one, two)]
+    await eventually(lambda: all(f is not None and f.connected for f in fleets), within=10)
+    import redis.asyncio
+
+    r = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await r.script_flush()
+    finally:
+        await r.aclose()
+    async with client(one, "a") as a1, client(two, "a") as a2:
+        await chat(a1, "1")
+        await chat(a2, "2")
+        relay = two.daemon.app[RELAY]
+        await eventually(lambda: relay.budgets.check(("app-a",), time.time()) is not None, 5)
+    assert [f.reconnects for f in fleets if f is not None] == [0, 0]
+    assert all(f is not None and f.connected for f in fleets)
+
+
 def test_the_commented_example_parses() -> None:
     """config.example.toml's commented-out budgets, uncommented, are a valid config."""
     import tomllib

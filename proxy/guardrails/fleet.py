@@ -64,7 +64,7 @@ from typing import Any, TypeVar
 import orjson
 import redis.asyncio as redis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
 from ..config import FleetConfig, redis_location
@@ -648,6 +648,17 @@ class Fleet:
             self._seq += 1
             keys.append(self.loop_prefix + fingerprint)
             args += (at, f"{self.name}:{self._seq}", fingerprint)
+        try:
+            await self._counted(client, sha, keys, args, resets)
+        except NoScriptError:
+            # Redis lost the script (SCRIPT FLUSH, a failover to a replica that never loaded
+            # it): loaded again (same SHA), the batch sent again, on the same connection.
+            await _within(COMMAND_TIMEOUT_SECONDS, client.script_load(_OCCURRENCES))
+            await self._counted(client, sha, keys, args, resets)
+
+    async def _counted(
+        self, client: redis.Redis, sha: str, keys: list[str], args: list[Any], resets: list[str]
+    ) -> None:
         conn = client.connection
         if not resets and conn is not None:
             await _within(
@@ -655,7 +666,7 @@ class Fleet:
             )
             return
         async with client.pipeline(transaction=False) as pipe:
-            if batch:
+            if keys:
                 pipe.evalsha(sha, len(keys), *keys, *args)
             for fingerprint in resets:
                 pipe.delete(self.loop_prefix + fingerprint)
@@ -718,25 +729,24 @@ class Fleet:
         current = int(now // 60 * 60)
         pending, self._budget_spend = self._budget_spend, {}
         calls: list[tuple[str, int]] = []  # (budget, script calls for it)
+        commands: list[tuple[Any, ...]] = []
+        for name, budget in budgets.budgets.items():
+            hour_cap = repr(budget.config.max_usd_per_hour)
+            day_cap = repr(budget.config.max_usd_per_day)
+            adds = sorted(pending.get(name, {}).items()) or [(current, 0.0)]
+            for minute, usd in adds:
+                key = self.budget_prefix + name
+                commands.append((sha, 1, key, minute, repr(usd), current, hour_cap, day_cap))
+            calls.append((name, len(adds)))
         try:
-            async with client.pipeline(transaction=False) as pipe:
-                for name, budget in budgets.budgets.items():
-                    hour_cap = repr(budget.config.max_usd_per_hour)
-                    day_cap = repr(budget.config.max_usd_per_day)
-                    adds = sorted(pending.get(name, {}).items()) or [(current, 0.0)]
-                    for minute, usd in adds:
-                        pipe.evalsha(
-                            sha,
-                            1,
-                            self.budget_prefix + name,
-                            minute,
-                            repr(usd),
-                            current,
-                            hour_cap,
-                            day_cap,
-                        )
-                    calls.append((name, len(adds)))
-                results = await _within(COMMAND_TIMEOUT_SECONDS, pipe.execute())
+            try:
+                results = await self._evalshas(client, commands)
+            except NoScriptError:
+                # Redis lost the script (SCRIPT FLUSH, a failover): loaded again (same SHA),
+                # the calls sent again (each failed: none added; a flush landing between two
+                # of them would add the first twice, spend over-counted, never under).
+                await _within(COMMAND_TIMEOUT_SECONDS, client.script_load(_SPEND))
+                results = await self._evalshas(client, commands)
         except BaseException:
             for name, minutes in pending.items():  # not added: kept for the next attempt
                 if name in budgets.budgets:
@@ -750,6 +760,12 @@ class Fleet:
             hour, day, hour_wait, day_wait = (float(v) for v in results[at - 1])
             totals = {"hour": (hour, hour_wait), "day": (day, day_wait)}
             budgets.fleet_view(name, totals, now)
+
+    async def _evalshas(self, client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+        async with client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.evalsha(*command)
+            return await _within(COMMAND_TIMEOUT_SECONDS, pipe.execute())
 
     async def _send_spend(self, script: Any) -> None:
         now = time.time()

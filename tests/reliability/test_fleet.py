@@ -496,6 +496,36 @@ async def test_redis_stopped_then_restarted_empty(
     figures("Redis back (empty) -> flag set meanwhile on A reaches B (s)", f"{refilled:.2f}")
 
 
+async def test_scripts_flushed_from_redis_cost_the_fleet_neither_its_connection_nor_a_count(
+    redis_server: RedisServer,
+    rclient: Any,
+    start_proxy: StartProxy,
+    client: Client,
+    ingest: FakeIngest,
+    tmp_path: Path,
+) -> None:
+    """Redis emptied of its scripts (SCRIPT FLUSH by an operator, a failover to a replica that
+    never loaded them): the next batch of occurrences meets NOSCRIPT. The script is loaded again
+    and the batch counted on the same connection: the round-robin loop still trips on the 4th
+    request, and no daemon drops Redis (and the fleet's count with it) over it."""
+    a, b, c = await start_fleet(start_proxy, tmp_path, redis_server.url, "t4f:", 3)
+    await wait_connected([a, b, c])
+    tripped = 0
+    for r in range(3):
+        await rclient.script_flush()
+        answers = []
+        for proxy in (a, b, c, a):
+            status, headers, _ = await client.chat(proxy, f"the same request, flushed {r}")
+            answers.append((status, headers.get("AtlasBurn-Guardrail")))
+        assert answers[:3] == [(200, None)] * 3
+        tripped += answers[3] == (429, "dumb_loop_detector")
+        assert await resume(a.url, ingest.api_key) == 200
+        for proxy in (a, b, c):
+            await time_until(lambda p=proxy: notsuspended(client, p), within=1.0)
+    assert [fleet_losses(a), fleet_losses(b), fleet_losses(c)] == [0, 0, 0]
+    assert tripped >= 2  # one round lost to a starved CPU allowed, as in the round-robin test
+
+
 async def test_a_daemon_started_while_redis_is_down_connects_later_and_reads_the_flag(
     redis_server: RedisServer,
     relay: TcpRelay,
