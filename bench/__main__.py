@@ -211,6 +211,18 @@ class Result:
         return data[min(len(data) - 1, int(q * len(data)))] * 1000 if data else 0.0
 
 
+def commit_of(ref: str) -> str:
+    """The commit ``ref`` names in this repository; SystemExit saying so if none."""
+    found = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    if found.returncode != 0:
+        sys.exit(f"python -m bench --baseline {ref}: no such commit in {ROOT}")
+    return found.stdout.strip()
+
+
 @dataclass(frozen=True)
 class Baseline:
     """``--baseline REF ...``: the daemon's code at a git commit, run beside this tree's."""
@@ -220,7 +232,9 @@ class Baseline:
 
     @classmethod
     def extract(cls, ref: str, tmp: Path) -> Baseline:
-        source = tmp / f"baseline-{ref}"
+        """``ref``'s proxy/ package in ``tmp`` (once: a directory named by the commit, so a ref
+        with a slash, ``origin/main``, is one name). A ref that names no commit: SystemExit."""
+        source = tmp / f"baseline-{commit_of(ref)[:12]}"
         if not source.exists():
             source.mkdir()
             archive = subprocess.run(
@@ -601,6 +615,8 @@ async def run_wrk_scenario(
 
 
 async def main(args: argparse.Namespace) -> None:
+    for ref in args.baseline or ():
+        commit_of(ref)  # before anything starts
     os.sched_setaffinity(0, {int(OTHER_CPU)})  # the client shares CPU 1 with the provider
     chosen = [s for s in scenarios(args.full) if not args.only or s.name in args.only]
     if args.colocate:
@@ -618,6 +634,8 @@ async def main(args: argparse.Namespace) -> None:
             "redis-server)"
         )
     if args.wrk:
+        if args.baseline:
+            sys.exit("python -m bench --baseline runs with the Python client (not --wrk)")
         if args.fleet or args.layers:
             sys.exit("python -m bench --fleet and --layers run with the Python client (not --wrk)")
         if not wrk.available():
