@@ -436,7 +436,8 @@ async def serve(config: Config, path: str | None = None, listen: str | None = No
                 log.error("reload: config error: %s (the running config stays)", problem)
         else:
             live, restart = await daemon.reload(new)
-            log.info("reload: applied %s", ", ".join(live) or "nothing (no change)")
+            nothing = "nothing" if restart else "nothing (no change)"
+            log.info("reload: applied %s", ", ".join(live) or nothing)
             if restart:
                 log.warning("reload: these keys changed but need a restart: %s", ", ".join(restart))
         notify("READY=1")

@@ -193,6 +193,27 @@ async def test_sighup_reload_changes_a_threshold(
     assert await d.stop() == 0
 
 
+async def test_a_reload_that_adds_a_fleet_says_it_needs_a_restart_and_nothing_else(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """SIGHUP after adding ``[fleet] redis_url`` to a standalone daemon's config: the fleet
+    starts at the next start (redis-py is not loaded meanwhile). The log said "reload: applied
+    nothing (no change)" and then that a key changed."""
+    env["PYTHONPROFILEIMPORTTIME"] = "1"
+    config = tmp_path / "c.toml"
+    config.write_text("")
+    d = await spawn_daemon("--config", str(config), "--listen", "127.0.0.1:0", env=env)
+    config.write_text('[fleet]\nredis_url = "redis://127.0.0.1:1"\n')
+    d.proc.send_signal(signal.SIGHUP)
+    await eventually(lambda: "need a restart: fleet.redis_url" in d.log)
+    async with aiohttp.ClientSession() as s, s.get(d.url + "/readyz") as r:
+        assert r.status == 200
+    assert await d.stop() == 0
+    reload = [line for line in d.lines if "reload:" in line]
+    assert 'msg="reload: applied nothing"' in reload[0] and "no change" not in reload[0]
+    assert not {m for m in _imported(d.log) if m.split(".")[0] == "redis"}
+
+
 # --------------------------------------------------------------------------- environment
 
 
