@@ -615,8 +615,12 @@ async def run_wrk_scenario(
 
 
 async def main(args: argparse.Namespace) -> None:
-    for ref in args.baseline or ():
-        commit_of(ref)  # before anything starts
+    taken: dict[str, str] = {}  # commit -> the ref that named it
+    for ref in args.baseline or ():  # before anything starts
+        commit = commit_of(ref)
+        if commit in taken:  # one state directory, ingest and name per commit
+            sys.exit(f"python -m bench --baseline: {ref} and {taken[commit]} name one commit")
+        taken[commit] = ref
     os.sched_setaffinity(0, {int(OTHER_CPU)})  # the client shares CPU 1 with the provider
     chosen = [s for s in scenarios(args.full) if not args.only or s.name in args.only]
     if args.colocate:

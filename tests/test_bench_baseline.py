@@ -43,3 +43,18 @@ def test_a_ref_that_names_no_commit_is_refused_before_anything_starts(tmp_path: 
     assert run.returncode == 1
     assert "--baseline no-such-ref: no such commit" in run.stderr
     assert "Traceback" not in run.stderr and run.stdout == ""
+
+
+def test_one_commit_named_twice_is_refused() -> None:
+    """Two refs of one commit shared a state directory, a config file and an ingest process
+    (left running): refused before anything starts."""
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "chat-c1", "--baseline", "HEAD", "HEAD~0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert "--baseline: HEAD~0 and HEAD name one commit" in run.stderr
+    assert "Traceback" not in run.stderr and run.stdout == ""
