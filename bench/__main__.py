@@ -282,6 +282,15 @@ class Targets:
         self.names += tuple(b.target for b in baselines)
 
     async def __aenter__(self) -> Targets:
+        try:
+            return await self._start()
+        except BaseException:
+            # A target that never came up (a daemon that cannot reach Redis, a baseline that
+            # will not start): what was started is stopped, not left running.
+            await self.__aexit__()
+            raise
+
+    async def _start(self) -> Targets:
         s = self.scenario
         p_port, i_port, t_port, d_port = (free_port() for _ in range(4))
         self.procs["provider"] = spawn(
