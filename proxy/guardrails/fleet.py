@@ -58,7 +58,7 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -648,13 +648,9 @@ class Fleet:
             self._seq += 1
             keys.append(self.loop_prefix + fingerprint)
             args += (at, f"{self.name}:{self._seq}", fingerprint)
-        try:
-            await self._counted(client, sha, keys, args, resets)
-        except NoScriptError:
-            # Redis lost the script (SCRIPT FLUSH, a failover to a replica that never loaded
-            # it): loaded again (same SHA), the batch sent again, on the same connection.
-            await _within(COMMAND_TIMEOUT_SECONDS, client.script_load(_OCCURRENCES))
-            await self._counted(client, sha, keys, args, resets)
+        await _rescripted(
+            client, _OCCURRENCES, lambda: self._counted(client, sha, keys, args, resets)
+        )
 
     async def _counted(
         self, client: redis.Redis, sha: str, keys: list[str], args: list[Any], resets: list[str]
@@ -739,14 +735,9 @@ class Fleet:
                 commands.append((sha, 1, key, minute, repr(usd), current, hour_cap, day_cap))
             calls.append((name, len(adds)))
         try:
-            try:
-                results = await self._evalshas(client, commands)
-            except NoScriptError:
-                # Redis lost the script (SCRIPT FLUSH, a failover): loaded again (same SHA),
-                # the calls sent again (each failed: none added; a flush landing between two
-                # of them would add the first twice, spend over-counted, never under).
-                await _within(COMMAND_TIMEOUT_SECONDS, client.script_load(_SPEND))
-                results = await self._evalshas(client, commands)
+            # (Sent again after a NOSCRIPT, each call failed and none was added; a flush landing
+            # between two of them would add the first twice: spend over-counted, never under.)
+            results = await _rescripted(client, _SPEND, lambda: _evalshas(client, commands))
         except BaseException:
             for name, minutes in pending.items():  # not added: kept for the next attempt
                 if name in budgets.budgets:
@@ -760,12 +751,6 @@ class Fleet:
             hour, day, hour_wait, day_wait = (float(v) for v in results[at - 1])
             totals = {"hour": (hour, hour_wait), "day": (day, day_wait)}
             budgets.fleet_view(name, totals, now)
-
-    async def _evalshas(self, client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
-        async with client.pipeline(transaction=False) as pipe:
-            for command in commands:
-                pipe.evalsha(*command)
-            return await _within(COMMAND_TIMEOUT_SECONDS, pipe.execute())
 
     async def _send_spend(self, script: Any) -> None:
         now = time.time()
@@ -878,6 +863,25 @@ async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
     asyncio.wait_for on Python 3.11, it never drops a cancellation)."""
     async with asyncio.timeout(seconds):
         return await awaitable
+
+
+async def _rescripted(client: redis.Redis, script: str, send: Callable[[], Awaitable[T]]) -> T:
+    """``send()``, which calls ``script`` by its SHA (loaded once per connection); when Redis
+    lost it (NOSCRIPT: SCRIPT FLUSH, a failover to a replica that never loaded it), it is
+    loaded again (same SHA) and ``send()`` runs once more, on the same connection."""
+    try:
+        return await send()
+    except NoScriptError:
+        await _within(COMMAND_TIMEOUT_SECONDS, client.script_load(script))
+        return await send()
+
+
+async def _evalshas(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """EVALSHA each of ``commands`` (its arguments), pipelined: the replies in order."""
+    async with client.pipeline(transaction=False) as pipe:
+        for command in commands:
+            pipe.evalsha(*command)
+        return await _within(COMMAND_TIMEOUT_SECONDS, pipe.execute())
 
 
 async def _command(conn: Any, *args: Any) -> Any:
