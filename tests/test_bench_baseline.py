@@ -33,28 +33,25 @@ def test_a_ref_with_a_slash_is_taken(tmp_path: Path) -> None:
 def test_a_ref_that_names_no_commit_is_refused_before_anything_starts(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--baseline no-such-ref: no such commit"):
         Baseline.extract("no-such-ref", tmp_path)
-    run = subprocess.run(
-        [sys.executable, "-m", "bench", "--only", "chat-c1", "--baseline", "no-such-ref"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 1
-    assert "--baseline no-such-ref: no such commit" in run.stderr
-    assert "Traceback" not in run.stderr and run.stdout == ""
+    assert_refused("--baseline no-such-ref: no such commit", "no-such-ref")
 
 
 def test_one_commit_named_twice_is_refused() -> None:
     """Two refs of one commit shared a state directory, a config file and an ingest process
     (left running): refused before anything starts."""
+    assert_refused("--baseline: HEAD~0 and HEAD name one commit", "HEAD", "HEAD~0")
+
+
+def assert_refused(message: str, *refs: str) -> None:
+    """``python -m bench --only chat-c1 --baseline REFS`` ends at once with exit code 1 and
+    ``message``, without a traceback and before any table."""
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--only", "chat-c1", "--baseline", "HEAD", "HEAD~0"],
+        [sys.executable, "-m", "bench", "--only", "chat-c1", "--baseline", *refs],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert run.returncode == 1
-    assert "--baseline: HEAD~0 and HEAD name one commit" in run.stderr
+    assert message in run.stderr
     assert "Traceback" not in run.stderr and run.stdout == ""

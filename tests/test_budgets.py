@@ -342,13 +342,12 @@ def test_check_says_until_when_and_a_crossing_warns_again_after_a_dip(
     assert b.warnings == {("x", "hour"): 2}
 
 
-async def test_the_fleet_sums_a_budget(
+async def fleet_of_two(
     redis_url: str,  # noqa: F811
-    fake: FakeProvider,
     start_daemon: StartDaemon,
-) -> None:
-    """Two daemons of one fleet: app a's spend through the first makes the second refuse it
-    (within a second or so), while app b flows on both."""
+) -> tuple[RunningDaemon, RunningDaemon, list[Any]]:
+    """Two daemons of one fleet (a key prefix of their own), each with app a's budget, once
+    both are connected; and their fleet syncs."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server missing: run scripts/system-deps")
     fleet = {"redis_url": redis_url, "key_prefix": f"t{random.getrandbits(32):x}:"}
@@ -356,6 +355,17 @@ async def test_the_fleet_sums_a_budget(
     two = await start_daemon(fleet=fleet, **budgets(APP_A))
     fleets = [d.daemon.app[RELAY].loop.fleet for d in (one, two)]
     await eventually(lambda: all(f is not None and f.connected for f in fleets), within=10)
+    return one, two, fleets
+
+
+async def test_the_fleet_sums_a_budget(
+    redis_url: str,  # noqa: F811
+    fake: FakeProvider,
+    start_daemon: StartDaemon,
+) -> None:
+    """Two daemons of one fleet: app a's spend through the first makes the second refuse it
+    (within a second or so), while app b flows on both."""
+    one, two, fleets = await fleet_of_two(redis_url, start_daemon)
     async with client(one, "a") as a1, client(two, "a") as a2, client(two, "b") as b2:
         await chat(a1, "1")
         await chat(a2, "2")  # each daemon alone is under; the fleet is over
@@ -375,13 +385,7 @@ async def test_the_fleet_sums_a_budget_after_redis_lost_its_scripts(
 ) -> None:
     """SCRIPT FLUSH (an operator, a failover to a replica): the budgets' script is loaded again
     on the same connection; the fleet's sum still refuses, and no daemon dropped Redis."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server missing: run scripts/system-deps")
-    fleet = {"redis_url": redis_url, "key_prefix": f"t{random.getrandbits(32):x}:"}
-    one = await start_daemon(fleet=fleet, **budgets(APP_A))
-    two = await start_daemon(fleet=fleet, **budgets(APP_A))
-    fleets = [d.daemon.app[RELAY].loop.fleet for d in (one, two)]
-    await eventually(lambda: all(f is not None and f.connected for f in fleets), within=10)
+    one, two, fleets = await fleet_of_two(redis_url, start_daemon)
     import redis.asyncio
 
     r = redis.asyncio.Redis.from_url(redis_url)

@@ -253,6 +253,23 @@ async def refused_by_the_loop_everywhere(client: Client, proxies: Sequence[Proxy
         assert (status, headers["AtlasBurn-Guardrail"]) == (429, "dumb_loop_detector")
 
 
+async def in_turn(client: Client, proxies: Sequence[Proxy], text: str) -> list[tuple[int, Any]]:
+    """The same chat sent to each daemon in turn, each after the previous answer: each answer's
+    status and guardrail header."""
+    answers = []
+    for proxy in proxies:
+        status, headers, _ = await client.chat(proxy, text)
+        answers.append((status, headers.get("AtlasBurn-Guardrail")))
+    return answers
+
+
+async def resumed(client: Client, api_key: str, proxies: Sequence[Proxy]) -> None:
+    """Resume the org on the first daemon; every daemon serves again within a second."""
+    assert await resume(proxies[0].url, api_key) == 200
+    for proxy in proxies:
+        await time_until(lambda p=proxy: notsuspended(client, p), within=1.0)
+
+
 async def test_the_fleet_counts_a_loop_spread_over_three_daemons(
     redis_server: RedisServer,
     rclient: Any,
@@ -317,19 +334,14 @@ async def test_a_loop_spread_round_robin_over_three_daemons_trips_on_the_fourth(
 
     tripped = 0
     for r in range(ROUNDS):
-        answers = []
-        for proxy in (a, b, c, a):  # one after another, each after the previous answer
-            status, headers, _ = await client.chat(proxy, f"the same request, round {r}")
-            answers.append((status, headers.get("AtlasBurn-Guardrail")))
+        answers = await in_turn(client, (a, b, c, a), f"the same request, round {r}")
         assert answers[:3] == [(200, None)] * 3, f"round {r + 1} of {ROUNDS}"
         if answers[3] != (429, "dumb_loop_detector"):
             assert answers[3] == (200, None), f"round {r + 1} of {ROUNDS}"
             continue  # a round the fleet lost (see below)
         tripped += 1
         await refused_by_the_loop_everywhere(client, (b, c))
-        assert await resume(a.url, ingest.api_key) == 200
-        for proxy in (a, b, c):
-            await time_until(lambda p=proxy: notsuspended(client, p), within=1.0)
+        await resumed(client, ingest.api_key, (a, b, c))
     figures("rounds that tripped on the 4th request", f"{tripped}/{ROUNDS}")
     # Every round, also with two CPU-burning processes beside the three daemons. One lost
     # round is allowed: an answer waits at most 50 ms for Redis (DESIGN: no request waits on
@@ -513,15 +525,10 @@ async def test_scripts_flushed_from_redis_cost_the_fleet_neither_its_connection_
     tripped = 0
     for r in range(3):
         await rclient.script_flush()
-        answers = []
-        for proxy in (a, b, c, a):
-            status, headers, _ = await client.chat(proxy, f"the same request, flushed {r}")
-            answers.append((status, headers.get("AtlasBurn-Guardrail")))
+        answers = await in_turn(client, (a, b, c, a), f"the same request, flushed {r}")
         assert answers[:3] == [(200, None)] * 3
         tripped += answers[3] == (429, "dumb_loop_detector")
-        assert await resume(a.url, ingest.api_key) == 200
-        for proxy in (a, b, c):
-            await time_until(lambda p=proxy: notsuspended(client, p), within=1.0)
+        await resumed(client, ingest.api_key, (a, b, c))
     assert [fleet_losses(a), fleet_losses(b), fleet_losses(c)] == [0, 0, 0]
     assert tripped >= 2  # one round lost to a starved CPU allowed, as in the round-robin test
 
