@@ -292,6 +292,9 @@ class Targets:
 
     async def _start(self) -> Targets:
         s = self.scenario
+        server = self.redis or self.layers_redis
+        if server is not None:
+            await server.reset()  # each scenario starts from an empty Redis
         p_port, i_port, t_port, d_port = (free_port() for _ in range(4))
         self.procs["provider"] = spawn(
             OTHER_CPU,
@@ -442,19 +445,11 @@ async def sample_rss(pid: int, peak: list[float]) -> None:
         await asyncio.sleep(0.05)
 
 
-async def run_scenario(
-    s: Scenario,
-    loop_detector: bool,
-    tmp: Path,
-    redis: RedisServer | None = None,
-    fleet: bool = True,
-    layers: bool = False,
-    baselines: Sequence[Baseline] = (),
-) -> list[Result]:
+async def run_scenario(targets: Targets) -> list[Result]:
+    """Warm every target up, then the scenario's interleaved rounds; each target's result."""
+    s = targets.scenario
     results: dict[str, Result] = {}
-    if redis is not None:
-        await redis.reset()
-    async with Targets(s, loop_detector, tmp, redis, fleet, layers, baselines) as targets:
+    async with targets:
         names = targets.names
         nonce = 0
         warmed = 0
@@ -687,7 +682,7 @@ async def main(args: argparse.Namespace) -> None:
                     file=sys.stderr,
                     flush=True,
                 )
-                results += await run_scenario(
+                targets = Targets(
                     s,
                     not args.no_loop_detector,
                     Path(tmp),
@@ -696,6 +691,7 @@ async def main(args: argparse.Namespace) -> None:
                     args.layers,
                     [Baseline.extract(ref, Path(tmp)) for ref in args.baseline or ()],
                 )
+                results += await run_scenario(targets)
                 if args.fleet and redis is not None:
                     spent, stats = await fleet_spend(redis), await redis.stats()
                     notes[s.name] = (
