@@ -133,11 +133,8 @@ def show_prices(
     price on any provider asked about, 2 for a service tier the data does not know."""
     from .pricing import Pricer, usd_per_mtok
 
-    try:
-        config = load_config(resolve_config_path(config_path))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
+    config = load_or_report(config_path)
+    if config is None:
         return EXIT_CONFIG
     if provider is not None and provider not in config.providers:
         print(f"no provider {provider!r} is configured", file=sys.stderr)
@@ -197,7 +194,7 @@ def show_report(args: argparse.Namespace) -> int:
     from . import report
 
     since, by, as_json = args.since, args.by, args.json
-    config = load_for_command(args)
+    config = load_or_report(args.config, args.listen)
     if config is None:
         return EXIT_CONFIG
     try:
@@ -241,11 +238,11 @@ def add_daemon_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", metavar="HOST:PORT", help="override server.listen")
 
 
-def load_for_command(args: argparse.Namespace) -> Config | None:
-    """The config a command other than ``run`` works with (``--config``, ``--listen``), or
-    None once every problem is printed on stderr (exit 2)."""
+def load_or_report(config_path: str | None, listen: str | None = None) -> Config | None:
+    """The config at ``config_path`` (else ``ATLASBURN_PROXY_CONFIG``, else the embedded
+    defaults), or None once every problem is printed on stderr (the caller exits 2)."""
     try:
-        return load_config(resolve_config_path(args.config), listen=args.listen)
+        return load_config(resolve_config_path(config_path), listen=listen)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
@@ -260,11 +257,8 @@ def print_key_id(config_path: str | None) -> int:
 
     from .attribution.keys import KeyIds, key_secret
 
-    try:
-        config = load_config(resolve_config_path(config_path))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
+    config = load_or_report(config_path)
+    if config is None:
         return EXIT_CONFIG
     if sys.stdin.isatty():
         text = getpass.getpass("provider key (not echoed): ")
@@ -307,7 +301,7 @@ def ask_daemon(args: argparse.Namespace, ask: Callable[[Config], T]) -> tuple[Co
     daemon cannot be reached or refuses."""
     from .control import OperatorError, base_url
 
-    config = load_for_command(args)
+    config = load_or_report(args.config, args.listen)
     if config is None:
         return EXIT_CONFIG
     print(f"{args.command}: daemon {base_url(config)}", file=sys.stderr)
@@ -366,11 +360,8 @@ def run(config_path: str | None, listen: str | None) -> int:
     # code: tests and tools import that in-process.
     os.umask(0o077)
     config_path = resolve_config_path(config_path)
-    try:
-        config = load_config(config_path, listen=listen)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
+    config = load_or_report(config_path, listen)
+    if config is None:
         return EXIT_CONFIG
     setup_logging(config.logging.level, config.logging.format)
     for warning in config.warnings:
