@@ -66,22 +66,20 @@ def request_head(
         drop = drop | {token.strip().lower().encode("latin-1") for token in connection.split(",")}
     if extra:
         drop = drop | extra
-    head = b"".join(
-        [
-            name + b": " + value + b"\r\n"
-            for name, value in raw
-            if (lower := name.lower()) not in drop and not lower.startswith(_OWN_PREFIX_RAW)
-        ]
-    )
+    kept = [
+        (name, value, lower)
+        for name, value in raw
+        if (lower := name.lower()) not in drop and not lower.startswith(_OWN_PREFIX_RAW)
+    ]
+    head = b"".join([name + b": " + value + b"\r\n" for name, value, _ in kept])
     if SESSION_COOKIE not in head:  # (the status page's cookie: only a browser sends one)
         return head
     return b"".join(
         [
-            name + b": " + kept + b"\r\n"
-            for name, value in raw
-            if (lower := name.lower()) not in drop and not lower.startswith(_OWN_PREFIX_RAW)
-            for kept in [without_session(value) if lower == b"cookie" else value]
-            if kept
+            name + b": " + line + b"\r\n"
+            for name, value, lower in kept
+            for line in [without_session(value) if lower == b"cookie" else value]
+            if line
         ]
     )
 
