@@ -25,7 +25,7 @@ from .events import InvalidEvent, parse_event
 from .guardrails import KillSwitch, LoopGuard
 from .store import Store
 from .text import inert
-from .ui.sessions import Sessions, cookie_name
+from .ui.sessions import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,7 @@ class LocalAPI:
         ``browsers.own_origin``), else the 401 (403) to answer."""
         if self._keys.check(request.headers.get(HEADER)):
             return None
-        if session and self.sessions is not None and self.sessions.valid(
-            request.cookies.get(cookie_name(local_port(request)))
-        ):
+        if session and self.sessions is not None and self.sessions.carried_by(request):
             if request.method in ("GET", "HEAD") or own_origin(request.headers):
                 return None
             return error(
@@ -159,13 +157,6 @@ class LocalAPI:
             ),
             content_type="application/json",
         )
-
-
-def local_port(request: web.Request) -> int:
-    """The local port the request arrived on (0 if unknown)."""
-    transport = request.transport
-    name = transport.get_extra_info("sockname") if transport is not None else None
-    return int(name[1]) if isinstance(name, tuple) and len(name) >= 2 else 0
 
 
 class _Refusal(Exception):

@@ -32,9 +32,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .. import stats
-from ..api import LocalAPI, error, local_port
+from ..api import LocalAPI, error
 from ..guardrails import Budgets, KillSwitch
-from .sessions import SESSION_SECONDS, Sessions, cookie_name
+from .sessions import SESSION_SECONDS, Sessions, request_cookie
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,8 @@ class StatusPage:
         self._page = _file("index.html")
         self._assets = {name: _file(name) for name in ASSETS}
 
-    def _logged_in(self, request: web.Request) -> bool:
-        return self._sessions.valid(request.cookies.get(cookie_name(local_port(request))))
-
     async def page(self, request: web.Request) -> web.StreamResponse:
-        if not self._logged_in(request):
+        if not self._sessions.carried_by(request):
             return _html(401, "You are not logged in to this daemon's status page.")
         return web.Response(body=self._page, content_type="text/html", charset="utf-8")
 
@@ -114,7 +111,7 @@ class StatusPage:
             return _html(401, "This login link was already used, has expired or is wrong.")
         response = web.Response(status=303, headers={"Location": "/ui"})
         response.set_cookie(
-            cookie_name(local_port(request)),
+            request_cookie(request),
             session,
             max_age=int(SESSION_SECONDS),
             path="/",

@@ -17,6 +17,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from aiohttp import web
+
 TOKEN_SECONDS = 120.0
 SESSION_SECONDS = 12 * 3600.0
 MAX_TOKENS = 16
@@ -69,6 +71,10 @@ class Sessions:
             return False
         return True
 
+    def carried_by(self, request: web.Request) -> bool:
+        """Whether ``request`` carries a live session of this daemon (its port's cookie)."""
+        return self.valid(request.cookies.get(request_cookie(request)))
+
 
 def _digest(session: str) -> bytes:
     return hashlib.sha256(session.encode()).digest()
@@ -79,3 +85,11 @@ def cookie_name(port: int) -> str:
     ``localhost`` or ``127.0.0.1`` to every port of that host, so each daemon has its own name
     (one daemon's login does not overwrite another's)."""
     return f"atlasburn_session_{port}"
+
+
+def request_cookie(request: web.Request) -> str:
+    """The session cookie's name for the daemon ``request`` reached (the local port it arrived
+    on; 0 if unknown)."""
+    transport = request.transport
+    name = transport.get_extra_info("sockname") if transport is not None else None
+    return cookie_name(int(name[1]) if isinstance(name, tuple) and len(name) >= 2 else 0)
