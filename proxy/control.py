@@ -44,7 +44,7 @@ def operator_key(config: Config) -> str:
     return key
 
 
-def refused(exc: urllib.error.HTTPError, config: Config) -> OperatorError:
+def _refused(exc: urllib.error.HTTPError, config: Config) -> OperatorError:
     """The daemon's error answer, in one line. A 401 says which key this command sent: the
     usual cause is a command run without the daemon's config (another state directory)."""
     try:
@@ -66,22 +66,41 @@ def refused(exc: urllib.error.HTTPError, config: Config) -> OperatorError:
 
 
 def call(config: Config, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    key = operator_key(config)
-    url = base_url(config) + "/api/guardrails/enforce"
+    """``/api/guardrails/enforce`` of the daemon of ``config`` for its org: GET reads the flag,
+    POST (``body``: the suspension) suspends, DELETE resumes. The daemon's JSON answer."""
+    path = "/api/guardrails/enforce"
     data = None
     if method == "GET":
-        url += "?org_id=" + urllib.parse.quote(config.atlasburn.org_id)
+        path += "?org_id=" + urllib.parse.quote(config.atlasburn.org_id)
     else:
         data = json.dumps({"org_id": config.atlasburn.org_id, **(body or {})}).encode()
+    answer: dict[str, Any] = ask(config, method, path, data, {"Content-Type": "application/json"})
+    return answer
+
+
+def ask(
+    config: Config,
+    method: str,
+    path: str,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    limit: int = _MAX_ANSWER,
+) -> Any:
+    """One request to the local API of the daemon of ``config``, with the operator's key
+    (``operator_key``): the JSON it answers (at most ``limit`` bytes read). OperatorError, in
+    one line, when the daemon refuses (its message; a 401 says which key was sent) or cannot
+    be reached."""
     request = urllib.request.Request(
-        url, data=data, method=method, headers={HEADER: key, "Content-Type": "application/json"}
+        base_url(config) + path,
+        data=data,
+        method=method,
+        headers={HEADER: operator_key(config), **(headers or {})},
     )
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310
-            answer: dict[str, Any] = json.loads(response.read(_MAX_ANSWER))
-            return answer
+            return json.loads(response.read(limit))
     except urllib.error.HTTPError as exc:
-        raise refused(exc, config) from None
+        raise _refused(exc, config) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise OperatorError(f"cannot reach the daemon at {base_url(config)}: {reason}") from None

@@ -8,35 +8,20 @@ The URL works once, within two minutes (``sessions.TOKEN_SECONDS``).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import urllib.error
-import urllib.request
 import webbrowser
 
-from ..auth import HEADER
 from ..config import Config
-from ..control import TIMEOUT, OperatorError, base_url, operator_key, refused
+from ..control import OperatorError, ask, base_url
 
-_MAX_ANSWER = 1 << 16
+_MAX_ANSWER = 1 << 16  # bytes read of the daemon's answer (a token and a path)
 
 
 def login_url(config: Config) -> str:
     """The login URL from the daemon of ``config``; OperatorError with what went wrong."""
-    key = operator_key(config)
     base = base_url(config)
-    request = urllib.request.Request(
-        base + "/api/ui/login-tokens", data=b"", method="POST", headers={HEADER: key}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310
-            answer = json.loads(response.read(_MAX_ANSWER))
-    except urllib.error.HTTPError as exc:
-        raise refused(exc, config) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise OperatorError(f"cannot reach the daemon at {base}: {reason}") from None
+    answer = ask(config, "POST", "/api/ui/login-tokens", b"", limit=_MAX_ANSWER)
     path = answer.get("path") if isinstance(answer, dict) else None
     if not isinstance(path, str) or not path.startswith("/ui/login?token="):
         raise OperatorError(f"the daemon at {base} gave no login URL (an older version?)")
