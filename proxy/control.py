@@ -7,6 +7,7 @@ directory when none is configured.
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.parse
@@ -74,7 +75,11 @@ def call(config: Config, method: str, body: dict[str, Any] | None = None) -> dic
         path += "?org_id=" + urllib.parse.quote(config.atlasburn.org_id)
     else:
         data = json.dumps({"org_id": config.atlasburn.org_id, **(body or {})}).encode()
-    answer: dict[str, Any] = ask(config, method, path, data, {"Content-Type": "application/json"})
+    answer = ask(config, method, path, data, {"Content-Type": "application/json"})
+    if not isinstance(answer, dict) or answer.get("state") not in ("ok", "suspended"):
+        raise OperatorError(
+            f"{base_url(config)} gave no guardrail state (is an atlasburn-proxy daemon there?)"
+        )
     return answer
 
 
@@ -88,8 +93,8 @@ def ask(
 ) -> Any:
     """One request to the local API of the daemon of ``config``, with the operator's key
     (``operator_key``): the JSON it answers (at most ``limit`` bytes read). OperatorError, in
-    one line, when the daemon refuses (its message; a 401 says which key was sent) or cannot
-    be reached."""
+    one line, when the daemon refuses (its message; a 401 says which key was sent), cannot
+    be reached or answers no JSON (another server on that port)."""
     request = urllib.request.Request(
         base_url(config) + path,
         data=data,
@@ -98,12 +103,21 @@ def ask(
     )
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310
-            return json.loads(response.read(limit))
+            text = response.read(limit)
     except urllib.error.HTTPError as exc:
         raise _refused(exc, config) from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
-        raise OperatorError(f"cannot reach the daemon at {base_url(config)}: {reason}") from None
+        raise OperatorError(
+            f"cannot reach the daemon at {base_url(config)}: {inert(str(reason))}"
+        ) from None
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise OperatorError(
+            f"{base_url(config)} answered {path.split('?')[0]} with no JSON"
+            " (is an atlasburn-proxy daemon there?)"
+        ) from None
 
 
 def describe(config: Config, answer: dict[str, Any]) -> str:

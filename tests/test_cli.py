@@ -271,3 +271,48 @@ async def test_operator_commands_take_listen_like_run_and_say_which_daemon(
     )
     p.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(p.proc.wait(), 10) == 0
+
+
+async def test_operator_commands_say_when_another_server_answers(tmp_path: Path) -> None:
+    """``status``, ``suspend`` and ``ui`` pointed at a port where some other HTTP server answers
+    200 (an HTML page, JSON that is no guardrail state, a status line that is not HTTP) say so in
+    one line and exit 1: no traceback, and never "ok"."""
+    from aiohttp import web
+
+    from .fakes.server import start
+
+    async def html(request: web.Request) -> web.Response:
+        return web.Response(text="<html>a dev server</html>", content_type="text/html")
+
+    async def other_json(request: web.Request) -> web.Response:
+        return web.json_response({"id": "chatcmpl-1", "object": "chat.completion"})
+
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    servers = []
+    for handler in (html, other_json):
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        servers.append(await start(app))
+    raw = await asyncio.start_server(not_http, "127.0.0.1", 0)
+    config = tmp_path / "c.toml"
+    config.write_text('[atlasburn]\napi_key = "abn_test_cli_key"\n')
+    ports = [s.port for s in servers] + [raw.sockets[0].getsockname()[1]]
+    try:
+        for port in ports:
+            for command in (["status"], ["suspend", "--ttl", "5"], ["ui", "--no-browser"]):
+                code, out, err = await asyncio.to_thread(
+                    run_cli, *command, "--config", str(config), "--listen", f"127.0.0.1:{port}"
+                )
+                lines = err.splitlines()
+                assert (code, out, len(lines)) == (1, "", 2), (command, port, err)
+                assert lines[0] == f"{command[0]}: daemon http://127.0.0.1:{port}"
+                assert f"http://127.0.0.1:{port}" in lines[1]
+    finally:
+        for server in servers:
+            await server.stop()
+        raw.close()
