@@ -269,9 +269,11 @@ class _Session:
         drop = _FORWARDED[owner.forwarded_for]
         headers = filter_headers(
             [
-                (name, _without_session(value) if name.lower() == "cookie" else value)
+                (name, kept)
                 for name, value in request.headers.items()
                 if not is_own(name)
+                for kept in [_without_session(value) if name.lower() == "cookie" else value]
+                if kept or name.lower() != "cookie"  # (a line of session cookies only: none)
             ],
             request.headers.get(hdrs.CONNECTION),
             REQUEST_DROP,

@@ -438,3 +438,34 @@ def test_meter_sums_every_modality() -> None:
     defaults = parse_config({}, env={})
     pricer = Pricer.from_config(defaults.providers, defaults.pricing)
     assert abs(pricer.price("openai", "gpt-realtime", usage).cost_usd - float(expected)) <= 1e-12
+
+
+async def test_the_status_page_session_cookie_never_goes_upstream(daemons: Daemons) -> None:
+    """A handshake's ``Cookie`` lines (any case and spacing, several of them) reach the provider
+    without the status page's session cookies; a line left with nothing is not sent at all."""
+    daemon = await daemons.start()
+    port = daemon.port
+    for lines, relayed in (
+        ([f"Cookie: atlasburn_session_{port}=s3cret"], []),
+        (
+            ["Cookie: a=1", f"cookie:atlasburn_session_{port}=s3cret;b=2"],
+            [("Cookie", "a=1"), ("Cookie", "b=2")],
+        ),
+        (
+            [f"COOKIE:  a=1 ;  atlasburn_session_{port}=s3cret  ", "Cookie: atlasburn_session_1=x"],
+            [("Cookie", "a=1")],
+        ),
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = [
+            "GET /v1/realtime?model=gpt-realtime HTTP/1.1",
+            f"Host: 127.0.0.1:{port}",
+            *(f"{name}: {value}" for name, value in HANDSHAKE.items()),
+            *lines,
+        ]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        writer.close()
+        seen = daemons.upstream.header_lines[-1]
+        assert [(n, v) for n, v in seen if n.lower() == "cookie"] == relayed
+    assert not any("s3cret" in v for h in daemons.upstream.header_lines for _, v in h)

@@ -32,6 +32,7 @@ class FakeRealtime:
     model: str = "gpt-realtime"
     usages: list[dict[str, Any]] = field(default_factory=list)
     handshakes: list[dict[str, str]] = field(default_factory=list)
+    header_lines: list[list[tuple[str, str]]] = field(default_factory=list)  # each, repeats kept
     received: list[tuple[WSMsgType, Any, Any]] = field(default_factory=list)
     sent: list[tuple[WSMsgType, Any]] = field(default_factory=list)
     protocols: tuple[str, ...] = ()
@@ -45,6 +46,7 @@ class FakeRealtime:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.handshakes.append(dict(request.headers))
+        self.header_lines.append(list(request.headers.items()))
         if request.query.get("model") == "refuse":
             return web.Response(
                 status=403,
