@@ -79,7 +79,7 @@ def request_head(
             name + b": " + line + b"\r\n"
             for name, value, lower in kept
             for line in [without_session(value) if lower == b"cookie" else value]
-            if line
+            if line or lower != b"cookie"  # (a Cookie line of session cookies only: none)
         ]
     )
 

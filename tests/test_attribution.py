@@ -577,3 +577,24 @@ async def test_the_status_page_session_cookie_never_goes_upstream(
                 assert r.status == 200
             assert fake.requests[-1].header("Cookie") == relayed
     assert not any("s3cret" in v for seen in fake.requests for _, v in seen.headers)
+
+
+async def test_taking_the_session_cookie_out_keeps_every_other_header(
+    fake: FakeProvider, daemon: RunningDaemon
+) -> None:
+    """Several ``Cookie`` lines, one of the session alone: that one is not sent; every other
+    header goes as it came, one with an empty value too (as it does without the cookie)."""
+    lines = [("X-Empty", ""), ("Cookie", "theme=dark"), ("Cookie", "atlasburn_session_8787=s")]
+    async with aiohttp.ClientSession() as s:
+        for cookies in (lines[1:], []):
+            async with s.post(
+                daemon.url + "/v1/embeddings",
+                json={"model": "text-embedding-3-small", "input": str(cookies)},
+                headers=[lines[0], *cookies],
+            ) as r:
+                assert r.status == 200
+            seen = fake.requests[-1].headers
+            assert [(n, v) for n, v in seen if n.lower() in ("x-empty", "cookie")] == [
+                ("X-Empty", ""),
+                *cookies[:1],
+            ]
