@@ -240,7 +240,11 @@ def add_daemon_options(parser: argparse.ArgumentParser) -> None:
 
 def load_or_report(config_path: str | None, listen: str | None = None) -> Config | None:
     """The config at ``config_path`` (else ``ATLASBURN_PROXY_CONFIG``, else the embedded
-    defaults), or None once every problem is printed on stderr (the caller exits 2)."""
+    defaults), or None once every problem is printed on stderr (the caller exits 2). An empty
+    ``--config`` (an unset variable in a unit file) is an error, not the embedded defaults."""
+    if config_path == "":
+        print("config error: --config: an empty path (an unset variable?)", file=sys.stderr)
+        return None
     try:
         return load_config(resolve_config_path(config_path), listen=listen)
     except ConfigError as exc:
@@ -359,10 +363,10 @@ def run(config_path: str | None, listen: str | None) -> int:
     # for its own user only, also where a mode is not passed explicitly. Here, not in library
     # code: tests and tools import that in-process.
     os.umask(0o077)
-    config_path = resolve_config_path(config_path)
     config = load_or_report(config_path, listen)
     if config is None:
         return EXIT_CONFIG
+    config_path = resolve_config_path(config_path)
     setup_logging(config.logging.level, config.logging.format)
     for warning in config.warnings:
         log.warning("config: %s", warning)

@@ -316,3 +316,13 @@ async def test_operator_commands_say_when_another_server_answers(tmp_path: Path)
         for server in servers:
             await server.stop()
         raw.close()
+
+
+def test_an_empty_config_path_is_an_error_not_the_defaults(tmp_path: Path) -> None:
+    """``--config ""`` (``--config "$CONFIG"`` with the variable unset) stops every command
+    with exit 2, as ``check-config ""`` does: ``run`` started on the embedded defaults."""
+    port = free_port()
+    for command in (["run", "--listen", f"127.0.0.1:{port}"], ["status"], ["report"]):
+        code, out, err = run_cli(*command, "--config", "")
+        assert (code, out) == (2, ""), (command, err)
+        assert err == "config error: --config: an empty path (an unset variable?)\n"
